@@ -1,0 +1,37 @@
+# `make demo` and `make test` work on a fresh machine: the virtual environment is made when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install lint typecheck test demo serve bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[all,dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## the virtual environment, with every extra and the dev tools
+
+lint: install ## ruff: formatting and lints
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+typecheck: install ## mypy --strict over src, tests, examples and benchmarks
+	$(BIN)/mypy
+
+test: lint typecheck ## everything: lint, types, and the whole test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+demo: install ## replay, 409, 422 and 400 shown in-process on the SQLite store
+	$(BIN)/python examples/demo.py $(ARGS)
+
+serve: install ## the example app under uvicorn on http://127.0.0.1:8000 (SQLite store)
+	$(BIN)/python examples/demo.py --serve $(ARGS)
+
+bench: install ## in-process ASGI benchmark: bare app vs. wrapped, per store
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage

@@ -1,0 +1,1 @@
+"""The sans-I/O core of idempo: standard library only, no ASGI, no backend, no clock, no event loop."""

@@ -1,0 +1,86 @@
+"""The decision table of the HTTP contract (SPEC section 3), as pure functions.
+
+Theory of operation: a request with a key first *claims* it in the store, which atomically either takes the
+key (``Acquired``: run the operation) or returns the record already there (``Existing``). ``decide`` turns that
+record into exactly one answer, and ``should_store`` says, once the operation produced a status, whether that
+response is kept for replay or the claim is released so that a retry runs the operation again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InProgressError, KeyReuseError
+from .records import Record, State
+
+__all__ = ["Conflict", "Decision", "Mismatch", "Replay", "decide", "should_store"]
+
+# Statuses that say "the operation did not happen, try again": never stored, the claim is released.
+RETRYABLE_CLIENT_STATUSES = frozenset({408, 409, 425, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The key completed with this fingerprint: answer with the stored payload; do not run anything."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """The key was first used with another request: 422, nothing runs, nothing is replayed."""
+
+    def error(self) -> KeyReuseError:
+        """The error to raise or render."""
+        return KeyReuseError("this Idempotency-Key was already used with a different request; use a new key")
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """The first request with this key is still running: 409 with ``Retry-After``, or wait for it."""
+
+    retry_after: int
+
+    def error(self) -> InProgressError:
+        """The error to raise or render."""
+        return InProgressError(
+            "a request with this Idempotency-Key is still being processed; retry later with the same key",
+            retry_after=self.retry_after,
+        )
+
+
+Decision = Replay | Mismatch | Conflict
+
+
+def decide(record: Record, fingerprint: str, *, now: float, retry_after: float = 1.0) -> Decision:
+    """Decide what a request with *fingerprint* gets, given the live *record* ``claim`` found.
+
+    Args:
+        record: the record already under the key (never expired: stores treat expired records as absent).
+        fingerprint: the fingerprint of the request being decided.
+        now: the current time, in seconds since the epoch.
+        retry_after: the longest ``Retry-After`` to suggest while the first request runs; it is shortened to
+            the remaining lease when that is sooner, and never goes under one second.
+
+    Returns:
+        ``Mismatch`` if the key was used for another request, ``Conflict`` if that request is still running,
+        ``Replay`` if its response is stored.
+    """
+    if record.fingerprint != fingerprint:
+        return Mismatch()
+    if record.state is State.IN_PROGRESS or record.payload is None:
+        remaining = record.lease_expires_at - now
+        return Conflict(max(1, math.ceil(min(retry_after, remaining))))
+    return Replay(record.payload)
+
+
+def should_store(status: int, *, store_server_errors: bool = False) -> bool:
+    """Whether a response with *status* is kept for replay (``True``) or its claim released (``False``).
+
+    5xx means the operation failed and may be retried (unless *store_server_errors*, Stripe's choice); 408,
+    409, 425 and 429 mean it did not happen. Everything else, 2xx, 3xx and the other 4xx, is the outcome.
+    """
+    if status >= 500:
+        return store_server_errors
+    return status not in RETRYABLE_CLIENT_STATUSES

@@ -1,0 +1,457 @@
+"""``IdempotencyMiddleware``: the HTTP contract of idempo as a pure ASGI middleware.
+
+Theory of operation, for one request that carries a key:
+
+1. Parse the key (400 if malformed) and buffer the body (413 over ``max_request_bytes``).
+2. ``claim`` the key in the store under ``<principal digest>:<key>``. The store atomically either hands us the
+   key, or returns the record already there, which ``decide`` turns into a replay (same request, completed),
+   a 422 (another request under that key) or a 409 (still running; or wait for it).
+3. Run the app with the buffered body. Its response streams to the client as it comes, and is recorded on the
+   side. A timer renews the lease every ``lease / 3`` seconds while the app runs.
+4. Just before the last chunk goes out, ``complete`` the record (statuses we keep) or ``release`` it (5xx,
+   408, 409, 425, 429, exceptions), so that a client that has the whole response and retries at once always
+   sees the final state.
+
+If the client goes away, the app is not told: it runs to completion and its response is stored for the retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from typing import Any, Literal
+
+from ._core.codec import StoredResponse, decode_response, encode_response, encode_too_large, storable_headers
+from ._core.decide import Conflict, Mismatch, Replay, decide, should_store
+from ._core.errors import (
+    BodyTooLargeError,
+    ConfigurationError,
+    InvalidKeyError,
+    MissingKeyError,
+    RequestError,
+    ResponseNotStoredError,
+)
+from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
+from ._core.keys import parse_key
+from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
+from ._core.records import Acquired, Claim
+from .stores import Store, store_from_url
+
+__all__ = ["ASGIApp", "IdempotencyMiddleware", "Message", "Receive", "Scope", "Send", "authorization_principal"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("idempo")
+
+DEFAULT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_REPLAYED = (b"idempotent-replayed", b"true")
+# Messages a server may advertise that would let the app send a response we cannot see (a file by path).
+_UNRECORDABLE_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopy")
+_WAIT_POLL_MAX = 0.5
+
+
+def authorization_principal(scope: Scope) -> bytes:
+    """The default principal: the ``Authorization`` header's value (``b""`` when there is none).
+
+    Records are namespaced by a digest of the principal, so two callers with different credentials never see
+    each other's responses. Pass ``principal=`` to use a user id that your auth middleware put in the scope.
+    """
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return bytes(value)
+    return b""
+
+
+class IdempotencyMiddleware:
+    """Run each keyed POST, PUT, PATCH or DELETE once, and replay its response to every retry.
+
+    Use it with ``app.add_middleware(IdempotencyMiddleware, store="sqlite:///idempo.db")`` in FastAPI or
+    Starlette, or wrap any ASGI application: ``app = IdempotencyMiddleware(app, store=...)``.
+
+    Args:
+        app: the ASGI application to protect.
+        store: a :class:`~idempo.Store`, or a store URL for :func:`~idempo.store_from_url`.
+        ttl: seconds a completed response is kept and replayed.
+        lease: seconds an in-progress claim is honoured without renewal; renewed every ``lease / 3`` while the
+            app runs. If the process dies, a retry runs again once the lease has run out.
+        header: the request header that carries the key.
+        methods: the methods that are protected; others pass through untouched.
+        require_key: ``True`` to answer 400 to protected requests without a key, or a predicate over the
+            request path that says where a key is required.
+        principal: who is asking, from the ASGI scope; records are namespaced by its digest. Defaults to the
+            ``Authorization`` header (:func:`authorization_principal`).
+        fingerprint: a function of ``(scope, body)`` that digests what the request asks for. Defaults to
+            SHA-256 over method, path, raw query string and body.
+        canonical_json: fingerprint JSON bodies in canonical form, so that key order and whitespace do not
+            count as a different request. Ignored if *fingerprint* is given.
+        on_conflict: ``"reject"`` answers 409 while the first request runs; ``"wait"`` waits up to
+            ``wait_timeout`` seconds for it to finish and replays its response (409 if it takes longer).
+        wait_timeout: the longest wait with ``on_conflict="wait"``.
+        on_store_error: ``"fail_closed"`` answers 503 when the store fails; ``"fail_open"`` runs the app
+            unprotected and logs a warning.
+        retry_after: the ``Retry-After`` seconds of a 503, and the longest one of a 409.
+        max_request_bytes: the largest body accepted with a key (it is buffered to be fingerprinted); 413 above.
+        max_response_bytes: the largest response recorded. A larger one still reaches the client whole; the
+            operation is marked done and a retry gets a 410 problem document instead of a replay.
+        store_server_errors: keep 5xx responses and replay them, as Stripe does, instead of letting a retry
+            run again.
+        replay_set_cookie: replay ``Set-Cookie`` headers too. Off by default: a session cookie would otherwise
+            be handed out again to whoever retries.
+        problem_base_uri: the prefix of the ``type`` of the problem documents the middleware answers.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | str,
+        ttl: float = 86_400,
+        lease: float = 30,
+        header: str = "Idempotency-Key",
+        methods: Collection[str] = DEFAULT_METHODS,
+        require_key: bool | Callable[[str], bool] = False,
+        principal: Callable[[Scope], str | bytes] = authorization_principal,
+        fingerprint: Callable[[Scope, bytes], str] | None = None,
+        canonical_json: bool = False,
+        on_conflict: Literal["reject", "wait"] = "reject",
+        wait_timeout: float = 30,
+        on_store_error: Literal["fail_closed", "fail_open"] = "fail_closed",
+        retry_after: int = 1,
+        max_request_bytes: int = 10 * 1024 * 1024,
+        max_response_bytes: int = 10 * 1024 * 1024,
+        store_server_errors: bool = False,
+        replay_set_cookie: bool = False,
+        problem_base_uri: str = DEFAULT_PROBLEM_BASE,
+    ) -> None:
+        if ttl <= 0 or lease <= 0:
+            msg = f"ttl and lease must be positive (ttl={ttl}, lease={lease})"
+            raise ConfigurationError(msg)
+        if on_conflict not in ("reject", "wait"):
+            msg = f"on_conflict must be 'reject' or 'wait', not {on_conflict!r}"
+            raise ConfigurationError(msg)
+        if on_store_error not in ("fail_closed", "fail_open"):
+            msg = f"on_store_error must be 'fail_closed' or 'fail_open', not {on_store_error!r}"
+            raise ConfigurationError(msg)
+        if max_request_bytes < 0 or max_response_bytes < 0 or retry_after < 0 or wait_timeout < 0:
+            msg = "max_request_bytes, max_response_bytes, retry_after and wait_timeout must not be negative"
+            raise ConfigurationError(msg)
+        self.app = app
+        self.store: Store = store_from_url(store) if isinstance(store, str) else store
+        self.ttl = ttl
+        self.lease = lease
+        self.header = header.lower().encode("latin-1")
+        self.methods = frozenset(method.upper() for method in methods)
+        self.require_key = require_key
+        self.principal = principal
+        self.fingerprint = fingerprint
+        self.canonical_json = canonical_json
+        self.on_conflict = on_conflict
+        self.wait_timeout = wait_timeout
+        self.on_store_error = on_store_error
+        self.retry_after = retry_after
+        self.max_request_bytes = max_request_bytes
+        self.max_response_bytes = max_response_bytes
+        self.store_server_errors = store_server_errors
+        self.replay_set_cookie = replay_set_cookie
+        self.problem_base_uri = problem_base_uri
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in self.methods:
+            await self.app(scope, receive, send)
+            return
+        header = self.header
+        raw_key: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == header:
+                if raw_key is not None:
+                    await self._send_error(send, InvalidKeyError("send exactly one Idempotency-Key header"))
+                    return
+                raw_key = value
+        if raw_key is None:
+            if self.require_key is True or (callable(self.require_key) and self.require_key(scope["path"])):
+                await self._send_error(send, MissingKeyError("this endpoint requires an Idempotency-Key header"))
+                return
+            await self.app(scope, receive, send)
+            return
+        try:
+            key = parse_key(raw_key)
+        except InvalidKeyError as exc:
+            await self._send_error(send, exc)
+            return
+        await _Exchange(self, scope, receive, send, key).run()
+
+    def _fingerprint(self, scope: Scope, body: bytes) -> str:
+        if self.fingerprint is not None:
+            return self.fingerprint(scope, body)
+        if self.canonical_json:
+            body = canonical_json_body(body)
+        return fingerprint_request(scope["method"], scope["path"], scope.get("query_string", b""), body)
+
+    async def _send_error(self, send: Send, error: RequestError) -> None:
+        retry_after = getattr(error, "retry_after", None)
+        await _send_problem(send, Problem.from_error(error, base_uri=self.problem_base_uri), retry_after)
+
+
+async def _send_problem(send: Send, problem: Problem, retry_after: int | None = None) -> None:
+    status, headers, body = problem.render(retry_after=retry_after)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Exchange:
+    """One keyed request, from its body to its stored response. Strictly private: one per request."""
+
+    def __init__(self, middleware: IdempotencyMiddleware, scope: Scope, receive: Receive, send: Send, key: str):
+        self.mw = middleware
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.key = key
+        self.store = middleware.store
+        self.store_key = ""
+        self.token = ""
+        self.body = b""
+        # What the app answers.
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.keep = False
+        self.too_large = False
+        self.finished = False
+        self.client_gone = False
+        self.body_sent = False
+        self.response_done = asyncio.Event()
+        self.heartbeat: asyncio.TimerHandle | None = None
+        self.renewal: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        mw = self.mw
+        try:
+            body = await self._read_body()
+        except RequestError as exc:
+            await mw._send_error(self.send, exc)
+            return
+        if body is None:  # the client left before it finished sending; nothing was claimed
+            return
+        self.body = body
+        scope = self.scope
+        principal = principal_digest(mw.principal(scope))
+        self.store_key = scoped_key(principal, self.key)
+        fingerprint = mw._fingerprint(scope, body)
+        claim = await self._claim(fingerprint)
+        if claim is not None and not isinstance(claim, Acquired):
+            claim = await self._answer_existing(claim, fingerprint)
+        if claim is None:
+            return
+        self.token = claim.token
+        await self._run_app()
+
+    async def _claim(self, fingerprint: str) -> Claim | None:
+        """Claim the key; if the store fails, answer for it (503 or fail open) and return ``None``."""
+        try:
+            return await self.store.claim(self.store_key, fingerprint, lease=self.mw.lease, ttl=self.mw.ttl)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+            await self._store_failed(exc)
+            return None
+
+    async def _read_body(self) -> bytes | None:
+        limit = self.mw.max_request_bytes
+        for name, value in self.scope["headers"]:
+            if name == b"content-length":
+                with contextlib.suppress(ValueError):
+                    if int(value) > limit:
+                        raise BodyTooLargeError(f"the request body is {int(value)} bytes; at most {limit} are accepted")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLargeError(f"the request body is over {limit} bytes, the most accepted")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _answer_existing(self, claim: Claim | None, fingerprint: str) -> Acquired | None:
+        """Answer a request whose key was already there; return a claim if, after waiting, we got the key."""
+        mw = self.mw
+        deadline = time.monotonic() + mw.wait_timeout
+        delay = 0.02
+        while True:
+            if isinstance(claim, Acquired):
+                return claim
+            if claim is None:  # the store failed while we waited, and that was answered
+                return None
+            decision = decide(claim.record, fingerprint, now=time.time(), retry_after=mw.retry_after)
+            if isinstance(decision, Replay):
+                await self._replay(decision.payload)
+                return None
+            if isinstance(decision, Mismatch):
+                await mw._send_error(self.send, decision.error())
+                return None
+            assert isinstance(decision, Conflict)
+            if mw.on_conflict == "reject" or time.monotonic() + delay > deadline:
+                await mw._send_error(self.send, decision.error())
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _WAIT_POLL_MAX)
+            claim = await self._claim(fingerprint)
+
+    async def _replay(self, payload: bytes) -> None:
+        try:
+            response = decode_response(payload)
+        except ValueError:
+            logger.exception("idempo: the stored response of a key cannot be decoded")
+            raise
+        if isinstance(response, StoredResponse):
+            headers = [*response.headers, _REPLAYED]
+            await self.send({"type": "http.response.start", "status": response.status, "headers": headers})
+            await self.send({"type": "http.response.body", "body": response.body, "more_body": False})
+            return
+        error = ResponseNotStoredError(
+            f"the request with this key completed with status {response.status}, but its response was too large "
+            "to store; it was not run again",
+            original_status=response.status,
+        )
+        await self.mw._send_error(self.send, error)
+
+    async def _store_failed(self, exc: Exception) -> None:
+        mw = self.mw
+        if mw.on_store_error == "fail_open":
+            logger.warning("idempo: store %r failed (%s); running the request unprotected", self.store, exc)
+            self._set_state()
+            await mw.app(self.scope, self._body_receive(), self.send)
+            return
+        logger.error("idempo: store %r failed: %s", self.store, exc)
+        problem = Problem.service_unavailable(
+            "the idempotency store is unavailable; retry later with the same key", base_uri=mw.problem_base_uri
+        )
+        await _send_problem(self.send, problem, retry_after=mw.retry_after)
+
+    def _set_state(self) -> None:
+        state = self.scope.get("state")
+        if state is None:
+            state = self.scope["state"] = {}
+        state["idempotency_key"] = self.key
+
+    def _body_receive(self) -> Receive:
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": self.body, "more_body": False}
+            # The app is never told that the client left: it runs to completion so that its response can be
+            # stored for the retry. It hears "disconnect" only once its response is finished.
+            await self.response_done.wait()
+            return {"type": "http.disconnect"}
+
+        return receive
+
+    # -- running the app ------------------------------------------------------------------------------------
+
+    async def _run_app(self) -> None:
+        scope = self.scope
+        extensions = scope.get("extensions")
+        if extensions and any(name in extensions for name in _UNRECORDABLE_EXTENSIONS):
+            scope = dict(scope)
+            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
+        self._set_state()
+        loop = asyncio.get_running_loop()
+        self.heartbeat = loop.call_later(self.mw.lease / 3, self._beat)
+        try:
+            await self.mw.app(scope, self._body_receive(), self._send)
+        except BaseException:
+            await self._finish(failed=True)
+            raise
+        if not self.finished:  # the app returned without finishing its response
+            await self._finish(failed=True)
+
+    def _beat(self) -> None:
+        self.renewal = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        try:
+            owned = await self.store.renew(self.store_key, self.token, lease=self.mw.lease)
+        except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat
+            logger.warning("idempo: could not renew the lease of a running request: %s", exc)
+            owned = True
+        if not owned:
+            logger.warning("idempo: a running request lost its key (its lease ran out and a retry took it over)")
+            return
+        if not self.finished:
+            self.heartbeat = asyncio.get_running_loop().call_later(self.mw.lease / 3, self._beat)
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = status = message["status"]
+            self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
+            if self.keep:
+                self.headers = list(message.get("headers", ()))
+            await self._forward(message)
+        elif kind == "http.response.body":
+            if self.finished:
+                return
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            if self.keep and chunk and not self.too_large:
+                self.size += len(chunk)
+                if self.size > self.mw.max_response_bytes:
+                    self.too_large = True
+                    self.chunks.clear()
+                else:
+                    self.chunks.append(chunk)
+            if not more:
+                # Record the outcome before the client has the whole response, so that a retry sent the moment
+                # it arrives never finds the key still in progress.
+                await self._finish(failed=False)
+            await self._forward(message)
+        else:
+            await self._forward(message)
+
+    async def _forward(self, message: Message) -> None:
+        if self.client_gone:
+            return
+        try:
+            await self.send(message)
+        except OSError:
+            # The client went away. Keep going: the response is still recorded for its retry.
+            self.client_gone = True
+
+    async def _finish(self, *, failed: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+        if self.renewal is not None and not self.renewal.done():
+            self.renewal.cancel()
+        self.response_done.set()
+        mw = self.mw
+        try:
+            if failed or not self.keep:
+                await self.store.release(self.store_key, self.token)
+                return
+            if self.too_large:
+                payload = encode_too_large(self.status)
+            else:
+                headers = storable_headers(self.headers, keep_set_cookie=mw.replay_set_cookie)
+                payload = encode_response(self.status, headers, b"".join(self.chunks))
+            if not await self.store.complete(self.store_key, self.token, payload, ttl=mw.ttl):
+                logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+        except Exception as exc:  # noqa: BLE001 - the response is already the client's; log, do not fail it
+            logger.error("idempo: could not record the outcome of a request: %s", exc)

@@ -1,0 +1,121 @@
+"""Stores: where idempo keeps one record per key, and how to open one from a URL.
+
+========================  ===============================  ===========================================
+URL                       store                            notes
+========================  ===============================  ===========================================
+``memory://``             :class:`MemoryStore`             one process only; bounded; tests and development
+``sqlite:///path.db``     :class:`SQLiteStore`             the embedded default; several processes, one machine
+========================  ===============================  ===========================================
+
+Options go in the query string, e.g. ``memory://?max_entries=1000`` or ``sqlite:///idempo.db?table=idem``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any, Final, Protocol, runtime_checkable
+
+from .._core.errors import ConfigurationError, MissingDependency
+from .._core.records import Claim, Record
+from ._url import StoreURL, parse_store_url, redact
+
+__all__ = ["SCHEMES", "Store", "StoreURL", "parse_store_url", "redact", "require", "store_from_url"]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """**Protocol:** where idempo keeps one record per key. Payloads are opaque bytes.
+
+    Each operation is one atomic round trip to the backend. ``renew``, ``complete`` and ``release`` are
+    *fenced*: they take effect only if *token* is the token of the record's current owner, so an owner whose
+    lease ran out and whose key was taken over can never overwrite the new owner's record. Expired records
+    (past ``expires_at``, or ``IN_PROGRESS`` past their lease) are treated as absent.
+
+    Backend failures are raised as :class:`~idempo.StoreError`. Run ``idempo.testing.StoreConformance``
+    against your own implementation to prove it.
+    """
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """Atomically take *key* for *lease* seconds, unless a live record is there.
+
+        Returns:
+            ``Acquired(token)`` if the key was absent, expired, or in progress with its lease run out (taken
+            over); else ``Existing(record)`` with the live record, whatever its fingerprint.
+        """
+        ...
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """Extend the lease of an in-progress claim to *lease* seconds from now. ``False`` if *token* no longer
+        owns *key* (taken over, completed, released or expired)."""
+        ...
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """Store *payload* as the result of *key*, kept *ttl* seconds from now, if *token* still owns it.
+
+        Returns:
+            ``False`` if another owner took the key over (the payload is not stored). An owner whose lease ran
+            out but whose key nobody claimed again still completes.
+        """
+        ...
+
+    async def release(self, key: str, token: str) -> bool:
+        """Drop an in-progress claim, so that a retry runs again. ``False`` if *token* does not own *key*."""
+        ...
+
+    async def get(self, key: str) -> Record | None:
+        """The live record under *key*, or ``None``."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove *key* whatever its state. ``True`` if there was a record. For operators, not for requests."""
+        ...
+
+    async def purge_expired(self) -> int:
+        """Remove expired records now; returns how many. Stores that expire on their own return 0."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads. The store is not used afterwards."""
+        ...
+
+
+SCHEMES: Final[Mapping[str, str]] = {
+    "memory": "idempo.stores.memory:MemoryStore",
+    "sqlite": "idempo.stores.sqlite:SQLiteStore",
+}
+"""URL scheme -> ``module:Class`` of the store it opens. Classes are imported only when their URL is used."""
+
+
+def store_from_url(url: str, **options: Any) -> Store:
+    """Open the store *url* names.
+
+    Args:
+        url: e.g. ``"memory://"``, ``"sqlite:///idempo.db"`` (relative path), ``"sqlite:////var/lib/app/idem.db"``
+            (absolute path). Options may go in the query string.
+        **options: keyword options for the store's constructor; they override the query string.
+
+    Raises:
+        ConfigurationError: the scheme is unknown or an option is invalid.
+        MissingDependency: the store needs an extra that is not installed.
+    """
+    parsed = parse_store_url(url)
+    target = SCHEMES.get(parsed.scheme)
+    if target is None:
+        msg = f"unknown store scheme {parsed.scheme!r} in {redact(url)!r}; known schemes: {', '.join(SCHEMES)}"
+        raise ConfigurationError(msg)
+    module_name, _, class_name = target.partition(":")
+    factory: Callable[..., Store] = getattr(importlib.import_module(module_name), class_name).from_url
+    return factory(parsed, **options)
+
+
+def require(module: str, *, extra: str) -> ModuleType:
+    """Import *module*, or raise :class:`MissingDependency` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module.partition(".")[0]:
+            raise
+        msg = f"{module!r} is not installed; run: pip install 'idempo[{extra}]'"
+        raise MissingDependency(msg) from exc

@@ -1,0 +1,73 @@
+"""Parsing store URLs, and keeping their passwords out of messages."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from .._core.errors import ConfigurationError
+
+__all__ = ["StoreURL", "parse_store_url", "redact"]
+
+_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+
+
+def redact(url: str) -> str:
+    """*url* with its password replaced by ``***``, for errors and logs."""
+    return _PASSWORD.sub(r"\1:***@", url)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreURL:
+    """A store URL, split once: ``scheme://netloc/path?options``.
+
+    Attributes:
+        raw: the URL as given (may hold a password: show ``redact(raw)``).
+        scheme: lower-cased scheme, e.g. ``"sqlite"``.
+        netloc: everything between ``//`` and the path (hosts, credentials).
+        path: the path, as given.
+        options: the query string as a mapping (the last value wins).
+    """
+
+    raw: str
+    scheme: str
+    netloc: str
+    path: str
+    options: Mapping[str, str]
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        """One query option, or *default*."""
+        return self.options.get(name, default)
+
+    def float_option(self, name: str, default: float) -> float:
+        """A query option that must be a number."""
+        value = self.options.get(name)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            msg = f"option {name}={value!r} of {redact(self.raw)!r} is not a number"
+            raise ConfigurationError(msg) from None
+
+    def int_option(self, name: str, default: int) -> int:
+        """A query option that must be a whole number."""
+        value = self.options.get(name)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            msg = f"option {name}={value!r} of {redact(self.raw)!r} is not a whole number"
+            raise ConfigurationError(msg) from None
+
+
+def parse_store_url(url: str) -> StoreURL:
+    """Split *url*. Raises :class:`ConfigurationError` if it has no scheme."""
+    parts = urlsplit(url)
+    if not parts.scheme or "://" not in url:
+        msg = f"{redact(url)!r} is not a store URL; expected e.g. 'sqlite:///idempo.db' or 'memory://'"
+        raise ConfigurationError(msg)
+    return StoreURL(url, parts.scheme.lower(), parts.netloc, parts.path, dict(parse_qsl(parts.query)))

@@ -1,0 +1,141 @@
+"""``memory://``: records in a dict of this process. For tests, development and single-process services."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Self
+
+from .._core.errors import ConfigurationError
+from .._core.records import Acquired, Claim, Existing, Record, State
+from ._url import StoreURL
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """A bounded, expiring store in this process's memory.
+
+    Records live only as long as the process and are invisible to other processes: use it for tests, for
+    development, and for a service that runs as exactly one process. When ``max_entries`` is reached, expired
+    records are dropped, then the oldest completed ones (a dropped record means a retry would run again).
+
+    Args:
+        max_entries: the most records kept at once.
+        clock: seconds since the epoch; pass a fake clock to test expiry without waiting.
+    """
+
+    def __init__(self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.time) -> None:
+        if max_entries < 1:
+            msg = f"max_entries must be at least 1, not {max_entries}"
+            raise ConfigurationError(msg)
+        self._records: dict[str, Record] = {}
+        self._max_entries = max_entries
+        self._clock = clock
+        # The sync decorator may call from several threads; the lock costs ~0.1 µs uncontended.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from ``memory://[?max_entries=N]``."""
+        options.setdefault("max_entries", url.int_option("max_entries", 100_000))
+        return cls(**options)
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(max_entries={self._max_entries})"
+
+    def _live(self, key: str, now: float) -> Record | None:
+        record = self._records.get(key)
+        if record is None:
+            return None
+        if record.expires_at <= now:
+            del self._records[key]
+            return None
+        return record
+
+    def _make_room(self, now: float) -> None:
+        records = self._records
+        if len(records) < self._max_entries:
+            return
+        for key in [k for k, r in records.items() if r.expires_at <= now]:
+            del records[key]
+        # Evict down to 90% so that a full store does not scan on every claim.
+        excess = len(records) - int(self._max_entries * 0.9)
+        if excess > 0:
+            for key in [k for k, r in records.items() if r.state is State.COMPLETED][:excess]:
+                del records[key]
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        with self._lock:
+            now = self._clock()
+            record = self._live(key, now)
+            # An in-progress record whose lease ran out is stale: its owner died or hung, and we take it over.
+            if record is not None and (record.state is State.COMPLETED or record.lease_expires_at > now):
+                return Existing(record)
+            self._make_room(now)
+            token = secrets.token_hex(16)
+            self._records[key] = Record(key, State.IN_PROGRESS, fingerprint, token, now, now + lease, now + ttl)
+            return Acquired(token)
+
+    def _owned(self, key: str, token: str) -> Record | None:
+        record = self._records.get(key)
+        if record is None or record.state is not State.IN_PROGRESS or record.token != token:
+            return None
+        return None if record.expires_at <= self._clock() else record
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        with self._lock:
+            record = self._owned(key, token)
+            if record is None:
+                return False
+            now = self._clock()
+            self._records[key] = Record(
+                key, State.IN_PROGRESS, record.fingerprint, token, record.created_at, now + lease, record.expires_at
+            )
+            return True
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        with self._lock:
+            record = self._owned(key, token)
+            if record is None:
+                return False
+            now = self._clock()
+            self._records[key] = Record(
+                key, State.COMPLETED, record.fingerprint, "", record.created_at, now, now + ttl, payload
+            )
+            return True
+
+    async def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        with self._lock:
+            if self._owned(key, token) is None:
+                return False
+            del self._records[key]
+            return True
+
+    async def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`."""
+        with self._lock:
+            return self._live(key, self._clock())
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        with self._lock:
+            return self._records.pop(key, None) is not None
+
+    async def purge_expired(self) -> int:
+        """See :meth:`idempo.Store.purge_expired`."""
+        with self._lock:
+            now = self._clock()
+            expired = [key for key in list(self._records) if self._live(key, now) is None]
+            return len(expired)
+
+    async def close(self) -> None:
+        """Forget every record."""
+        with self._lock:
+            self._records.clear()

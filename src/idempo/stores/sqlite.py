@@ -1,0 +1,284 @@
+"""``sqlite:///path.db``: the embedded default store, on the standard library's ``sqlite3``.
+
+Theory of operation: one SQLite file may be shared by several worker processes of one machine. The database is
+in WAL mode, so readers never wait for the writer; every write is a single statement in autocommit, or, for a
+claim that may take a key over, an ``IMMEDIATE`` transaction (the write lock is taken first, so two processes
+can never both see the key free); a busy timeout makes a writer wait for the lock instead of failing. A replay
+is a plain read: completed records never change until they expire.
+
+SQLite calls block, so each store runs them on one thread of its own, with its own connection, and the event
+loop only awaits. The store notices a ``fork`` and opens a fresh connection in the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from .._core.errors import ConfigurationError, StoreError
+from .._core.records import Acquired, Claim, Existing, Record, State
+from ._url import StoreURL
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_IN_PROGRESS, _COMPLETED = 0, 1
+_COLUMNS = "key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload"
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload = row
+    return Record(
+        key,
+        State.COMPLETED if state == _COMPLETED else State.IN_PROGRESS,
+        fingerprint,
+        token,
+        created_at,
+        lease_expires_at,
+        expires_at,
+        payload,
+    )
+
+
+class SQLiteStore:
+    """Records in a SQLite file: durable, and safe for several worker processes on one machine.
+
+    Args:
+        path: the database file (created if missing; its directory must exist), or ``":memory:"``.
+        table: the table's name; created on first use.
+        busy_timeout: seconds a write waits for another process's lock before the store reports an error.
+        synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (the default) survives a crash of the
+            process; ``"FULL"`` also survives a power loss, at the cost of an fsync per write.
+        clock: seconds since the epoch. Every process sharing the file must use the same clock.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table: str = "idempo_records",
+        busy_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not _IDENTIFIER.fullmatch(table):
+            msg = f"table name {table!r} must be letters, digits and underscores"
+            raise ConfigurationError(msg)
+        if synchronous.upper() not in _SYNCHRONOUS:
+            msg = f"synchronous={synchronous!r}; expected one of {', '.join(_SYNCHRONOUS)}"
+            raise ConfigurationError(msg)
+        if busy_timeout < 0:
+            msg = f"busy_timeout must not be negative, not {busy_timeout}"
+            raise ConfigurationError(msg)
+        self._path = os.fspath(path)
+        if self._path != ":memory:" and not Path(self._path).resolve().parent.is_dir():
+            msg = f"the directory of SQLite store {self._path!r} does not exist"
+            raise ConfigurationError(msg)
+        self._table = table
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous.upper()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._sql_claim_read = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
+        self._sql_claim_write = (
+            f"INSERT OR REPLACE INTO {table} ({_COLUMNS}) VALUES (?, {_IN_PROGRESS}, ?, ?, ?, ?, ?, NULL)"
+        )
+        self._sql_renew = (
+            f"UPDATE {table} SET lease_expires_at = ? "
+            f"WHERE key = ? AND token = ? AND state = {_IN_PROGRESS} AND expires_at > ?"
+        )
+        self._sql_complete = (
+            f"UPDATE {table} SET state = {_COMPLETED}, token = '', payload = ?, lease_expires_at = ?, expires_at = ? "
+            f"WHERE key = ? AND token = ? AND state = {_IN_PROGRESS} AND expires_at > ?"
+        )
+        self._sql_release = f"DELETE FROM {table} WHERE key = ? AND token = ? AND state = {_IN_PROGRESS}"
+        self._sql_get = f"SELECT {_COLUMNS} FROM {table} WHERE key = ? AND expires_at > ?"
+        self._sql_delete = f"DELETE FROM {table} WHERE key = ?"
+        self._sql_purge = f"DELETE FROM {table} WHERE expires_at <= ?"
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+
+        Query options: ``table``, ``busy_timeout`` (seconds), ``synchronous``.
+        """
+        if url.netloc:
+            msg = f"a SQLite URL has no host: write 'sqlite:///{url.netloc}{url.path}' for a relative path"
+            raise ConfigurationError(msg)
+        path = url.path[1:] if url.path.startswith("/") else url.path
+        if not path:
+            msg = "a SQLite URL needs a file: 'sqlite:///idempo.db' (relative) or 'sqlite:////var/lib/idempo.db'"
+            raise ConfigurationError(msg)
+        options.setdefault("table", url.option("table", "idempo_records"))
+        options.setdefault("busy_timeout", url.float_option("busy_timeout", 5.0))
+        options.setdefault("synchronous", url.option("synchronous", "NORMAL"))
+        return cls(path, **options)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r}, table={self._table!r})"
+
+    # -- the thread that owns the connection ----------------------------------------------------------------
+
+    def _executor_for_this_process(self) -> ThreadPoolExecutor:
+        pid = os.getpid()
+        if self._pid != pid:  # first use, or we are a forked child: the parent's thread and connection are not ours
+            with self._lock:
+                if self._pid != pid:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempo-sqlite")
+                    self._conn = None
+                    self._pid = pid
+        assert self._executor is not None
+        return self._executor
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            # Switching to WAL needs a moment of exclusive access, which another process starting at the same
+            # time may hold; SQLite does not always wait for it on its own.
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.01)
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table} ("
+            " key TEXT PRIMARY KEY,"
+            " state INTEGER NOT NULL,"
+            " fingerprint TEXT NOT NULL,"
+            " token TEXT NOT NULL,"
+            " created_at REAL NOT NULL,"
+            " lease_expires_at REAL NOT NULL,"
+            " expires_at REAL NOT NULL,"
+            " payload BLOB"
+            ") WITHOUT ROWID"
+        )
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_expires_at ON {self._table} (expires_at)")
+        return conn
+
+    def _call(self, operation: Callable[..., T], *args: Any) -> T:
+        try:
+            return operation(self._connection(), *args)
+        except sqlite3.Error as exc:
+            msg = f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}"
+            raise StoreError(msg) from exc
+
+    async def _run(self, operation: Callable[..., T], *args: Any) -> T:
+        executor = self._executor_for_this_process()
+        return await asyncio.get_running_loop().run_in_executor(executor, self._call, operation, *args)
+
+    # -- the operations, each run on the store's thread ----------------------------------------------------
+
+    def _claim(self, conn: sqlite3.Connection, key: str, fingerprint: str, lease: float, ttl: float) -> Claim:
+        now = self._clock()
+        # A live record seen by a plain read is a safe answer: completed records never change, and an
+        # in-progress one was in progress at the moment of the read.
+        row = conn.execute(self._sql_claim_read, (key,)).fetchone()
+        if row is not None and row[6] > now and (row[1] == _COMPLETED or row[5] > now):
+            return Existing(_record(row))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            now = self._clock()
+            row = conn.execute(self._sql_claim_read, (key,)).fetchone()
+            if row is not None and row[6] > now and (row[1] == _COMPLETED or row[5] > now):
+                result: Claim = Existing(_record(row))
+            else:
+                token = secrets.token_hex(16)
+                conn.execute(self._sql_claim_write, (key, fingerprint, token, now, now + lease, now + ttl))
+                result = Acquired(token)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def _renew(self, conn: sqlite3.Connection, key: str, token: str, lease: float) -> bool:
+        now = self._clock()
+        return conn.execute(self._sql_renew, (now + lease, key, token, now)).rowcount == 1
+
+    def _complete(self, conn: sqlite3.Connection, key: str, token: str, payload: bytes, ttl: float) -> bool:
+        now = self._clock()
+        return conn.execute(self._sql_complete, (payload, now, now + ttl, key, token, now)).rowcount == 1
+
+    def _release(self, conn: sqlite3.Connection, key: str, token: str) -> bool:
+        return conn.execute(self._sql_release, (key, token)).rowcount == 1
+
+    def _get(self, conn: sqlite3.Connection, key: str) -> Record | None:
+        row = conn.execute(self._sql_get, (key, self._clock())).fetchone()
+        return None if row is None else _record(row)
+
+    def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
+        return conn.execute(self._sql_delete, (key,)).rowcount == 1
+
+    def _purge_expired(self, conn: sqlite3.Connection) -> int:
+        return conn.execute(self._sql_purge, (self._clock(),)).rowcount
+
+    # -- the Store protocol ---------------------------------------------------------------------------------
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        return await self._run(self._claim, key, fingerprint, lease, ttl)
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        return await self._run(self._renew, key, token, lease)
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        return await self._run(self._complete, key, token, payload, ttl)
+
+    async def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        return await self._run(self._release, key, token)
+
+    async def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`."""
+        return await self._run(self._get, key)
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        return await self._run(self._delete, key)
+
+    async def purge_expired(self) -> int:
+        """See :meth:`idempo.Store.purge_expired`."""
+        return await self._run(self._purge_expired)
+
+    async def close(self) -> None:
+        """Close the connection and stop the store's thread."""
+        if self._pid != os.getpid() or self._executor is None:
+            return
+        executor = self._executor
+
+        def close_connection() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(executor, close_connection)
+        executor.shutdown(wait=False)
+        self._executor = None
+        self._pid = -1
