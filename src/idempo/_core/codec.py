@@ -101,6 +101,14 @@ def decode_response(payload: bytes) -> StoredResponse | TooLargeMarker:
     Raises:
         ValueError: the payload is not one of ours (a corrupt record, or one written by a newer version).
     """
+    try:
+        return _decode(payload)
+    except struct.error as exc:  # a fixed-size field runs past the end: not a ValueError of its own
+        msg = f"truncated stored response: {exc}"
+        raise ValueError(msg) from exc
+
+
+def _decode(payload: bytes) -> StoredResponse | TooLargeMarker:
     version = payload[:1]
     if version == b"\x02":
         _, status = _MARKER.unpack_from(payload)

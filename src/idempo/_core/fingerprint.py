@@ -27,9 +27,9 @@ def canonical_json_body(body: bytes) -> bytes:
     document fingerprint alike. A body that is not JSON is returned unchanged."""
     try:
         document = json.loads(body)
-    except ValueError:
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be a body worth canonicalising
         return body
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def principal_digest(principal: str | bytes) -> str:

@@ -11,7 +11,9 @@ from .._core.errors import ConfigurationError
 
 __all__ = ["StoreURL", "parse_store_url", "redact"]
 
-_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+# user:password@ in the authority; the password runs to the *last* @ before the path (as urlsplit reads it),
+# so that a password with a raw "@" in it is hidden whole.
+_PASSWORD = re.compile(r"(?<=://)([^:/@?#]*):[^/?#]*@")
 
 
 def redact(url: str) -> str:

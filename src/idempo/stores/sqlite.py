@@ -47,6 +47,10 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _IN_PROGRESS, _COMPLETED = 0, 1
 _COLUMNS = "key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload"
+# Connections a forked child inherited from its parent. SQLite forbids using them in the child, closing included
+# (closing drops every POSIX lock this process holds on the file, and may checkpoint or delete the WAL), so they
+# are kept here, never closed, for as long as the child lives.
+_INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
 
 
 _CHECKPOINT_EVERY = 1000
@@ -119,6 +123,9 @@ class SQLiteStore:
             msg = f"busy_timeout must not be negative, not {busy_timeout}"
             raise ConfigurationError(msg)
         self._path = os.fspath(path)
+        if self._path != ":memory:":
+            # Connections open lazily (and again after a fork): pin a relative path to today's working directory.
+            self._path = os.path.abspath(self._path)
         if self._path != ":memory:" and not Path(self._path).resolve().parent.is_dir():
             msg = f"the directory of SQLite store {self._path!r} does not exist"
             raise ConfigurationError(msg)
@@ -130,7 +137,8 @@ class SQLiteStore:
         self._pid = -1
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        self._inline = inline and self._synchronous in ("OFF", "NORMAL")
+        # Not for ":memory:": each connection to it is a database of its own, the loop's would have no table.
+        self._inline = inline and self._synchronous in ("OFF", "NORMAL") and self._path != ":memory:"
         self._inline_conn: sqlite3.Connection | None = None
         self._inline_writes = 0
         self._sql_claim_read = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
@@ -145,7 +153,9 @@ class SQLiteStore:
             f"UPDATE {table} SET state = {_COMPLETED}, token = '', payload = ?, lease_expires_at = ?, expires_at = ? "
             f"WHERE key = ? AND token = ? AND state = {_IN_PROGRESS} AND expires_at > ?"
         )
-        self._sql_release = f"DELETE FROM {table} WHERE key = ? AND token = ? AND state = {_IN_PROGRESS}"
+        self._sql_release = (
+            f"DELETE FROM {table} WHERE key = ? AND token = ? AND state = {_IN_PROGRESS} AND expires_at > ?"
+        )
         self._sql_get = f"SELECT {_COLUMNS} FROM {table} WHERE key = ? AND expires_at > ?"
         self._sql_delete = f"DELETE FROM {table} WHERE key = ?"
         self._sql_purge = f"DELETE FROM {table} WHERE expires_at <= ?"
@@ -179,6 +189,7 @@ class SQLiteStore:
         if self._pid != pid:  # first use, or we are a forked child: the parent's thread and connection are not ours
             with self._lock:
                 if self._pid != pid:
+                    _INHERITED_CONNECTIONS.extend(c for c in (self._conn, self._inline_conn) if c is not None)
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempo-sqlite")
                     self._conn = None
                     self._inline_conn = None
@@ -296,7 +307,7 @@ class SQLiteStore:
         return conn.execute(self._sql_complete, (payload, now, now + ttl, key, token, now)).rowcount == 1
 
     def _release(self, conn: sqlite3.Connection, key: str, token: str) -> bool:
-        return conn.execute(self._sql_release, (key, token)).rowcount == 1
+        return conn.execute(self._sql_release, (key, token, self._clock())).rowcount == 1
 
     def _get(self, conn: sqlite3.Connection, key: str) -> Record | None:
         row = conn.execute(self._sql_get, (key, self._clock())).fetchone()
