@@ -332,7 +332,8 @@ class _Exchange:
         if mw.on_store_error == "fail_open":
             logger.warning("idempo: store %r failed (%s); running the request unprotected", self.store, exc)
             self._set_state()
-            await mw.app(self.scope, self._body_receive(), self.send)
+            # Unprotected, the app hears about a disconnect as it would without us: nothing will be recorded.
+            await mw.app(self.scope, self._body_receive(then=self.receive), self.send)
             return
         logger.error("idempo: store %r failed: %s", self.store, exc)
         problem = Problem.service_unavailable(
@@ -346,7 +347,9 @@ class _Exchange:
             state = self.scope["state"] = {}
         state["idempotency_key"] = self.key
 
-    def _body_receive(self) -> Receive:
+    def _body_receive(self, then: Receive | None = None) -> Receive:
+        """The app's ``receive``: the buffered body, then *then* if given, else a disconnect once the response is
+        done."""
         delivered = False
 
         async def receive() -> Message:
@@ -354,6 +357,8 @@ class _Exchange:
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": self.body, "more_body": False}
+            if then is not None:
+                return await then()
             # The app is never told that the client left: it runs to completion so that its response can be
             # stored for the retry. It hears "disconnect" only once its response is finished.
             await self.response_done.wait()
@@ -364,12 +369,12 @@ class _Exchange:
     # -- running the app ------------------------------------------------------------------------------------
 
     async def _run_app(self) -> None:
+        self._set_state()  # before the scope may be copied below, so that the app's copy has the key too
         scope = self.scope
         extensions = scope.get("extensions")
         if extensions and any(name in extensions for name in _UNRECORDABLE_EXTENSIONS):
             scope = dict(scope)
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
-        self._set_state()
         loop = asyncio.get_running_loop()
         self.heartbeat = loop.call_later(self.mw.lease / 3, self._beat)
         try:
@@ -377,6 +382,8 @@ class _Exchange:
         except BaseException:
             await self._finish(failed=True)
             raise
+        finally:
+            self.response_done.set()
         if not self.finished:  # the app returned without finishing its response
             await self._finish(failed=True)
 
@@ -419,6 +426,14 @@ class _Exchange:
                 # Record the outcome before the client has the whole response, so that a retry sent the moment
                 # it arrives never finds the key still in progress.
                 await self._finish(failed=False)
+                try:
+                    await self._forward(message)
+                finally:
+                    # Only now may the app hear "disconnect": apps that listen for it while they send (Starlette's
+                    # streaming and file responses under ASGI < 2.4) stop sending when they hear it, and would
+                    # drop this last message if told while the outcome was being recorded.
+                    self.response_done.set()
+                return
             await self._forward(message)
         else:
             await self._forward(message)
@@ -440,7 +455,6 @@ class _Exchange:
             self.heartbeat.cancel()
         if self.renewal is not None and not self.renewal.done():
             self.renewal.cancel()
-        self.response_done.set()
         mw = self.mw
         try:
             if failed or not self.keep:
