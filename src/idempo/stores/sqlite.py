@@ -204,6 +204,14 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            self._prepare(conn)
+        except BaseException:  # e.g. the file is not a database: do not leave the connection to the collector
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         deadline = time.monotonic() + self._busy_timeout
         while True:
@@ -214,7 +222,6 @@ class SQLiteStore:
                 break
             except sqlite3.OperationalError:
                 if time.monotonic() > deadline:
-                    conn.close()
                     raise
                 time.sleep(0.01)
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -231,7 +238,6 @@ class SQLiteStore:
             ") WITHOUT ROWID"
         )
         conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_expires_at ON {self._table} (expires_at)")
-        return conn
 
     def _call(self, operation: Callable[..., T], *args: Any) -> T:
         try:

@@ -1,0 +1,566 @@
+"""The built-in stores: the conformance suite against each, and what only MemoryStore and SQLiteStore promise."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import idempo
+from idempo import (
+    Acquired,
+    Claim,
+    ConfigurationError,
+    Existing,
+    MemoryStore,
+    Record,
+    SQLiteStore,
+    State,
+    Store,
+    StoreError,
+    store_from_url,
+)
+from idempo.stores import redact
+from idempo.testing import StoreConformance
+
+# The built-in stores are local and fast: short real leases keep the suite quick. Every check that a claim is
+# *still* held uses the suite's long lease, so a loaded machine cannot make these flaky.
+_FAST = {"short_lease": 0.03, "short_ttl": 0.03, "expiry_margin": 0.03}
+
+
+class TestMemoryStoreConformance(StoreConformance):
+    short_lease = _FAST["short_lease"]
+    short_ttl = _FAST["short_ttl"]
+    expiry_margin = _FAST["expiry_margin"]
+
+    async def open_store(self) -> Store:
+        return MemoryStore()
+
+
+class TestSQLiteStoreConformance(StoreConformance):
+    short_lease = _FAST["short_lease"]
+    short_ttl = _FAST["short_ttl"]
+    expiry_margin = _FAST["expiry_margin"]
+    path: Path
+
+    @pytest.fixture(autouse=True)
+    def _database_in_tmp_path(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "conformance.db"
+
+    async def open_store(self) -> Store:
+        return SQLiteStore(self.path)
+
+
+class TestSQLiteStoreOnItsThreadConformance(TestSQLiteStoreConformance):
+    """``inline=False``: every statement runs on the store's thread."""
+
+    async def open_store(self) -> Store:
+        return SQLiteStore(self.path, inline=False)
+
+
+class TestSQLiteStoreInMemoryConformance(TestSQLiteStoreConformance):
+    """``":memory:"``: one connection, one private database."""
+
+    async def open_store(self) -> Store:
+        return SQLiteStore(":memory:")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def token_of(claim: Claim) -> str:
+    assert isinstance(claim, Acquired), claim
+    return claim.token
+
+
+def record_of(claim: Claim) -> Record:
+    assert isinstance(claim, Existing), claim
+    return claim.record
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def clocked(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, FakeClock]]:
+    """Each built-in store, on a fake clock."""
+    clock = FakeClock()
+    store: Store = (
+        MemoryStore(clock=clock) if request.param == "memory" else SQLiteStore(tmp_path / "c.db", clock=clock)
+    )
+    yield store, clock
+    await store.close()
+
+
+# -- both stores, on a fake clock ------------------------------------------------------------------------------
+
+
+def test_built_in_stores_are_stores(tmp_path: Path) -> None:
+    assert isinstance(MemoryStore(), idempo.Store)
+    assert isinstance(SQLiteStore(tmp_path / "x.db"), idempo.Store)
+    assert not isinstance(object(), idempo.Store)
+
+
+async def test_record_times_follow_the_clock(clocked: tuple[Store, FakeClock]) -> None:
+    store, clock = clocked
+    start = clock.now
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    assert await store.get("k") == Record("k", State.IN_PROGRESS, "fp", token, start, start + 10, start + 100)
+    clock.now = start + 5
+    assert await store.renew("k", token, lease=10)
+    assert await store.get("k") == Record("k", State.IN_PROGRESS, "fp", token, start, start + 15, start + 100)
+    clock.now = start + 6
+    assert await store.complete("k", token, b"out", ttl=50)
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.token, record.created_at, record.expires_at, record.payload) == (
+        State.COMPLETED,
+        "",
+        start,
+        start + 56,
+        b"out",
+    )
+
+
+async def test_lease_ends_exactly_at_lease_expires_at(clocked: tuple[Store, FakeClock]) -> None:
+    store, clock = clocked
+    start = clock.now
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    clock.now = start + 9.999
+    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).token == token
+    clock.now = start + 10
+    assert token_of(await store.claim("k", "other", lease=10, ttl=100)) != token
+    assert not await store.complete("k", token, b"stale", ttl=100)
+
+
+async def test_record_expires_exactly_at_expires_at(clocked: tuple[Store, FakeClock]) -> None:
+    store, clock = clocked
+    start = clock.now
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    assert await store.complete("k", token, b"out", ttl=50)
+    clock.now = start + 49.999
+    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).payload == b"out"
+    clock.now = start + 50
+    assert await store.get("k") is None
+    assert isinstance(await store.claim("k", "fp", lease=10, ttl=100), Acquired)
+
+
+async def test_stale_record_is_still_returned_by_get(clocked: tuple[Store, FakeClock]) -> None:
+    store, clock = clocked
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    clock.now += 50
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.token) == (State.IN_PROGRESS, token)
+
+
+async def test_purge_expired_counts_exactly_what_it_removes(clocked: tuple[Store, FakeClock]) -> None:
+    store, clock = clocked
+    assert await store.purge_expired() == 0
+    for key in ("a", "b", "c"):
+        await store.claim(key, "fp", lease=10, ttl=20)
+    assert await store.complete("d", token_of(await store.claim("d", "fp", lease=10, ttl=1000)), b"", ttl=5)
+    assert await store.complete("live", token_of(await store.claim("live", "fp", lease=10, ttl=20)), b"kept", ttl=1000)
+    clock.now += 20
+    assert await store.purge_expired() == 4  # a, b, c in progress and d completed, all past their TTL
+    assert await store.purge_expired() == 0
+    record = await store.get("live")
+    assert record is not None
+    assert record.payload == b"kept"
+
+
+async def test_sqlite_purge_deletes_the_rows(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SQLiteStore(tmp_path / "purge.db", clock=clock)
+    for key in ("a", "b"):
+        await store.claim(key, "fp", lease=10, ttl=20)
+    await store.claim("live", "fp", lease=10, ttl=1000)
+    clock.now += 20
+    assert await store.purge_expired() == 2
+    await store.close()
+    with sqlite3.connect(tmp_path / "purge.db") as conn:
+        assert conn.execute("SELECT key FROM idempo_records").fetchall() == [("live",)]
+    conn.close()
+
+
+# -- MemoryStore -----------------------------------------------------------------------------------------------
+
+
+async def fill(store: Store, keys: list[str], *, ttl: float = 1000, complete: bool = True) -> None:
+    for key in keys:
+        token = token_of(await store.claim(key, "fp", lease=10, ttl=ttl))
+        if complete:
+            assert await store.complete(key, token, key.encode(), ttl=ttl)
+
+
+async def live_keys(store: Store, keys: list[str]) -> list[str]:
+    return [key for key in keys if await store.get(key) is not None]
+
+
+async def test_memory_store_evicts_oldest_completed_at_max_entries() -> None:
+    store = MemoryStore(max_entries=10, clock=FakeClock())
+    keys = [f"k{i}" for i in range(10)]
+    await fill(store, keys)
+    await fill(store, ["new"])
+    assert await live_keys(store, [*keys, "new"]) == [*keys[1:], "new"]
+
+
+async def test_memory_store_never_holds_more_than_max_entries() -> None:
+    store = MemoryStore(max_entries=10, clock=FakeClock())
+    keys = [f"k{i}" for i in range(60)]
+    for key in keys:
+        await fill(store, [key])
+        assert len(await live_keys(store, keys)) <= 10
+    assert keys[-1] in await live_keys(store, keys)
+
+
+async def test_memory_store_evicts_expired_records_first() -> None:
+    clock = FakeClock()
+    store = MemoryStore(max_entries=10, clock=clock)
+    await fill(store, [f"old{i}" for i in range(5)], ttl=10)
+    kept = [f"kept{i}" for i in range(5)]
+    await fill(store, kept, ttl=1000)
+    clock.now += 10
+    await fill(store, ["new"])
+    assert await live_keys(store, [*kept, "new"]) == [*kept, "new"]
+
+
+async def test_memory_store_keeps_in_progress_records_when_evicting() -> None:
+    store = MemoryStore(max_entries=10, clock=FakeClock())
+    running = [f"running{i}" for i in range(5)]
+    await fill(store, running, complete=False)
+    done = [f"done{i}" for i in range(5)]
+    await fill(store, done)
+    await fill(store, ["new"])
+    assert await live_keys(store, running) == running
+    assert await live_keys(store, [*done, "new"]) == [*done[1:], "new"]
+
+
+@pytest.mark.parametrize("max_entries", [0, -1])
+def test_memory_store_rejects_max_entries_below_one(max_entries: int) -> None:
+    with pytest.raises(ConfigurationError, match="max_entries"):
+        MemoryStore(max_entries=max_entries)
+
+
+# -- SQLiteStore: several processes, several objects, fork -----------------------------------------------------
+
+
+_RACER = """
+import asyncio, json, sys
+from idempo import Acquired, SQLiteStore
+
+async def race(path, keys):
+    store = SQLiteStore(path)
+    await store.get("warm-up")  # connect (and open the loop's own connection) before the start
+    print("ready", flush=True)
+    sys.stdin.readline()  # the start signal
+    claims = await asyncio.gather(*(store.claim(key, "fp", lease=60, ttl=60) for key in keys))
+    print(json.dumps([claim.token if isinstance(claim, Acquired) else None for claim in claims]), flush=True)
+    await store.close()
+
+asyncio.run(race(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_processes_racing_on_one_file_have_one_winner_per_key(tmp_path: Path) -> None:
+    path, racers, keys = tmp_path / "race.db", 6, [f"race-{i}" for i in range(20)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(path), *keys],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(racers)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "ready\n", process.communicate(timeout=10)
+        for process in processes:  # every racer is connected and waiting: start them all at once
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert [(process.returncode, err) for process, (_, err) in zip(processes, outputs, strict=True)] == [
+        (0, "")
+    ] * racers
+    tokens: list[list[str | None]] = [json.loads(out) for out, _ in outputs]
+    winners = {key: [claims[i] for claims in tokens if claims[i] is not None] for i, key in enumerate(keys)}
+    assert {key: len(won) for key, won in winners.items()} == dict.fromkeys(keys, 1)
+
+    async def check() -> None:
+        store = SQLiteStore(path)
+        for key, (token,) in winners.items():
+            record = await store.get(key)
+            assert record is not None
+            assert record.token == token
+        await store.close()
+
+    asyncio.run(check())
+
+
+async def test_two_stores_on_one_file_see_each_others_records(tmp_path: Path) -> None:
+    first, second = SQLiteStore(tmp_path / "shared.db"), SQLiteStore(tmp_path / "shared.db")
+    token = token_of(await first.claim("k", "fp", lease=60, ttl=60))
+    assert record_of(await second.claim("k", "fp", lease=60, ttl=60)).token == token
+    assert await second.complete("k", token, b"done", ttl=60)  # the token is the owner's, whichever object holds it
+    assert record_of(await first.claim("k", "fp", lease=60, ttl=60)).payload == b"done"
+    assert await first.delete("k")
+    assert await second.get("k") is None
+    await first.close()
+    await second.close()
+
+
+async def test_writer_waits_for_another_connections_lock(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = SQLiteStore(path)
+    await store.get("warm-up")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    asyncio.get_running_loop().call_later(0.2, holder.execute, "ROLLBACK")
+    start = time.monotonic()
+    assert isinstance(await store.claim("k", "fp", lease=60, ttl=60), Acquired)
+    assert time.monotonic() - start >= 0.15  # it waited for the lock instead of failing
+    holder.close()
+    await store.close()
+
+
+async def test_busy_timeout_option_bounds_the_wait(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = store_from_url(f"sqlite:///{path}?busy_timeout=0.2")
+    await store.get("warm-up")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    start = time.monotonic()
+    try:
+        with pytest.raises(StoreError, match="locked") as raised:
+            await store.claim("k", "fp", lease=60, ttl=60)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert 0.15 <= time.monotonic() - start < 3  # about busy_timeout, far below the 5 s default
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    assert isinstance(await store.claim("k", "fp", lease=60, ttl=60), Acquired)  # and it recovers
+    await store.close()
+
+
+async def test_sqlite_error_surfaces_as_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not a SQLite database. " * 200)
+    store = SQLiteStore(path)
+    with pytest.raises(StoreError, match="not a database") as raised:
+        await store.claim("k", "fp", lease=60, ttl=60)
+    assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    await store.close()
+
+
+def _use_inherited_store(store: SQLiteStore, parent_key: str, child_key: str, results: Queue[Any]) -> None:
+    """In a forked child: use the store the parent had already used."""
+
+    async def child() -> tuple[bytes | None, bool]:
+        record = await store.get(parent_key)
+        token = token_of(await store.claim(child_key, "child", lease=60, ttl=60))
+        completed = await store.complete(child_key, token, b"from the child", ttl=60)
+        await store.close()
+        return (None if record is None else record.payload), completed
+
+    try:
+        results.put(("ok", asyncio.run(child())))
+    except BaseException as exc:
+        results.put(("error", repr(exc)))
+
+
+def test_store_used_before_fork_works_in_the_child(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "fork.db")
+
+    async def parent_before() -> None:
+        token = token_of(await store.claim("parent", "fp", lease=60, ttl=60))
+        assert await store.complete("parent", token, b"from the parent", ttl=60)
+        assert await store.get("parent") is not None  # the store's thread and both connections are open
+
+    asyncio.run(parent_before())
+    ctx = multiprocessing.get_context("fork")
+    results: Queue[Any] = ctx.Queue()
+    child = ctx.Process(target=_use_inherited_store, args=(store, "parent", "child", results))
+    child.start()
+    try:
+        outcome = results.get(timeout=30)  # a child that used the parent's thread would hang here
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert outcome == ("ok", (b"from the parent", True))
+    assert child.exitcode == 0
+
+    async def parent_after() -> None:
+        record = await store.get("child")  # the parent's own connections still work
+        assert record is not None
+        assert record.payload == b"from the child"
+        assert isinstance(await store.claim("after", "fp", lease=60, ttl=60), Acquired)
+        await store.close()
+
+    asyncio.run(parent_after())
+
+
+async def test_closed_sqlite_store_can_be_closed_again(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "c.db")
+    await store.claim("k", "fp", lease=60, ttl=60)
+    await store.close()
+    await store.close()
+
+
+# -- store_from_url --------------------------------------------------------------------------------------------
+
+
+async def test_memory_url() -> None:
+    store = store_from_url("memory://")
+    assert isinstance(store, MemoryStore)
+    assert isinstance(await store.claim("k", "fp", lease=60, ttl=60), Acquired)
+    await store.close()
+
+
+async def test_memory_url_max_entries() -> None:
+    store = store_from_url("memory://?max_entries=3")
+    keys = [f"k{i}" for i in range(6)]
+    await fill(store, keys)
+    assert await live_keys(store, keys) == keys[3:]
+
+
+async def test_url_options_yield_to_keyword_options() -> None:
+    store = store_from_url("memory://?max_entries=3", max_entries=100)
+    keys = [f"k{i}" for i in range(6)]
+    await fill(store, keys)
+    assert await live_keys(store, keys) == keys
+
+
+async def test_relative_sqlite_url_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    store = store_from_url("sqlite:///data/idem.db")
+    assert isinstance(store, SQLiteStore)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the store opens its file lazily: the path was pinned at open
+    await store.claim("k", "fp", lease=60, ttl=60)
+    await store.close()
+    assert (tmp_path / "data" / "idem.db").is_file()
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+async def test_absolute_sqlite_url(tmp_path: Path) -> None:
+    path = tmp_path / "abs.db"
+    assert str(path).startswith("/")
+    store = store_from_url(f"sqlite:///{path}")  # sqlite:////tmp/...
+    await store.claim("k", "fp", lease=60, ttl=60)
+    await store.close()
+    assert path.is_file()
+
+
+async def test_sqlite_url_table_option(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = store_from_url(f"sqlite:///{path}?table=my_records")
+    await store.claim("k", "fp", lease=60, ttl=60)
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT key FROM my_records").fetchall() == [("k",)]
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    conn.close()
+    assert tables == {"my_records"}
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("memory://?max_entries=many", "not a whole number"),
+        ("memory://?max_entries=0", "at least 1"),
+        ("sqlite:///x.db?busy_timeout=soon", "not a number"),
+        ("sqlite:///x.db?busy_timeout=-1", "negative"),
+        ("sqlite:///x.db?synchronous=sometimes", "synchronous"),
+        ("sqlite:///x.db?table=drop%20table", "table name"),
+        ("sqlite:///x.db?table=1abc", "table name"),
+        ("sqlite:///x.db?table=a-b", "table name"),
+        ("sqlite:///x.db?table=" + "t" * 64, "table name"),
+        ("sqlite://host/x.db", "no host"),
+        ("sqlite://", "needs a file"),
+        ("sqlite:///", "needs a file"),
+        ("idempo.db", "not a store URL"),
+        ("/var/lib/idempo.db", "not a store URL"),
+    ],
+)
+def test_invalid_urls_are_configuration_errors(
+    url: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=message):
+        store_from_url(url)
+
+
+def test_unknown_scheme_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigurationError, match="unknown store scheme 'dynamodb'") as raised:
+        store_from_url("dynamodb://table")
+    assert "known schemes: memory, sqlite" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://user:secret@localhost:3306/app",
+        "mongodb://:secret@localhost",
+        "amqp://user:se@cret@localhost/vhost",  # a raw "@" in the password
+        "couchdb://app:secret@db.internal/idempo?secret=no",
+    ],
+)
+def test_unknown_scheme_error_never_shows_the_password(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="unknown store scheme") as raised:
+        store_from_url(url)
+    message = str(raised.value)
+    assert "secret@" not in message
+    assert "cret@" not in message
+    assert ":***@" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("redis://user:secret@host", "redis://user:***@host"),
+        ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+        ("rediss://user:p@ss@host/0?x=@", "rediss://user:***@host/0?x=@"),
+        ("redis+cluster://u:pw@h1:1,h2:2", "redis+cluster://u:***@h1:1,h2:2"),
+        ("postgresql://app:s3cr%40t@db/idempo", "postgresql://app:***@db/idempo"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("redis://user@host", "redis://user@host"),
+        ("sqlite:///a:b@c.db", "sqlite:///a:b@c.db"),
+    ],
+)
+def test_redact(url: str, redacted: str) -> None:
+    assert redact(url) == redacted
+
+
+def test_missing_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        store_from_url(f"sqlite:///{tmp_path}/no/such/dir/idem.db")
