@@ -1,0 +1,112 @@
+"""decide and should_store: the decision table of the HTTP contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from idempo import (
+    Conflict,
+    Decision,
+    InProgressError,
+    KeyReuseError,
+    Mismatch,
+    Record,
+    Replay,
+    State,
+    decide,
+    should_store,
+)
+
+NOW = 1_000_000.0
+
+
+def record(state: State, fingerprint: str = "fp", *, lease_left: float = 30, payload: bytes | None = None) -> Record:
+    token = "" if state is State.COMPLETED else "owner"
+    return Record("k", state, fingerprint, token, NOW - 5, NOW + lease_left, NOW + 86400, payload)
+
+
+@pytest.mark.parametrize(
+    ("stored", "fingerprint", "expected"),
+    [
+        pytest.param(record(State.COMPLETED, payload=b"response"), "fp", Replay(b"response"), id="completed, same"),
+        pytest.param(record(State.COMPLETED, payload=b""), "fp", Replay(b""), id="completed empty payload, same"),
+        pytest.param(record(State.COMPLETED, payload=b"response"), "other", Mismatch(), id="completed, other"),
+        pytest.param(record(State.IN_PROGRESS), "fp", Conflict(30), id="in progress, same"),
+        pytest.param(record(State.IN_PROGRESS), "other", Mismatch(), id="in progress, other"),
+        pytest.param(record(State.IN_PROGRESS, lease_left=-10), "fp", Conflict(1), id="stale, same"),
+        pytest.param(record(State.IN_PROGRESS, lease_left=-10), "other", Mismatch(), id="stale, other"),
+        pytest.param(record(State.COMPLETED, payload=None), "fp", Conflict(30), id="completed without payload, same"),
+        pytest.param(record(State.COMPLETED, payload=None), "other", Mismatch(), id="completed without payload, other"),
+        pytest.param(record(State.COMPLETED, "", payload=b"x"), "", Replay(b"x"), id="empty fingerprints, same"),
+        pytest.param(record(State.COMPLETED, "FP", payload=b"x"), "fp", Mismatch(), id="fingerprint case matters"),
+    ],
+)
+def test_decide(stored: Record, fingerprint: str, expected: Decision) -> None:
+    assert decide(stored, fingerprint, now=NOW, retry_after=3600) == expected
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "lease_left", "expected"),
+    [
+        pytest.param(1.0, 30, 1, id="default"),
+        pytest.param(5, 30, 5, id="retry_after sooner"),
+        pytest.param(5, 2.5, 3, id="lease sooner, rounded up"),
+        pytest.param(5, 2.0001, 3, id="rounded up, never down"),
+        pytest.param(10, 10, 10, id="equal"),
+        pytest.param(2.1, 30, 3, id="fractional retry_after rounded up"),
+        pytest.param(0.5, 30, 1, id="at least one second"),
+        pytest.param(0, 30, 1, id="zero retry_after"),
+        pytest.param(5, 0.2, 1, id="lease almost over"),
+        pytest.param(5, 0, 1, id="lease just over"),
+        pytest.param(5, -100, 1, id="lease long over"),
+    ],
+)
+def test_conflict_retry_after(retry_after: float, lease_left: float, expected: int) -> None:
+    decision = decide(record(State.IN_PROGRESS, lease_left=lease_left), "fp", now=NOW, retry_after=retry_after)
+    assert decision == Conflict(expected)
+    assert isinstance(decision, Conflict)
+    assert type(decision.retry_after) is int
+
+
+def test_decide_default_retry_after_is_one_second() -> None:
+    assert decide(record(State.IN_PROGRESS, lease_left=30), "fp", now=NOW) == Conflict(1)
+
+
+def test_conflict_error() -> None:
+    error = Conflict(7).error()
+    assert isinstance(error, InProgressError)
+    assert (error.status, error.retry_after, error.slug) == (409, 7, "in-progress")
+
+
+def test_mismatch_error() -> None:
+    error = Mismatch().error()
+    assert isinstance(error, KeyReuseError)
+    assert (error.status, error.slug) == (422, "key-reused")
+
+
+@pytest.mark.parametrize(
+    ("status", "stored", "stored_with_server_errors"),
+    [
+        (200, True, True),
+        (201, True, True),
+        (204, True, True),
+        (301, True, True),
+        (302, True, True),
+        (400, True, True),
+        (404, True, True),
+        (408, False, False),
+        (409, False, False),
+        (410, True, True),
+        (422, True, True),
+        (425, False, False),
+        (429, False, False),
+        (500, False, True),
+        (502, False, True),
+        (503, False, True),
+        (504, False, True),
+    ],
+)
+def test_should_store(status: int, stored: bool, stored_with_server_errors: bool) -> None:
+    assert should_store(status) is stored
+    assert should_store(status, store_server_errors=False) is stored
+    assert should_store(status, store_server_errors=True) is stored_with_server_errors
