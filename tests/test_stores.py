@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -424,6 +424,51 @@ def test_store_used_before_fork_works_in_the_child(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(parent_after())
+
+
+class _CommitFails:
+    """A connection whose COMMIT fails, as a busy one does on a database that is not in WAL mode."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database is locked")
+        return self.conn.execute(sql, *args)
+
+
+def test_failed_commit_never_leaves_the_write_lock_held(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "c.db")
+    conn = store._connect()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store._claim(cast(sqlite3.Connection, _CommitFails(conn)), "k", "fp", 60, 60)
+    assert not conn.in_transaction
+    other = sqlite3.connect(tmp_path / "c.db", timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the write lock is free
+    other.execute("ROLLBACK")
+    other.close()
+    conn.close()
+
+
+async def test_claim_is_not_reported_failed_when_the_loop_connection_cannot_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SQLiteStore(tmp_path / "c.db")
+
+    def cannot_open() -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(store, "_connect_inline", cannot_open)
+    token = token_of(await store.claim("k", "fp", lease=60, ttl=60))  # it took effect: it must say so
+    assert "stays on its thread" in caplog.text
+    assert record_of(await store.claim("k", "fp", lease=60, ttl=60)).token == token
+    assert await store.complete("k", token, b"done", ttl=60)
+    await store.close()
 
 
 async def test_closed_sqlite_store_can_be_closed_again(tmp_path: Path) -> None:

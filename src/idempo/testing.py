@@ -32,6 +32,7 @@ def _scenario(body: _Scenario) -> Callable[[StoreConformance], None]:
     """
 
     def test(self: StoreConformance) -> None:
+        __tracebackhide__ = True
         asyncio.run(self._run_scenario(body))
 
     test.__name__ = body.__name__
@@ -163,6 +164,7 @@ class StoreConformance:
     # -- machinery -------------------------------------------------------------------------------------------
 
     async def _run_scenario(self, body: _Scenario) -> None:
+        __tracebackhide__ = True
         store = await self.open_store()
         try:
             await body(self, store)

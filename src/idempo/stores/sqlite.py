@@ -269,14 +269,22 @@ class SQLiteStore:
         result = await asyncio.get_running_loop().run_in_executor(executor, self._call, operation, *args)
         if self._inline and self._inline_conn is None and self._conn is not None:
             # The store's thread has made the schema; now the loop's own connection can be opened.
-            self._inline_conn = self._connect_inline()
+            try:
+                self._inline_conn = self._connect_inline()
+            except sqlite3.Error as exc:
+                # Only an optimisation, and *operation* has already taken effect: never report it as failed.
+                logger.warning("idempo: SQLite store %r stays on its thread: %s", self._path, exc)
         return result
 
     def _connect_inline(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 0")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     # -- the operations, each run on the store's thread ----------------------------------------------------
@@ -298,10 +306,13 @@ class SQLiteStore:
                 token = secrets.token_hex(16)
                 conn.execute(self._sql_claim_write, (key, fingerprint, token, now, now + lease, now + ttl))
                 result = Acquired(token)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # COMMIT too may fail (busy, on a database that is not in WAL mode): never leave the connection
+            # inside a transaction that holds the write lock.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return result
 
     def _renew(self, conn: sqlite3.Connection, key: str, token: str, lease: float) -> bool:
