@@ -27,6 +27,7 @@ from .test_middleware_support import (
     drive,
     http_scope,
     problem_of,
+    stored_keys,
 )
 
 KEY = "8e03978e-40d5-43e8-bc93-6894a57f9324"
@@ -70,7 +71,7 @@ async def test_malformed_key_is_400_and_the_app_is_not_called(raw_key: bytes) ->
         response = await client.post("/orders", content=b"{}", headers={b"Idempotency-Key": raw_key})
     problem_of(response, 400, "invalid-key")
     assert app.calls == 0
-    assert store._records == {}
+    assert stored_keys(store) == set()
 
 
 async def test_key_of_255_visible_ascii_characters_is_accepted() -> None:
@@ -158,6 +159,18 @@ async def test_first_request_runs_and_its_response_is_unchanged() -> None:
     assert response.json() == {"call": 1, "method": "POST", "path": "/orders", "body": '{"amount": 10}'}
     assert app.calls == 1
     assert app.bodies == [b'{"amount": 10}']
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+async def test_every_protected_method_is_replayed(method: str) -> None:
+    app = CountingApp()
+    async with client_for(IdempotencyMiddleware(app, store=MemoryStore())) as client:
+        first = await client.request(method, "/orders/1", content=b"{}", headers=keyed())
+        retry = await client.request(method, "/orders/1", content=b"{}", headers=keyed())
+    assert replayed(retry)
+    assert retry.content == first.content
+    assert first.json()["method"] == method
+    assert app.calls == 1
 
 
 async def test_replay_has_same_status_headers_and_body_and_does_not_run_the_app() -> None:
@@ -358,7 +371,7 @@ async def test_statuses_that_did_not_happen_are_released_and_run_again(status: i
     store = MemoryStore()
     async with client_for(IdempotencyMiddleware(app, store=store)) as client:
         first = await client.post("/orders", content=b"{}", headers=keyed())
-        assert store._records == {}  # released: nothing stored
+        assert stored_keys(store) == set()  # released: nothing stored
         retry = await client.post("/orders", content=b"{}", headers=keyed())
     assert first.status_code == retry.status_code == status
     assert not replayed(retry)
@@ -373,7 +386,7 @@ async def test_app_that_raises_stores_nothing_and_the_retry_runs_again() -> None
     async with client_for(IdempotencyMiddleware(app, store=store)) as client:
         with pytest.raises(RuntimeError, match="card network down"):
             await client.post("/orders", content=b"{}", headers=keyed())
-        assert store._records == {}
+        assert stored_keys(store) == set()
         app.raises = None
         retry = await client.post("/orders", content=b"{}", headers=keyed())
     assert retry.status_code == 200
@@ -395,7 +408,7 @@ async def test_app_that_raises_after_starting_its_response_is_released() -> None
     async with client_for(IdempotencyMiddleware(app, store=store), raise_app_exceptions=False) as client:
         await client.post("/orders", headers=keyed())
         await client.post("/orders", headers=keyed())
-    assert store._records == {}
+    assert stored_keys(store) == set()
     assert app.calls == 2
 
 
@@ -415,7 +428,7 @@ async def test_app_that_returns_without_finishing_its_response_is_released() -> 
     for _ in range(2):
         result = await drive(middleware, http_scope())
         assert result.chunks == [b"partial"]
-    assert store._records == {}
+    assert stored_keys(store) == set()
     assert app.calls == 2
 
 
@@ -437,7 +450,7 @@ async def test_store_server_errors_still_releases_an_exception() -> None:
     async with client_for(IdempotencyMiddleware(app, store=store, store_server_errors=True)) as client:
         with pytest.raises(RuntimeError):
             await client.post("/orders", headers=keyed())
-    assert store._records == {}
+    assert stored_keys(store) == set()
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 301, 302, 303, 400, 401, 403, 404, 410, 422])
@@ -544,7 +557,7 @@ async def test_request_body_over_max_request_bytes_is_413_with_content_length() 
     assert just_right.status_code == 200
     assert unkeyed.status_code == 200  # without a key nothing is buffered, so no limit applies
     assert app.calls == 2
-    assert list(store._records) == [f"{principal_digest(b'')}:other"]
+    assert stored_keys(store) == {f"{principal_digest(b'')}:other"}
 
 
 # -- principals, fingerprints ---------------------------------------------------------------------------------
@@ -579,6 +592,21 @@ async def test_principals_never_see_each_others_responses() -> None:
     assert set(document) == {"type", "title", "status", "detail"}
 
 
+async def test_another_principal_is_not_told_that_a_key_is_in_use() -> None:
+    gate = asyncio.Event()
+    app = CountingApp(gate=gate)
+    async with client_for(IdempotencyMiddleware(app, store=MemoryStore())) as client:
+        alice = asyncio.create_task(client.post("/orders", content=b"a", headers=keyed(Authorization="alice")))
+        await app.started.wait()
+        app.started.clear()
+        bob = asyncio.create_task(client.post("/orders", content=b"b", headers=keyed(Authorization="bob")))
+        await app.started.wait()  # bob's request runs while alice's is in progress: no 409, no 422
+        assert app.calls == 2
+        gate.set()
+        responses = await asyncio.gather(alice, bob)
+    assert [r.json()["body"] for r in responses] == ["a", "b"]
+
+
 async def test_custom_principal_callable_namespaces_records() -> None:
     app = CountingApp()
     seen: list[Scope] = []
@@ -598,7 +626,7 @@ async def test_custom_principal_callable_namespaces_records() -> None:
     assert t1_again.content == t1.content
     assert app.calls == 2
     assert len(seen) == 3
-    assert set(store._records) == {f"{principal_digest('t1')}:{KEY}", f"{principal_digest('t2')}:{KEY}"}
+    assert stored_keys(store) == {f"{principal_digest('t1')}:{KEY}", f"{principal_digest('t2')}:{KEY}"}
 
 
 async def test_canonical_json_makes_reordered_keys_the_same_request() -> None:
@@ -797,11 +825,12 @@ async def test_lease_is_renewed_while_the_app_runs_so_a_retry_is_409_not_a_takeo
         assert record is not None
         # Wait (on renew calls, not on the clock) until the first lease would have run out without them.
         renewals = 2
-        while True:
-            await store.wait_for_renewals(renewals)
-            if time.time() > record.created_at + lease + 0.05:
-                break
-            renewals += 1
+        async with asyncio.timeout(5):  # a bound on a failure (no renewals at all), not a synchronisation
+            while True:
+                await store.wait_for_renewals(renewals)
+                if time.time() > record.created_at + lease + 0.05:
+                    break
+                renewals += 1
         during = await client.post("/orders", headers=keyed())
         gate.set()
         done = await first

@@ -7,6 +7,7 @@ their own ``receive`` and ``send`` and record every message.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,16 @@ import pytest
 from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, State, Store, principal_digest
 from idempo.asgi import Message, Receive, Scope, Send
 
-from .test_middleware_support import CountingApp, FailingStore, client_for, drive, http_scope, problem_of
+from .test_middleware_support import (
+    CountingApp,
+    FailingStore,
+    RoundTripStore,
+    client_for,
+    drive,
+    http_scope,
+    problem_of,
+    stored_keys,
+)
 
 STORE_KEY = f"{principal_digest(b'')}:k1"
 
@@ -36,7 +46,7 @@ async def test_chunked_body_over_max_request_bytes_is_413_without_content_length
     result = await drive(middleware, http_scope(), [b"x" * 40, b"x" * 40, b"x" * 21, b"never read"])
     await _problem(result, 413, "body-too-large")
     assert app.calls == 0
-    assert store._records == {}
+    assert stored_keys(store) == set()
 
 
 async def test_chunked_body_within_max_request_bytes_reaches_the_app_whole() -> None:
@@ -74,7 +84,7 @@ async def test_client_leaving_while_sending_its_body_claims_nothing() -> None:
     result = await drive(middleware, http_scope(), [b"half of ", b"the body"], disconnect_midway=True)
     assert result.messages == []
     assert app.calls == 0
-    assert store._records == {}
+    assert stored_keys(store) == set()
     retry = await drive(middleware, http_scope(), [b"half of ", b"the body"])
     assert retry.status == 200
     assert app.bodies == [b"half of the body"]
@@ -168,9 +178,12 @@ class PatientApp:
         self.heard_after.append(await listener)
 
 
-async def test_client_disconnect_mid_request_lets_the_app_finish_and_the_retry_replays() -> None:
+@pytest.mark.parametrize("store_class", [MemoryStore, RoundTripStore])
+async def test_client_disconnect_mid_request_lets_the_app_finish_and_the_retry_replays(
+    store_class: type[MemoryStore],
+) -> None:
     app = PatientApp()
-    store = MemoryStore()
+    store = store_class()
     middleware = IdempotencyMiddleware(app, store=store)
     gone = False
     attempts: list[Message] = []
@@ -256,15 +269,21 @@ async def test_extensions_that_bypass_send_are_hidden_and_the_key_is_still_in_st
 
 async def _wait_until_only_the_app_holds(tasks: set[asyncio.Task[httpx.Response]], app: CountingApp) -> None:
     """Return once every request still pending is one that is inside the app (held by its gate)."""
-    pending = set(tasks)
-    while len(pending) > app.calls:
-        # The timeout only re-checks the condition when a request entered the app instead of finishing.
-        _, pending = await asyncio.wait(pending, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+    while len(pending := {task for task in tasks if not task.done()}) > app.calls:
+        app.started.clear()  # no await since the check: an entry into the app cannot be missed
+        entered = asyncio.create_task(app.started.wait())
+        await asyncio.wait({*pending, entered}, return_when=asyncio.FIRST_COMPLETED)
+        entered.cancel()
 
 
-@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite", "round-trip"])
 async def test_fifty_concurrent_identical_requests_run_once(store_kind: str, tmp_path: Path) -> None:
-    store: Store = MemoryStore() if store_kind == "memory" else SQLiteStore(tmp_path / "idempo.db")
+    stores: dict[str, Callable[[], Store]] = {
+        "memory": MemoryStore,
+        "sqlite": lambda: SQLiteStore(tmp_path / "idempo.db"),
+        "round-trip": RoundTripStore,
+    }
+    store = stores[store_kind]()
     gate = asyncio.Event()
     app = CountingApp(status=201, gate=gate)
     try:

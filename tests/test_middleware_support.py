@@ -30,6 +30,7 @@ __all__ = [
     "drive",
     "http_scope",
     "problem_of",
+    "stored_keys",
 ]
 
 BASE_URL = "http://test"
@@ -39,6 +40,11 @@ def client_for(app: ASGIApp, *, raise_app_exceptions: bool = True) -> httpx.Asyn
     """An httpx client that calls *app* in process."""
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     return httpx.AsyncClient(transport=transport, base_url=BASE_URL)
+
+
+def stored_keys(store: MemoryStore) -> set[str]:
+    """The keys a ``MemoryStore`` holds records for (one place that knows its private attribute)."""
+    return set(store._records)
 
 
 def problem_of(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
