@@ -8,6 +8,7 @@ import multiprocessing
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from multiprocessing.queues import Queue
@@ -424,6 +425,42 @@ def test_store_used_before_fork_works_in_the_child(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(parent_after())
+
+
+def test_one_store_serves_several_threads_each_with_its_own_loop(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "threads.db")
+    asyncio.run(store.get("warm-up"))  # open the loop's connection, which the threads then contend for
+    threads, rounds = 4, 150
+    start, errors = threading.Barrier(threads), list[str]()
+
+    def worker(n: int) -> None:
+        async def run() -> None:
+            for i in range(rounds):
+                token = token_of(await store.claim(f"{n}-{i}", "fp", lease=60, ttl=60))
+                assert await store.complete(f"{n}-{i}", token, b"done", ttl=60)
+
+        try:
+            start.wait(timeout=30)
+            asyncio.run(run())
+        except BaseException as exc:
+            errors.append(repr(exc))
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=60)
+    assert errors == []
+
+    async def check() -> None:
+        for n in range(threads):
+            for i in range(rounds):
+                record = await store.get(f"{n}-{i}")
+                assert record is not None
+                assert record.payload == b"done"
+        await store.close()
+
+    asyncio.run(check())
 
 
 class _CommitFails:

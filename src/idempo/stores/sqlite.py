@@ -140,6 +140,7 @@ class SQLiteStore:
         # Not for ":memory:": each connection to it is a database of its own, the loop's would have no table.
         self._inline = inline and self._synchronous in ("OFF", "NORMAL") and self._path != ":memory:"
         self._inline_conn: sqlite3.Connection | None = None
+        self._inline_lock = threading.Lock()
         self._inline_writes = 0
         self._sql_claim_read = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
         self._sql_claim_write = (
@@ -193,6 +194,7 @@ class SQLiteStore:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempo-sqlite")
                     self._conn = None
                     self._inline_conn = None
+                    self._inline_lock = threading.Lock()  # another thread of the parent may have held it
                     self._pid = pid
         assert self._executor is not None
         return self._executor
@@ -249,7 +251,9 @@ class SQLiteStore:
     async def _run(self, operation: Callable[..., T], *args: Any) -> T:
         executor = self._executor_for_this_process()
         conn = self._inline_conn
-        if conn is not None:
+        # One connection runs one transaction at a time: if another thread (another event loop) is using it,
+        # let the store's thread, which runs one operation at a time, take this one.
+        if conn is not None and self._inline_lock.acquire(blocking=False):
             try:
                 result = operation(conn, *args)
             except sqlite3.OperationalError as exc:
@@ -266,6 +270,8 @@ class SQLiteStore:
                     self._inline_writes = 0
                     executor.submit(self._call, _checkpoint).add_done_callback(_log_failure)
                 return result
+            finally:
+                self._inline_lock.release()
         result = await asyncio.get_running_loop().run_in_executor(executor, self._call, operation, *args)
         if self._inline and self._inline_conn is None and self._conn is not None:
             # The store's thread has made the schema; now the loop's own connection can be opened.
