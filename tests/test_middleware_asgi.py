@@ -18,6 +18,7 @@ from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, State, Store
 from idempo.asgi import Message, Receive, Scope, Send
 
 from .test_middleware_support import (
+    ClaimSpy,
     CountingApp,
     FailingStore,
     RoundTripStore,
@@ -327,3 +328,23 @@ async def test_requests_with_different_keys_run_concurrently() -> None:
         gate.set()
         responses = await asyncio.gather(*tasks)
     assert sorted(r.json()["body"] for r in responses) == [str(i) for i in range(10)]
+
+
+async def test_concurrent_requests_that_wait_all_get_the_one_response() -> None:
+    gate = asyncio.Event()
+    app = CountingApp(status=201, gate=gate)
+    store = ClaimSpy()
+    middleware = IdempotencyMiddleware(app, store=store, on_conflict="wait", wait_timeout=30)
+    async with client_for(middleware) as client:
+        tasks = [
+            asyncio.create_task(client.post("/orders", content=b"{}", headers={"Idempotency-Key": "k1"}))
+            for _ in range(20)
+        ]
+        await store.after(20).wait()  # every request has claimed once: one runs, nineteen wait
+        assert not any(task.done() for task in tasks)
+        gate.set()
+        responses = await asyncio.gather(*tasks)
+    assert app.calls == 1
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.content for r in responses}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 19

@@ -173,3 +173,28 @@ async def test_file_response_replay(store: Store, spec_version: str, tmp_path: P
     assert app.calls == 1
     assert replay.headers == [*first.headers, (b"idempotent-replayed", b"true")]
     assert replay.body == content
+
+
+async def test_chunks_sent_from_a_reused_buffer_are_recorded_as_they_were_sent(store: Store) -> None:
+    """ASGI lets an app reuse its buffer once ``send`` returns; Starlette streams ``memoryview`` chunks."""
+    parts = [b"first part|", b"second    |", b"third!"]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        buffer = bytearray(16)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for index, part in enumerate(parts):
+            buffer[: len(part)] = part
+            chunk = memoryview(buffer)[: len(part)]
+            await send({"type": "http.response.body", "body": chunk, "more_body": index < len(parts) - 1})
+
+    middleware = IdempotencyMiddleware(app, store=store)
+    received: list[bytes] = []
+
+    async def client_copies(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            received.append(bytes(message["body"]))  # a server writes the bytes out before send returns
+
+    await drive(middleware, http_scope(key=b"buffer-1"), on_send=client_copies)
+    assert received == parts
+    replay = await drive(middleware, http_scope(key=b"buffer-1"))
+    assert replay.body == b"".join(parts)

@@ -421,7 +421,8 @@ class _Exchange:
                     self.too_large = True
                     self.chunks.clear()
                 else:
-                    self.chunks.append(chunk)
+                    # A copy (free for bytes): the app may send a memoryview of a buffer it reuses once send returns.
+                    self.chunks.append(bytes(chunk))
             if not more:
                 # Record the outcome before the client has the whole response, so that a retry sent the moment
                 # it arrives never finds the key still in progress.
