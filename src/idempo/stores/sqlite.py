@@ -241,16 +241,18 @@ class SQLiteStore:
         )
         conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_expires_at ON {self._table} (expires_at)")
 
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}")
+
     def _call(self, operation: Callable[..., T], *args: Any) -> T:
         try:
             return operation(self._connection(), *args)
         except sqlite3.Error as exc:
-            msg = f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}"
-            raise StoreError(msg) from exc
+            raise self._error(exc) from exc
 
-    async def _run(self, operation: Callable[..., T], *args: Any) -> T:
+    async def _run(self, operation: Callable[..., T], *args: Any, inline: bool = True) -> T:
         executor = self._executor_for_this_process()
-        conn = self._inline_conn
+        conn = self._inline_conn if inline else None
         # One connection runs one transaction at a time: if another thread (another event loop) is using it,
         # let the store's thread, which runs one operation at a time, take this one.
         if conn is not None and self._inline_lock.acquire(blocking=False):
@@ -258,12 +260,10 @@ class SQLiteStore:
                 result = operation(conn, *args)
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
-                    msg = f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}"
-                    raise StoreError(msg) from exc
+                    raise self._error(exc) from exc
                 # Another connection holds the lock: wait for it on the store's thread, not here.
             except sqlite3.Error as exc:
-                msg = f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}"
-                raise StoreError(msg) from exc
+                raise self._error(exc) from exc
             else:
                 self._inline_writes += 1
                 if self._inline_writes >= _CHECKPOINT_EVERY:
@@ -369,8 +369,8 @@ class SQLiteStore:
         return await self._run(self._delete, key)
 
     async def purge_expired(self) -> int:
-        """See :meth:`idempo.Store.purge_expired`."""
-        return await self._run(self._purge_expired)
+        """See :meth:`idempo.Store.purge_expired`. Always on the store's thread: it may delete many rows."""
+        return await self._run(self._purge_expired, inline=False)
 
     async def close(self) -> None:
         """Close the connection and stop the store's thread."""
