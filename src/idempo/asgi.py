@@ -161,6 +161,13 @@ class IdempotencyMiddleware:
         self.store_server_errors = store_server_errors
         self.replay_set_cookie = replay_set_cookie
         self.problem_base_uri = problem_base_uri
+        self._renewer: _Renewer | None = None
+
+    def _renewer_for(self, loop: asyncio.AbstractEventLoop) -> _Renewer:
+        renewer = self._renewer
+        if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
+            renewer = self._renewer = _Renewer(loop, self.store, self.lease)
+        return renewer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
@@ -187,13 +194,6 @@ class IdempotencyMiddleware:
             return
         await _Exchange(self, scope, receive, send, key).run()
 
-    def _fingerprint(self, scope: Scope, body: bytes) -> str:
-        if self.fingerprint is not None:
-            return self.fingerprint(scope, body)
-        if self.canonical_json:
-            body = canonical_json_body(body)
-        return fingerprint_request(scope["method"], scope["path"], scope.get("query_string", b""), body)
-
     async def _send_error(self, send: Send, error: RequestError) -> None:
         retry_after = getattr(error, "retry_after", None)
         await _send_problem(send, Problem.from_error(error, base_uri=self.problem_base_uri), retry_after)
@@ -205,8 +205,85 @@ async def _send_problem(send: Send, problem: Problem, retry_after: int | None = 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class _Renewer:
+    """Renews the leases of the keyed requests running on one event loop. Strictly private.
+
+    One timer per loop rather than one per request: it fires every ``lease / 3`` seconds while requests run and
+    renews those that have held their key for at least ``lease / 6`` (so a request is renewed at the latest
+    ``lease / 2`` after its claim or its last renewal, leaving half a lease for the store to answer). The timer
+    is not re-armed once no request runs, and needs no cancelling.
+    """
+
+    __slots__ = ("lease", "loop", "period", "running", "store", "tasks", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, store: Store, lease: float) -> None:
+        self.loop = loop
+        self.store = store
+        self.lease = lease
+        self.period = lease / 3
+        self.running: set[_Exchange] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, exchange: _Exchange) -> None:
+        self.running.add(exchange)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.period, self._sweep)
+
+    def _sweep(self) -> None:
+        self.timer = None
+        if not self.running:
+            return
+        threshold = time.monotonic() - self.period / 2
+        due = [exchange for exchange in self.running if exchange.renewed_at <= threshold]
+        if due:
+            task = self.loop.create_task(self._renew(due))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self.timer = self.loop.call_later(self.period, self._sweep)
+
+    async def _renew(self, due: list[_Exchange]) -> None:
+        await asyncio.gather(*(self._renew_one(exchange) for exchange in due))
+
+    async def _renew_one(self, exchange: _Exchange) -> None:
+        started = time.monotonic()
+        try:
+            owned = await self.store.renew(exchange.store_key, exchange.token, lease=self.lease)
+        except Exception as exc:  # noqa: BLE001 - a failed renewal is tried again at the next sweep
+            logger.warning("idempo: could not renew the lease of a running request: %s", exc)
+            return
+        if owned:
+            exchange.renewed_at = started
+        elif exchange in self.running:
+            self.running.discard(exchange)
+            logger.warning("idempo: a running request lost its key (its lease ran out and a retry took it over)")
+
+
 class _Exchange:
     """One keyed request, from its body to its stored response. Strictly private: one per request."""
+
+    __slots__ = (
+        "body",
+        "chunks",
+        "client_gone",
+        "done",
+        "finished",
+        "headers",
+        "keep",
+        "key",
+        "mw",
+        "receive",
+        "renewed_at",
+        "renewer",
+        "scope",
+        "send",
+        "size",
+        "status",
+        "store",
+        "store_key",
+        "token",
+        "too_large",
+    )
 
     def __init__(self, middleware: IdempotencyMiddleware, scope: Scope, receive: Receive, send: Send, key: str):
         self.mw = middleware
@@ -217,7 +294,9 @@ class _Exchange:
         self.store = middleware.store
         self.store_key = ""
         self.token = ""
-        self.body = b""
+        self.body: bytes | None = b""  # None once delivered to the app
+        self.renewed_at = 0.0
+        self.renewer: _Renewer | None = None
         # What the app answers.
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -227,64 +306,88 @@ class _Exchange:
         self.too_large = False
         self.finished = False
         self.client_gone = False
-        self.body_sent = False
-        self.response_done = asyncio.Event()
-        self.heartbeat: asyncio.TimerHandle | None = None
-        self.renewal: asyncio.Task[None] | None = None
+        # Set once the response is over; made only if the app asks for a second message (rare).
+        self.done: asyncio.Future[None] | None = None
 
     async def run(self) -> None:
         mw = self.mw
-        try:
-            body = await self._read_body()
-        except RequestError as exc:
-            await mw._send_error(self.send, exc)
+        scope = self.scope
+        authorization = b""
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                with contextlib.suppress(ValueError):
+                    content_length = int(value)
+        limit = mw.max_request_bytes
+        if content_length > limit:
+            await mw._send_error(
+                self.send,
+                BodyTooLargeError(f"the request body is {content_length} bytes; at most {limit} are accepted"),
+            )
             return
-        if body is None:  # the client left before it finished sending; nothing was claimed
+        # The body: nearly always one message.
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            return  # the client left before it finished sending; nothing was claimed
+        body = message.get("body", b"")
+        if message.get("more_body", False):
+            try:
+                body = await self._read_rest(body, limit)
+            except BodyTooLargeError as exc:
+                await mw._send_error(self.send, exc)
+                return
+            if body is None:
+                return
+        elif len(body) > limit:
+            await mw._send_error(self.send, BodyTooLargeError(f"the request body is over {limit} bytes"))
             return
         self.body = body
-        scope = self.scope
-        principal = principal_digest(mw.principal(scope))
-        self.store_key = scoped_key(principal, self.key)
-        fingerprint = mw._fingerprint(scope, body)
-        claim = await self._claim(fingerprint)
-        if claim is not None and not isinstance(claim, Acquired):
-            claim = await self._answer_existing(claim, fingerprint)
-        if claim is None:
+        principal = authorization if mw.principal is authorization_principal else mw.principal(scope)
+        self.store_key = scoped_key(principal_digest(principal), self.key)
+        if mw.fingerprint is not None:
+            fingerprint = mw.fingerprint(scope, body)
+        else:
+            fingerprint = fingerprint_request(
+                scope["method"],
+                scope["path"],
+                scope.get("query_string", b""),
+                canonical_json_body(body) if mw.canonical_json else body,
+            )
+        try:
+            claim = await self.store.claim(self.store_key, fingerprint, lease=mw.lease, ttl=mw.ttl)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+            await self._store_failed(exc)
             return
+        if not isinstance(claim, Acquired):
+            acquired = await self._answer_existing(claim, fingerprint)
+            if acquired is None:
+                return
+            claim = acquired
         self.token = claim.token
         await self._run_app()
 
-    async def _claim(self, fingerprint: str) -> Claim | None:
-        """Claim the key; if the store fails, answer for it (503 or fail open) and return ``None``."""
-        try:
-            return await self.store.claim(self.store_key, fingerprint, lease=self.mw.lease, ttl=self.mw.ttl)
-        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-            await self._store_failed(exc)
-            return None
-
-    async def _read_body(self) -> bytes | None:
-        limit = self.mw.max_request_bytes
-        for name, value in self.scope["headers"]:
-            if name == b"content-length":
-                with contextlib.suppress(ValueError):
-                    if int(value) > limit:
-                        raise BodyTooLargeError(f"the request body is {int(value)} bytes; at most {limit} are accepted")
-        chunks: list[bytes] = []
-        size = 0
+    async def _read_rest(self, first: bytes, limit: int) -> bytes | None:
+        """The rest of a body sent in several messages, or ``None`` if the client left."""
+        chunks = [first] if first else []
+        size = len(first)
         while True:
+            if size > limit:
+                raise BodyTooLargeError(f"the request body is over {limit} bytes, the most accepted")
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)
-                if size > limit:
-                    raise BodyTooLargeError(f"the request body is over {limit} bytes, the most accepted")
                 chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if size > limit:
+                    raise BodyTooLargeError(f"the request body is over {limit} bytes, the most accepted")
+                return b"".join(chunks)
 
-    async def _answer_existing(self, claim: Claim | None, fingerprint: str) -> Acquired | None:
+    async def _answer_existing(self, claim: Claim, fingerprint: str) -> Acquired | None:
         """Answer a request whose key was already there; return a claim if, after waiting, we got the key."""
         mw = self.mw
         deadline = time.monotonic() + mw.wait_timeout
@@ -292,8 +395,6 @@ class _Exchange:
         while True:
             if isinstance(claim, Acquired):
                 return claim
-            if claim is None:  # the store failed while we waited, and that was answered
-                return None
             decision = decide(claim.record, fingerprint, now=time.time(), retry_after=mw.retry_after)
             if isinstance(decision, Replay):
                 await self._replay(decision.payload)
@@ -307,7 +408,11 @@ class _Exchange:
                 return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, _WAIT_POLL_MAX)
-            claim = await self._claim(fingerprint)
+            try:
+                claim = await self.store.claim(self.store_key, fingerprint, lease=mw.lease, ttl=mw.ttl)
+            except Exception as exc:  # noqa: BLE001 - as in run()
+                await self._store_failed(exc)
+                return None
 
     async def _replay(self, payload: bytes) -> None:
         try:
@@ -333,7 +438,16 @@ class _Exchange:
             logger.warning("idempo: store %r failed (%s); running the request unprotected", self.store, exc)
             self._set_state()
             # Unprotected, the app hears about a disconnect as it would without us: nothing will be recorded.
-            await mw.app(self.scope, self._body_receive(then=self.receive), self.send)
+            body_sent = False
+
+            async def receive() -> Message:
+                nonlocal body_sent
+                if body_sent:
+                    return await self.receive()
+                body_sent = True
+                return {"type": "http.request", "body": self.body or b"", "more_body": False}
+
+            await mw.app(self.scope, receive, self.send)
             return
         logger.error("idempo: store %r failed: %s", self.store, exc)
         problem = Problem.service_unavailable(
@@ -347,26 +461,27 @@ class _Exchange:
             state = self.scope["state"] = {}
         state["idempotency_key"] = self.key
 
-    def _body_receive(self, then: Receive | None = None) -> Receive:
-        """The app's ``receive``: the buffered body, then *then* if given, else a disconnect once the response is
-        done."""
-        delivered = False
-
-        async def receive() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": self.body, "more_body": False}
-            if then is not None:
-                return await then()
-            # The app is never told that the client left: it runs to completion so that its response can be
-            # stored for the retry. It hears "disconnect" only once its response is finished.
-            await self.response_done.wait()
-            return {"type": "http.disconnect"}
-
-        return receive
-
     # -- running the app ------------------------------------------------------------------------------------
+
+    async def _app_receive(self) -> Message:
+        """The app's ``receive``: the buffered body, then, once the response is over, a disconnect.
+
+        The app is never told that the client left: it runs to completion so that its response can be stored
+        for the retry.
+        """
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        if not self.finished:
+            if self.done is None:
+                self.done = asyncio.get_running_loop().create_future()
+            await self.done
+        return {"type": "http.disconnect"}
+
+    def _response_over(self) -> None:
+        self.finished = True
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
     async def _run_app(self) -> None:
         self._set_state()  # before the scope may be copied below, so that the app's copy has the key too
@@ -375,46 +490,25 @@ class _Exchange:
         if extensions and any(name in extensions for name in _UNRECORDABLE_EXTENSIONS):
             scope = dict(scope)
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
-        loop = asyncio.get_running_loop()
-        self.heartbeat = loop.call_later(self.mw.lease / 3, self._beat)
+        self.renewed_at = time.monotonic()
+        self.renewer = renewer = self.mw._renewer_for(asyncio.get_running_loop())
+        renewer.add(self)
         try:
-            await self.mw.app(scope, self._body_receive(), self._send)
+            await self.mw.app(scope, self._app_receive, self._send)
         except BaseException:
-            await self._finish(failed=True)
+            await self._record(failed=True)
             raise
         finally:
-            self.response_done.set()
-        if not self.finished:  # the app returned without finishing its response
-            await self._finish(failed=True)
-
-    def _beat(self) -> None:
-        self.renewal = asyncio.get_running_loop().create_task(self._renew())
-
-    async def _renew(self) -> None:
-        try:
-            owned = await self.store.renew(self.store_key, self.token, lease=self.mw.lease)
-        except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat
-            logger.warning("idempo: could not renew the lease of a running request: %s", exc)
-            owned = True
-        if not owned:
-            logger.warning("idempo: a running request lost its key (its lease ran out and a retry took it over)")
-            return
-        if not self.finished:
-            self.heartbeat = asyncio.get_running_loop().call_later(self.mw.lease / 3, self._beat)
+            renewer.running.discard(self)
+            self._response_over()
+        await self._record(failed=True)  # a no-op unless the app returned without finishing its response
 
     async def _send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start":
-            self.status = status = message["status"]
-            self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
-            if self.keep:
-                self.headers = list(message.get("headers", ()))
-            await self._forward(message)
-        elif kind == "http.response.body":
+        if kind == "http.response.body":
             if self.finished:
                 return
             chunk = message.get("body", b"")
-            more = message.get("more_body", False)
             if self.keep and chunk and not self.too_large:
                 self.size += len(chunk)
                 if self.size > self.mw.max_response_bytes:
@@ -422,22 +516,25 @@ class _Exchange:
                     self.chunks.clear()
                 else:
                     # A copy (free for bytes): the app may send a memoryview of a buffer it reuses once send returns.
-                    self.chunks.append(bytes(chunk))
-            if not more:
+                    self.chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
+            if not message.get("more_body", False):
                 # Record the outcome before the client has the whole response, so that a retry sent the moment
                 # it arrives never finds the key still in progress.
-                await self._finish(failed=False)
+                await self._record(failed=False)
                 try:
                     await self._forward(message)
                 finally:
                     # Only now may the app hear "disconnect": apps that listen for it while they send (Starlette's
                     # streaming and file responses under ASGI < 2.4) stop sending when they hear it, and would
                     # drop this last message if told while the outcome was being recorded.
-                    self.response_done.set()
+                    self._response_over()
                 return
-            await self._forward(message)
-        else:
-            await self._forward(message)
+        elif kind == "http.response.start":
+            self.status = status = message["status"]
+            self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
+            if self.keep:
+                self.headers = message.get("headers", ())
+        await self._forward(message)
 
     async def _forward(self, message: Message) -> None:
         if self.client_gone:
@@ -448,25 +545,24 @@ class _Exchange:
             # The client went away. Keep going: the response is still recorded for its retry.
             self.client_gone = True
 
-    async def _finish(self, *, failed: bool) -> None:
-        if self.finished:
+    async def _record(self, *, failed: bool) -> None:
+        """Complete or release the claim, once."""
+        if self.token == "":
             return
-        self.finished = True
-        if self.heartbeat is not None:
-            self.heartbeat.cancel()
-        if self.renewal is not None and not self.renewal.done():
-            self.renewal.cancel()
+        token, self.token = self.token, ""
+        if self.renewer is not None:
+            self.renewer.running.discard(self)
         mw = self.mw
         try:
             if failed or not self.keep:
-                await self.store.release(self.store_key, self.token)
+                await self.store.release(self.store_key, token)
                 return
             if self.too_large:
                 payload = encode_too_large(self.status)
             else:
                 headers = storable_headers(self.headers, keep_set_cookie=mw.replay_set_cookie)
                 payload = encode_response(self.status, headers, b"".join(self.chunks))
-            if not await self.store.complete(self.store_key, self.token, payload, ttl=mw.ttl):
+            if not await self.store.complete(self.store_key, token, payload, ttl=mw.ttl):
                 logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
         except Exception as exc:  # noqa: BLE001 - the response is already the client's; log, do not fail it
             logger.error("idempo: could not record the outcome of a request: %s", exc)

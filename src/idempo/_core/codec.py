@@ -48,6 +48,10 @@ HOP_BY_HOP_HEADERS = frozenset(
 )
 
 
+_DROPPED_KEEPING_COOKIES = HOP_BY_HOP_HEADERS
+_DROPPED = HOP_BY_HOP_HEADERS | {b"set-cookie"}
+
+
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
     """A response as it is replayed: status, headers (lower-case names, raw bytes) and the whole body."""
@@ -70,13 +74,11 @@ def storable_headers(
     """The headers of a response that may be replayed: without hop-by-hop headers, nor those ``Connection``
     names, and without ``Set-Cookie`` unless *keep_set_cookie*. Names are lower-cased; order is kept."""
     pairs = [(name.lower(), value) for name, value in headers]
-    dropped = set(HOP_BY_HOP_HEADERS)
+    dropped = _DROPPED_KEEPING_COOKIES if keep_set_cookie else _DROPPED
     for name, value in pairs:
         if name == b"connection":
-            dropped.update(token.strip().lower() for token in value.split(b","))
-    if not keep_set_cookie:
-        dropped.add(b"set-cookie")
-    return tuple((name, value) for name, value in pairs if name not in dropped)
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return tuple(pair for pair in pairs if pair[0] not in dropped)
 
 
 def encode_response(status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:

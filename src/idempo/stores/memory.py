@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Self
 
 from .._core.errors import ConfigurationError
-from .._core.records import Acquired, Claim, Existing, Record, State
+from .._core.records import Acquired, Claim, Existing, Record, State, new_token
 from ._url import StoreURL
 
 __all__ = ["MemoryStore"]
@@ -76,7 +75,7 @@ class MemoryStore:
             if record is not None and (record.state is State.COMPLETED or record.lease_expires_at > now):
                 return Existing(record)
             self._make_room(now)
-            token = secrets.token_hex(16)
+            token = new_token()
             self._records[key] = Record(key, State.IN_PROGRESS, fingerprint, token, now, now + lease, now + ttl)
             return Acquired(token)
 

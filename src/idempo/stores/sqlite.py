@@ -26,7 +26,6 @@ import asyncio
 import logging
 import os
 import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from .._core.errors import ConfigurationError, StoreError
-from .._core.records import Acquired, Claim, Existing, Record, State
+from .._core.records import Acquired, Claim, Existing, Record, State, new_token
 from ._url import StoreURL
 
 __all__ = ["SQLiteStore"]
@@ -309,7 +308,7 @@ class SQLiteStore:
             if row is not None and row[6] > now and (row[1] == _COMPLETED or row[5] > now):
                 result: Claim = Existing(_record(row))
             else:
-                token = secrets.token_hex(16)
+                token = new_token()
                 conn.execute(self._sql_claim_write, (key, fingerprint, token, now, now + lease, now + ttl))
                 result = Acquired(token)
             conn.execute("COMMIT")
