@@ -18,7 +18,6 @@ If the client goes away, the app is not told: it runs to completion and its resp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
@@ -318,8 +317,7 @@ class _Exchange:
             if name == b"authorization":
                 authorization = value
             elif name == b"content-length":
-                with contextlib.suppress(ValueError):
-                    content_length = int(value)
+                content_length = int(value) if value.isdigit() else -1
         limit = mw.max_request_bytes
         if content_length > limit:
             await mw._send_error(
@@ -522,7 +520,10 @@ class _Exchange:
                 # it arrives never finds the key still in progress.
                 await self._record(failed=False)
                 try:
-                    await self._forward(message)
+                    if not self.client_gone:
+                        await self.send(message)
+                except OSError:
+                    self.client_gone = True
                 finally:
                     # Only now may the app hear "disconnect": apps that listen for it while they send (Starlette's
                     # streaming and file responses under ASGI < 2.4) stop sending when they hear it, and would
@@ -534,9 +535,6 @@ class _Exchange:
             self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
             if self.keep:
                 self.headers = message.get("headers", ())
-        await self._forward(message)
-
-    async def _forward(self, message: Message) -> None:
         if self.client_gone:
             return
         try:

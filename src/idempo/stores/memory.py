@@ -32,6 +32,7 @@ class MemoryStore:
             raise ConfigurationError(msg)
         self._records: dict[str, Record] = {}
         self._max_entries = max_entries
+        self._scan_at = max_entries
         self._clock = clock
         # The sync decorator may call from several threads; the lock costs ~0.1 µs uncontended.
         self._lock = threading.Lock()
@@ -55,28 +56,33 @@ class MemoryStore:
         return record
 
     def _make_room(self, now: float) -> None:
+        """Called when the store holds ``_scan_at`` records: drop expired records, then the oldest completed and
+        stale ones, down to 90% of ``max_entries``. Records that are live and in progress are never dropped; if
+        they alone fill the store, it grows, and the next scan waits until it has grown by a tenth."""
         records = self._records
-        if len(records) < self._max_entries:
-            return
         for key in [k for k, r in records.items() if r.expires_at <= now]:
             del records[key]
-        # Evict down to 90% so that a full store does not scan on every claim.
         excess = len(records) - int(self._max_entries * 0.9)
         if excess > 0:
-            for key in [k for k, r in records.items() if r.state is State.COMPLETED][:excess]:
+            droppable = [k for k, r in records.items() if r.state is State.COMPLETED or r.lease_expires_at <= now]
+            for key in droppable[:excess]:
                 del records[key]
+        self._scan_at = max(self._max_entries, len(records) + max(1, self._max_entries // 10))
 
     async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
         """See :meth:`idempo.Store.claim`."""
         with self._lock:
             now = self._clock()
-            record = self._live(key, now)
-            # An in-progress record whose lease ran out is stale: its owner died or hung, and we take it over.
-            if record is not None and (record.state is State.COMPLETED or record.lease_expires_at > now):
-                return Existing(record)
-            self._make_room(now)
+            records = self._records
+            record = records.get(key)
+            if record is not None and record.expires_at > now:
+                # An in-progress record whose lease ran out is stale: its owner died or hung; we take it over.
+                if record.state is State.COMPLETED or record.lease_expires_at > now:
+                    return Existing(record)
+            elif len(records) >= self._scan_at:
+                self._make_room(now)
             token = new_token()
-            self._records[key] = Record(key, State.IN_PROGRESS, fingerprint, token, now, now + lease, now + ttl)
+            records[key] = Record(key, State.IN_PROGRESS, fingerprint, token, now, now + lease, now + ttl)
             return Acquired(token)
 
     def _owned(self, key: str, token: str) -> Record | None:
