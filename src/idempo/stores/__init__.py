@@ -31,7 +31,8 @@ class Store(Protocol):
     Each operation is one atomic round trip to the backend. ``renew``, ``complete`` and ``release`` are
     *fenced*: they take effect only if *token* is the token of the record's current owner, so an owner whose
     lease ran out and whose key was taken over can never overwrite the new owner's record. Expired records
-    (past ``expires_at``, or ``IN_PROGRESS`` past their lease) are treated as absent.
+    (past ``expires_at``) are treated as absent everywhere; an ``IN_PROGRESS`` record past its lease is *stale*:
+    ``claim`` takes it over, while ``get`` still shows it and its owner may still complete it until then.
 
     Backend failures are raised as :class:`~idempo.StoreError`. Run ``idempo.testing.StoreConformance``
     against your own implementation to prove it.
