@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install lint typecheck test demo serve bench clean
+.PHONY: install lint typecheck services test demo serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ lint: install ## ruff: formatting and lints
 typecheck: install ## mypy --strict over src, tests, examples and benchmarks
 	$(BIN)/mypy
 
-test: lint typecheck ## everything: lint, types, and the whole test suite
+services: ## Redis and PostgreSQL on 127.0.0.1 (installed with apt-get and started when missing)
+	scripts/services
+
+test: lint typecheck services ## everything: lint, types, and the whole test suite
 	$(BIN)/python -m pytest $(ARGS)
 
 demo: install ## replay, 409, 422 and 400 shown in-process on the SQLite store

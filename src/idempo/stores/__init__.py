@@ -82,9 +82,16 @@ class Store(Protocol):
         ...
 
 
+_REDIS = "idempo.stores.redis:RedisStore"
+_POSTGRES = "idempo.stores.postgres:PostgresStore"
 SCHEMES: Final[Mapping[str, str]] = {
     "memory": "idempo.stores.memory:MemoryStore",
     "sqlite": "idempo.stores.sqlite:SQLiteStore",
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "redis+cluster": _REDIS,
+    "postgresql": _POSTGRES,
+    "postgres": _POSTGRES,
 }
 """URL scheme -> ``module:Class`` of the store it opens. Classes are imported only when their URL is used."""
 
