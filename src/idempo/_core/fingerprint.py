@@ -9,16 +9,20 @@ import json
 __all__ = ["canonical_json_body", "fingerprint_request", "principal_digest", "scoped_key"]
 
 
-def fingerprint_request(method: str, path: str, query: bytes, body: bytes) -> str:
-    """SHA-256 over method, path, raw query string and body, each length-prefixed so that no two different
-    requests can produce the same input (``/a`` + ``b=1`` never collides with ``/ab`` + ``=1``).
+# The length-prefixed method, path and query of recent requests: the same endpoints come back, and building the
+# prefix costs more than hashing it. Bounded, and only for short paths and queries.
+_HEADS: dict[tuple[str, str, bytes], bytes] = {}
+_HEADS_MAX = 1024
+_HEAD_MAX_LENGTH = 512
+# Bodies up to this size are hashed in one call, with the prefix; larger ones apart, so that they are never copied.
+_SMALL_BODY = 16 * 1024
+_sha256 = hashlib.sha256
 
-    Returns:
-        A 64-character hex digest.
-    """
+
+def _head(method: str, path: str, query: bytes) -> bytes:
     method_bytes = method.encode("ascii")
     path_bytes = path.encode("utf-8", "surrogateescape")
-    head = b"".join(
+    return b"".join(
         (
             len(method_bytes).to_bytes(8, "big"),
             method_bytes,
@@ -26,10 +30,29 @@ def fingerprint_request(method: str, path: str, query: bytes, body: bytes) -> st
             path_bytes,
             len(query).to_bytes(8, "big"),
             query,
-            len(body).to_bytes(8, "big"),
         )
     )
-    digest = hashlib.sha256(head)
+
+
+def fingerprint_request(method: str, path: str, query: bytes, body: bytes) -> str:
+    """SHA-256 over method, path, raw query string and body, each length-prefixed so that no two different
+    requests can produce the same input (``/a`` + ``b=1`` never collides with ``/ab`` + ``=1``).
+
+    Returns:
+        A 64-character hex digest.
+    """
+    request = (method, path, query)
+    head = _HEADS.get(request)
+    if head is None:
+        head = _head(method, path, query)
+        if len(path) + len(query) <= _HEAD_MAX_LENGTH:
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            _HEADS[request] = head
+    size = len(body)
+    if size <= _SMALL_BODY:
+        return _sha256(head + size.to_bytes(8, "big") + body).hexdigest()
+    digest = _sha256(head + size.to_bytes(8, "big"))
     digest.update(body)  # the body apart, so that a large one is never copied
     return digest.hexdigest()
 

@@ -72,4 +72,4 @@ os.register_at_fork(after_in_child=_tokens.seed)
 
 def new_token() -> str:
     """A fresh fencing token: 128 random bits as 32 hex characters."""
-    return f"{_tokens.getrandbits(128):032x}"
+    return _tokens.randbytes(16).hex()

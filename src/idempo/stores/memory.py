@@ -5,13 +5,29 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from .._core.errors import ConfigurationError
 from .._core.records import Acquired, Claim, Existing, Record, State, new_token
 from ._url import StoreURL
 
 __all__ = ["MemoryStore"]
+
+# What the store keeps per key: a Record's fields, in a Record (completed records, handed out as they are by
+# every replay) or in a plain tuple (claims: most are completed before anyone asks to see them, and a tuple
+# costs a fifth of a named tuple to build). `_as_record` makes the Record when one is asked for.
+_Entry = tuple[str, State, str, str, float, float, float, bytes | None]
+_STATE: Final = 1
+_FINGERPRINT: Final = 2
+_TOKEN: Final = 3
+_CREATED_AT: Final = 4
+_LEASE_EXPIRES_AT: Final = 5
+_EXPIRES_AT: Final = 6
+_new_record = tuple.__new__  # builds a named tuple without its Python-level __new__
+
+
+def _as_record(entry: _Entry) -> Record:
+    return entry if type(entry) is Record else _new_record(Record, entry)
 
 
 class MemoryStore:
@@ -30,7 +46,7 @@ class MemoryStore:
         if max_entries < 1:
             msg = f"max_entries must be at least 1, not {max_entries}"
             raise ConfigurationError(msg)
-        self._records: dict[str, Record] = {}
+        self._records: dict[str, _Entry] = {}
         self._max_entries = max_entries
         self._scan_at = max_entries
         self._clock = clock
@@ -46,11 +62,11 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore(max_entries={self._max_entries})"
 
-    def _live(self, key: str, now: float) -> Record | None:
+    def _live(self, key: str, now: float) -> _Entry | None:
         record = self._records.get(key)
         if record is None:
             return None
-        if record.expires_at <= now:
+        if record[_EXPIRES_AT] <= now:
             del self._records[key]
             return None
         return record
@@ -60,11 +76,11 @@ class MemoryStore:
         stale ones, down to 90% of ``max_entries``. Records that are live and in progress are never dropped; if
         they alone fill the store, it grows, and the next scan waits until it has grown by a tenth."""
         records = self._records
-        for key in [k for k, r in records.items() if r.expires_at <= now]:
+        for key in [k for k, r in records.items() if r[_EXPIRES_AT] <= now]:
             del records[key]
         excess = len(records) - int(self._max_entries * 0.9)
         if excess > 0:
-            droppable = [k for k, r in records.items() if r.state is State.COMPLETED or r.lease_expires_at <= now]
+            droppable = [k for k, r in records.items() if r[_STATE] is State.COMPLETED or r[_LEASE_EXPIRES_AT] <= now]
             for key in droppable[:excess]:
                 del records[key]
         self._scan_at = max(self._max_entries, len(records) + max(1, self._max_entries // 10))
@@ -75,50 +91,52 @@ class MemoryStore:
             now = self._clock()
             records = self._records
             record = records.get(key)
-            if record is not None and record.expires_at > now:
+            if record is not None and record[_EXPIRES_AT] > now:
                 # An in-progress record whose lease ran out is stale: its owner died or hung; we take it over.
-                if record.state is State.COMPLETED or record.lease_expires_at > now:
-                    return Existing(record)
+                if record[_STATE] is State.COMPLETED or record[_LEASE_EXPIRES_AT] > now:
+                    return Existing(_as_record(record))
             elif len(records) >= self._scan_at:
                 self._make_room(now)
             token = new_token()
-            records[key] = Record(key, State.IN_PROGRESS, fingerprint, token, now, now + lease, now + ttl)
+            records[key] = (key, State.IN_PROGRESS, fingerprint, token, now, now + lease, now + ttl, None)
             return Acquired(token)
 
-    def _owned(self, key: str, token: str) -> Record | None:
+    def _owned(self, key: str, token: str, now: float) -> _Entry | None:
         record = self._records.get(key)
-        if record is None or record.state is not State.IN_PROGRESS or record.token != token:
+        if record is None or record[_TOKEN] != token or record[_STATE] is not State.IN_PROGRESS:
             return None
-        return None if record.expires_at <= self._clock() else record
+        return None if record[_EXPIRES_AT] <= now else record
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
         with self._lock:
-            record = self._owned(key, token)
+            now = self._clock()
+            record = self._owned(key, token, now)
             if record is None:
                 return False
-            now = self._clock()
-            self._records[key] = Record(
-                key, State.IN_PROGRESS, record.fingerprint, token, record.created_at, now + lease, record.expires_at
-            )
+            self._records[key] = (
+                key, State.IN_PROGRESS, record[_FINGERPRINT], token, record[_CREATED_AT], now + lease,
+                record[_EXPIRES_AT], None,
+            )  # fmt: skip
             return True
 
     async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """See :meth:`idempo.Store.complete`."""
         with self._lock:
-            record = self._owned(key, token)
+            now = self._clock()
+            record = self._owned(key, token, now)
             if record is None:
                 return False
-            now = self._clock()
-            self._records[key] = Record(
-                key, State.COMPLETED, record.fingerprint, "", record.created_at, now, now + ttl, payload
+            # Completed records are built as what claim hands out: a replay then finds its Record ready.
+            self._records[key] = _new_record(
+                Record, (key, State.COMPLETED, record[_FINGERPRINT], "", record[_CREATED_AT], now, now + ttl, payload)
             )
             return True
 
     async def release(self, key: str, token: str) -> bool:
         """See :meth:`idempo.Store.release`."""
         with self._lock:
-            if self._owned(key, token) is None:
+            if self._owned(key, token, self._clock()) is None:
                 return False
             del self._records[key]
             return True
@@ -126,7 +144,8 @@ class MemoryStore:
     async def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`."""
         with self._lock:
-            return self._live(key, self._clock())
+            record = self._live(key, self._clock())
+            return None if record is None else _as_record(record)
 
     async def delete(self, key: str) -> bool:
         """See :meth:`idempo.Store.delete`."""
