@@ -1,0 +1,544 @@
+"""``postgresql://`` and ``postgres://``: records in a PostgreSQL table, on psycopg 3 and its connection pool.
+
+Theory of operation. Every operation is one SQL statement, sent on an autocommit connection of the store's pool
+(psycopg_pool's ``AsyncConnectionPool``) as a prepared statement: one round trip, one transaction, atomic.
+
+Clock. Times are ``double precision`` seconds since the epoch, as in :class:`~idempo.Record`, and *now* is the
+database server's clock, read by each statement (``extract(epoch FROM statement_timestamp())``, the moment the
+server received it): every replica of the service, whatever its own clock, agrees on when a lease or a record runs
+out. (``statement_timestamp()`` rather than ``clock_timestamp()``: it is stable within a statement, so that
+``expires_at <= now`` is an index condition, and ``purge_expired`` reads only the expired part of the index.)
+
+Claim. One statement, in three parts: ``live`` reads the record if it is live (not expired, and completed or
+within its lease); only if there is none, ``taken`` inserts the new claim with ``INSERT ... ON CONFLICT (key)
+DO UPDATE ... WHERE <the record there is expired or stale>``; the statement returns the claim it made or the
+live record it read. A replay is therefore a plain read: it takes no row lock and writes nothing. Under READ
+COMMITTED, ``live`` reads the statement's snapshot, while ``ON CONFLICT`` looks at (and waits for) the newest
+committed row: when another claim commits the key between the two, the statement neither takes the key nor
+sees a live record, and it is simply run again, with a fresh snapshot that sees the winner's record.
+
+Fencing. ``renew``, ``complete`` and ``release`` are ``UPDATE``/``DELETE ... WHERE key = ? AND token = ? AND
+state = in progress AND expires_at > now``: they touch the row only if the caller still owns it.
+
+Failures. Each part is bounded: ``connect_timeout`` for a new connection, ``pool_timeout`` to get one from the
+pool, ``statement_timeout`` (set on every connection) for a statement on the server; and if the server does not
+answer at all (frozen, or cut off by the network), the client shuts the connection down one second after that.
+Every failure is a :class:`~idempo.StoreError` with psycopg's exception as ``__cause__``. A connection the
+server closed (a restart, ``pg_terminate_backend``) is noticed before it is used: an idle connection has nothing
+to read, so when its socket is readable, the store checks it with an empty query and, if it is dead, throws it
+away and takes another, at no cost to healthy connections (no round trip). The pool replaces broken connections
+in the background, so the store recovers when the server is back, without a restart.
+
+The table (created on first use, with an index on ``expires_at`` for ``purge_expired``)::
+
+    key text PRIMARY KEY, state smallint (0 in progress, 1 completed), fingerprint text, token text,
+    created_at, lease_expires_at, expires_at double precision (seconds since the epoch), payload bytea
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import select
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from types import TracebackType
+from typing import Any, Final, Self
+
+from .._core.errors import ConfigurationError, StoreError
+from .._core.records import Acquired, Claim, Existing, Record, State, new_token
+from . import require
+from ._url import StoreURL, redact
+
+# Imported after the check, so that a missing extra says what to install.
+require("psycopg", extra="postgres")
+require("psycopg_pool", extra="postgres")
+
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict  # noqa: E402
+from psycopg.rows import TupleRow  # noqa: E402
+from psycopg_pool import AsyncConnectionPool, PoolTimeout  # noqa: E402
+
+__all__ = ["PostgresStore"]
+
+Connection = psycopg.AsyncConnection[TupleRow]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
+_IN_PROGRESS, _COMPLETED = 0, 1
+_CLAIM_ATTEMPTS = 10
+_ANSWER_GRACE = 1.0  # seconds the client waits past statement_timeout for an answer before it gives up
+# The store's own options in a URL's query string; everything else there is passed on to libpq.
+_URL_OPTIONS: Final = frozenset(
+    {
+        "table",
+        "min_size",
+        "max_size",
+        "connect_timeout",
+        "statement_timeout",
+        "pool_timeout",
+        "reconnect_timeout",
+        "prepare",
+    }
+)
+_FALSE = ("0", "false", "no", "off")
+_PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+# psycopg's errors, the pool's, and what the socket layer or a client-side timeout may raise.
+_FAILURES = (psycopg.Error, PoolTimeout, OSError, TimeoutError)
+
+
+def _now_sql() -> sql.Composable:
+    # The server's clock, unless a clock was given (tests): then the parameter %(now)s. statement_timestamp(),
+    # not clock_timestamp(): it is STABLE, so "expires_at <= now" can be an index condition.
+    return sql.SQL("COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)")
+
+
+class _Statements:
+    """The store's SQL, written once per table. Plain ``bytes``, so that psycopg can prepare them as they are;
+    a synchronous runner could execute the very same statements."""
+
+    def __init__(self, table: str) -> None:
+        t = sql.Identifier(table)
+        cols = sql.SQL("key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload")
+        now = _now_sql()
+        fmt: dict[str, sql.Composable] = {"t": t, "cols": cols, "now": now}
+
+        def render(template: str, **extra: sql.Composable) -> bytes:
+            return sql.SQL(template).format(**fmt, **extra).as_bytes(None)
+
+        self.create = [
+            render(
+                "CREATE TABLE IF NOT EXISTS {t} ("
+                " key text PRIMARY KEY,"
+                " state smallint NOT NULL,"
+                " fingerprint text NOT NULL,"
+                " token text NOT NULL,"
+                " created_at double precision NOT NULL,"
+                " lease_expires_at double precision NOT NULL,"
+                " expires_at double precision NOT NULL,"
+                " payload bytea)"
+            ),
+            render(
+                "CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)", index=sql.Identifier(f"{table}_expires_at")
+            ),
+        ]
+        # Both the table and its index exist: nothing to create, and no lock to take.
+        self.exists = b"SELECT to_regclass(%(table)s) IS NOT NULL AND to_regclass(%(index)s) IS NOT NULL"
+        self.table_name = sql.Identifier(table).as_string(None)
+        self.index_name = sql.Identifier(f"{table}_expires_at").as_string(None)
+        # Serialises creation across processes: concurrent CREATE ... IF NOT EXISTS may fail with a unique violation.
+        self.lock = b"SELECT pg_advisory_xact_lock(hashtext('idempo:create:' || %(table)s))"
+        self.claim = render(
+            "WITH now AS (SELECT {now} AS t),"
+            " live AS ("
+            "  SELECT r.key, r.state, r.fingerprint, r.token, r.created_at, r.lease_expires_at, r.expires_at, r.payload"
+            "  FROM {t} AS r, now"
+            "  WHERE r.key = %(key)s AND r.expires_at > now.t"
+            f"  AND (r.state = {_COMPLETED} OR r.lease_expires_at > now.t)),"
+            " taken AS ("
+            "  INSERT INTO {t} AS r ({cols})"
+            f"  SELECT %(key)s, {_IN_PROGRESS}, %(fingerprint)s, %(token)s, now.t, now.t + %(lease)s, now.t + %(ttl)s,"
+            "  NULL FROM now WHERE NOT EXISTS (SELECT FROM live)"
+            "  ON CONFLICT (key) DO UPDATE SET"
+            f"  state = {_IN_PROGRESS}, fingerprint = excluded.fingerprint, token = excluded.token,"
+            "  created_at = excluded.created_at, lease_expires_at = excluded.lease_expires_at,"
+            "  expires_at = excluded.expires_at, payload = NULL"
+            "  WHERE r.expires_at <= excluded.created_at"
+            f"  OR (r.state = {_IN_PROGRESS} AND r.lease_expires_at <= excluded.created_at)"
+            "  RETURNING r.key, r.state, r.fingerprint, r.token, r.created_at, r.lease_expires_at, r.expires_at,"
+            "  r.payload)"
+            " SELECT true, taken.* FROM taken"
+            " UNION ALL SELECT false, live.* FROM live"
+        )
+        fenced = f"key = %(key)s AND token = %(token)s AND state = {_IN_PROGRESS} AND expires_at > now.t"
+        self.renew = render(
+            "UPDATE {t} SET lease_expires_at = now.t + %(lease)s FROM (SELECT {now} AS t) AS now WHERE " + fenced
+        )
+        self.complete = render(
+            f"UPDATE {{t}} SET state = {_COMPLETED}, token = '', payload = %(payload)s,"
+            " lease_expires_at = now.t, expires_at = now.t + %(ttl)s"
+            " FROM (SELECT {now} AS t) AS now WHERE " + fenced
+        )
+        self.release = render("DELETE FROM {t} USING (SELECT {now} AS t) AS now WHERE " + fenced)
+        self.get = render("SELECT {cols} FROM {t} WHERE key = %(key)s AND expires_at > {now}")
+        self.delete = render("DELETE FROM {t} WHERE key = %(key)s")
+        # In batches, so that a purge of millions of rows never runs into statement_timeout nor holds their
+        # locks for long; SKIP LOCKED: a purge never waits for a claim (or another purge) that holds a row.
+        self.purge = render(
+            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE expires_at <= {now}"
+            " LIMIT %(batch)s FOR UPDATE SKIP LOCKED))"
+        )
+
+
+_PURGE_BATCH = 10_000
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload = row
+    return Record(
+        key,
+        State.COMPLETED if state == _COMPLETED else State.IN_PROGRESS,
+        fingerprint,
+        token,
+        created_at,
+        lease_expires_at,
+        expires_at,
+        payload,
+    )
+
+
+def _display(conninfo: str) -> str:
+    """*conninfo* without its password, for messages and reprs."""
+    if "://" in conninfo:
+        return redact(conninfo)
+    return _PASSWORD_PARAM.sub(r"\1***", conninfo)
+
+
+def _strip_options(url: StoreURL) -> str:
+    """The libpq URL of *url*: the store's own options removed from the query string, the rest kept as written."""
+    base, _, rest = url.raw.partition("?")
+    base = url.scheme + base[base.index("://") :]  # libpq wants the scheme in lower case
+    query = rest.partition("#")[0]
+    kept = [part for part in query.split("&") if part and part.partition("=")[0] not in _URL_OPTIONS]
+    return f"{base}?{'&'.join(kept)}" if kept else base
+
+
+def _has_input(conn: Connection) -> bool:
+    """Whether an idle connection's socket is readable: the server closed it (or sent a notice). No round trip."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
+    return bool(readable)
+
+
+class _Deadline:
+    """Shuts a connection's socket down if the server has not answered within *seconds*.
+
+    Not ``asyncio.timeout``: a psycopg query cancelled by the event loop sends the server a cancel request and
+    waits for it, which with a libpq older than 17 runs in a thread with no time limit of its own, so a frozen
+    server would hold it forever. A socket shut down makes the pending read fail at once instead; the connection
+    is broken, and the pool discards it.
+    """
+
+    __slots__ = ("_conn", "_handle", "expired")
+
+    def __init__(self, conn: Connection, seconds: float) -> None:
+        self._conn = conn
+        self.expired = False
+        self._handle = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        try:
+            fd = self._conn.pgconn.socket
+        except psycopg.Error:
+            return  # already closed
+        with suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.shutdown(socket.SHUT_RDWR)  # of the socket itself, not just of this duplicate of its descriptor
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._handle.cancel()
+
+
+class PostgresStore:
+    """Records in a PostgreSQL table: one statement per operation, shared by every process and machine.
+
+    The pool opens lazily, on first use, inside the running event loop: a store may be created at import time.
+    Use one store per event loop (a pool belongs to the loop that opened it) and :meth:`close` it at shutdown.
+    Run :meth:`purge_expired` from time to time (e.g. ``idempo purge`` from cron): PostgreSQL does not drop
+    expired rows on its own, although the store never shows them.
+
+    Args:
+        conninfo: a libpq connection string or URL, e.g. ``"postgresql://app:secret@db.internal/app"`` or
+            ``"host=db dbname=app"``. libpq's environment variables (``PGHOST``, ``PGPASSWORD``...) apply.
+        table: the table's name (letters, digits and underscores, at most 48); created on first use, with an
+            index ``<table>_expires_at``.
+        min_size: connections the pool keeps open.
+        max_size: connections the pool may open; more concurrent operations wait for one.
+        connect_timeout: seconds to open a connection (libpq counts whole seconds, at least 2).
+        statement_timeout: seconds a statement may run on the server (set as ``statement_timeout`` on every
+            connection), e.g. while it waits for a row lock.
+        pool_timeout: seconds an operation waits for a connection of the pool, e.g. while the server is down.
+        reconnect_timeout: seconds the pool keeps retrying a connection that fails before giving up on it (the
+            next operation starts a new attempt); a short one means a quick recovery once the server is back.
+        application_name: the ``application_name`` the server shows for the store's connections; by default the
+            one in *conninfo*, else ``"idempo"``.
+        prepare: use prepared statements (one round trip per operation). Turn it off behind a connection
+            pooler that does not support them (PgBouncer before 1.21 in transaction mode).
+        clock: for tests only: seconds since the epoch, instead of the server's clock.
+    """
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        table: str = "idempo_records",
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 5.0,
+        pool_timeout: float = 5.0,
+        reconnect_timeout: float = 10.0,
+        application_name: str | None = None,
+        prepare: bool = True,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not _IDENTIFIER.fullmatch(table):
+            msg = (
+                f"table name {table!r} must be letters, digits and underscores (at most 48), not starting with a digit"
+            )
+            raise ConfigurationError(msg)
+        if min_size < 0 or max_size < 1 or max_size < min_size:
+            msg = f"need 0 <= min_size <= max_size and max_size >= 1, not min_size={min_size}, max_size={max_size}"
+            raise ConfigurationError(msg)
+        timeouts = {
+            "connect_timeout": connect_timeout,
+            "statement_timeout": statement_timeout,
+            "pool_timeout": pool_timeout,
+            "reconnect_timeout": reconnect_timeout,
+        }
+        for name, value in timeouts.items():
+            if not value > 0 or math.isinf(value):
+                msg = f"{name} must be a positive number of seconds, not {value}"
+                raise ConfigurationError(msg)
+        try:
+            params = conninfo_to_dict(conninfo)
+        except psycopg.Error as exc:
+            msg = f"invalid PostgreSQL connection string {_display(conninfo)!r}: {exc}"
+            raise ConfigurationError(msg) from None
+        self._conninfo = conninfo
+        self._display = _display(conninfo)
+        self._table = table
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = max(2, math.ceil(connect_timeout))
+        self._statement_timeout = statement_timeout
+        self._pool_timeout = pool_timeout
+        self._reconnect_timeout = reconnect_timeout
+        self._answer_timeout = statement_timeout + _ANSWER_GRACE
+        self._application_name = application_name or str(params.get("application_name") or "idempo")
+        self._prepare = prepare
+        self._clock = clock
+        self._sql = _Statements(table)
+        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from ``postgresql://user:password@host:port/dbname?options`` (or ``postgres://``).
+
+        The store's query options are ``table``, ``min_size``, ``max_size``, ``connect_timeout``,
+        ``statement_timeout``, ``pool_timeout``, ``reconnect_timeout`` (seconds) and ``prepare``; they are
+        removed from the URL, and every other option (``sslmode``, ``application_name``...) is left for libpq.
+        """
+        options.setdefault("table", url.option("table", "idempo_records"))
+        options.setdefault("min_size", url.int_option("min_size", 1))
+        options.setdefault("max_size", url.int_option("max_size", 10))
+        for name in ("connect_timeout", "statement_timeout", "pool_timeout"):
+            options.setdefault(name, url.float_option(name, 5.0))
+        options.setdefault("reconnect_timeout", url.float_option("reconnect_timeout", 10.0))
+        options.setdefault("prepare", (url.option("prepare") or "true").lower() not in _FALSE)
+        return cls(_strip_options(url), **options)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._display!r}, table={self._table!r})"
+
+    # -- connections ----------------------------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, doing: str, *, deadline: _Deadline | None = None) -> StoreError:
+        if deadline is not None and deadline.expired:
+            detail = f"no answer within {self._answer_timeout:g} s; connection closed ({type(exc).__name__}: {exc})"
+        elif isinstance(exc, PoolTimeout):
+            detail = f"no connection within {self._pool_timeout:g} s (is the server up? is the pool too small?)"
+        elif isinstance(exc, TimeoutError):
+            detail = f"no answer within {self._answer_timeout:g} s"
+        else:
+            detail = f"{type(exc).__name__}: {exc}".strip()
+        return StoreError(f"PostgreSQL store {self._display!r}, {doing}: {detail}")
+
+    async def _configure(self, conn: Connection) -> None:
+        with _Deadline(conn, self._answer_timeout):
+            await conn.execute(f"SET statement_timeout = {int(self._statement_timeout * 1000)}".encode())
+
+    async def _connect(self) -> Connection:
+        conn = await psycopg.AsyncConnection.connect(
+            self._conninfo,
+            autocommit=True,
+            connect_timeout=self._connect_timeout,
+            application_name=self._application_name,
+        )
+        try:
+            await self._configure(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _open(self) -> AsyncConnectionPool[Connection]:
+        """The pool, opened (and the table made) on first use."""
+        loop = asyncio.get_running_loop()
+        async with self._opening:
+            if self._closed:
+                raise StoreError(f"PostgreSQL store {self._display!r} is closed")
+            if self._pool is not None:
+                if self._loop is not loop:
+                    msg = f"PostgreSQL store {self._display!r} was opened in another event loop: use one per loop"
+                    raise StoreError(msg)
+                return self._pool
+            deadline = None
+            try:
+                # On a connection of its own, so that a wrong password or database name comes out as such,
+                # not as a pool timeout.
+                conn = await self._connect()
+                try:
+                    # A few statements, one of which may wait for another process's lock (statement_timeout).
+                    with _Deadline(conn, self._answer_timeout * 3) as deadline:
+                        await self._create_table(conn)
+                finally:
+                    await conn.close()
+            except _FAILURES as exc:
+                raise self._error(exc, "creating the table", deadline=deadline) from exc
+            pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+                self._conninfo,
+                kwargs={
+                    "autocommit": True,
+                    "connect_timeout": self._connect_timeout,
+                    "application_name": self._application_name,
+                },
+                min_size=self._min_size,
+                max_size=self._max_size,
+                open=False,
+                configure=self._configure,
+                name=f"idempo-{self._table}",
+                timeout=self._pool_timeout,
+                reconnect_timeout=self._reconnect_timeout,
+            )
+            await pool.open(wait=False)
+            self._pool, self._loop = pool, loop
+            return pool
+
+    async def _create_table(self, conn: Connection) -> None:
+        names = {"table": self._sql.table_name, "index": self._sql.index_name}
+        row = await (await conn.execute(self._sql.exists, names)).fetchone()
+        if row is not None and row[0]:
+            return
+        async with conn.transaction():
+            await conn.execute(self._sql.lock, names)
+            for statement in self._sql.create:
+                await conn.execute(statement)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A live connection of the pool. One the server closed while it was idle is dropped, not used."""
+        pool = self._pool
+        if pool is None or self._loop is not asyncio.get_running_loop():
+            pool = await self._open()
+        deadline = time.monotonic() + self._pool_timeout
+        while True:
+            conn = await pool.getconn(timeout=max(0.0, deadline - time.monotonic()))
+            if not _has_input(conn):
+                break
+            try:
+                with _Deadline(conn, self._answer_timeout):
+                    await conn.execute(b"")  # reads what is there: a notice, or the server's goodbye
+            except psycopg.Error:
+                await pool.putconn(conn)  # broken: the pool discards it, and opens a new one in the background
+                continue
+            break
+        try:
+            yield conn
+        finally:
+            await pool.putconn(conn)
+
+    async def _execute(self, doing: str, query: bytes, params: dict[str, Any]) -> tuple[int, TupleRow | None]:
+        """Run *query*: its row count, and its first row if it returns rows."""
+        deadline = None
+        try:
+            async with self._connection() as conn:
+                with _Deadline(conn, self._answer_timeout) as deadline:
+                    cursor = await conn.execute(query, params, prepare=self._prepare, binary=True)
+                    row = await cursor.fetchone() if cursor.description is not None else None
+                    return cursor.rowcount, row
+        except StoreError:
+            raise
+        except _FAILURES as exc:
+            raise self._error(exc, doing, deadline=deadline) from exc
+
+    def _params(self, **params: Any) -> dict[str, Any]:
+        params["now"] = None if self._clock is None else self._clock()
+        return params
+
+    # -- the Store protocol ---------------------------------------------------------------------------------
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        token = new_token()
+        for _ in range(_CLAIM_ATTEMPTS):
+            params = self._params(key=key, fingerprint=fingerprint, token=token, lease=lease, ttl=ttl)
+            _, row = await self._execute("claim", self._sql.claim, params)
+            if row is not None:
+                return Acquired(token) if row[0] else Existing(_record(row[1:]))
+            # Another claim committed this key after our snapshot was taken: look again, with a fresh snapshot.
+        msg = f"PostgreSQL store {self._display!r}, claim: key {key!r} kept changing under {_CLAIM_ATTEMPTS} attempts"
+        raise StoreError(msg)
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        count, _ = await self._execute("renew", self._sql.renew, self._params(key=key, token=token, lease=lease))
+        return count == 1
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        params = self._params(key=key, token=token, payload=payload, ttl=ttl)
+        count, _ = await self._execute("complete", self._sql.complete, params)
+        return count == 1
+
+    async def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        count, _ = await self._execute("release", self._sql.release, self._params(key=key, token=token))
+        return count == 1
+
+    async def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`."""
+        _, row = await self._execute("get", self._sql.get, self._params(key=key))
+        return None if row is None else _record(row)
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        count, _ = await self._execute("delete", self._sql.delete, {"key": key})
+        return count == 1
+
+    async def purge_expired(self) -> int:
+        """See :meth:`idempo.Store.purge_expired`. Deletes in batches of 10,000 rows, one statement each, and
+        skips rows another session holds locked at that moment (they are left for the next purge)."""
+        purged = 0
+        while True:
+            count, _ = await self._execute("purge_expired", self._sql.purge, self._params(batch=_PURGE_BATCH))
+            purged += max(count, 0)
+            if count < _PURGE_BATCH:
+                return purged
+
+    async def close(self) -> None:
+        """Close the pool and its connections. The store is not used afterwards."""
+        async with self._opening:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()

@@ -1,0 +1,726 @@
+"""PostgresStore against a real PostgreSQL server: the conformance suite, races, failures and recovery.
+
+Every test uses a table of its own, with a name unique to the run, and drops it at the end, so that runs never
+collide and the ``test`` database is left as it was found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import idempo
+from idempo import (
+    Acquired,
+    Claim,
+    ConfigurationError,
+    Existing,
+    IdempotencyMiddleware,
+    MissingDependency,
+    Record,
+    State,
+    Store,
+    StoreError,
+    store_from_url,
+)
+from idempo.stores import postgres as postgres_module
+from idempo.stores.postgres import PostgresStore
+from idempo.testing import StoreConformance
+
+HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
+
+
+def new_table() -> str:
+    return f"idempo_test_{uuid.uuid4().hex[:16]}"
+
+
+def with_options(url: str, **options: object) -> str:
+    query = "&".join(f"{name}={value}" for name, value in options.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+def drop_table(url: str, table: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(psycopg.sql.Identifier(table)))
+
+
+def token_of(claim: Claim) -> str:
+    assert isinstance(claim, Acquired), claim
+    return claim.token
+
+
+def record_of(claim: Claim) -> Record:
+    assert isinstance(claim, Existing), claim
+    return claim.record
+
+
+class FakeClock:
+    """A clock the test moves by hand (the store reads it instead of the server's)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def table(postgres_url: str) -> Iterator[str]:
+    """A fresh table name, dropped at the end of the test."""
+    name = new_table()
+    yield name
+    drop_table(postgres_url, name)
+
+
+@pytest.fixture
+async def admin(postgres_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection of the test's own, beside the store's."""
+    conn = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def store(postgres_url: str, table: str) -> AsyncIterator[PostgresStore]:
+    opened = PostgresStore(postgres_url, table=table)
+    yield opened
+    await opened.close()
+
+
+# -- the conformance suite ----------------------------------------------------------------------------------------
+
+
+class TestPostgresStore(StoreConformance):
+    short_lease = 0.1
+    short_ttl = 0.1
+    expiry_margin = 0.1
+    url: ClassVar[str]
+
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _table_of_the_class(cls, postgres_url: str) -> Iterator[None]:
+        name = new_table()
+        cls.url = with_options(postgres_url, table=name)
+        yield
+        drop_table(postgres_url, name)
+
+    async def open_store(self) -> Store:
+        return store_from_url(self.url)
+
+
+class TestPostgresStoreUnprepared(TestPostgresStore):
+    """``prepare=false``, ``min_size=0``: as behind PgBouncer in transaction mode."""
+
+    async def open_store(self) -> Store:
+        return store_from_url(with_options(self.url, prepare="false", min_size=0))
+
+
+# -- exact semantics, on a fake clock -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def clocked(postgres_url: str, table: str) -> AsyncIterator[tuple[PostgresStore, FakeClock]]:
+    clock = FakeClock()
+    opened = PostgresStore(postgres_url, table=table, clock=clock)
+    yield opened, clock
+    await opened.close()
+
+
+async def test_record_times_follow_the_clock(clocked: tuple[PostgresStore, FakeClock]) -> None:
+    store, clock = clocked
+    start = clock.now
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    assert await store.get("k") == Record("k", State.IN_PROGRESS, "fp", token, start, start + 10, start + 100)
+    clock.now = start + 5
+    assert await store.renew("k", token, lease=10)
+    assert await store.get("k") == Record("k", State.IN_PROGRESS, "fp", token, start, start + 15, start + 100)
+    clock.now = start + 6
+    assert await store.complete("k", token, b"out", ttl=50)
+    assert await store.get("k") == Record("k", State.COMPLETED, "fp", "", start, start + 6, start + 56, b"out")
+
+
+async def test_lease_ends_exactly_at_lease_expires_at(clocked: tuple[PostgresStore, FakeClock]) -> None:
+    store, clock = clocked
+    start = clock.now
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    clock.now = start + 9.5
+    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).token == token
+    clock.now = start + 10
+    new = token_of(await store.claim("k", "other", lease=10, ttl=100))
+    assert new != token
+    assert not await store.complete("k", token, b"stale", ttl=100)
+    record = await store.get("k")
+    assert record is not None
+    assert (record.fingerprint, record.token, record.created_at) == ("other", new, start + 10)
+
+
+async def test_record_expires_exactly_at_expires_at(clocked: tuple[PostgresStore, FakeClock]) -> None:
+    store, clock = clocked
+    start = clock.now
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    assert await store.complete("k", token, b"out", ttl=50)
+    clock.now = start + 49.5
+    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).payload == b"out"
+    clock.now = start + 50
+    assert await store.get("k") is None
+    assert isinstance(await store.claim("k", "fp", lease=10, ttl=100), Acquired)
+
+
+async def test_stale_owner_not_taken_over_still_completes(clocked: tuple[PostgresStore, FakeClock]) -> None:
+    store, clock = clocked
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    clock.now += 50
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.token) == (State.IN_PROGRESS, token)
+    assert await store.complete("k", token, b"late", ttl=100)
+    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).payload == b"late"
+
+
+async def test_purge_expired_counts_exactly_what_it_removes(
+    clocked: tuple[PostgresStore, FakeClock], admin: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, clock = clocked
+    monkeypatch.setattr(postgres_module, "_PURGE_BATCH", 2)  # several batches
+    assert await store.purge_expired() == 0
+    for key in ("a", "b", "c"):
+        await store.claim(key, "fp", lease=10, ttl=20)
+    assert await store.complete("d", token_of(await store.claim("d", "fp", lease=10, ttl=1000)), b"", ttl=5)
+    assert await store.complete("live", token_of(await store.claim("live", "fp", lease=10, ttl=20)), b"kept", ttl=1000)
+    clock.now += 20
+    assert await store.purge_expired() == 4  # a, b, c in progress and d completed, all past their TTL
+    assert await store.purge_expired() == 0
+    query = psycopg.sql.SQL("SELECT key FROM {}").format(psycopg.sql.Identifier(store._table))
+    assert await (await admin.execute(query)).fetchall() == [("live",)]
+
+
+async def test_concurrent_takeover_of_a_stale_key_has_one_winner(clocked: tuple[PostgresStore, FakeClock]) -> None:
+    store, clock = clocked
+    old = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    clock.now += 10
+    claims = await asyncio.gather(*(store.claim("k", "new", lease=10, ttl=100) for _ in range(200)))
+    winners = [claim.token for claim in claims if isinstance(claim, Acquired)]
+    assert len(winners) == 1
+    assert winners[0] != old
+    assert {record_of(claim).token for claim in claims if isinstance(claim, Existing)} == {winners[0]}
+
+
+# -- races ----------------------------------------------------------------------------------------------------------
+
+
+async def test_two_hundred_concurrent_claims_over_ten_connections_have_one_winner(
+    postgres_url: str, table: str
+) -> None:
+    store = PostgresStore(postgres_url, table=table, min_size=10, max_size=10)
+    attempts = 0
+    execute = store._execute
+
+    async def counting(doing: str, query: bytes, params: dict[str, Any]) -> tuple[int, Any]:
+        nonlocal attempts
+        attempts += 1
+        return await execute(doing, query, params)
+
+    store._execute = counting  # type: ignore[method-assign]  # count the statements, to show the retries
+    try:
+        for round_ in range(5):
+            key = f"race-{round_}"
+            claims = await asyncio.gather(*(store.claim(key, "fp", lease=60, ttl=60) for _ in range(200)))
+            winners = [claim.token for claim in claims if isinstance(claim, Acquired)]
+            assert len(winners) == 1, f"{len(winners)} winners in round {round_}"
+            losers = [record_of(claim) for claim in claims if isinstance(claim, Existing)]
+            assert len(losers) == 199
+            assert {(r.key, r.state, r.token) for r in losers} == {(key, State.IN_PROGRESS, winners[0])}
+    finally:
+        await store.close()
+    assert attempts >= 5 * 200  # more when a claim met a winner committed after its snapshot and looked again
+
+
+_OPENER = """
+import asyncio, sys
+from idempo.stores.postgres import PostgresStore
+
+async def main(url, table):
+    store = PostgresStore(url, table=table)
+    print("ready", flush=True)
+    sys.stdin.readline()  # the start signal
+    await store.get("k")
+    await store.close()
+    print("ok", flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_many_stores_create_one_new_table_at_once(
+    postgres_url: str, table: str, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    stores = [PostgresStore(postgres_url, table=table) for _ in range(12)]
+    try:
+        results = await asyncio.gather(*(s.get("k") for s in stores), return_exceptions=True)
+    finally:
+        for s in stores:
+            await s.close()
+    assert results == [None] * len(stores)
+    indexes = await (
+        await admin.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s ORDER BY indexname", [table])
+    ).fetchall()
+    assert [row[0].split(" USING ")[1] for row in indexes] == ["btree (expires_at)", "btree (key)"]
+
+
+def test_processes_create_one_new_table_at_once(postgres_url: str, table: str) -> None:
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER, postgres_url, table],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "ready\n", process.communicate(timeout=30)
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    # Nothing on stderr either: no traceback, and no "relation already exists" notice.
+    assert [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs, strict=True)] == [
+        (0, "ok\n", "")
+    ] * len(processes)
+
+
+# -- the table --------------------------------------------------------------------------------------------------------
+
+
+async def test_purge_uses_the_index_on_expires_at(store: PostgresStore, admin: psycopg.AsyncConnection[Any]) -> None:
+    await store.get("k")  # makes the table
+    table = psycopg.sql.Identifier(store._table)
+    insert = psycopg.sql.SQL(
+        "INSERT INTO {} SELECT 'k' || i, 1, 'fp', '', 0, 0, extract(epoch FROM now()) + i, 'x'"
+        " FROM generate_series(1, 5000) AS i"
+    ).format(table)
+    await admin.execute(insert)
+    await admin.execute(psycopg.sql.SQL("ANALYZE {}").format(table))
+    plan = await (await admin.execute(b"EXPLAIN " + store._sql.purge, {"now": None, "batch": 10_000})).fetchall()
+    text = "\n".join(row[0] for row in plan)
+    # The expired rows are found by a range scan of the index, and deleted by their row addresses.
+    assert f"Index Scan using {store._table}_expires_at" in text, text
+    assert "Index Cond: (expires_at <= " in text, text
+    assert "Tid Scan" in text, text
+    assert "Seq Scan" not in text, text
+
+
+async def test_table_name_is_quoted(postgres_url: str, admin: psycopg.AsyncConnection[Any]) -> None:
+    """A mixed-case name is kept as written (psycopg.sql.Identifier), not folded to lower case."""
+    name = "Idempo_Mixed_" + uuid.uuid4().hex[:8]
+    store = PostgresStore(postgres_url, table=name)
+    try:
+        assert isinstance(await store.claim("k", "fp", lease=60, ttl=60), Acquired)
+        found = await (await admin.execute("SELECT count(*) FROM pg_tables WHERE tablename = %s", [name])).fetchone()
+        assert found == (1,)
+    finally:
+        await store.close()
+        drop_table(postgres_url, name)
+
+
+# -- failures and recovery --------------------------------------------------------------------------------------
+
+
+async def backends_of(admin: psycopg.AsyncConnection[Any], application_name: str) -> list[int]:
+    rows = await (
+        await admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name])
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+async def terminate(admin: psycopg.AsyncConnection[Any], application_name: str) -> int:
+    """Terminate the store's connections, and wait until they are gone."""
+    rows = await (
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = %s",
+            [application_name],
+        )
+    ).fetchall()
+    assert all(row[0] for row in rows), rows
+    return len(rows)
+
+
+async def test_terminated_idle_connections_are_replaced(
+    postgres_url: str, table: str, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    name = f"idempo-test-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(postgres_url, table=table, application_name=name, min_size=3, max_size=3)
+    try:
+        async with asyncio.timeout(HANG_GUARD):
+            token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
+            await asyncio.gather(*(store.get("k") for _ in range(10)))  # all three connections in use
+            assert len(await backends_of(admin, name)) == 3
+            assert await terminate(admin, name) == 3
+            # The store notices, before using them, that the server closed its idle connections.
+            assert await store.complete("k", token, b"done", ttl=60)
+            for _ in range(5):
+                assert record_of(await store.claim("k", "fp", lease=60, ttl=60)).payload == b"done"
+    finally:
+        await store.close()
+
+
+async def test_backend_terminated_during_a_statement(
+    postgres_url: str, table: str, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    name = f"idempo-test-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(postgres_url, table=table, application_name=name, max_size=1, statement_timeout=30)
+    token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
+    locker = await psycopg.AsyncConnection.connect(postgres_url)
+    try:
+        async with asyncio.timeout(HANG_GUARD):
+            await locker.execute(
+                psycopg.sql.SQL("SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE").format(psycopg.sql.Identifier(table))
+            )
+            completing = asyncio.ensure_future(store.complete("k", token, b"done", ttl=60))
+            await wait_for_lock_wait(admin, name)
+            await terminate(admin, name)
+            with pytest.raises(StoreError) as raised:
+                await completing
+            assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+            await locker.rollback()
+            assert await store.complete("k", token, b"done", ttl=60)  # the statement was rolled back: do it again
+    finally:
+        await locker.close()
+        await store.close()
+
+
+async def wait_for_lock_wait(admin: psycopg.AsyncConnection[Any], application_name: str) -> None:
+    """Poll, with a deadline, until one of the store's statements waits for a lock."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'"
+    async with asyncio.timeout(10):
+        while True:
+            if await (await admin.execute(query, [application_name])).fetchone() == (1,):
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_statement_timeout_is_honoured(
+    postgres_url: str, table: str, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    name = f"idempo-test-{uuid.uuid4().hex[:8]}"
+    store = store_from_url(with_options(postgres_url, table=table, statement_timeout=0.3, application_name=name))
+    token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
+    locker = await psycopg.AsyncConnection.connect(postgres_url)
+    try:
+        await locker.execute(
+            psycopg.sql.SQL("SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE").format(psycopg.sql.Identifier(table))
+        )
+        async with asyncio.timeout(HANG_GUARD):
+            with pytest.raises(StoreError, match="complete") as raised:
+                await store.complete("k", token, b"done", ttl=60)
+        assert isinstance(raised.value.__cause__, psycopg.errors.QueryCanceled)
+        # Reads never wait for the lock: a replay or an in-progress answer comes at once.
+        assert record_of(await store.claim("k", "fp", lease=60, ttl=60)).token == token
+        await locker.rollback()
+        assert await store.complete("k", token, b"done", ttl=60)
+    finally:
+        await locker.close()
+        await store.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_unreachable_server_is_a_store_error() -> None:
+    url = f"postgresql://app:s3cr3t-pw@127.0.0.1:{closed_port()}/test?connect_timeout=2&pool_timeout=1"
+    store = store_from_url(url)
+    try:
+        for _ in range(2):  # and again: nothing was left half open
+            async with asyncio.timeout(HANG_GUARD):
+                with pytest.raises(StoreError) as raised:
+                    await store.claim("k", "fp", lease=60, ttl=60)
+            assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+            assert "s3cr3t-pw" not in str(raised.value)
+            assert "s3cr3t-pw" not in str(raised.value.__cause__)
+            assert "app:***@127.0.0.1" in str(raised.value)
+    finally:
+        await store.close()
+
+
+class Proxy:
+    """A TCP proxy in front of the server, to take it down and bring it back."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.frozen = False  # drop everything, as a frozen server or a broken network would
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, up_writer}
+        pumps = [
+            asyncio.ensure_future(self._pump(reader, up_writer)),
+            asyncio.ensure_future(self._pump(up_reader, writer)),
+        ]
+        self.tasks.update(pumps)
+        await asyncio.gather(*pumps)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not self.frozen:
+                    writer.write(data)
+                    await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+
+    async def stop(self) -> None:
+        """Stop listening and cut every connection, as a server crash would."""
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        await asyncio.gather(*self.tasks)
+        self.tasks.clear()
+
+
+async def test_store_recovers_when_the_server_comes_back(postgres_url: str, table: str) -> None:
+    parts = urlsplit(postgres_url)
+    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    await proxy.start()
+    url = f"postgresql://{parts.username}@127.0.0.1:{proxy.port}{parts.path}"
+    store = PostgresStore(url, table=table, pool_timeout=0.5, reconnect_timeout=1, min_size=2)
+    try:
+        async with asyncio.timeout(HANG_GUARD):
+            token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
+            await proxy.stop()
+            for _ in range(3):
+                with pytest.raises(StoreError, match="no connection within"):
+                    await store.get("k")
+            await proxy.start()  # the same port
+            while True:  # the pool reconnects on its own, within about reconnect_timeout
+                try:
+                    assert await store.complete("k", token, b"done", ttl=60)
+                    break
+                except StoreError:
+                    await asyncio.sleep(0.05)
+            assert record_of(await store.claim("k", "fp", lease=60, ttl=60)).payload == b"done"
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+async def test_server_that_does_not_answer(postgres_url: str, table: str) -> None:
+    parts = urlsplit(postgres_url)
+    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    await proxy.start()
+    url = f"postgresql://{parts.username}@127.0.0.1:{proxy.port}{parts.path}"
+    store = PostgresStore(url, table=table, statement_timeout=0.3, pool_timeout=1, reconnect_timeout=1)
+    try:
+        async with asyncio.timeout(HANG_GUARD):
+            token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
+            proxy.frozen = True
+            with pytest.raises(StoreError, match=r"complete: no answer within 1\.3 s") as raised:
+                await store.complete("k", token, b"done", ttl=60)
+            assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+            proxy.frozen = False
+            while True:  # a new connection, once the pool has made one
+                try:
+                    assert await store.complete("k", token, b"done", ttl=60)  # the first never reached the server
+                    break
+                except StoreError:
+                    await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+# -- lifecycle ------------------------------------------------------------------------------------------------------
+
+
+def test_store_made_without_an_event_loop(postgres_url: str, table: str) -> None:
+    """Created at import time, with no loop running: the pool opens in the loop of the first operation."""
+    store = PostgresStore(postgres_url, table=table)
+
+    async def use() -> None:
+        assert isinstance(await store.claim("k", "fp", lease=60, ttl=60), Acquired)
+        assert isinstance(await store.claim("k", "fp", lease=60, ttl=60), Existing)
+
+    async def use_elsewhere() -> None:
+        with pytest.raises(StoreError, match="another event loop"):
+            await store.get("k")
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(use())
+        asyncio.run(use_elsewhere())
+        loop.run_until_complete(store.close())
+    finally:
+        loop.close()
+
+
+async def test_close_is_idempotent_and_final(postgres_url: str, table: str) -> None:
+    unused = PostgresStore(postgres_url, table=table)
+    await unused.close()
+    await unused.close()
+    store = PostgresStore(postgres_url, table=table)
+    await store.get("k")
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.get("k")
+
+
+async def test_is_a_store(store: PostgresStore) -> None:
+    assert isinstance(store, idempo.Store)
+
+
+def test_missing_psycopg_is_a_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in ("psycopg", "psycopg_pool"):
+        with monkeypatch.context() as patch:
+            patch.delitem(sys.modules, "idempo.stores.postgres")
+            patch.setitem(sys.modules, module, None)  # None in sys.modules blocks the import
+            with pytest.raises(MissingDependency, match=r"pip install 'idempo\[postgres\]'") as raised:
+                store_from_url("postgresql://db/app")
+            assert isinstance(raised.value, ImportError)
+
+
+# -- URLs -----------------------------------------------------------------------------------------------------------
+
+
+def test_url_options_are_the_stores_and_the_rest_is_libpqs() -> None:
+    store = store_from_url(
+        "postgresql://app:pw@db:5433/idem?sslmode=disable&table=idem&min_size=2&max_size=3&connect_timeout=7"
+        "&statement_timeout=0.5&pool_timeout=2&reconnect_timeout=4&prepare=false&application_name=api"
+        "&options=-c%20search_path%3Dapp"
+    )
+    assert isinstance(store, PostgresStore)
+    assert store._conninfo == (
+        "postgresql://app:pw@db:5433/idem?sslmode=disable&application_name=api&options=-c%20search_path%3Dapp"
+    )
+    assert psycopg.conninfo.conninfo_to_dict(store._conninfo)["options"] == "-c search_path=app"
+    assert (store._table, store._min_size, store._max_size) == ("idem", 2, 3)
+    assert (store._connect_timeout, store._statement_timeout, store._pool_timeout) == (7, 0.5, 2.0)
+    assert (store._reconnect_timeout, store._prepare, store._application_name) == (4.0, False, "api")
+
+
+def test_url_defaults_and_scheme() -> None:
+    for url in ("postgres://db/app", "PostgreSQL://db/app?table=idempo_records"):
+        store = store_from_url(url)
+        assert isinstance(store, PostgresStore)
+        assert store._conninfo == f"{url.split(':')[0].lower()}://db/app"
+        assert (store._table, store._min_size, store._max_size, store._prepare) == ("idempo_records", 1, 10, True)
+        assert (store._connect_timeout, store._statement_timeout, store._pool_timeout) == (5, 5.0, 5.0)
+        assert store._application_name == "idempo"
+
+
+def test_keyword_options_override_the_url() -> None:
+    store = store_from_url("postgresql://db/app?table=a&max_size=3", table="b", max_size=4)
+    assert isinstance(store, PostgresStore)
+    assert (store._table, store._max_size) == ("b", 4)
+
+
+def test_key_value_conninfo() -> None:
+    store = PostgresStore("host=db dbname=app application_name=api", table="t")
+    assert store._application_name == "api"
+    assert PostgresStore("host=db", application_name="mine")._application_name == "mine"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://db/app?table=bad-name", "table name"),
+        ("postgresql://db/app?table=x;drop%20table%20y", "table name"),
+        ("postgresql://db/app?table=" + "t" * 49, "table name"),
+        ("postgresql://db/app?max_size=0", "max_size"),
+        ("postgresql://db/app?min_size=5&max_size=2", "min_size"),
+        ("postgresql://db/app?min_size=-1", "min_size"),
+        ("postgresql://db/app?statement_timeout=0", "statement_timeout"),
+        ("postgresql://db/app?pool_timeout=-1", "pool_timeout"),
+        ("postgresql://db/app?connect_timeout=inf", "connect_timeout"),
+        ("postgresql://db/app?reconnect_timeout=nan", "reconnect_timeout"),
+        ("postgresql://db/app?pool_timeout=soon", "not a number"),
+        ("postgresql://db/app?max_size=many", "not a whole number"),
+        ("postgresql://u:s3cr3t@db/app?no_such_libpq_option=1", "invalid PostgreSQL connection string"),
+    ],
+)
+def test_invalid_options_are_configuration_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        store_from_url(url)
+    assert "s3cr3t" not in str(raised.value)
+
+
+def test_passwords_never_show() -> None:
+    assert repr(store_from_url("postgresql://app:s3cr3t@db/app?table=t")) == (
+        "PostgresStore('postgresql://app:***@db/app', table='t')"
+    )
+    store = PostgresStore("host=db password='s3 cr3t' dbname=app")
+    assert "s3" not in repr(store)
+    assert "password=***" in repr(PostgresStore("host=db password=s3cr3t dbname=app"))
+
+
+# -- the middleware on it -------------------------------------------------------------------------------------------
+
+
+async def test_middleware_replays_from_postgres(store: PostgresStore) -> None:
+    calls = 0
+
+    async def create_order(request: Request) -> JSONResponse:
+        nonlocal calls
+        calls += 1
+        return JSONResponse({"order": calls, "body": json.loads(await request.body())}, status_code=201)
+
+    app = Starlette(
+        routes=[Route("/orders", create_order, methods=["POST"])],
+        middleware=[Middleware(IdempotencyMiddleware, store=store)],
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        headers = {"Idempotency-Key": "order-1"}
+        first = await client.post("/orders", json={"item": "book"}, headers=headers)
+        retry = await client.post("/orders", json={"item": "book"}, headers=headers)
+        other = await client.post("/orders", json={"item": "pen"}, headers=headers)
+    assert (first.status_code, first.json()) == (201, {"order": 1, "body": {"item": "book"}})
+    assert (retry.status_code, retry.content) == (201, first.content)
+    assert retry.headers.get("idempotent-replayed") == "true"
+    assert other.status_code == 422
+    assert calls == 1
