@@ -1,0 +1,27 @@
+-- claim.lua: take a key for a lease, unless a live record holds it.
+-- KEYS[1]  the record's key (<prefix><store key>), a hash
+-- ARGV[1]  fingerprint of the request
+-- ARGV[2]  the new owner's fencing token (drawn by the client)
+-- ARGV[3]  lease, in milliseconds
+-- ARGV[4]  ttl, in milliseconds
+-- Returns 1 if the key was taken (absent, expired, or in progress with its lease run out: stale), or if it is
+-- already held with this very token (the same claim, sent again); else the live record's fields:
+-- {state, fingerprint, token, created_at, lease_expires_at, expires_at, payload}, times in ms since the epoch.
+-- The clock is the server's (TIME), so that every client agrees on it.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'state', 'fingerprint', 'token', 'created_at', 'lease_expires_at',
+  'expires_at', 'payload')
+if r[1] and now < tonumber(r[6]) and (r[1] == 'completed' or now < tonumber(r[5])) then
+  if r[1] == 'in_progress' and r[3] == ARGV[2] then
+    return 1
+  end
+  return r
+end
+local expires_at = now + tonumber(ARGV[4])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'in_progress', 'fingerprint', ARGV[1], 'token', ARGV[2],
+  'created_at', now, 'lease_expires_at', now + tonumber(ARGV[3]), 'expires_at', expires_at)
+-- Redis keeps a key while its clock is <= the expiry time; a record is gone once the clock reaches expires_at.
+redis.call('PEXPIREAT', KEYS[1], expires_at - 1)
+return 1

@@ -1,0 +1,403 @@
+"""``redis://``, ``rediss://``, ``redis+cluster://``: records in Redis, Valkey or a Redis Cluster, on redis-py.
+
+Theory of operation. Each record is one Redis hash, under the key ``<prefix><store key>``, with the fields
+``state``, ``fingerprint``, ``token``, ``created_at``, ``lease_expires_at``, ``expires_at`` (whole milliseconds
+since the epoch) and, once completed, ``payload``. Every operation touches that one key and nothing else, so the
+store runs unchanged on a Redis Cluster. ``claim``, ``renew``, ``complete`` and ``release`` are each one Lua
+script (``idempo/stores/lua/*.lua``, each headed by its KEYS/ARGV contract), atomic on the server and sent with
+``EVALSHA`` (redis-py loads a script again when the server answers ``NOSCRIPT``, e.g. after ``SCRIPT FLUSH`` or a
+restart); ``get`` is one ``HMGET`` and ``delete`` one ``DEL``.
+
+One clock. The scripts read the time from the server (``TIME``), never from the client, so that workers whose
+clocks disagree still agree on when a lease or a record ran out. Redis drops a record itself when it expires
+(``PEXPIREAT``), which is why ``purge_expired`` has nothing to do.
+
+Tokens are drawn by the client (:func:`~idempo._core.records.new_token`) and passed to ``claim``, which makes a
+claim safe to send twice: one that finds the key held with its own token reports it acquired.
+
+Failures are bounded. Every socket read waits at most ``socket_timeout`` seconds and every connect at most
+``socket_connect_timeout``; a command is retried once, and only after a connection error (e.g. a pooled connection
+to a server that restarted), never after a timeout (the server may have run it). So a server that is down or hangs
+turns into :class:`~idempo.StoreError` within a few timeouts, and the same store works again once it is back.
+
+Event loops. redis-py's asyncio connections belong to the event loop that opened them. A store built from a URL
+(or a client factory) creates its client lazily, inside the running loop, on first use, and one client per loop
+if several loops (threads) use it; so a store made at import time, before any loop runs, just works. A client you
+pass in is used as it is, in whatever loop you use it, and stays yours to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
+from urllib.parse import unquote
+
+from .._core.errors import ConfigurationError, StoreError
+from .._core.records import Acquired, Claim, Existing, Record, State, new_token
+from . import require
+from ._url import StoreURL, redact
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis, RedisCluster
+    from redis.commands.core import AsyncScript
+
+    Client: TypeAlias = Redis | RedisCluster
+
+__all__ = ["RedisStore"]
+
+DEFAULT_PREFIX = "idempo:"
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_CONNECT_TIMEOUT = 1.0
+_DEFAULT_PORT = 6379
+_SCRIPTS = ("claim", "renew", "complete", "release")
+_FIELDS = ("state", "fingerprint", "token", "created_at", "lease_expires_at", "expires_at", "payload")
+_STATES = {b"in_progress": State.IN_PROGRESS, b"completed": State.COMPLETED}
+_URL_OPTIONS = ("prefix", "timeout", "connect_timeout", "ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname")
+_SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname")
+
+
+@cache
+def _script(name: str) -> str:
+    return (importlib.resources.files("idempo.stores") / "lua" / f"{name}.lua").read_text("utf-8")
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds, as the scripts and ``PEXPIREAT`` count them."""
+    return max(0, round(seconds * 1000))
+
+
+def _record(key: str, fields: Sequence[Any]) -> Record:
+    """A ``Record`` from the values of ``_FIELDS``, as ``HMGET`` or the claim script return them."""
+    state, fingerprint, token, created_at, lease_expires_at, expires_at, payload = fields
+    return Record(
+        key,
+        _STATES[state],
+        fingerprint.decode(),
+        token.decode(),
+        int(created_at) / 1000,
+        int(lease_expires_at) / 1000,
+        int(expires_at) / 1000,
+        payload,
+    )
+
+
+class _Bound:
+    """One client, the store's scripts registered on it, and whether it is ready for concurrent use."""
+
+    __slots__ = ("client", "ready", "scripts")
+
+    def __init__(self, client: Client) -> None:
+        from redis.asyncio import Redis
+
+        self.client = client
+        self.scripts: dict[str, AsyncScript] = {name: client.register_script(_script(name)) for name in _SCRIPTS}
+        self.ready = isinstance(client, Redis)
+
+    async def prepare(self) -> None:
+        """Learn a cluster's slots before the first command. redis-py routes the commands that arrive while it is
+        still learning them by a guess (and then follows MOVED redirects, tearing down connections that other
+        commands are still opening)."""
+        await self.client.initialize()
+        self.ready = True
+
+
+def _host_port(address: str, url: StoreURL) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6 address]:port``."""
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            msg = f"bad address {address!r} in {redact(url.raw)!r}"
+            raise ConfigurationError(msg)
+        port = rest[1:]
+    else:
+        host, _, port = address.partition(":")
+    try:
+        number = int(port) if port else _DEFAULT_PORT
+    except ValueError:
+        number = -1
+    if not 0 < number < 65536:
+        msg = f"port {port!r} of {redact(url.raw)!r} is not a port number"
+        raise ConfigurationError(msg)
+    return host or "localhost", number
+
+
+class _ClientFactory:
+    """Makes a redis-py client from options parsed once from a URL. Strictly private. Its repr hides the password."""
+
+    def __init__(self, url: StoreURL, cluster: bool, nodes: list[tuple[str, int]], options: dict[str, Any]) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.nodes = nodes
+        self.options = options
+
+    def __repr__(self) -> str:
+        return repr(redact(self.url.raw))
+
+    def __call__(self) -> Client:
+        from redis.asyncio import Redis, RedisCluster
+        from redis.asyncio.cluster import ClusterNode
+
+        if self.cluster:
+            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.nodes], **self.options)
+        ((host, port),) = self.nodes
+        return Redis(host=host, port=port, **self.options)
+
+
+def _retry() -> Any:
+    """One more try after a connection error only: a pooled connection may be to a server that restarted. Never
+    after a timeout: the server may have run the command, and waiting again would double the delay."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
+class RedisStore:
+    """Records in Redis (or Valkey, or a Redis Cluster): shared by every worker of every machine.
+
+    Each operation is one Lua script or one command on one key, so it is atomic and runs on a cluster too. Records
+    expire by Redis TTL. Times come from the server's clock. Open one with :func:`~idempo.store_from_url`
+    (``redis://``, ``rediss://``, ``redis+cluster://``; see :meth:`from_url`), or wrap a client of your own::
+
+        store = RedisStore(redis.asyncio.Redis(host="cache"), prefix="myapp:idem:")
+
+    Args:
+        client: a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` made with
+            ``decode_responses=False`` (payloads are bytes), which the store uses as it is and never closes; or a
+            callable that makes one, which the store calls lazily, once in each event loop that uses it, and whose
+            clients :meth:`close` closes.
+        prefix: prepended to every store key to make the Redis key (``"idempo:"`` by default).
+
+    Raises:
+        MissingDependency: redis-py is not installed (``pip install 'idempo[redis]'``).
+        ConfigurationError: the client decodes responses.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, client: Client | Callable[[], Client], *, prefix: str = DEFAULT_PREFIX) -> None:
+        require("redis", extra="redis")
+        from redis.asyncio import Redis, RedisCluster
+        from redis.exceptions import RedisClusterException, RedisError
+
+        self._prefix = prefix
+        # OSError covers the builtin TimeoutError (asyncio's) and socket errors redis-py lets through.
+        self._errors: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+        self._lock = threading.Lock()
+        self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._shared: _Bound | None = None
+        self._factory: Callable[[], Client] | None = None
+        if isinstance(client, Redis | RedisCluster):
+            self._check(client)
+            self._shared = _Bound(client)
+            self._where = f"<{type(client).__name__}>"
+        else:
+            self._factory = client
+            self._where = repr(client)
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from a URL; the client is created on first use.
+
+        * ``redis://[[user]:password@]host[:port][/db]`` (port 6379 and database 0 by default)
+        * ``rediss://...``: the same over TLS; query options ``ssl_cert_reqs`` (``none``, ``optional``,
+          ``required``), ``ssl_ca_certs`` (a file), ``ssl_check_hostname`` (``true``/``false``)
+        * ``redis+cluster://[[user]:password@]host:port[,host:port...]``: a Redis Cluster, found from these nodes
+
+        Query options: ``prefix`` (default ``idempo:``), ``timeout`` (seconds a reply may take, default 2) and
+        ``connect_timeout`` (seconds a connection may take, default 1). Keyword *options* override them:
+        ``prefix``, ``socket_timeout``, ``socket_connect_timeout``, and any other keyword of redis-py's ``Redis``
+        or ``RedisCluster``, passed on to it (e.g. ``max_connections``, ``ssl_ca_data``).
+
+        Raises:
+            ConfigurationError: a malformed URL, or an unknown or invalid option.
+            MissingDependency: redis-py is not installed.
+        """
+        require("redis", extra="redis")
+        from redis.asyncio import Redis, RedisCluster
+
+        where = redact(url.raw)
+        unknown = sorted(set(url.options) - set(_URL_OPTIONS))
+        if unknown:
+            msg = f"unknown option {unknown[0]!r} in {where!r}; known options: {', '.join(_URL_OPTIONS)}"
+            raise ConfigurationError(msg)
+        cluster = url.scheme == "redis+cluster"
+        tls = url.scheme == "rediss"
+        prefix = options.pop("prefix", url.option("prefix", DEFAULT_PREFIX))
+        client_options: dict[str, Any] = {
+            "socket_timeout": url.float_option("timeout", DEFAULT_TIMEOUT),
+            "socket_connect_timeout": url.float_option("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            "decode_responses": False,
+            "retry": _retry(),
+        }
+        credentials, at, hosts = url.netloc.rpartition("@")
+        if at:
+            username, colon, password = credentials.partition(":")
+            client_options["username"] = unquote(username) or None
+            client_options["password"] = unquote(password) if colon else None
+        addresses = hosts.split(",")
+        if not cluster and len(addresses) > 1:
+            msg = f"{where!r} names several hosts: use 'redis+cluster://' for a Redis Cluster"
+            raise ConfigurationError(msg)
+        nodes = [_host_port(address, url) for address in addresses]
+        database = url.path.strip("/")
+        if cluster and database not in ("", "0"):
+            msg = f"a Redis Cluster has only database 0, not {database!r} ({where!r})"
+            raise ConfigurationError(msg)
+        if not cluster:
+            if not database.isdigit() and database:
+                msg = f"the database in {where!r} must be a number, e.g. 'redis://host:6379/0'"
+                raise ConfigurationError(msg)
+            client_options["db"] = int(database or 0)
+        ssl = {name: value for name, value in url.options.items() if name in _SSL_OPTIONS}
+        if ssl and not tls:
+            msg = f"TLS options in {where!r} need a 'rediss://' URL"
+            raise ConfigurationError(msg)
+        if tls:
+            client_options["ssl"] = True
+            client_options.update(ssl)
+            if "ssl_check_hostname" in ssl:
+                client_options["ssl_check_hostname"] = ssl["ssl_check_hostname"].lower() in ("1", "true", "yes", "on")
+        client_options.update(options)
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            value = client_options[name]
+            if not isinstance(value, int | float) or not value > 0:
+                msg = f"{name} must be a positive number of seconds, not {value!r} ({where!r})"
+                raise ConfigurationError(msg)
+        if client_options["decode_responses"]:
+            msg = "decode_responses must be False: payloads are bytes"
+            raise ConfigurationError(msg)
+        # Check the keywords now, at start-up, rather than in the first request that creates the client.
+        try:
+            inspect.signature(RedisCluster if cluster else Redis).bind(**client_options)
+        except TypeError as exc:
+            msg = f"invalid option for redis-py's {'RedisCluster' if cluster else 'Redis'} ({where!r}): {exc}"
+            raise ConfigurationError(msg) from None
+        if not isinstance(prefix, str):
+            msg = f"prefix must be a string, not {prefix!r}"
+            raise ConfigurationError(msg)
+        return cls(_ClientFactory(url, cluster, nodes, client_options), prefix=prefix)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._where}, prefix={self._prefix!r})"
+
+    # -- clients ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check(client: Client) -> None:
+        from redis.asyncio import Redis
+
+        if isinstance(client, Redis):
+            decodes = bool(client.connection_pool.connection_kwargs.get("decode_responses"))
+        else:
+            decodes = client.get_encoder().decode_responses
+        if decodes:
+            msg = "the Redis client must be made with decode_responses=False: payloads are bytes"
+            raise ConfigurationError(msg)
+
+    def _bound(self) -> _Bound:
+        """The client (and scripts) of the running event loop."""
+        if self._shared is not None:
+            return self._shared
+        loop = asyncio.get_running_loop()
+        bound = self._by_loop.get(loop)
+        return bound if bound is not None else self._bind_loop(loop)
+
+    def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> _Bound:
+        assert self._factory is not None
+        with self._lock:
+            bound = self._by_loop.get(loop)
+            if bound is None:
+                # A loop that was closed without closing the store took its client's connections with it.
+                for closed in [other for other in self._by_loop if other.is_closed()]:
+                    del self._by_loop[closed]
+                client = self._factory()
+                self._check(client)
+                bound = self._by_loop[loop] = _Bound(client)
+        return bound
+
+    def _error(self, operation: str, exc: Exception) -> StoreError:
+        return StoreError(f"Redis store {self._where}: {operation} failed: {type(exc).__name__}: {exc}")
+
+    # -- the Store protocol -------------------------------------------------------------------------------------
+
+    async def _run(self, operation: str, key: str, args: list[Any]) -> Any:
+        """Run the script of *operation* on *key*; its reply."""
+        bound = self._bound()
+        try:
+            if not bound.ready:
+                await bound.prepare()
+            return await bound.scripts[operation](keys=[self._prefix + key], args=args)
+        except self._errors as exc:
+            raise self._error(operation, exc) from exc
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        token = new_token()
+        reply = await self._run("claim", key, [fingerprint, token, _ms(lease), _ms(ttl)])
+        return Acquired(token) if reply == 1 else Existing(_record(key, reply))
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        return bool(await self._run("renew", key, [token, _ms(lease)]) == 1)
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        return bool(await self._run("complete", key, [token, payload, _ms(ttl)]) == 1)
+
+    async def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        return bool(await self._run("release", key, [token]) == 1)
+
+    async def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`. Redis has dropped an expired record already."""
+        bound = self._bound()
+        try:
+            if not bound.ready:
+                await bound.prepare()
+            fields: list[Any] = await bound.client.hmget(self._prefix + key, _FIELDS)
+        except self._errors as exc:
+            raise self._error("get", exc) from exc
+        return None if fields[0] is None else _record(key, fields)
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        bound = self._bound()
+        try:
+            if not bound.ready:
+                await bound.prepare()
+            deleted: int = await bound.client.delete(self._prefix + key)
+        except self._errors as exc:
+            raise self._error("delete", exc) from exc
+        return deleted == 1
+
+    async def purge_expired(self) -> int:
+        """See :meth:`idempo.Store.purge_expired`. Always 0: Redis removes expired records on its own."""
+        return 0
+
+    async def close(self) -> None:
+        """Close the clients the store made, in every event loop that is still running. A client you passed in
+        is left open: close it yourself. The store makes a new client if it is used again."""
+        if self._shared is not None:
+            return
+        with self._lock:
+            by_loop, self._by_loop = self._by_loop, {}
+        loop = asyncio.get_running_loop()
+        failure: Exception | None = None
+        for other, bound in by_loop.items():
+            try:
+                if other is loop:
+                    await bound.client.aclose()
+                elif other.is_running():
+                    # Another thread's loop: its connections must be closed there.
+                    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(bound.client.aclose(), other))
+            except self._errors as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise self._error("close", failure) from failure

@@ -1,0 +1,606 @@
+"""RedisStore: the conformance suite against the shared Redis, a user's own client and a real three-node Redis
+Cluster; and what only a Redis store promises: Lua scripts that survive ``SCRIPT FLUSH``, one hash per record with
+a Redis TTL, the server's clock, bounded failures when the server dies or hangs (and recovery when it is back),
+URLs, and the middleware on top of it.
+
+The shared server is never flushed: every test uses keys under a prefix of its own run, which expire by TTL.
+Tests that kill, pause or flush a server start their own (``tests/redis_cluster.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.resources
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+import redis
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import idempo
+from idempo import (
+    Acquired,
+    ConfigurationError,
+    Existing,
+    IdempotencyMiddleware,
+    MissingDependency,
+    State,
+    Store,
+    StoreError,
+    store_from_url,
+)
+from idempo.stores import parse_store_url
+from idempo.stores.redis import RedisStore
+from idempo.testing import StoreConformance
+
+from .conftest import REDIS_URL
+from .redis_cluster import RedisServer, free_port, redis_cluster
+
+RUN_PREFIX = f"idempo-test-{uuid.uuid4().hex[:12]}:"
+"""Every key this module writes to the shared server starts with this (and expires by TTL)."""
+
+HANG_GUARD = 30.0
+"""A generous bound on operations that must give up on their own: it catches a hang, it does not time them."""
+
+
+def with_options(url: str, **options: str) -> str:
+    query = "&".join(f"{name}={value}" for name, value in options.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+def prefixed(url: str, name: str = "") -> str:
+    return with_options(url, prefix=f"{RUN_PREFIX}{name}")
+
+
+def open_url(url: str, **options: Any) -> RedisStore:
+    store = store_from_url(url, **options)
+    assert isinstance(store, RedisStore)
+    return store
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster of this module's own, started once and killed at the end."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as url:
+        yield url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may kill, pause, restart or flush."""
+    server = RedisServer(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+
+
+# -- the conformance suite ---------------------------------------------------------------------------------------
+
+
+class _RedisConformance(StoreConformance):
+    """Local servers: short real leases keep the suite quick; the server's clock is this machine's."""
+
+    short_lease = 0.05
+    short_ttl = 0.05
+    expiry_margin = 0.05
+    expires_on_its_own = True
+    url: ClassVar[str]
+
+    async def open_store(self) -> Store:
+        return store_from_url(self.url)
+
+
+class TestRedisStore(_RedisConformance):
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _server(cls, redis_url: str) -> None:
+        cls.url = prefixed(redis_url, "conformance:")
+
+
+class TestRedisStoreWithOwnClient(_RedisConformance):
+    """``RedisStore(client)``: a client the user made, and closes."""
+
+    clients: ClassVar[dict[int, redis.asyncio.Redis]] = {}
+
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _server(cls, redis_url: str) -> None:
+        cls.url = redis_url
+
+    async def open_store(self) -> Store:
+        store = RedisStore(redis.asyncio.Redis.from_url(self.url), prefix=f"{RUN_PREFIX}own-client:")
+        self.clients[id(store)] = store._bound().client  # type: ignore[assignment]  # a Redis, not a RedisCluster
+        return store
+
+    async def close_store(self, store: Store) -> None:
+        await store.close()
+        client = self.clients.pop(id(store))
+        assert await client.ping()  # the store left it open
+        await client.aclose()
+
+
+class TestRedisClusterStore(_RedisConformance):
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _cluster(cls, redis_cluster_url: str) -> None:
+        cls.url = prefixed(redis_cluster_url, "conformance:")
+
+
+# -- records, keys, scripts ----------------------------------------------------------------------------------------
+
+
+async def test_one_hash_per_record_with_a_redis_ttl(redis_url: str) -> None:
+    store = open_url(prefixed(redis_url, "layout:"))
+    key = f"{uuid.uuid4().hex}:layout"
+    raw_key = f"{RUN_PREFIX}layout:{key}"
+    async with redis.asyncio.Redis.from_url(redis_url) as raw:
+        token = await store.claim(key, "fp", lease=30, ttl=100)
+        assert isinstance(token, Acquired)
+        assert await raw.type(raw_key) == b"hash"
+        assert await raw.keys(f"{RUN_PREFIX}layout:*") == [raw_key.encode()]
+        fields = await raw.hgetall(raw_key)
+        assert set(fields) == {b"state", b"fingerprint", b"token", b"created_at", b"lease_expires_at", b"expires_at"}
+        assert 99_000 < await raw.pttl(raw_key) <= 100_000
+        assert await store.renew(key, token.token, lease=50)
+        assert 99_000 < await raw.pttl(raw_key) <= 100_000  # renew moves the lease, not the expiry
+        assert await store.complete(key, token.token, b"done", ttl=5)
+        assert 4_000 < await raw.pttl(raw_key) <= 5_000
+        fields = await raw.hgetall(raw_key)
+        assert fields[b"state"] == b"completed"
+        assert fields[b"token"] == b""
+        assert fields[b"payload"] == b"done"
+        # Redis drops the key one millisecond before expires_at: at expires_at the record is expired.
+        expires_at_ms = int(fields[b"expires_at"])
+        assert abs(await raw.pexpiretime(raw_key) - (expires_at_ms - 1)) <= 1
+        assert await store.delete(key)
+        assert await raw.exists(raw_key) == 0
+    await store.close()
+
+
+async def test_times_come_from_the_servers_clock(redis_url: str) -> None:
+    store = open_url(prefixed(redis_url, "clock:"))
+    async with redis.asyncio.Redis.from_url(redis_url) as raw:
+        seconds, micros = await raw.time()
+        before = seconds + micros / 1e6
+        await store.claim("clock", "fp", lease=7, ttl=9)
+        seconds, micros = await raw.time()
+        after = seconds + micros / 1e6
+    record = await store.get("clock")
+    assert record is not None
+    assert before - 0.001 <= record.created_at <= after
+    assert record.lease_expires_at == pytest.approx(record.created_at + 7)
+    assert record.expires_at == pytest.approx(record.created_at + 9)
+    await store.delete("clock")
+    await store.close()
+
+
+async def test_a_claim_sent_twice_is_acquired_once(redis_url: str) -> None:
+    """The client draws the token, so a claim that redis-py sends again (after a lost connection) still owns."""
+    store = open_url(prefixed(redis_url, "twice:"))
+    key = uuid.uuid4().hex
+    claim = store._bound().scripts["claim"]
+    args: list[str | int] = ["fp", "a-token-of-ours", 30_000, 60_000]
+    assert await claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args) == 1
+    assert await claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args) == 1
+    record = await store.get(key)
+    assert record is not None
+    assert record.token == "a-token-of-ours"
+    other = await store.claim(key, "fp", lease=30, ttl=60)
+    assert isinstance(other, Existing)  # anyone else's claim finds it held
+    assert await store.complete(key, "a-token-of-ours", b"once", ttl=60)
+    await store.close()
+
+
+SPECIAL_KEYS = [
+    "{",
+    "}",
+    "{}",
+    "a{b}c",
+    "{tag}:x",
+    "{tag}:y",
+    "ü/日本語/🙂",
+    "line\nbreak\ttab",
+    " leading and trailing ",
+    "*?[a-z]\\",
+    "idempo:nested:prefix",
+    "k" * 2000,
+]
+
+
+@pytest.mark.parametrize("server", ["redis_url", "redis_cluster_url"])
+async def test_keys_with_special_characters(server: str, request: pytest.FixtureRequest) -> None:
+    base: str = request.getfixturevalue(server)
+    store = open_url(prefixed(base, f"special-{uuid.uuid4().hex[:8]}:"))
+    tokens = {}
+    for key in SPECIAL_KEYS:
+        claim = await store.claim(key, f"fp-{key}", lease=30, ttl=60)
+        assert isinstance(claim, Acquired), key
+        tokens[key] = claim.token
+    for key in SPECIAL_KEYS:
+        assert await store.complete(key, tokens[key], key.encode(), ttl=60), key
+    for key in SPECIAL_KEYS:
+        record = await store.get(key)
+        assert record is not None
+        assert (record.key, record.state, record.fingerprint, record.payload) == (
+            key,
+            State.COMPLETED,
+            f"fp-{key}",
+            key.encode(),
+        )
+        assert await store.delete(key)
+    await store.close()
+
+
+async def test_scripts_are_reloaded_after_script_flush(private_redis: RedisServer) -> None:
+    store = open_url(private_redis.url)
+    claim = await store.claim("k", "fp", lease=30, ttl=60)
+    assert isinstance(claim, Acquired)
+    with private_redis.client() as admin:
+        admin.script_flush()
+        assert admin.script_exists(store._bound().scripts["complete"].sha) == [False]
+    assert await store.complete("k", claim.token, b"after the flush", ttl=60)  # NOSCRIPT, loaded, run again
+    with private_redis.client() as admin:
+        admin.script_flush()
+    replay = await store.claim("k", "fp", lease=30, ttl=60)
+    assert isinstance(replay, Existing)
+    assert replay.record.payload == b"after the flush"
+    second = await store.claim("k2", "fp", lease=30, ttl=60)
+    assert isinstance(second, Acquired)
+    with private_redis.client() as admin:
+        admin.script_flush()
+    assert await store.renew("k2", second.token, lease=30)
+    with private_redis.client() as admin:
+        admin.script_flush()
+    assert await store.release("k2", second.token)
+    await store.close()
+
+
+async def test_scripts_are_reloaded_after_script_flush_on_a_cluster(redis_cluster_url: str) -> None:
+    store = open_url(prefixed(redis_cluster_url, "flush:"))
+    keys = [f"flush-{i}" for i in range(12)]  # enough keys to land on every node
+    tokens = {}
+    for key in keys:
+        claim = await store.claim(key, "fp", lease=30, ttl=60)
+        assert isinstance(claim, Acquired)
+        tokens[key] = claim.token
+    for address in redis_cluster_url.removeprefix("redis+cluster://").split(","):
+        host, _, port = address.partition(":")
+        with redis.Redis(host=host, port=int(port)) as node:
+            node.script_flush()
+    for key in keys:
+        assert await store.complete(key, tokens[key], b"done", ttl=60)
+        assert await store.delete(key)
+    await store.close()
+
+
+# -- failures --------------------------------------------------------------------------------------------------
+
+
+async def test_a_killed_server_gives_store_errors_and_the_store_recovers(private_redis: RedisServer) -> None:
+    store = open_url(private_redis.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    claim = await store.claim("k", "fp", lease=30, ttl=60)
+    assert isinstance(claim, Acquired)
+    private_redis.kill()
+    operations: dict[str, Callable[[], Awaitable[object]]] = {
+        "claim": lambda: store.claim("k", "fp", lease=30, ttl=60),
+        "renew": lambda: store.renew("k", claim.token, lease=30),
+        "complete": lambda: store.complete("k", claim.token, b"x", ttl=60),
+        "release": lambda: store.release("k", claim.token),
+        "get": lambda: store.get("k"),
+        "delete": lambda: store.delete("k"),
+    }
+    for name, operation in operations.items():
+        async with asyncio.timeout(HANG_GUARD):
+            with pytest.raises(StoreError, match=f"{name} failed") as raised:
+                await operation()
+        assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
+        assert str(private_redis.port) in str(raised.value)
+    private_redis.start()  # the same port; an empty server (no persistence)
+    again = await store.claim("k", "fp", lease=30, ttl=60)
+    assert isinstance(again, Acquired)
+    assert await store.complete("k", again.token, b"after the restart", ttl=60)
+    await store.close()
+
+
+async def test_a_hung_server_gives_store_errors_within_the_timeout(private_redis: RedisServer) -> None:
+    store = open_url(with_options(private_redis.url, timeout="0.3", connect_timeout="0.3"))
+    claim = await store.claim("k", "fp", lease=30, ttl=60)  # the pool now holds a connection
+    assert isinstance(claim, Acquired)
+    fresh = open_url(with_options(private_redis.url, timeout="0.3", connect_timeout="0.3"))  # never connected
+    private_redis.pause()
+    try:
+        for stuck in (store, fresh):
+            started = time.monotonic()
+            async with asyncio.timeout(HANG_GUARD):
+                with pytest.raises(StoreError, match="get failed") as raised:
+                    await stuck.get("k")
+            assert isinstance(raised.value.__cause__, redis.exceptions.TimeoutError)
+            assert time.monotonic() - started >= 0.25  # it waited for the reply, then gave up
+    finally:
+        private_redis.resume()
+    assert await store.complete("k", claim.token, b"after the pause", ttl=60)
+    record = await fresh.get("k")
+    assert record is not None
+    assert record.payload == b"after the pause"
+    await store.close()
+    await fresh.close()
+
+
+async def test_an_unreachable_server_gives_a_store_error() -> None:
+    store = open_url(f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0")
+    async with asyncio.timeout(HANG_GUARD):
+        with pytest.raises(StoreError, match="claim failed") as raised:
+            await store.claim("k", "fp", lease=30, ttl=60)
+    assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
+    assert "hunter2" not in str(raised.value)
+    assert ":***@127.0.0.1" in str(raised.value)
+    await store.close()
+
+
+async def test_an_unreachable_cluster_gives_a_store_error() -> None:
+    store = open_url(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}?timeout=0.5")
+    async with asyncio.timeout(HANG_GUARD):
+        with pytest.raises(StoreError, match="get failed") as raised:
+            await store.get("k")
+    assert isinstance(raised.value.__cause__, redis.exceptions.RedisClusterException | redis.exceptions.RedisError)
+    await store.close()
+
+
+async def test_passwords_never_show(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, args=("--requirepass", "right-secret"))
+    try:
+        server.start()
+        wrong = open_url(f"redis://:wrong-secret@127.0.0.1:{server.port}/0")
+        assert "wrong-secret" not in repr(wrong)
+        async with asyncio.timeout(HANG_GUARD):
+            with pytest.raises(StoreError) as raised:
+                await wrong.get("k")
+        assert isinstance(raised.value.__cause__, redis.exceptions.AuthenticationError)
+        assert "wrong-secret" not in str(raised.value)
+        await wrong.close()
+        right = open_url(f"redis://default:right-secret@127.0.0.1:{server.port}/0")
+        assert "right-secret" not in repr(right)
+        assert isinstance(await right.claim("k", "fp", lease=30, ttl=60), Acquired)
+        await right.close()
+    finally:
+        server.kill()
+
+
+# -- URLs ----------------------------------------------------------------------------------------------------
+
+
+async def client_of(store: RedisStore) -> dict[str, Any]:
+    """The connection options of the client *store* would make (the client is closed again)."""
+    client = store._bound().client
+    assert isinstance(client, redis.asyncio.Redis)
+    options = dict(client.connection_pool.connection_kwargs)
+    options["connection_class"] = client.connection_pool.connection_class
+    await store.close()
+    return options
+
+
+async def test_redis_url_defaults() -> None:
+    store = open_url("redis://")
+    assert store._prefix == "idempo:"
+    options = await client_of(store)
+    assert (options["host"], options["port"], options["db"]) == ("localhost", 6379, 0)
+    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2.0, 1.0)
+    assert options["password"] is None
+    assert options["decode_responses"] is False
+
+
+async def test_redis_url_with_everything() -> None:
+    store = open_url("redis://app:p%40ss%3Aword@cache.internal:6380/3?prefix=myapp:&timeout=0.5&connect_timeout=0.25")
+    assert store._prefix == "myapp:"
+    options = await client_of(store)
+    assert (options["host"], options["port"], options["db"]) == ("cache.internal", 6380, 3)
+    assert (options["username"], options["password"]) == ("app", "p@ss:word")
+    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.5, 0.25)
+    assert "p%40ss" not in repr(store)
+    assert "app:***@cache.internal" in repr(store)
+
+
+async def test_keyword_options_override_the_url_and_reach_redis_py() -> None:
+    store = open_url("redis://h?prefix=a:&timeout=3", prefix="b:", socket_timeout=4, max_connections=7)
+    assert store._prefix == "b:"
+    options = await client_of(store)
+    assert options["socket_timeout"] == 4
+    store = open_url("redis://h", max_connections=7)
+    client = store._bound().client
+    assert isinstance(client, redis.asyncio.Redis)
+    assert client.connection_pool.max_connections == 7
+    await store.close()
+
+
+async def test_rediss_url_uses_tls() -> None:
+    store = open_url("rediss://:secret@h:6390/0?ssl_cert_reqs=none&ssl_check_hostname=false")
+    options = await client_of(store)
+    assert options["connection_class"] is SSLConnection
+    assert options["ssl_cert_reqs"] == "none"
+    assert options["ssl_check_hostname"] is False
+    assert options["password"] == "secret"
+    assert "secret" not in repr(store)
+
+
+async def test_cluster_url_with_several_hosts() -> None:
+    store = open_url("redis+cluster://u:secret@node-a:7000,node-b:7001,[::1]:7002?prefix=c:&timeout=0.7")
+    assert store._prefix == "c:"
+    assert "secret" not in repr(store)
+    client = store._bound().client
+    assert isinstance(client, RedisCluster)
+    assert [(node.host, node.port) for node in client.startup_nodes] == [
+        ("node-a", 7000),
+        ("node-b", 7001),
+        ("::1", 7002),
+    ]
+    assert client.connection_kwargs["password"] == "secret"
+    assert client.connection_kwargs["username"] == "u"
+    assert client.connection_kwargs["socket_timeout"] == 0.7
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("redis://:secret@h:notaport/0", {}, "not a port number"),
+        ("redis://:secret@h:0/0", {}, "not a port number"),
+        ("redis://:secret@h/abc", {}, "must be a number"),
+        ("redis://:secret@h1:1,h2:2", {}, "redis\\+cluster"),
+        ("redis+cluster://:secret@h:1/2", {}, "only database 0"),
+        ("redis://:secret@h?timeout=soon", {}, "not a number"),
+        ("redis://:secret@h?timeout=0", {}, "positive"),
+        ("redis://:secret@h?connect_timeout=-1", {}, "positive"),
+        ("redis://:secret@h?bogus=1", {}, "unknown option 'bogus'"),
+        ("redis://:secret@h?ssl_cert_reqs=none", {}, "rediss://"),
+        ("redis://:secret@[::1]x/0", {}, "bad address"),
+        ("redis://:secret@h", {"decode_responses": True}, "decode_responses"),
+        ("redis://:secret@h", {"no_such_option": 1}, "no_such_option"),
+        ("redis+cluster://:secret@h:1", {"no_such_option": 1}, "RedisCluster"),
+        ("redis://:secret@h", {"socket_timeout": None}, "positive"),
+        ("redis://:secret@h", {"prefix": 3}, "prefix must be a string"),
+    ],
+)
+def test_invalid_urls_and_options(url: str, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        store_from_url(url, **options)
+    assert "secret" not in str(raised.value)
+
+
+def test_missing_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(MissingDependency, match=r"pip install 'idempo\[redis\]'"):
+        store_from_url("redis://localhost")
+    with pytest.raises(MissingDependency, match="redis"):
+        RedisStore(lambda: None)  # type: ignore[arg-type, return-value]  # never called: redis-py is missing
+
+
+async def test_a_client_that_decodes_responses_is_refused() -> None:
+    client = redis.asyncio.Redis(decode_responses=True)
+    with pytest.raises(ConfigurationError, match="decode_responses=False"):
+        RedisStore(client)
+    await client.aclose()
+
+
+# -- clients and event loops ---------------------------------------------------------------------------------------
+
+
+def test_the_store_is_an_idempo_store() -> None:
+    assert isinstance(open_url("redis://localhost"), idempo.Store)
+    assert isinstance(open_url("redis+cluster://localhost:7000"), idempo.Store)
+    assert isinstance(RedisStore(redis.asyncio.Redis()), idempo.Store)
+
+
+MADE_AT_IMPORT_TIME = store_from_url(prefixed(REDIS_URL, "import-time:"))
+
+
+@pytest.mark.usefixtures("redis_url")  # skips (or fails under CI=true) without a server
+def test_a_store_made_before_any_loop_works_in_loops_that_come_later() -> None:
+    store = MADE_AT_IMPORT_TIME
+
+    async def use(key: str) -> None:
+        claim = await store.claim(key, "fp", lease=30, ttl=60)
+        assert isinstance(claim, Acquired)
+        assert await store.complete(key, claim.token, b"done", ttl=60)
+        await store.close()
+
+    asyncio.run(use(uuid.uuid4().hex))
+    asyncio.run(use(uuid.uuid4().hex))  # a new loop: a new client
+
+
+def test_one_store_serves_several_loops_and_closes_them_all(redis_url: str) -> None:
+    store = open_url(prefixed(redis_url, "loops:"))
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+
+    async def claim_and_complete(key: str) -> None:
+        claim = await store.claim(key, "fp", lease=30, ttl=60)
+        assert isinstance(claim, Acquired)
+        assert await store.complete(key, claim.token, key.encode(), ttl=60)
+
+    async def main() -> None:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(claim_and_complete("in-the-thread"), other))
+        await claim_and_complete("in-main")
+        assert len(store._by_loop) == 2
+        await store.close()  # closes the thread loop's client in that loop
+        assert store._by_loop == {}
+
+    try:
+        asyncio.run(main())
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(timeout=10)
+        other.close()
+    gc.collect()  # an unclosed connection would warn now, and filterwarnings=error would fail the test
+
+
+async def test_a_users_client_is_left_open(redis_url: str) -> None:
+    async with redis.asyncio.Redis.from_url(redis_url) as client:
+        store = RedisStore(client, prefix=RUN_PREFIX + "own:")
+        assert repr(store) == f"RedisStore(<Redis>, prefix='{RUN_PREFIX}own:')"
+        assert isinstance(await store.claim("k", "fp", lease=30, ttl=60), Acquired)
+        await store.close()
+        assert await client.exists(f"{RUN_PREFIX}own:k") == 1
+        assert await store.delete("k")
+
+
+async def test_purge_expired_has_nothing_to_do() -> None:
+    assert await open_url("redis://localhost").purge_expired() == 0  # never even connects
+
+
+# -- the middleware on top -----------------------------------------------------------------------------------------
+
+
+async def test_middleware_runs_once_and_replays(redis_url: str) -> None:
+    calls = 0
+
+    async def create_charge(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        body = await request.json()
+        return JSONResponse({"charge": calls, "amount": body["amount"]}, status_code=201)
+
+    store = RedisStore.from_url(parse_store_url(prefixed(redis_url, "middleware:")))
+    app = Starlette(
+        routes=[Route("/charges", create_charge, methods=["POST"])],
+        middleware=[Middleware(IdempotencyMiddleware, store=store)],
+    )
+    headers = {"Idempotency-Key": f"charge-{uuid.uuid4()}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        first = await client.post("/charges", json={"amount": 100}, headers=headers)
+        retry = await client.post("/charges", json={"amount": 100}, headers=headers)
+        reused = await client.post("/charges", json={"amount": 999}, headers=headers)
+    assert (first.status_code, first.json()) == (201, {"charge": 1, "amount": 100})
+    assert (retry.status_code, retry.content) == (201, first.content)
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert reused.status_code == 422
+    assert calls == 1
+    await store.close()
+
+
+def test_each_script_is_package_data_headed_by_its_contract() -> None:
+    scripts = importlib.resources.files("idempo.stores") / "lua"
+    for name in ("claim", "renew", "complete", "release"):
+        text = (scripts / f"{name}.lua").read_text("utf-8")
+        assert text.startswith(f"-- {name}.lua: ")
+        assert "-- KEYS[1]" in text
+        assert "-- ARGV[1]" in text
+        assert "-- Returns" in text
