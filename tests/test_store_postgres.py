@@ -231,10 +231,10 @@ async def test_two_hundred_concurrent_claims_over_ten_connections_have_one_winne
     attempts = 0
     execute = store._execute
 
-    async def counting(doing: str, query: bytes, params: dict[str, Any]) -> tuple[int, Any]:
+    async def counting(doing: str, query: bytes, params: dict[str, Any], *, rows: bool = False) -> tuple[int, Any]:
         nonlocal attempts
         attempts += 1
-        return await execute(doing, query, params)
+        return await execute(doing, query, params, rows=rows)
 
     store._execute = counting  # type: ignore[method-assign]  # count the statements, to show the retries
     try:
@@ -481,12 +481,14 @@ class Proxy:
         self.writers: set[asyncio.StreamWriter] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.frozen = False  # drop everything, as a frozen server or a broken network would
+        self.accepted = 0
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -569,6 +571,25 @@ async def test_server_that_does_not_answer(postgres_url: str, table: str) -> Non
                     break
                 except StoreError:
                     await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+async def test_operations_waiting_for_the_first_connection_share_one_attempt(postgres_url: str, table: str) -> None:
+    parts = urlsplit(postgres_url)
+    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    await proxy.start()
+    proxy.frozen = True  # connections are accepted, and then nothing: each attempt waits out connect_timeout
+    url = f"postgresql://{parts.username}@127.0.0.1:{proxy.port}{parts.path}"
+    store = PostgresStore(url, table=table, connect_timeout=2)
+    try:
+        async with asyncio.timeout(HANG_GUARD):
+            results = await asyncio.gather(*(store.get("k") for _ in range(10)), return_exceptions=True)
+            assert all(isinstance(result, StoreError) for result in results), results
+            assert proxy.accepted == 1  # not ten attempts, one after the other
+            proxy.frozen = False
+            assert await store.get("k") is None  # a new attempt, which succeeds
     finally:
         await store.close()
         await proxy.stop()

@@ -337,7 +337,7 @@ class PostgresStore:
         self._sql = _Statements(table)
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._opening = asyncio.Lock()
+        self._opening: asyncio.Task[AsyncConnectionPool[Connection]] | None = None
         self._closed = False
 
     @classmethod
@@ -392,47 +392,59 @@ class PostgresStore:
         return conn
 
     async def _open(self) -> AsyncConnectionPool[Connection]:
-        """The pool, opened (and the table made) on first use."""
+        """The pool, opened (and the table made) on first use.
+
+        Operations that arrive while it opens wait for that one attempt, and share its failure: each waits for
+        one connection attempt at most, never for a queue of them."""
         loop = asyncio.get_running_loop()
-        async with self._opening:
-            if self._closed:
-                raise StoreError(f"PostgreSQL store {self._display!r} is closed")
-            if self._pool is not None:
-                if self._loop is not loop:
-                    msg = f"PostgreSQL store {self._display!r} was opened in another event loop: use one per loop"
-                    raise StoreError(msg)
-                return self._pool
-            deadline = None
+        if self._closed:
+            raise StoreError(f"PostgreSQL store {self._display!r} is closed")
+        if self._pool is not None:
+            if self._loop is not loop:
+                msg = f"PostgreSQL store {self._display!r} was opened in another event loop: use one per loop"
+                raise StoreError(msg)
+            return self._pool
+        opening = self._opening
+        if opening is None or opening.done() or opening.get_loop() is not loop:
+            opening = self._opening = loop.create_task(self._start())
+        # Shielded: an operation cancelled while it waits must not cancel the others' attempt.
+        return await asyncio.shield(opening)
+
+    async def _start(self) -> AsyncConnectionPool[Connection]:
+        deadline = None
+        try:
+            # On a connection of its own, so that a wrong password or database name comes out as such,
+            # not as a pool timeout.
+            conn = await self._connect()
             try:
-                # On a connection of its own, so that a wrong password or database name comes out as such,
-                # not as a pool timeout.
-                conn = await self._connect()
-                try:
-                    # A few statements, one of which may wait for another process's lock (statement_timeout).
-                    with _Deadline(conn, self._answer_timeout * 3) as deadline:
-                        await self._create_table(conn)
-                finally:
-                    await conn.close()
-            except _FAILURES as exc:
-                raise self._error(exc, "creating the table", deadline=deadline) from exc
-            pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-                self._conninfo,
-                kwargs={
-                    "autocommit": True,
-                    "connect_timeout": self._connect_timeout,
-                    "application_name": self._application_name,
-                },
-                min_size=self._min_size,
-                max_size=self._max_size,
-                open=False,
-                configure=self._configure,
-                name=f"idempo-{self._table}",
-                timeout=self._pool_timeout,
-                reconnect_timeout=self._reconnect_timeout,
-            )
-            await pool.open(wait=False)
-            self._pool, self._loop = pool, loop
-            return pool
+                # A few statements, one of which may wait for another process's lock (statement_timeout).
+                with _Deadline(conn, self._answer_timeout * 3) as deadline:
+                    await self._create_table(conn)
+            finally:
+                await conn.close()
+        except _FAILURES as exc:
+            raise self._error(exc, "creating the table", deadline=deadline) from exc
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            self._conninfo,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": self._connect_timeout,
+                "application_name": self._application_name,
+            },
+            min_size=self._min_size,
+            max_size=self._max_size,
+            open=False,
+            configure=self._configure,
+            name=f"idempo-{self._table}",
+            timeout=self._pool_timeout,
+            reconnect_timeout=self._reconnect_timeout,
+        )
+        await pool.open(wait=False)
+        if self._closed:  # while this was opening
+            await pool.close()
+            raise StoreError(f"PostgreSQL store {self._display!r} is closed")
+        self._pool, self._loop = pool, asyncio.get_running_loop()
+        return pool
 
     async def _create_table(self, conn: Connection) -> None:
         names = {"table": self._sql.table_name, "index": self._sql.index_name}
@@ -467,14 +479,17 @@ class PostgresStore:
         finally:
             await pool.putconn(conn)
 
-    async def _execute(self, doing: str, query: bytes, params: dict[str, Any]) -> tuple[int, TupleRow | None]:
-        """Run *query*: its row count, and its first row if it returns rows."""
+    async def _execute(
+        self, doing: str, query: bytes, params: dict[str, Any], *, rows: bool = False
+    ) -> tuple[int, TupleRow | None]:
+        """Run *query*: its row count, and, if it returns *rows*, the first one."""
         deadline = None
         try:
             async with self._connection() as conn:
                 with _Deadline(conn, self._answer_timeout) as deadline:
                     cursor = await conn.execute(query, params, prepare=self._prepare, binary=True)
-                    row = await cursor.fetchone() if cursor.description is not None else None
+                    # Not cursor.description: it builds column objects, which costs more than the rest of this.
+                    row = await cursor.fetchone() if rows else None
                     return cursor.rowcount, row
         except StoreError:
             raise
@@ -492,7 +507,7 @@ class PostgresStore:
         token = new_token()
         for _ in range(_CLAIM_ATTEMPTS):
             params = self._params(key=key, fingerprint=fingerprint, token=token, lease=lease, ttl=ttl)
-            _, row = await self._execute("claim", self._sql.claim, params)
+            _, row = await self._execute("claim", self._sql.claim, params, rows=True)
             if row is not None:
                 return Acquired(token) if row[0] else Existing(_record(row[1:]))
             # Another claim committed this key after our snapshot was taken: look again, with a fresh snapshot.
@@ -517,7 +532,7 @@ class PostgresStore:
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`."""
-        _, row = await self._execute("get", self._sql.get, self._params(key=key))
+        _, row = await self._execute("get", self._sql.get, self._params(key=key), rows=True)
         return None if row is None else _record(row)
 
     async def delete(self, key: str) -> bool:
@@ -537,8 +552,11 @@ class PostgresStore:
 
     async def close(self) -> None:
         """Close the pool and its connections. The store is not used afterwards."""
-        async with self._opening:
-            self._closed = True
-            pool, self._pool = self._pool, None
+        self._closed = True
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            with suppress(StoreError):
+                await opening  # bounded by connect_timeout and statement_timeout; closes its pool itself
+        pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
