@@ -126,8 +126,9 @@ class TestRedisStoreWithOwnClient(_RedisConformance):
         cls.url = redis_url
 
     async def open_store(self) -> Store:
-        store = RedisStore(redis.asyncio.Redis.from_url(self.url), prefix=f"{RUN_PREFIX}own-client:")
-        self.clients[id(store)] = store._bound().client  # type: ignore[assignment]  # a Redis, not a RedisCluster
+        client = redis.asyncio.Redis.from_url(self.url)
+        store = RedisStore(client, prefix=f"{RUN_PREFIX}own-client:")
+        self.clients[id(store)] = client
         return store
 
     async def close_store(self, store: Store) -> None:
@@ -405,6 +406,9 @@ async def test_redis_url_defaults() -> None:
     assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2.0, 1.0)
     assert options["password"] is None
     assert options["decode_responses"] is False
+    retry = options["retry"]  # once more after a connection error; never after a timeout (the server may run it)
+    assert retry.get_retries() == 1
+    assert set(retry._supported_errors) == {redis.exceptions.ConnectionError}
 
 
 async def test_redis_url_with_everything() -> None:

@@ -17,8 +17,11 @@ claim safe to send twice: one that finds the key held with its own token reports
 
 Failures are bounded. Every socket read waits at most ``socket_timeout`` seconds and every connect at most
 ``socket_connect_timeout``; a command is retried once, and only after a connection error (e.g. a pooled connection
-to a server that restarted), never after a timeout (the server may have run it). So a server that is down or hangs
-turns into :class:`~idempo.StoreError` within a few timeouts, and the same store works again once it is back.
+to a server that restarted), never after a timeout (a hung server may run it later, and waiting again would double
+the delay). So a server that is down or hangs turns into :class:`~idempo.StoreError` within a few timeouts, and the
+same store works again once it is back. (A connection that breaks after the command reached the server makes the
+retry run it twice: harmless for ``claim``, ``renew`` and ``release``; a ``complete`` then reports ``False`` although
+the payload was stored.) A cluster tries its nodes in turn, so its bound grows with the number of nodes.
 
 Event loops. redis-py's asyncio connections belong to the event loop that opened them. A store built from a URL
 (or a client factory) creates its client lazily, inside the running loop, on first use, and one client per loop
@@ -44,6 +47,7 @@ from ._url import StoreURL, redact
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio.retry import Retry
     from redis.commands.core import AsyncScript
 
     Client: TypeAlias = Redis | RedisCluster
@@ -142,13 +146,14 @@ class _ClientFactory:
         from redis.asyncio import Redis, RedisCluster
         from redis.asyncio.cluster import ClusterNode
 
+        options = {"retry": _retry(), **self.options}
         if self.cluster:
-            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.nodes], **self.options)
+            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.nodes], **options)
         ((host, port),) = self.nodes
-        return Redis(host=host, port=port, **self.options)
+        return Redis(host=host, port=port, **options)
 
 
-def _retry() -> Any:
+def _retry() -> Retry:
     """One more try after a connection error only: a pooled connection may be to a server that restarted. Never
     after a timeout: the server may have run the command, and waiting again would double the delay."""
     from redis.asyncio.retry import Retry
@@ -234,7 +239,6 @@ class RedisStore:
             "socket_timeout": url.float_option("timeout", DEFAULT_TIMEOUT),
             "socket_connect_timeout": url.float_option("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
             "decode_responses": False,
-            "retry": _retry(),
         }
         credentials, at, hosts = url.netloc.rpartition("@")
         if at:
