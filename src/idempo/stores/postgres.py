@@ -65,7 +65,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout  # noqa: E402
 
 __all__ = ["PostgresStore"]
 
-Connection = psycopg.AsyncConnection[TupleRow]
+_Connection = psycopg.AsyncConnection[TupleRow]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 _IN_PROGRESS, _COMPLETED = 0, 1
@@ -91,10 +91,9 @@ _PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGN
 _FAILURES = (psycopg.Error, PoolTimeout, OSError, TimeoutError)
 
 
-def _now_sql() -> sql.Composable:
-    # The server's clock, unless a clock was given (tests): then the parameter %(now)s. statement_timestamp(),
-    # not clock_timestamp(): it is STABLE, so "expires_at <= now" can be an index condition.
-    return sql.SQL("COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)")
+# The server's clock, unless a clock was given (tests): then the parameter %(now)s. statement_timestamp(), not
+# clock_timestamp(): it is STABLE, so that "expires_at <= now" can be an index condition.
+_NOW = sql.SQL("COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)")
 
 
 class _Statements:
@@ -104,8 +103,7 @@ class _Statements:
     def __init__(self, table: str) -> None:
         t = sql.Identifier(table)
         cols = sql.SQL("key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload")
-        now = _now_sql()
-        fmt: dict[str, sql.Composable] = {"t": t, "cols": cols, "now": now}
+        fmt: dict[str, sql.Composable] = {"t": t, "cols": cols, "now": _NOW}
 
         def render(template: str, **extra: sql.Composable) -> bytes:
             return sql.SQL(template).format(**fmt, **extra).as_bytes(None)
@@ -207,7 +205,7 @@ def _strip_options(url: StoreURL) -> str:
     return f"{base}?{'&'.join(kept)}" if kept else base
 
 
-def _has_input(conn: Connection) -> bool:
+def _has_input(conn: _Connection) -> bool:
     """Whether an idle connection's socket is readable: the server closed it (or sent a notice). No round trip."""
     try:
         fd = conn.pgconn.socket
@@ -232,7 +230,7 @@ class _Deadline:
 
     __slots__ = ("_conn", "_handle", "expired")
 
-    def __init__(self, conn: Connection, seconds: float) -> None:
+    def __init__(self, conn: _Connection, seconds: float) -> None:
         self._conn = conn
         self.expired = False
         self._handle = asyncio.get_running_loop().call_later(seconds, self._expire)
@@ -260,8 +258,8 @@ class PostgresStore:
 
     The pool opens lazily, on first use, inside the running event loop: a store may be created at import time.
     Use one store per event loop (a pool belongs to the loop that opened it) and :meth:`close` it at shutdown.
-    Run :meth:`purge_expired` from time to time (e.g. ``idempo purge`` from cron): PostgreSQL does not drop
-    expired rows on its own, although the store never shows them.
+    Call :meth:`purge_expired` from time to time (e.g. from a scheduled job): PostgreSQL does not drop expired
+    rows on its own, although the store never shows them.
 
     Args:
         conninfo: a libpq connection string or URL, e.g. ``"postgresql://app:secret@db.internal/app"`` or
@@ -335,9 +333,9 @@ class PostgresStore:
         self._prepare = prepare
         self._clock = clock
         self._sql = _Statements(table)
-        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._pool: AsyncConnectionPool[_Connection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._opening: asyncio.Task[AsyncConnectionPool[Connection]] | None = None
+        self._opening: asyncio.Task[AsyncConnectionPool[_Connection]] | None = None
         self._closed = False
 
     @classmethod
@@ -373,11 +371,11 @@ class PostgresStore:
             detail = f"{type(exc).__name__}: {exc}".strip()
         return StoreError(f"PostgreSQL store {self._display!r}, {doing}: {detail}")
 
-    async def _configure(self, conn: Connection) -> None:
+    async def _configure(self, conn: _Connection) -> None:
         with _Deadline(conn, self._answer_timeout):
             await conn.execute(f"SET statement_timeout = {int(self._statement_timeout * 1000)}".encode())
 
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> _Connection:
         conn = await psycopg.AsyncConnection.connect(
             self._conninfo,
             autocommit=True,
@@ -391,7 +389,7 @@ class PostgresStore:
             raise
         return conn
 
-    async def _open(self) -> AsyncConnectionPool[Connection]:
+    async def _open(self) -> AsyncConnectionPool[_Connection]:
         """The pool, opened (and the table made) on first use.
 
         Operations that arrive while it opens wait for that one attempt, and share its failure: each waits for
@@ -410,7 +408,7 @@ class PostgresStore:
         # Shielded: an operation cancelled while it waits must not cancel the others' attempt.
         return await asyncio.shield(opening)
 
-    async def _start(self) -> AsyncConnectionPool[Connection]:
+    async def _start(self) -> AsyncConnectionPool[_Connection]:
         deadline = None
         try:
             # On a connection of its own, so that a wrong password or database name comes out as such,
@@ -424,7 +422,7 @@ class PostgresStore:
                 await conn.close()
         except _FAILURES as exc:
             raise self._error(exc, "creating the table", deadline=deadline) from exc
-        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+        pool: AsyncConnectionPool[_Connection] = AsyncConnectionPool(
             self._conninfo,
             kwargs={
                 "autocommit": True,
@@ -446,7 +444,7 @@ class PostgresStore:
         self._pool, self._loop = pool, asyncio.get_running_loop()
         return pool
 
-    async def _create_table(self, conn: Connection) -> None:
+    async def _create_table(self, conn: _Connection) -> None:
         names = {"table": self._sql.table_name, "index": self._sql.index_name}
         row = await (await conn.execute(self._sql.exists, names)).fetchone()
         if row is not None and row[0]:
@@ -457,7 +455,7 @@ class PostgresStore:
                 await conn.execute(statement)
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
+    async def _connection(self) -> AsyncIterator[_Connection]:
         """A live connection of the pool. One the server closed while it was idle is dropped, not used."""
         pool = self._pool
         if pool is None or self._loop is not asyncio.get_running_loop():
@@ -497,6 +495,7 @@ class PostgresStore:
             raise self._error(exc, doing, deadline=deadline) from exc
 
     def _params(self, **params: Any) -> dict[str, Any]:
+        # lease and ttl always as floats: one set of parameter types, one prepared statement per connection.
         params["now"] = None if self._clock is None else self._clock()
         return params
 
@@ -506,7 +505,7 @@ class PostgresStore:
         """See :meth:`idempo.Store.claim`."""
         token = new_token()
         for _ in range(_CLAIM_ATTEMPTS):
-            params = self._params(key=key, fingerprint=fingerprint, token=token, lease=lease, ttl=ttl)
+            params = self._params(key=key, fingerprint=fingerprint, token=token, lease=float(lease), ttl=float(ttl))
             _, row = await self._execute("claim", self._sql.claim, params, rows=True)
             if row is not None:
                 return Acquired(token) if row[0] else Existing(_record(row[1:]))
@@ -516,12 +515,12 @@ class PostgresStore:
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
-        count, _ = await self._execute("renew", self._sql.renew, self._params(key=key, token=token, lease=lease))
+        count, _ = await self._execute("renew", self._sql.renew, self._params(key=key, token=token, lease=float(lease)))
         return count == 1
 
     async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """See :meth:`idempo.Store.complete`."""
-        params = self._params(key=key, token=token, payload=payload, ttl=ttl)
+        params = self._params(key=key, token=token, payload=payload, ttl=float(ttl))
         count, _ = await self._execute("complete", self._sql.complete, params)
         return count == 1
 
