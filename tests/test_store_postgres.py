@@ -471,6 +471,13 @@ async def test_unreachable_server_is_a_store_error() -> None:
         await store.close()
 
 
+def through(proxy: Proxy, url: str) -> str:
+    """*url*, with the proxy's address for the server's (credentials, database and options kept)."""
+    netloc = urlsplit(url).netloc
+    credentials = netloc.rpartition("@")[0]
+    return url.replace(netloc, f"{credentials}{'@' if credentials else ''}127.0.0.1:{proxy.port}", 1)
+
+
 class Proxy:
     """A TCP proxy in front of the server, to take it down and bring it back."""
 
@@ -529,7 +536,7 @@ async def test_store_recovers_when_the_server_comes_back(postgres_url: str, tabl
     parts = urlsplit(postgres_url)
     proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
     await proxy.start()
-    url = f"postgresql://{parts.username}@127.0.0.1:{proxy.port}{parts.path}"
+    url = through(proxy, postgres_url)
     store = PostgresStore(url, table=table, pool_timeout=0.5, reconnect_timeout=1, min_size=2)
     try:
         async with asyncio.timeout(HANG_GUARD):
@@ -555,7 +562,7 @@ async def test_server_that_does_not_answer(postgres_url: str, table: str) -> Non
     parts = urlsplit(postgres_url)
     proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
     await proxy.start()
-    url = f"postgresql://{parts.username}@127.0.0.1:{proxy.port}{parts.path}"
+    url = through(proxy, postgres_url)
     store = PostgresStore(url, table=table, statement_timeout=0.3, pool_timeout=1, reconnect_timeout=1)
     try:
         async with asyncio.timeout(HANG_GUARD):
@@ -581,7 +588,7 @@ async def test_operations_waiting_for_the_first_connection_share_one_attempt(pos
     proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
     await proxy.start()
     proxy.frozen = True  # connections are accepted, and then nothing: each attempt waits out connect_timeout
-    url = f"postgresql://{parts.username}@127.0.0.1:{proxy.port}{parts.path}"
+    url = through(proxy, postgres_url)
     store = PostgresStore(url, table=table, connect_timeout=2)
     try:
         async with asyncio.timeout(HANG_GUARD):
