@@ -1,11 +1,11 @@
 """Stores: where idempo keeps one record per key, and how to open one from a URL.
 
-========================  ===============================  ===========================================
-URL                       store                            notes
-========================  ===============================  ===========================================
-``memory://``             :class:`MemoryStore`             one process only; bounded; tests and development
-``sqlite:///path.db``     :class:`SQLiteStore`             the embedded default; several processes, one machine
-========================  ===============================  ===========================================
+- ``memory://``: :class:`~idempo.stores.memory.MemoryStore`, one process, bounded; for tests and development.
+- ``sqlite:///path.db``: :class:`~idempo.stores.sqlite.SQLiteStore`, the embedded default; one machine.
+- ``redis://``, ``rediss://``, ``redis+cluster://h1:p1,h2:p2``: :class:`~idempo.stores.redis.RedisStore`, one Lua
+  script per operation (extra ``redis``).
+- ``postgresql://``, ``postgres://``: :class:`~idempo.stores.postgres.PostgresStore`, one statement per operation
+  (extra ``postgres``).
 
 Options go in the query string, e.g. ``memory://?max_entries=1000`` or ``sqlite:///idempo.db?table=idem``.
 """
