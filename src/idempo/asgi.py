@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMapping
 from typing import Any, Literal
 
-from ._core.codec import StoredResponse, decode_response, encode_response, encode_too_large, storable_headers
+from ._core.codec import StoredResponse, decode_response, encode_app_response, encode_too_large
 from ._core.decide import Conflict, Mismatch, Replay, decide, should_store
 from ._core.errors import (
     BodyTooLargeError,
@@ -33,7 +33,7 @@ from ._core.errors import (
     RequestError,
     ResponseNotStoredError,
 )
-from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
+from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest
 from ._core.keys import parse_key
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
 from ._core.records import Acquired, Claim
@@ -224,10 +224,9 @@ class _Renewer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.timer: asyncio.TimerHandle | None = None
 
-    def add(self, exchange: _Exchange) -> None:
-        self.running.add(exchange)
-        if self.timer is None:
-            self.timer = self.loop.call_later(self.period, self._sweep)
+    def arm(self) -> None:
+        """Start the timer; the caller has just added to ``running``."""
+        self.timer = self.loop.call_later(self.period, self._sweep)
 
     def _sweep(self) -> None:
         self.timer = None
@@ -298,7 +297,7 @@ class _Exchange:
         self.renewer: _Renewer | None = None
         # What the app answers.
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: Iterable[tuple[bytes, bytes]] = ()
         self.chunks: list[bytes] = []
         self.size = 0
         self.keep = False
@@ -343,7 +342,7 @@ class _Exchange:
             return
         self.body = body
         principal = authorization if mw.principal is authorization_principal else mw.principal(scope)
-        self.store_key = scoped_key(principal_digest(principal), self.key)
+        self.store_key = store_key = f"{principal_digest(principal)}:{self.key}"  # as scoped_key() makes it
         if mw.fingerprint is not None:
             fingerprint = mw.fingerprint(scope, body)
         else:
@@ -354,7 +353,7 @@ class _Exchange:
                 canonical_json_body(body) if mw.canonical_json else body,
             )
         try:
-            claim = await self.store.claim(self.store_key, fingerprint, lease=mw.lease, ttl=mw.ttl)
+            claim = await self.store.claim(store_key, fingerprint, lease=mw.lease, ttl=mw.ttl)
         except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
             await self._store_failed(exc)
             return
@@ -364,7 +363,31 @@ class _Exchange:
                 return
             claim = acquired
         self.token = claim.token
-        await self._run_app()
+        # Run the app (here rather than in a method of its own: one coroutine less on every message it sends).
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["idempotency_key"] = self.key  # before the scope may be copied below, so that the app's copy has it
+        extensions = scope.get("extensions")
+        if extensions and any(name in extensions for name in _UNRECORDABLE_EXTENSIONS):
+            scope = dict(scope)
+            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
+        self.renewed_at = time.monotonic()
+        self.renewer = renewer = mw._renewer_for(asyncio.get_running_loop())
+        running = renewer.running
+        running.add(self)
+        if renewer.timer is None:
+            renewer.arm()
+        try:
+            await mw.app(scope, self._app_receive, self._send)
+        except BaseException:
+            await self._record(failed=True)
+            raise
+        finally:
+            running.discard(self)
+            self._response_over()
+        if self.token:
+            await self._record(failed=True)  # the app returned without finishing its response
 
     async def _read_rest(self, first: bytes, limit: int) -> bytes | None:
         """The rest of a body sent in several messages, or ``None`` if the client left."""
@@ -481,26 +504,6 @@ class _Exchange:
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
-    async def _run_app(self) -> None:
-        self._set_state()  # before the scope may be copied below, so that the app's copy has the key too
-        scope = self.scope
-        extensions = scope.get("extensions")
-        if extensions and any(name in extensions for name in _UNRECORDABLE_EXTENSIONS):
-            scope = dict(scope)
-            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
-        self.renewed_at = time.monotonic()
-        self.renewer = renewer = self.mw._renewer_for(asyncio.get_running_loop())
-        renewer.add(self)
-        try:
-            await self.mw.app(scope, self._app_receive, self._send)
-        except BaseException:
-            await self._record(failed=True)
-            raise
-        finally:
-            renewer.running.discard(self)
-            self._response_over()
-        await self._record(failed=True)  # a no-op unless the app returned without finishing its response
-
     async def _send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
@@ -518,7 +521,8 @@ class _Exchange:
             if not message.get("more_body", False):
                 # Record the outcome before the client has the whole response, so that a retry sent the moment
                 # it arrives never finds the key still in progress.
-                await self._record(failed=False)
+                if self.token:
+                    await self._record(failed=False)
                 try:
                     if not self.client_gone:
                         await self.send(message)
@@ -558,8 +562,9 @@ class _Exchange:
             if self.too_large:
                 payload = encode_too_large(self.status)
             else:
-                headers = storable_headers(self.headers, keep_set_cookie=mw.replay_set_cookie)
-                payload = encode_response(self.status, headers, b"".join(self.chunks))
+                payload = encode_app_response(
+                    self.status, self.headers, self.chunks, keep_set_cookie=mw.replay_set_cookie
+                )
             if not await self.store.complete(self.store_key, token, payload, ttl=mw.ttl):
                 logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
         except Exception as exc:  # noqa: BLE001 - the response is already the client's; log, do not fail it

@@ -21,6 +21,7 @@ __all__ = [
     "StoredResponse",
     "TooLargeMarker",
     "decode_response",
+    "encode_app_response",
     "encode_response",
     "encode_too_large",
     "storable_headers",
@@ -89,6 +90,27 @@ def encode_response(status: int, headers: Sequence[tuple[bytes, bytes]], body: b
         parts.append(name)
         parts.append(value)
     parts.append(body)
+    return b"".join(parts)
+
+
+def encode_app_response(
+    status: int, headers: Iterable[tuple[bytes, bytes]], chunks: Iterable[bytes], *, keep_set_cookie: bool = False
+) -> bytes:
+    """``encode_response(status, storable_headers(headers, keep_set_cookie=...), b"".join(chunks))`` in one pass
+    over the headers and one copy of the body: the middleware's way to encode what an app answered."""
+    dropped = _DROPPED_KEEPING_COOKIES if keep_set_cookie else _DROPPED
+    pack = _FIELD.pack
+    parts = [b""]
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if name in dropped:
+            if name == b"connection":  # it may name more headers to drop, even ones already encoded
+                stored = storable_headers(headers, keep_set_cookie=keep_set_cookie)
+                return encode_response(status, stored, b"".join(chunks))
+            continue
+        parts += (pack(len(name), len(value)), name, value)
+    parts[0] = _HEAD.pack(_RESPONSE, status, len(parts) // 3)
+    parts += chunks
     return b"".join(parts)
 
 

@@ -35,6 +35,8 @@ def parse_key(raw: bytes) -> str:
         InvalidKeyError: the value is empty, longer than 255 characters, a broken sf-string, or contains
             anything but visible ASCII. Answer 400; the client must fix its key generator.
     """
+    if raw[:1] != b'"' and _BARE.fullmatch(raw):  # the usual bare key, with nothing around it to strip
+        return raw.decode("ascii")
     value = raw.strip(b" \t")
     if value[:1] == b'"':
         if len(value) < 2 or value[-1:] != b'"' or not _SF_INNER.fullmatch(value, 1, len(value) - 1):
