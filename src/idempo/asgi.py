@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMapping
 from typing import Any, Literal
 
+from ._core.cache import CompletedCache
 from ._core.codec import StoredResponse, decode_response, encode_app_response, encode_too_large
 from ._core.decide import Conflict, Mismatch, Replay, decide, should_store
 from ._core.errors import (
@@ -36,7 +37,7 @@ from ._core.errors import (
 from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest
 from ._core.keys import parse_key
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
-from ._core.records import Acquired, Claim
+from ._core.records import Acquired, Claim, State
 from .stores import Store, store_from_url
 
 __all__ = ["ASGIApp", "IdempotencyMiddleware", "Message", "Receive", "Scope", "Send", "authorization_principal"]
@@ -104,6 +105,11 @@ class IdempotencyMiddleware:
         replay_set_cookie: replay ``Set-Cookie`` headers too. Off by default: a session cookie would otherwise
             be handed out again to whoever retries.
         problem_base_uri: the prefix of the ``type`` of the problem documents the middleware answers.
+        cache_size: how many completed responses this process keeps in memory, so that their replays (and
+            mismatches) cost no store round trip. ``0`` (the default) turns the cache off. Completed records never
+            change, so this never changes an answer, except after an explicit ``Store.delete``: a process that
+            cached the record replays it until its cache entry runs out.
+        cache_ttl: the longest a response stays in that cache, in seconds (never longer than the store keeps it).
     """
 
     def __init__(
@@ -128,6 +134,8 @@ class IdempotencyMiddleware:
         store_server_errors: bool = False,
         replay_set_cookie: bool = False,
         problem_base_uri: str = DEFAULT_PROBLEM_BASE,
+        cache_size: int = 0,
+        cache_ttl: float = 60,
     ) -> None:
         if ttl <= 0 or lease <= 0:
             msg = f"ttl and lease must be positive (ttl={ttl}, lease={lease})"
@@ -161,6 +169,10 @@ class IdempotencyMiddleware:
         self.replay_set_cookie = replay_set_cookie
         self.problem_base_uri = problem_base_uri
         self._renewer: _Renewer | None = None
+        if cache_size < 0 or cache_ttl < 0:
+            msg = f"cache_size and cache_ttl must not be negative (cache_size={cache_size}, cache_ttl={cache_ttl})"
+            raise ConfigurationError(msg)
+        self.cache = CompletedCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
 
     def _renewer_for(self, loop: asyncio.AbstractEventLoop) -> _Renewer:
         renewer = self._renewer
@@ -265,6 +277,7 @@ class _Exchange:
         "chunks",
         "client_gone",
         "done",
+        "fingerprint",
         "finished",
         "headers",
         "keep",
@@ -291,6 +304,7 @@ class _Exchange:
         self.key = key
         self.store = middleware.store
         self.store_key = ""
+        self.fingerprint = ""
         self.token = ""
         self.body: bytes | None = b""  # None once delivered to the app
         self.renewed_at = 0.0
@@ -352,6 +366,16 @@ class _Exchange:
                 scope.get("query_string", b""),
                 canonical_json_body(body) if mw.canonical_json else body,
             )
+        self.fingerprint = fingerprint
+        cache = mw.cache
+        if cache is not None:
+            cached = cache.get(store_key, time.monotonic())
+            if cached is not None:  # a completed record: the store's answer, without asking it
+                if cached[0] == fingerprint:
+                    await self._replay(cached[1])
+                else:
+                    await mw._send_error(self.send, Mismatch().error())
+                return
         try:
             claim = await self.store.claim(store_key, fingerprint, lease=mw.lease, ttl=mw.ttl)
         except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
@@ -416,7 +440,13 @@ class _Exchange:
         while True:
             if isinstance(claim, Acquired):
                 return claim
-            decision = decide(claim.record, fingerprint, now=time.time(), retry_after=mw.retry_after)
+            record = claim.record
+            now = time.time()
+            decision = decide(record, fingerprint, now=now, retry_after=mw.retry_after)
+            if mw.cache is not None and record.state is State.COMPLETED and record.payload is not None:
+                mw.cache.put(
+                    self.store_key, record.fingerprint, record.payload, time.monotonic(), record.expires_at - now
+                )
             if isinstance(decision, Replay):
                 await self._replay(decision.payload)
                 return None
@@ -567,5 +597,7 @@ class _Exchange:
                 )
             if not await self.store.complete(self.store_key, token, payload, ttl=mw.ttl):
                 logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+            elif mw.cache is not None:
+                mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), mw.ttl)
         except Exception as exc:  # noqa: BLE001 - the response is already the client's; log, do not fail it
             logger.error("idempo: could not record the outcome of a request: %s", exc)
