@@ -8,16 +8,31 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
-__all__ = ["WORKERS", "Server", "events", "lines", "poll", "run_server", "wait_for_done"]
+from idempo import principal_digest
+
+__all__ = [
+    "WORKERS",
+    "Server",
+    "TcpProxy",
+    "alive",
+    "events",
+    "lines",
+    "poll",
+    "poll_async",
+    "run_server",
+    "store_key",
+    "wait_for_done",
+]
 
 T = TypeVar("T")
 
@@ -33,10 +48,12 @@ class Server:
 
     base_url: str
     side_dir: Path
-    db_path: Path
+    db_path: Path  # the SQLite file, when the store is SQLite's
     lease: float
     process: subprocess.Popen[bytes]
     log_path: Path
+    store_url: str
+    short_lease: float  # of the paths under /short/
 
     def worker_pids(self) -> frozenset[int]:
         """The pids of every worker that has started so far (including any the supervisor restarted)."""
@@ -45,6 +62,31 @@ class Server:
     def log(self) -> str:
         """What uvicorn printed so far."""
         return self.log_path.read_text(errors="replace")
+
+    def live_worker_pids(self) -> frozenset[int]:
+        """The pids of the workers that have started and are still alive."""
+        return frozenset(pid for pid in self.worker_pids() if alive(pid))
+
+
+def alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie (a killed worker its supervisor has not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # pragma: no cover - no /proc: ask the kernel instead
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def store_key(key: str, authorization: bytes = b"") -> str:
+    """The store key under which the middleware keeps *key* for a request with that ``Authorization`` header
+    (none by default): ``<principal digest>:<key>``, as DESIGN-NOTES.md says."""
+    return f"{principal_digest(authorization)}:{key}"
 
 
 def lines(path: Path) -> list[str]:
@@ -69,6 +111,20 @@ async def poll(probe: Callable[[], T], *, what: str, within: float = 15.0, inter
     deadline = time.monotonic() + within
     while True:
         result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def poll_async(
+    probe: Callable[[], Awaitable[T]], *, what: str, within: float = 15.0, interval: float = 0.01
+) -> T:
+    """:func:`poll` with a probe that is a coroutine (a query to a server about other processes)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await probe()
         if result:
             return result
         if time.monotonic() > deadline:
@@ -127,18 +183,25 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def run_server(directory: Path, *, lease: float) -> Iterator[Server]:
-    """Start ``uvicorn --workers 4`` on a free port of 127.0.0.1 with a fresh SQLite file, and stop it on exit."""
+def run_server(
+    directory: Path, *, lease: float, store_url: str | None = None, short_lease: float = 2.0
+) -> Iterator[Server]:
+    """Start ``uvicorn --workers 4`` on a free port of 127.0.0.1, and stop it on exit. Its workers share the store
+    at *store_url*, or by default a fresh SQLite file in *directory*."""
     side_dir = directory / "side"
     side_dir.mkdir()
     db_path = directory / "idempo.db"
     log_path = directory / "uvicorn.log"
     port = _free_port()
+    if store_url is None:
+        store_url = f"sqlite:///{db_path}"
     env = {
         **os.environ,
         "IDEMPO_E2E_DIR": str(side_dir),
         "IDEMPO_E2E_DB": str(db_path),
+        "IDEMPO_E2E_STORE": store_url,
         "IDEMPO_E2E_LEASE": str(lease),
+        "IDEMPO_E2E_SHORT_LEASE": str(short_lease),
         "PYTHONUNBUFFERED": "1",
     }
     command = [
@@ -167,7 +230,7 @@ def run_server(directory: Path, *, lease: float) -> Iterator[Server]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", side_dir, db_path, lease, process, log_path)
+    server = Server(f"http://127.0.0.1:{port}", side_dir, db_path, lease, process, log_path, store_url, short_lease)
     try:
         _wait_until_serving(server)
         yield server
@@ -175,3 +238,99 @@ def run_server(directory: Path, *, lease: float) -> Iterator[Server]:
         for hold in side_dir.glob("*.hold"):
             hold.unlink(missing_ok=True)
         _stop(process)
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 in front of *upstream*, run by an event loop in a thread of its own (so that it
+    forwards whatever the test's own loop is doing), which the test can :meth:`cut` (stop listening and abort every
+    connection, as a server that went away would) and :meth:`restore` on the same port. Use it as a context
+    manager: it is closed, and its thread ended, on exit."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self.accepted = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="e2e-tcp-proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.WriteTransport] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    def __enter__(self) -> TcpProxy:
+        self._thread.start()
+        try:
+            self.restore()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._close()
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    def restore(self) -> None:
+        """Listen (again, on the same port once it has one) and forward new connections."""
+        self._call(self._listen())
+
+    def cut(self) -> None:
+        """Stop listening and abort every connection: connecting is refused, and open connections break."""
+        self._call(self._cut())
+
+    async def _listen(self) -> None:
+        assert self._server is None
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _cut(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        for transport in self._transports:
+            transport.abort()
+        self._transports.clear()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        self.accepted += 1
+        transports = {writer.transport}
+        self._transports |= transports
+        try:
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+            except OSError:
+                return
+            transports.add(upstream_writer.transport)
+            self._transports |= transports
+            await asyncio.gather(self._pump(reader, upstream_writer), self._pump(upstream_reader, writer))
+        finally:
+            for transport in transports:
+                transport.abort()
+            self._transports -= transports
+            self._handlers.discard(handler)
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass  # the other side, or cut(), broke the connection
+        finally:
+            writer.transport.abort()  # one direction is over: so is the connection, both ways
+
+    def _close(self) -> None:
+        if self._thread.is_alive():
+            with suppress(Exception):
+                self.cut()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()

@@ -2,9 +2,11 @@
 
 Configured by environment variables (read in each worker process, when uvicorn calls :func:`create_app`):
 
-- ``IDEMPO_E2E_DB``: absolute path of the SQLite file every worker shares (``sqlite:////<path>``).
+- ``IDEMPO_E2E_STORE``: the URL of the store every worker shares (``redis://...``, ``postgresql://...``); if it is
+  not set, ``IDEMPO_E2E_DB``: absolute path of the SQLite file every worker shares (``sqlite:////<path>``).
 - ``IDEMPO_E2E_DIR``: the side-effect directory the test and the workers share.
 - ``IDEMPO_E2E_LEASE``: the lease of the middleware, in seconds (default 30).
+- ``IDEMPO_E2E_SHORT_LEASE``: the lease of the middleware that serves paths under ``/short/`` (default 2).
 
 What the workers leave in ``IDEMPO_E2E_DIR``, so that the test can see across processes what happened:
 
@@ -17,7 +19,8 @@ What the workers leave in ``IDEMPO_E2E_DIR``, so that the test can see across pr
 ``POST /charge/<name>`` holds (does not finish) while the file ``<name>.hold`` exists: that is how a test keeps the
 first execution in progress while the other requests arrive, and releases it. Every response carries
 ``X-Worker-Pid``, added outside the idempotency middleware, so that 409s and replays say which worker answered.
-Paths under ``/wait/`` go through a middleware with ``on_conflict="wait"``; all others ``on_conflict="reject"``.
+Paths under ``/wait/`` go through a middleware with ``on_conflict="wait"``; paths under ``/short/`` through one with
+``on_conflict="reject"`` and the short lease; all others through one with ``on_conflict="reject"`` and the lease.
 """
 
 from __future__ import annotations
@@ -85,18 +88,22 @@ class _Observe:
 
 
 class _Dispatch:
-    """``/wait/...`` to the waiting middleware, every other HTTP request to the rejecting one."""
+    """``/wait/...`` to the waiting middleware, ``/short/...`` to the one with the short lease, every other HTTP
+    request to the rejecting one."""
 
-    def __init__(self, inner: ASGIApp, reject: ASGIApp, wait: ASGIApp) -> None:
+    def __init__(self, inner: ASGIApp, reject: ASGIApp, wait: ASGIApp, short: ASGIApp) -> None:
         self.inner = inner
         self.reject = reject
         self.wait = wait
+        self.short = short
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.inner(scope, receive, send)
         elif scope["path"].startswith("/wait/"):
             await self.wait(scope, receive, send)
+        elif scope["path"].startswith("/short/"):
+            await self.short(scope, receive, send)
         else:
             await self.reject(scope, receive, send)
 
@@ -104,9 +111,10 @@ class _Dispatch:
 def create_app() -> ASGIApp:
     """Build the application from the environment (see the module's docstring)."""
     side_dir = Path(os.environ["IDEMPO_E2E_DIR"])
-    db = os.environ["IDEMPO_E2E_DB"]
+    url = os.environ.get("IDEMPO_E2E_STORE") or f"sqlite:///{os.environ['IDEMPO_E2E_DB']}"
     lease = float(os.environ.get("IDEMPO_E2E_LEASE", "30"))
-    store = store_from_url(f"sqlite:///{db}")
+    short_lease = float(os.environ.get("IDEMPO_E2E_SHORT_LEASE", "2"))
+    store = store_from_url(url)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -143,7 +151,9 @@ def create_app() -> ASGIApp:
 
     api.add_api_route("/charge/{name}", charge, methods=["POST"])
     api.add_api_route("/wait/charge/{name}", charge, methods=["POST"])
+    api.add_api_route("/short/charge/{name}", charge, methods=["POST"])
 
     reject = IdempotencyMiddleware(api, store=store, lease=lease, on_conflict="reject")
     wait = IdempotencyMiddleware(api, store=store, lease=lease, on_conflict="wait", wait_timeout=20)
-    return _Observe(_Dispatch(api, reject, wait), side_dir)
+    short = IdempotencyMiddleware(api, store=store, lease=short_lease, on_conflict="reject")
+    return _Observe(_Dispatch(api, reject, wait, short), side_dir)
