@@ -1,18 +1,27 @@
 """``benchmarks/bench.py --quick`` runs, covers every case on every store, and makes the store calls it should.
 
 Timings are never asserted: they depend on the machine. Only that they are there and positive, and the round trips.
+The Redis and PostgreSQL runs need their servers (``redis_url``, ``postgres_url``: skipped locally without them,
+failed under ``CI=true``), and must leave nothing behind on them.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import redis
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
+TIMEOUT = 90
 
 EXPECTED_TRIPS = {
     "no-key": {},
@@ -22,29 +31,35 @@ EXPECTED_TRIPS = {
 METHODS = ("claim", "complete", "release", "renew", "get", "delete", "purge_expired")
 
 
-def run_quick(out: Path) -> dict[str, Any]:
+def run_bench(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        proc = subprocess.run(
-            [sys.executable, "-W", "error", str(BENCH), "--quick", "--json", str(out)],
+        return subprocess.run(
+            [sys.executable, "-W", "error", str(BENCH), "--quick", *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=TIMEOUT,
             check=False,
+            env=env,
         )
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"the quick benchmark took over 60 s; stderr so far: {exc.stderr!r}") from exc
+        raise AssertionError(f"the quick benchmark took over {TIMEOUT} s; stderr so far: {exc.stderr!r}") from exc
+
+
+def run_quick(out: Path, *args: str) -> dict[str, Any]:
+    proc = run_bench("--json", str(out), *args)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    # Unclosed clients and sockets show up as warnings the interpreter can only print.
+    assert "Warning" not in proc.stderr, proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
     data: dict[str, Any] = json.loads(out.read_text())
+    assert data["settings"]["quick"] is True
     return data
 
 
-def test_quick_benchmark_covers_every_case_and_counts_round_trips(tmp_path: Path) -> None:
-    data = run_quick(tmp_path / "bench.json")
-
-    assert data["settings"]["quick"] is True
+def check_rows(data: dict[str, Any], stores: tuple[str, ...]) -> None:
     rows = {(row["case"], row["store"]): row for row in data["results"]}
-    assert set(rows) == {(case, store) for case in EXPECTED_TRIPS for store in ("memory", "sqlite")}
+    assert set(rows) == {(case, store) for case in EXPECTED_TRIPS for store in stores}
     for (case, store), row in rows.items():
         for name in ("us_per_request", "bare_us_per_request", "ratio"):
             assert row[name] > 0, f"{case} on {store}: {name} = {row[name]!r}"
@@ -53,3 +68,90 @@ def test_quick_benchmark_covers_every_case_and_counts_round_trips(tmp_path: Path
         assert row["verdict"] in {"PASS", "MISS", "-"}
         expected = {method: EXPECTED_TRIPS[case].get(method, 0) for method in METHODS}
         assert row["round_trips"] == expected, f"{case} on {store}"
+        # The store calls were also timed alone, for the cases that make some.
+        assert set(row["split_us"]) == {"app", "store_calls", "server_ops", "remainder"}
+        assert (row["split_us"]["store_calls"] > 0) == bool(EXPECTED_TRIPS[case]), f"{case} on {store}"
+        assert len(row["store_calls_samples_us"]) == (len(row["samples_us"]) if EXPECTED_TRIPS[case] else 0)
+
+
+def check_server(data: dict[str, Any], store: str, op: str) -> dict[str, Any]:
+    """The server's bare operation was timed, and its share of the requests computed from the counted trips."""
+    server: dict[str, Any] = data["servers"][store]
+    assert server["op"] == op
+    assert server["us_per_op"] > 0
+    assert server["samples_us"]
+    assert all(sample > 0 for sample in server["samples_us"])
+    for row in data["results"]:
+        trips = sum(row["round_trips"].values())
+        assert row["split_us"]["server_ops"] == trips * server["us_per_op"], row["case"]
+    assert data["skipped"] == {}
+    return server
+
+
+def test_quick_benchmark_covers_every_case_and_counts_round_trips(tmp_path: Path) -> None:
+    data = run_quick(tmp_path / "bench.json", "--stores", "memory,sqlite")
+
+    check_rows(data, ("memory", "sqlite"))
+    assert data["servers"] == {}
+    assert data["skipped"] == {}
+
+
+def test_quick_benchmark_on_redis_counts_round_trips_and_leaves_no_keys(tmp_path: Path, redis_url: str) -> None:
+    data = run_quick(tmp_path / "bench.json", "--stores", "redis", "--redis-url", redis_url, "--require-services")
+
+    check_rows(data, ("redis",))
+    server = check_server(data, "redis", "PING")
+    prefix = server["prefix"]
+    assert prefix.startswith("idempo-bench-")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        left = list(client.scan_iter(match=prefix + "*", count=1000))
+    finally:
+        client.close()
+    assert left == [], f"the benchmark left {len(left)} keys under {prefix!r}"
+
+
+def test_quick_benchmark_on_postgres_counts_round_trips_and_drops_its_table(tmp_path: Path, postgres_url: str) -> None:
+    data = run_quick(
+        tmp_path / "bench.json", "--stores", "postgres", "--postgres-url", postgres_url, "--require-services"
+    )
+
+    check_rows(data, ("postgres",))
+    server = check_server(data, "postgres", "SELECT 1")
+    table = server["table"]
+    assert table.startswith("idempo_bench_")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        row = conn.execute("SELECT to_regclass(%s) IS NULL", [table]).fetchone()
+    assert row == (True,), f"the benchmark left its table {table}"
+
+
+def _closed_port() -> int:
+    """A port of 127.0.0.1 where nothing listens (one the system just handed out, and closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_a_server_that_does_not_answer_is_skipped_with_a_note_unless_required(tmp_path: Path) -> None:
+    port = _closed_port()
+    urls = ["--redis-url", f"redis://127.0.0.1:{port}/0", "--postgres-url", f"postgresql://postgres@127.0.0.1:{port}/t"]
+    local = {name: value for name, value in os.environ.items() if name != "CI"}
+    out = tmp_path / "bench.json"
+
+    skipped = run_bench("--stores", "redis,postgres", *urls, "--json", str(out), env=local)
+    assert skipped.returncode == 0, skipped.stderr
+    for store in ("redis", "postgres"):
+        assert f"note: {store} skipped (not reachable at " in skipped.stdout
+    data = json.loads(out.read_text())
+    assert set(data["skipped"]) == {"redis", "postgres"}
+    assert data["results"] == []
+
+    required = run_bench("--stores", "redis", *urls, "--require-services", env=local)
+    assert required.returncode == 2
+    assert "error: redis: not reachable at " in required.stderr
+
+    in_ci = run_bench("--stores", "postgres", *urls, env={**local, "CI": "true"})
+    assert in_ci.returncode == 2
+    assert "error: postgres: not reachable at " in in_ci.stderr
+    assert "CI=true" in in_ci.stderr
