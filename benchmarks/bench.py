@@ -78,7 +78,8 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from redis.asyncio import Redis, RedisCluster
 
-CASES: Final = ("no-key", "fresh-key", "replay")
+CASES: Final = ("no-key", "fresh-key", "replay", "replay-cached")
+CACHE_SIZE: Final = 1000  # the replay-cached case: the middleware keeps completed responses in this process
 STORES: Final = ("memory", "sqlite", "redis", "postgres")
 NETWORK_STORES: Final = ("redis", "postgres")
 STORE_METHODS: Final = ("claim", "complete", "release", "renew", "get", "delete", "purge_expired")
@@ -660,7 +661,7 @@ class CaseResult:
     @property
     def app_us(self) -> float:
         """The app's share of a wrapped request: the bare request's time, or nothing on a replay."""
-        return 0.0 if self.case == "replay" else self.bare_us_per_request
+        return 0.0 if self.case.startswith("replay") else self.bare_us_per_request
 
 
 class Recorder:
@@ -685,8 +686,9 @@ async def call(app: ASGIApp, request: Request) -> tuple[int, dict[bytes, bytes],
     return recorder.response()
 
 
-def wrap(app: ASGIApp, store: Store) -> IdempotencyMiddleware:
-    return IdempotencyMiddleware(app, store=store, ttl=TTL, lease=LEASE)
+def wrap(app: ASGIApp, store: Store, case: str = "") -> IdempotencyMiddleware:
+    cache_size = CACHE_SIZE if case == "replay-cached" else 0
+    return IdempotencyMiddleware(app, store=store, ttl=TTL, lease=LEASE, cache_size=cache_size)
 
 
 async def count_round_trips(
@@ -695,13 +697,16 @@ async def count_round_trips(
     """Store calls per request of *case*, through a counting proxy; also check what the case answers. Returns
     the proxy too, with the last calls it saw."""
     counting = CountingStore(store)
-    wrapped = wrap(app, counting)
+    wrapped = wrap(app, counting, case)
     requests = make_requests(case, store_name, CHECK_REQUESTS, keys)
     _, _, expected_body = await call(app, make_requests("no-key", store_name, 1, keys)[0])
+    if case == "replay-cached":  # what the cache is for: the replays after the first one this process sees
+        await call(wrapped, make_requests(case, store_name, 1, keys)[0])
+        counting.reset()
     for request in requests:
         status, headers, body = await call(wrapped, request)
         replayed = headers.get(b"idempotent-replayed") == b"true"
-        if status != 200 or body != expected_body or replayed != (case == "replay"):
+        if status != 200 or body != expected_body or replayed != case.startswith("replay"):
             msg = (
                 f"{case} on {store_name}: answered {status} {headers!r} {body!r}; the benchmark measures the wrong path"
             )
@@ -725,12 +730,13 @@ async def bench_store(
         msg = f"seeding the replay key on {store_name} answered {status}"
         raise RuntimeError(msg)
     results = {case: CaseResult(case, store_name) for case in CASES}
+    wrapped_for = {case: wrapped if case != "replay-cached" else wrap(app, store, case) for case in CASES}
     seen: dict[str, CountingStore] = {}
     for case in CASES:
         result = results[case]
         result.round_trips, seen[case] = await count_round_trips(app, store, store_name, case, keys)
-        await time_pair(app, wrapped, case, store_name, settings.warmup, settings.block, keys)
-        result.n = settings.n or await calibrate(app, wrapped, case, store_name, settings, keys)
+        await time_pair(app, wrapped_for[case], case, store_name, settings.warmup, settings.block, keys)
+        result.n = settings.n or await calibrate(app, wrapped_for[case], case, store_name, settings, keys)
     fresh, replay = seen["fresh-key"], seen["replay"]
     if fresh.last_claim is None or fresh.last_payload is None or replay.last_claim is None:
         msg = f"the middleware made no claim or no complete on {store_name}"
@@ -750,7 +756,14 @@ async def bench_store(
     for rep in range(settings.reps):
         for result in results.values():
             bare_us, wrapped_us = await time_pair(
-                app, wrapped, result.case, store_name, result.n, settings.block, keys, bare_first=rep % 2 == 0
+                app,
+                wrapped_for[result.case],
+                result.case,
+                store_name,
+                result.n,
+                settings.block,
+                keys,
+                bare_first=rep % 2 == 0,
             )
             result.bare_samples_us.append(bare_us)
             result.samples_us.append(wrapped_us)
@@ -871,14 +884,14 @@ def format_table(results: Sequence[CaseResult]) -> str:
         return " ".join(shown) or "none"
 
     header = (
-        f"{'case':<10} {'store':<8} {'N':>5} {'µs/req':>8} {'bare µs':>8} {'ratio':>6} {'target':>7} {'':<5} "
+        f"{'case':<13} {'store':<8} {'N':>5} {'µs/req':>8} {'bare µs':>8} {'ratio':>6} {'target':>7} {'':<5} "
         "store calls/req"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         target = f"≤{r.target:g}x" if r.target is not None else "-"
         lines.append(
-            f"{r.case:<10} {r.store:<8} {r.n:>5} {r.us_per_request:>8.1f} {r.bare_us_per_request:>8.1f} "
+            f"{r.case:<13} {r.store:<8} {r.n:>5} {r.us_per_request:>8.1f} {r.bare_us_per_request:>8.1f} "
             f"{r.ratio:>5.2f}x {target:>7} {r.verdict:<5} {trips(r)}"
         )
     return "\n".join(lines)
@@ -887,7 +900,7 @@ def format_table(results: Sequence[CaseResult]) -> str:
 def format_split(results: Sequence[CaseResult], servers: Sequence[ServerResult]) -> str:
     """Where a wrapped request's time goes, and each server's bare operation."""
     header = (
-        f"{'case':<10} {'store':<8} {'wrapped':>8} {'app':>8} {'store calls':>12} {'of which server':>16} "
+        f"{'case':<13} {'store':<8} {'wrapped':>8} {'app':>8} {'store calls':>12} {'of which server':>16} "
         f"{'remainder':>10}"
     )
     lines = [
@@ -906,7 +919,7 @@ def format_split(results: Sequence[CaseResult], servers: Sequence[ServerResult])
         else:
             of_server = f"{sum(r.round_trips.values()):g}x{server.us_per_op:.0f}={r.server_ops_us:.1f}"
         lines.append(
-            f"{r.case:<10} {r.store:<8} {r.us_per_request:>8.1f} {r.app_us:>8.1f} {r.store_calls_us:>12.1f} "
+            f"{r.case:<13} {r.store:<8} {r.us_per_request:>8.1f} {r.app_us:>8.1f} {r.store_calls_us:>12.1f} "
             f"{of_server:>16} {r.remainder_us:>10.1f}"
         )
     for server in servers:

@@ -27,6 +27,7 @@ EXPECTED_TRIPS = {
     "no-key": {},
     "fresh-key": {"claim": 1, "complete": 1},
     "replay": {"claim": 1},
+    "replay-cached": {},
 }
 METHODS = ("claim", "complete", "release", "renew", "get", "delete", "purge_expired")
 
