@@ -49,8 +49,9 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from .._core.errors import ConfigurationError, StoreError
-from .._core.records import Acquired, Claim, Existing, Record, State, new_token
+from .._core.records import Acquired, Claim, Existing, Record, new_token
 from . import require
+from ._rows import COMPLETED, IN_PROGRESS, record_from_row
 from ._url import StoreURL, redact
 
 # Imported after the check, so that a missing extra says what to install.
@@ -68,7 +69,6 @@ __all__ = ["PostgresStore"]
 _Connection = psycopg.AsyncConnection[TupleRow]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
-_IN_PROGRESS, _COMPLETED = 0, 1
 _CLAIM_ATTEMPTS = 10
 _ANSWER_GRACE = 1.0  # seconds the client waits past statement_timeout for an answer before it gives up
 # The store's own options in a URL's query string; everything else there is passed on to libpq.
@@ -136,28 +136,28 @@ class _Statements:
             "  SELECT r.key, r.state, r.fingerprint, r.token, r.created_at, r.lease_expires_at, r.expires_at, r.payload"
             "  FROM {t} AS r, now"
             "  WHERE r.key = %(key)s AND r.expires_at > now.t"
-            f"  AND (r.state = {_COMPLETED} OR r.lease_expires_at > now.t)),"
+            f"  AND (r.state = {COMPLETED} OR r.lease_expires_at > now.t)),"
             " taken AS ("
             "  INSERT INTO {t} AS r ({cols})"
-            f"  SELECT %(key)s, {_IN_PROGRESS}, %(fingerprint)s, %(token)s, now.t, now.t + %(lease)s, now.t + %(ttl)s,"
+            f"  SELECT %(key)s, {IN_PROGRESS}, %(fingerprint)s, %(token)s, now.t, now.t + %(lease)s, now.t + %(ttl)s,"
             "  NULL FROM now WHERE NOT EXISTS (SELECT FROM live)"
             "  ON CONFLICT (key) DO UPDATE SET"
-            f"  state = {_IN_PROGRESS}, fingerprint = excluded.fingerprint, token = excluded.token,"
+            f"  state = {IN_PROGRESS}, fingerprint = excluded.fingerprint, token = excluded.token,"
             "  created_at = excluded.created_at, lease_expires_at = excluded.lease_expires_at,"
             "  expires_at = excluded.expires_at, payload = NULL"
             "  WHERE r.expires_at <= excluded.created_at"
-            f"  OR (r.state = {_IN_PROGRESS} AND r.lease_expires_at <= excluded.created_at)"
+            f"  OR (r.state = {IN_PROGRESS} AND r.lease_expires_at <= excluded.created_at)"
             "  RETURNING r.key, r.state, r.fingerprint, r.token, r.created_at, r.lease_expires_at, r.expires_at,"
             "  r.payload)"
             " SELECT true, taken.* FROM taken"
             " UNION ALL SELECT false, live.* FROM live"
         )
-        fenced = f"key = %(key)s AND token = %(token)s AND state = {_IN_PROGRESS} AND expires_at > now.t"
+        fenced = f"key = %(key)s AND token = %(token)s AND state = {IN_PROGRESS} AND expires_at > now.t"
         self.renew = render(
             "UPDATE {t} SET lease_expires_at = now.t + %(lease)s FROM (SELECT {now} AS t) AS now WHERE " + fenced
         )
         self.complete = render(
-            f"UPDATE {{t}} SET state = {_COMPLETED}, token = '', payload = %(payload)s,"
+            f"UPDATE {{t}} SET state = {COMPLETED}, token = '', payload = %(payload)s,"
             " lease_expires_at = now.t, expires_at = now.t + %(ttl)s"
             " FROM (SELECT {now} AS t) AS now WHERE " + fenced
         )
@@ -173,20 +173,6 @@ class _Statements:
 
 
 _PURGE_BATCH = 10_000
-
-
-def _record(row: tuple[Any, ...]) -> Record:
-    key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload = row
-    return Record(
-        key,
-        State.COMPLETED if state == _COMPLETED else State.IN_PROGRESS,
-        fingerprint,
-        token,
-        created_at,
-        lease_expires_at,
-        expires_at,
-        payload,
-    )
 
 
 def _display(conninfo: str) -> str:
@@ -508,7 +494,7 @@ class PostgresStore:
             params = self._params(key=key, fingerprint=fingerprint, token=token, lease=float(lease), ttl=float(ttl))
             _, row = await self._execute("claim", self._sql.claim, params, rows=True)
             if row is not None:
-                return Acquired(token) if row[0] else Existing(_record(row[1:]))
+                return Acquired(token) if row[0] else Existing(record_from_row(row[1:]))
             # Another claim committed this key after our snapshot was taken: look again, with a fresh snapshot.
         msg = f"PostgreSQL store {self._display!r}, claim: key {key!r} kept changing under {_CLAIM_ATTEMPTS} attempts"
         raise StoreError(msg)
@@ -532,7 +518,7 @@ class PostgresStore:
     async def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`."""
         _, row = await self._execute("get", self._sql.get, self._params(key=key), rows=True)
-        return None if row is None else _record(row)
+        return None if row is None else record_from_row(row)
 
     async def delete(self, key: str) -> bool:
         """See :meth:`idempo.Store.delete`."""

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from .._core.errors import ConfigurationError, StoreError
-from .._core.records import Acquired, Claim, Existing, Record, State, new_token
+from .._core.records import Acquired, Claim, Existing, Record, new_token
+from ._rows import COMPLETED, IN_PROGRESS, record_from_row
 from ._url import StoreURL
 
 __all__ = ["SQLiteStore"]
@@ -44,7 +45,6 @@ T = TypeVar("T")
 logger = logging.getLogger("idempo")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-_IN_PROGRESS, _COMPLETED = 0, 1
 _COLUMNS = "key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload"
 # Connections a forked child inherited from its parent. SQLite forbids using them in the child, closing included
 # (closing drops every POSIX lock this process holds on the file, and may checkpoint or delete the WAL), so they
@@ -71,20 +71,6 @@ def _log_failure(future: Future[None]) -> None:
     exc = future.exception()
     if exc is not None:
         logger.warning("idempo: SQLite checkpoint failed: %s", exc)
-
-
-def _record(row: tuple[Any, ...]) -> Record:
-    key, state, fingerprint, token, created_at, lease_expires_at, expires_at, payload = row
-    return Record(
-        key,
-        State.COMPLETED if state == _COMPLETED else State.IN_PROGRESS,
-        fingerprint,
-        token,
-        created_at,
-        lease_expires_at,
-        expires_at,
-        payload,
-    )
 
 
 class SQLiteStore:
@@ -143,18 +129,18 @@ class SQLiteStore:
         self._inline_writes = 0
         self._sql_claim_read = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
         self._sql_claim_write = (
-            f"INSERT OR REPLACE INTO {table} ({_COLUMNS}) VALUES (?, {_IN_PROGRESS}, ?, ?, ?, ?, ?, NULL)"
+            f"INSERT OR REPLACE INTO {table} ({_COLUMNS}) VALUES (?, {IN_PROGRESS}, ?, ?, ?, ?, ?, NULL)"
         )
         self._sql_renew = (
             f"UPDATE {table} SET lease_expires_at = ? "
-            f"WHERE key = ? AND token = ? AND state = {_IN_PROGRESS} AND expires_at > ?"
+            f"WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
         )
         self._sql_complete = (
-            f"UPDATE {table} SET state = {_COMPLETED}, token = '', payload = ?, lease_expires_at = ?, expires_at = ? "
-            f"WHERE key = ? AND token = ? AND state = {_IN_PROGRESS} AND expires_at > ?"
+            f"UPDATE {table} SET state = {COMPLETED}, token = '', payload = ?, lease_expires_at = ?, expires_at = ? "
+            f"WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
         )
         self._sql_release = (
-            f"DELETE FROM {table} WHERE key = ? AND token = ? AND state = {_IN_PROGRESS} AND expires_at > ?"
+            f"DELETE FROM {table} WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
         )
         self._sql_get = f"SELECT {_COLUMNS} FROM {table} WHERE key = ? AND expires_at > ?"
         self._sql_delete = f"DELETE FROM {table} WHERE key = ?"
@@ -299,14 +285,14 @@ class SQLiteStore:
         # A live record seen by a plain read is a safe answer: completed records never change, and an
         # in-progress one was in progress at the moment of the read.
         row = conn.execute(self._sql_claim_read, (key,)).fetchone()
-        if row is not None and row[6] > now and (row[1] == _COMPLETED or row[5] > now):
-            return Existing(_record(row))
+        if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
+            return Existing(record_from_row(row))
         conn.execute("BEGIN IMMEDIATE")
         try:
             now = self._clock()
             row = conn.execute(self._sql_claim_read, (key,)).fetchone()
-            if row is not None and row[6] > now and (row[1] == _COMPLETED or row[5] > now):
-                result: Claim = Existing(_record(row))
+            if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
+                result: Claim = Existing(record_from_row(row))
             else:
                 token = new_token()
                 conn.execute(self._sql_claim_write, (key, fingerprint, token, now, now + lease, now + ttl))
@@ -333,7 +319,7 @@ class SQLiteStore:
 
     def _get(self, conn: sqlite3.Connection, key: str) -> Record | None:
         row = conn.execute(self._sql_get, (key, self._clock())).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else record_from_row(row)
 
     def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
         return conn.execute(self._sql_delete, (key,)).rowcount == 1
