@@ -149,6 +149,9 @@ class IdempotencyMiddleware:
         if max_request_bytes < 0 or max_response_bytes < 0 or retry_after < 0 or wait_timeout < 0:
             msg = "max_request_bytes, max_response_bytes, retry_after and wait_timeout must not be negative"
             raise ConfigurationError(msg)
+        if cache_size < 0 or cache_ttl < 0:
+            msg = f"cache_size and cache_ttl must not be negative (cache_size={cache_size}, cache_ttl={cache_ttl})"
+            raise ConfigurationError(msg)
         self.app = app
         self.store: Store = store_from_url(store) if isinstance(store, str) else store
         self.ttl = ttl
@@ -169,9 +172,6 @@ class IdempotencyMiddleware:
         self.replay_set_cookie = replay_set_cookie
         self.problem_base_uri = problem_base_uri
         self._renewer: _Renewer | None = None
-        if cache_size < 0 or cache_ttl < 0:
-            msg = f"cache_size and cache_ttl must not be negative (cache_size={cache_size}, cache_ttl={cache_ttl})"
-            raise ConfigurationError(msg)
         self.cache = CompletedCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
 
     def _renewer_for(self, loop: asyncio.AbstractEventLoop) -> _Renewer:
