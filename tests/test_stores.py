@@ -646,3 +646,10 @@ def test_redact(url: str, redacted: str) -> None:
 def test_missing_directory_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="does not exist"):
         store_from_url(f"sqlite:///{tmp_path}/no/such/dir/idem.db")
+
+
+def test_a_url_that_cannot_be_parsed_is_a_configuration_error() -> None:
+    """A broken URL (here an unclosed IPv6 bracket) is reported as such, with its password hidden."""
+    with pytest.raises(ConfigurationError, match="not a valid store URL") as caught:
+        store_from_url("redis://user:secret@[::1/0")
+    assert "secret" not in str(caught.value)

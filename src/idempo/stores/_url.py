@@ -68,7 +68,11 @@ class StoreURL:
 
 def parse_store_url(url: str) -> StoreURL:
     """Split *url*. Raises :class:`ConfigurationError` if it has no scheme."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+        msg = f"{redact(url)!r} is not a valid store URL: {exc}"
+        raise ConfigurationError(msg) from None
     if not parts.scheme or "://" not in url:
         msg = f"{redact(url)!r} is not a store URL; expected e.g. 'sqlite:///idempo.db' or 'memory://'"
         raise ConfigurationError(msg)
