@@ -55,6 +55,9 @@ _REPLAYED = (b"idempotent-replayed", b"true")
 # Messages a server may advertise that would let the app send a response we cannot see (a file by path).
 _UNRECORDABLE_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopy")
 _WAIT_POLL_MAX = 0.5
+# Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
+_RECORD_RETRY_FIRST = 0.05
+_RECORD_RETRY_MAX = 1.0
 
 
 def authorization_principal(scope: Scope) -> bytes:
@@ -172,6 +175,7 @@ class IdempotencyMiddleware:
         self.replay_set_cookie = replay_set_cookie
         self.problem_base_uri = problem_base_uri
         self._renewer: _Renewer | None = None
+        self._background: set[asyncio.Task[None]] = set()  # outcomes still being recorded after a store failure
         self.cache = CompletedCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
 
     def _renewer_for(self, loop: asyncio.AbstractEventLoop) -> _Renewer:
@@ -578,26 +582,54 @@ class _Exchange:
             self.client_gone = True
 
     async def _record(self, *, failed: bool) -> None:
-        """Complete or release the claim, once."""
+        """Complete or release the claim, once. If the store fails, keep trying in the background while our lease
+        lasts (the response is the client's already, and must not wait): a store that comes back within the
+        lease still gets the outcome, so that a retry replays it instead of running the operation again."""
         if self.token == "":
             return
         token, self.token = self.token, ""
         if self.renewer is not None:
             self.renewer.running.discard(self)
         mw = self.mw
+        release = failed or not self.keep
+        if release:
+            payload = b""
+        elif self.too_large:
+            payload = encode_too_large(self.status)
+        else:
+            payload = encode_app_response(self.status, self.headers, self.chunks, keep_set_cookie=mw.replay_set_cookie)
         try:
-            if failed or not self.keep:
-                await self.store.release(self.store_key, token)
-                return
-            if self.too_large:
-                payload = encode_too_large(self.status)
-            else:
-                payload = encode_app_response(
-                    self.status, self.headers, self.chunks, keep_set_cookie=mw.replay_set_cookie
-                )
-            if not await self.store.complete(self.store_key, token, payload, ttl=mw.ttl):
-                logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
-            elif mw.cache is not None:
-                mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), mw.ttl)
-        except Exception as exc:  # noqa: BLE001 - the response is already the client's; log, do not fail it
-            logger.error("idempo: could not record the outcome of a request: %s", exc)
+            await self._apply(token, payload, release=release)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
+            logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
+            deadline = self.renewed_at + mw.lease  # the lease runs out no later than this (monotonic clock)
+            task = asyncio.get_running_loop().create_task(self._record_later(token, payload, release, deadline))
+            mw._background.add(task)
+            task.add_done_callback(mw._background.discard)
+
+    async def _apply(self, token: str, payload: bytes, *, release: bool) -> None:
+        mw = self.mw
+        if release:
+            await self.store.release(self.store_key, token)
+        elif not await self.store.complete(self.store_key, token, payload, ttl=mw.ttl):
+            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+        elif mw.cache is not None:
+            mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), mw.ttl)
+
+    async def _record_later(self, token: str, payload: bytes, release: bool, deadline: float) -> None:
+        delay = _RECORD_RETRY_FIRST
+        failure: Exception | None = None
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self._apply(token, payload, release=release)
+            except Exception as exc:  # noqa: BLE001 - as in _record
+                failure = exc
+                delay = min(delay * 2, _RECORD_RETRY_MAX)
+                continue
+            logger.warning("idempo: the outcome of a request was recorded after the store came back")
+            return
+        logger.error(
+            "idempo: gave up recording the outcome of a request (%s); once its lease runs out, a retry runs it again",
+            failure,
+        )

@@ -270,10 +270,19 @@ async def test_unreachable_server_is_503_then_recovers_without_restarting_uvicor
     outage = await store_outage_while_requests_flow(
         server, break_store=proxy.cut, repair_store=proxy.restore, what="PostgreSQL is unreachable"
     )
-    # The operation that was running when the server became unreachable could not record its response: the key
-    # stays in progress (its lease of 30 s has not run out), so that a retry neither runs it again nor replays it.
+    # The operation that was running when the server became unreachable could not record its response then; the
+    # middleware kept trying while its lease (30 s) lasted, so once the server is back the outcome lands: a retry
+    # gets 409 until it has, then the original response, replayed. Never a second execution.
     headers = {"Idempotency-Key": outage.held_key, "Content-Type": "application/json"}
+    deadline = time.monotonic() + 20.0
     async with httpx.AsyncClient(base_url=server.base_url, timeout=20.0) as client:
-        retry = await client.post(outage.held_path, content=BODY, headers=headers)
-    assert retry.status_code == 409, retry.text
-    assert retry.json()["type"] == "urn:idempo:problem:in-progress"
+        while True:
+            retry = await client.post(outage.held_path, content=BODY, headers=headers)
+            if retry.status_code != 409:
+                break
+            assert retry.json()["type"] == "urn:idempo:problem:in-progress"
+            assert time.monotonic() < deadline, "the lost completion was not recorded after the server came back"
+            await asyncio.sleep(0.1)
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.content == outage.held_response.content
