@@ -35,7 +35,8 @@ class MemoryStore:
 
     Records live only as long as the process and are invisible to other processes: use it for tests, for
     development, and for a service that runs as exactly one process. When ``max_entries`` is reached, expired
-    records are dropped, then the oldest completed ones (a dropped record means a retry would run again).
+    records are dropped, then the oldest completed or stale ones (a dropped record means a retry would run
+    again); live claims are never dropped.
 
     Args:
         max_entries: the most records kept at once.
