@@ -31,8 +31,9 @@ from idempo import (
     StoreError,
     store_from_url,
 )
-from idempo.stores import redact
-from idempo.testing import StoreConformance
+from idempo.stores import SyncStore, redact, sync_store_from_url
+from idempo.stores.memory import SyncMemoryStore
+from idempo.testing import StoreConformance, SyncStoreConformance
 
 # The built-in stores are local and fast: short real leases keep the suite quick. Every check that a claim is
 # *still* held uses the suite's long lease, so a loaded machine cannot make these flaky.
@@ -653,3 +654,22 @@ def test_a_url_that_cannot_be_parsed_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="not a valid store URL") as caught:
         store_from_url("redis://user:secret@[::1/0")
     assert "secret" not in str(caught.value)
+
+
+class TestSyncMemoryStore(SyncStoreConformance):
+    """The blocking twin of the memory store, raced from real threads."""
+
+    short_lease = 0.03
+    short_ttl = 0.03
+
+    def open_sync_store(self) -> SyncStore:
+        return MemoryStore().sync()
+
+
+def test_a_memory_store_and_its_sync_twin_share_their_records() -> None:
+    """What the middleware recorded, a sync caller sees, and the other way round."""
+    store = MemoryStore()
+    claim = store.sync().claim("k", "fp", lease=30, ttl=60)
+    assert isinstance(claim, Acquired)
+    assert asyncio.run(store.get("k")) is not None
+    assert isinstance(sync_store_from_url("memory://"), SyncMemoryStore)

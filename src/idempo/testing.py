@@ -15,9 +15,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from ._core.records import Acquired, Claim, Existing, Record, State
-from .stores import Store
+from .stores import Store, SyncStore
 
-__all__ = ["StoreConformance"]
+__all__ = ["StoreConformance", "SyncStoreConformance"]
 
 _Scenario = Callable[["StoreConformance", Store], Coroutine[Any, Any, None]]
 
@@ -578,3 +578,54 @@ class StoreConformance:
             await self.close_store(store)
 
         asyncio.run(scenario())
+
+
+class _ThreadedStore:
+    """A :class:`Store` over a :class:`SyncStore`: each operation runs in a worker thread, so the suite's
+    concurrent scenarios (50 racing claims) exercise the sync store from many threads at once. Strictly private."""
+
+    def __init__(self, sync: SyncStore) -> None:
+        self.sync = sync
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        return await asyncio.to_thread(self.sync.claim, key, fingerprint, lease=lease, ttl=ttl)
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        return await asyncio.to_thread(self.sync.renew, key, token, lease=lease)
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        return await asyncio.to_thread(self.sync.complete, key, token, payload, ttl=ttl)
+
+    async def release(self, key: str, token: str) -> bool:
+        return await asyncio.to_thread(self.sync.release, key, token)
+
+    async def get(self, key: str) -> Record | None:
+        return await asyncio.to_thread(self.sync.get, key)
+
+    async def delete(self, key: str) -> bool:
+        return await asyncio.to_thread(self.sync.delete, key)
+
+    async def purge_expired(self) -> int:
+        return await asyncio.to_thread(self.sync.purge_expired)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.sync.close)
+
+
+class SyncStoreConformance(StoreConformance):
+    """The same suite, for a :class:`~idempo.stores.SyncStore`: implement :meth:`open_sync_store` instead of
+    ``open_store``. Every operation of a scenario runs in a thread of its own, so the races are real threads racing
+    on your store::
+
+        class TestMySyncStore(SyncStoreConformance):
+            def open_sync_store(self) -> SyncStore:
+                return MySyncStore(...)
+    """
+
+    def open_sync_store(self) -> SyncStore:
+        """Open the sync store under test (called in a worker thread of each test)."""
+        msg = f"{type(self).__name__} must implement `def open_sync_store(self) -> SyncStore`"
+        raise NotImplementedError(msg)
+
+    async def open_store(self) -> Store:
+        return _ThreadedStore(await asyncio.to_thread(self.open_sync_store))

@@ -21,7 +21,18 @@ from .._core.errors import ConfigurationError, MissingDependency
 from .._core.records import Claim, Record
 from ._url import StoreURL, parse_store_url, redact
 
-__all__ = ["SCHEMES", "Store", "StoreURL", "parse_store_url", "redact", "require", "store_from_url"]
+__all__ = [
+    "SCHEMES",
+    "SYNC_SCHEMES",
+    "Store",
+    "StoreURL",
+    "SyncStore",
+    "parse_store_url",
+    "redact",
+    "require",
+    "store_from_url",
+    "sync_store_from_url",
+]
 
 
 @runtime_checkable
@@ -84,6 +95,55 @@ class Store(Protocol):
 
 _REDIS = "idempo.stores.redis:RedisStore"
 _POSTGRES = "idempo.stores.postgres:PostgresStore"
+
+
+@runtime_checkable
+class SyncStore(Protocol):
+    """**Protocol:** the blocking twin of :class:`Store`, for sync callers (the ``@idempotent`` decorator on plain
+    functions, Celery and RQ workers, scripts): the same eight operations with the same contract, as plain methods.
+
+    Each built-in backend has one (``sync_store_from_url``), running the same Lua script or SQL statement as its
+    async store through the blocking API of the same client library; none runs an event loop behind the caller's
+    back, so a sync store may be called from inside a running loop's thread without deadlock (it blocks that
+    thread for one round trip, like any blocking client). Safe to share between threads.
+
+    (``isinstance`` cannot tell a ``SyncStore`` from a :class:`Store`: both have the same method names. Use
+    ``inspect.iscoroutinefunction(store.claim)`` to tell them apart.)
+    """
+
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`Store.claim`."""
+        ...
+
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`Store.renew`."""
+        ...
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`Store.complete`."""
+        ...
+
+    def release(self, key: str, token: str) -> bool:
+        """See :meth:`Store.release`."""
+        ...
+
+    def get(self, key: str) -> Record | None:
+        """See :meth:`Store.get`."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """See :meth:`Store.delete`."""
+        ...
+
+    def purge_expired(self) -> int:
+        """See :meth:`Store.purge_expired`."""
+        ...
+
+    def close(self) -> None:
+        """See :meth:`Store.close`."""
+        ...
+
+
 SCHEMES: Final[Mapping[str, str]] = {
     "memory": "idempo.stores.memory:MemoryStore",
     "sqlite": "idempo.stores.sqlite:SQLiteStore",
@@ -94,6 +154,41 @@ SCHEMES: Final[Mapping[str, str]] = {
     "postgres": _POSTGRES,
 }
 """URL scheme -> ``module:Class`` of the store it opens. Classes are imported only when their URL is used."""
+
+
+_SYNC_REDIS = "idempo.stores.redis:SyncRedisStore"
+_SYNC_POSTGRES = "idempo.stores.postgres:SyncPostgresStore"
+SYNC_SCHEMES: Final[Mapping[str, str]] = {
+    "memory": "idempo.stores.memory:SyncMemoryStore",
+    "sqlite": "idempo.stores.sqlite:SyncSQLiteStore",
+    "redis": _SYNC_REDIS,
+    "rediss": _SYNC_REDIS,
+    "redis+cluster": _SYNC_REDIS,
+    "postgresql": _SYNC_POSTGRES,
+    "postgres": _SYNC_POSTGRES,
+}
+"""URL scheme -> ``module:Class`` of the :class:`SyncStore` it opens."""
+
+
+def _open(url: str, schemes: Mapping[str, str], options: dict[str, Any]) -> Any:
+    parsed = parse_store_url(url)
+    target = schemes.get(parsed.scheme)
+    if target is None:
+        msg = f"unknown store scheme {parsed.scheme!r} in {redact(url)!r}; known schemes: {', '.join(schemes)}"
+        raise ConfigurationError(msg)
+    module_name, _, class_name = target.partition(":")
+    factory: Callable[..., Any] = getattr(importlib.import_module(module_name), class_name).from_url
+    return factory(parsed, **options)
+
+
+def sync_store_from_url(url: str, **options: Any) -> SyncStore:
+    """Open the :class:`SyncStore` *url* names: the same URLs as :func:`store_from_url`.
+
+    Note that ``memory://`` opens a new, empty store; to share records between a :class:`MemoryStore` and sync
+    code, use ``MemoryStore.sync()``.
+    """
+    store: SyncStore = _open(url, SYNC_SCHEMES, options)
+    return store
 
 
 def store_from_url(url: str, **options: Any) -> Store:
@@ -108,14 +203,8 @@ def store_from_url(url: str, **options: Any) -> Store:
         ConfigurationError: the scheme is unknown or an option is invalid.
         MissingDependency: the store needs an extra that is not installed.
     """
-    parsed = parse_store_url(url)
-    target = SCHEMES.get(parsed.scheme)
-    if target is None:
-        msg = f"unknown store scheme {parsed.scheme!r} in {redact(url)!r}; known schemes: {', '.join(SCHEMES)}"
-        raise ConfigurationError(msg)
-    module_name, _, class_name = target.partition(":")
-    factory: Callable[..., Store] = getattr(importlib.import_module(module_name), class_name).from_url
-    return factory(parsed, **options)
+    store: Store = _open(url, SCHEMES, options)
+    return store
 
 
 def require(module: str, *, extra: str) -> ModuleType:

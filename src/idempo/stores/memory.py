@@ -11,7 +11,7 @@ from .._core.errors import ConfigurationError
 from .._core.records import Acquired, Claim, Existing, Record, State, new_token
 from ._url import StoreURL
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "SyncMemoryStore"]
 
 # What the store keeps per key: a Record's fields, in a Record (completed records, handed out as they are by
 # every replay) or in a plain tuple (claims: most are completed before anyone asks to see them, and a tuple
@@ -30,8 +30,9 @@ def _as_record(entry: _Entry) -> Record:
     return entry if type(entry) is Record else _new_record(Record, entry)
 
 
-class MemoryStore:
-    """A bounded, expiring store in this process's memory.
+class SyncMemoryStore:
+    """A bounded, expiring store in this process's memory: the blocking twin of :class:`MemoryStore`, whose
+    ``sync()`` returns one over the same records.
 
     Records live only as long as the process and are invisible to other processes: use it for tests, for
     development, and for a service that runs as exactly one process. When ``max_entries`` is reached, expired
@@ -56,12 +57,12 @@ class MemoryStore:
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
-        """Build from ``memory://[?max_entries=N]``."""
+        """Build from ``memory://[?max_entries=N]`` (a new, empty store)."""
         options.setdefault("max_entries", url.int_option("max_entries", 100_000))
         return cls(**options)
 
     def __repr__(self) -> str:
-        return f"MemoryStore(max_entries={self._max_entries})"
+        return f"SyncMemoryStore(max_entries={self._max_entries})"
 
     def _live(self, key: str, now: float) -> _Entry | None:
         record = self._records.get(key)
@@ -86,7 +87,7 @@ class MemoryStore:
                 del records[key]
         self._scan_at = max(self._max_entries, len(records) + max(1, self._max_entries // 10))
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
         """See :meth:`idempo.Store.claim`."""
         with self._lock:
             now = self._clock()
@@ -108,7 +109,7 @@ class MemoryStore:
             return None
         return None if record[_EXPIRES_AT] <= now else record
 
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
         with self._lock:
             now = self._clock()
@@ -121,7 +122,7 @@ class MemoryStore:
             )  # fmt: skip
             return True
 
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """See :meth:`idempo.Store.complete`."""
         with self._lock:
             now = self._clock()
@@ -134,7 +135,7 @@ class MemoryStore:
             )
             return True
 
-    async def release(self, key: str, token: str) -> bool:
+    def release(self, key: str, token: str) -> bool:
         """See :meth:`idempo.Store.release`."""
         with self._lock:
             if self._owned(key, token, self._clock()) is None:
@@ -142,25 +143,88 @@ class MemoryStore:
             del self._records[key]
             return True
 
-    async def get(self, key: str) -> Record | None:
+    def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`."""
         with self._lock:
             record = self._live(key, self._clock())
             return None if record is None else _as_record(record)
 
-    async def delete(self, key: str) -> bool:
+    def delete(self, key: str) -> bool:
         """See :meth:`idempo.Store.delete`."""
         with self._lock:
             return self._records.pop(key, None) is not None
 
-    async def purge_expired(self) -> int:
+    def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`."""
         with self._lock:
             now = self._clock()
             expired = [key for key in list(self._records) if self._live(key, now) is None]
             return len(expired)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Forget every record."""
         with self._lock:
             self._records.clear()
+
+
+class MemoryStore:
+    """A bounded, expiring store in this process's memory.
+
+    Records live only as long as the process and are invisible to other processes: use it for tests, for
+    development, and for a service that runs as exactly one process. When ``max_entries`` is reached, expired
+    records are dropped, then the oldest completed or stale ones (a dropped record means a retry would run
+    again); live claims are never dropped. Nothing here waits, so each operation runs inline.
+
+    Args:
+        max_entries: the most records kept at once.
+        clock: seconds since the epoch; pass a fake clock to test expiry without waiting.
+    """
+
+    def __init__(self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.time) -> None:
+        self._sync = SyncMemoryStore(max_entries=max_entries, clock=clock)
+        self._records = self._sync._records  # the same dict
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from ``memory://[?max_entries=N]``."""
+        options.setdefault("max_entries", url.int_option("max_entries", 100_000))
+        return cls(**options)
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(max_entries={self._sync._max_entries})"
+
+    def sync(self) -> SyncMemoryStore:
+        """The blocking twin of this store, over the same records (for the decorator on sync functions)."""
+        return self._sync
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        return self._sync.claim(key, fingerprint, lease=lease, ttl=ttl)
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        return self._sync.renew(key, token, lease=lease)
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        return self._sync.complete(key, token, payload, ttl=ttl)
+
+    async def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        return self._sync.release(key, token)
+
+    async def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`."""
+        return self._sync.get(key)
+
+    async def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        return self._sync.delete(key)
+
+    async def purge_expired(self) -> int:
+        """See :meth:`idempo.Store.purge_expired`."""
+        return self._sync.purge_expired()
+
+    async def close(self) -> None:
+        """Forget every record."""
+        self._sync.close()
