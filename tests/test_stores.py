@@ -33,6 +33,7 @@ from idempo import (
 )
 from idempo.stores import SyncStore, redact, sync_store_from_url
 from idempo.stores.memory import SyncMemoryStore
+from idempo.stores.sqlite import SyncSQLiteStore
 from idempo.testing import StoreConformance, SyncStoreConformance
 
 # The built-in stores are local and fast: short real leases keep the suite quick. Every check that a claim is
@@ -673,3 +674,212 @@ def test_a_memory_store_and_its_sync_twin_share_their_records() -> None:
     assert isinstance(claim, Acquired)
     assert asyncio.run(store.get("k")) is not None
     assert isinstance(sync_store_from_url("memory://"), SyncMemoryStore)
+
+
+# -- SyncSQLiteStore: the blocking twin of SQLiteStore ---------------------------------------------------------
+
+
+class TestSyncSQLiteStore(SyncStoreConformance):
+    """The blocking SQLite store, raced from real threads, each on a connection of its own."""
+
+    short_lease = _FAST["short_lease"]
+    short_ttl = _FAST["short_ttl"]
+    expiry_margin = _FAST["expiry_margin"]
+    path: Path
+
+    @pytest.fixture(autouse=True)
+    def _database_in_tmp_path(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "sync-conformance.db"
+
+    def open_sync_store(self) -> SyncStore:
+        return SyncSQLiteStore(self.path)
+
+
+class TestSyncSQLiteStoreInMemory(TestSyncSQLiteStore):
+    """``":memory:"``: one connection, which the threads take turns on."""
+
+    def open_sync_store(self) -> SyncStore:
+        return SyncSQLiteStore(":memory:")
+
+
+async def test_a_sqlite_store_and_its_sync_twin_share_their_records(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "twins.db", table="twins", busy_timeout=2, synchronous="FULL")
+    twin = store.sync()
+    assert isinstance(twin, SyncSQLiteStore)
+    assert store.sync() is twin
+    assert (twin._path, twin._table, twin._busy_timeout, twin._synchronous) == (
+        str(tmp_path / "twins.db"), "twins", 2, "FULL",
+    )  # fmt: skip
+    token = token_of(await store.claim("from-async", "fp", lease=60, ttl=60))
+    assert record_of(twin.claim("from-async", "fp", lease=60, ttl=60)).token == token
+    assert twin.complete("from-async", token, b"done", ttl=60)  # the owner's token works through either
+    assert record_of(await store.claim("from-async", "fp", lease=60, ttl=60)).payload == b"done"
+    sync_token = token_of(twin.claim("from-sync", "fp", lease=60, ttl=60))
+    assert record_of(await store.claim("from-sync", "fp", lease=60, ttl=60)).token == sync_token
+    assert await store.release("from-sync", sync_token)
+    assert twin.get("from-sync") is None
+    # Another sync store on the same file (not the twin) sees the same records.
+    other = sync_store_from_url(f"sqlite:///{tmp_path}/twins.db?table=twins")
+    assert record_of(other.claim("from-async", "fp", lease=60, ttl=60)).payload == b"done"
+    other.close()
+    await store.close()  # closes the twin's connections too
+    assert twin._pool.opened == 0
+
+
+def test_threads_claiming_one_key_have_one_winner(tmp_path: Path) -> None:
+    store = SyncSQLiteStore(tmp_path / "race.db")
+    threads, keys = 16, 20
+    start = threading.Barrier(threads)
+    claims: list[list[Claim]] = [[] for _ in range(keys)]
+    errors: list[str] = []
+
+    def worker() -> None:
+        try:
+            start.wait(timeout=30)
+            for k in range(keys):
+                claims[k].append(store.claim(f"key-{k}", "fp", lease=60, ttl=60))
+        except BaseException as exc:
+            errors.append(repr(exc))
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=60)
+    assert errors == []
+    for results in claims:
+        assert len(results) == threads
+        winners = [c for c in results if isinstance(c, Acquired)]
+        assert len(winners) == 1
+        assert all(record_of(c).token == winners[0].token for c in results if isinstance(c, Existing))
+    assert store._pool.opened <= threads  # a connection per concurrent caller, never more
+    store.close()
+    assert store._pool.opened == 0
+
+
+def test_sync_sqlite_store_threads_never_share_a_connection(tmp_path: Path) -> None:
+    store = SyncSQLiteStore(tmp_path / "threads.db")
+    threads, rounds = 8, 100
+    start, errors = threading.Barrier(threads), list[str]()
+
+    def worker(n: int) -> None:
+        try:
+            start.wait(timeout=30)
+            for i in range(rounds):
+                token = token_of(store.claim(f"{n}-{i}", "fp", lease=60, ttl=60))
+                assert store.complete(f"{n}-{i}", token, b"done", ttl=60)
+        except BaseException as exc:
+            errors.append(repr(exc))
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=60)
+    assert errors == []
+    assert all(store.get(f"{n}-{i}") is not None for n in range(threads) for i in range(rounds))
+    store.close()
+
+
+def test_sync_sqlite_url(tmp_path: Path) -> None:
+    store = sync_store_from_url(f"sqlite:///{tmp_path}/u.db?table=idem&busy_timeout=0.5&synchronous=full&inline=0")
+    assert isinstance(store, SyncSQLiteStore)
+    assert (store._path, store._table, store._busy_timeout, store._synchronous) == (
+        str(tmp_path / "u.db"), "idem", 0.5, "FULL",
+    )  # fmt: skip
+    assert repr(store) == f"SyncSQLiteStore({str(tmp_path / 'u.db')!r}, table='idem')"
+    assert isinstance(store.claim("k", "fp", lease=60, ttl=60), Acquired)
+    store.close()
+    with pytest.raises(ConfigurationError, match="no host"):
+        sync_store_from_url("sqlite://host/x.db")
+    with pytest.raises(ConfigurationError, match="table name"):
+        sync_store_from_url(f"sqlite:///{tmp_path}/u.db?table=no-dashes")
+
+
+def test_sync_sqlite_busy_timeout_bounds_the_wait(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = SyncSQLiteStore(path, busy_timeout=0.2)
+    store.get("warm-up")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    start = time.monotonic()
+    try:
+        with pytest.raises(StoreError, match="locked") as raised:
+            store.claim("k", "fp", lease=60, ttl=60)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert 0.15 <= time.monotonic() - start < 3
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    assert isinstance(store.claim("k", "fp", lease=60, ttl=60), Acquired)  # and it recovers
+    store.close()
+
+
+def test_sync_sqlite_error_surfaces_as_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not a SQLite database. " * 200)
+    store = SyncSQLiteStore(path)
+    with pytest.raises(StoreError, match="not a database") as raised:
+        store.claim("k", "fp", lease=60, ttl=60)
+    assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    assert store._pool.opened == 0  # the connection that failed to open was not counted, nor left open
+    store.close()
+
+
+def test_sync_sqlite_store_closes_a_connection_in_use_when_its_operation_ends(tmp_path: Path) -> None:
+    store = SyncSQLiteStore(tmp_path / "c.db")
+    store.get("warm-up")
+    inside, go_on = threading.Event(), threading.Event()
+    seen: list[Record | None] = []
+
+    def slow_get(conn: sqlite3.Connection, key: str) -> Record | None:
+        inside.set()
+        go_on.wait(timeout=30)
+        return store._get(conn, key)
+
+    thread = threading.Thread(target=lambda: seen.append(store._run(slow_get, "k")))
+    thread.start()
+    assert inside.wait(timeout=30)
+    pool = store._pool
+    store.close()
+    store.close()  # twice is fine
+    go_on.set()
+    thread.join(timeout=30)
+    assert seen == [None]
+    assert pool.opened == 0
+    assert pool.idle == []
+    assert isinstance(store.claim("k", "fp", lease=60, ttl=60), Acquired)  # a closed store opens anew
+    store.close()
+
+
+def _use_inherited_sync_store(store: SyncSQLiteStore, parent_key: str, results: Queue[Any]) -> None:
+    try:
+        record = store.get(parent_key)
+        token = token_of(store.claim("child", "child", lease=60, ttl=60))
+        completed = store.complete("child", token, b"from the child", ttl=60)
+        store.close()
+        results.put(("ok", (None if record is None else record.payload), completed))
+    except BaseException as exc:
+        results.put(("error", repr(exc)))
+
+
+def test_sync_sqlite_store_used_before_fork_works_in_the_child(tmp_path: Path) -> None:
+    store = SyncSQLiteStore(tmp_path / "fork.db")
+    token = token_of(store.claim("parent", "fp", lease=60, ttl=60))
+    assert store.complete("parent", token, b"from the parent", ttl=60)
+    ctx = multiprocessing.get_context("fork")
+    results: Queue[Any] = ctx.Queue()
+    child = ctx.Process(target=_use_inherited_sync_store, args=(store, "parent", results))
+    child.start()
+    try:
+        outcome = results.get(timeout=30)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert outcome == ("ok", b"from the parent", True)
+    assert child.exitcode == 0
+    record = store.get("child")  # the parent's own connections still work
+    assert record is not None
+    assert record.payload == b"from the child"
+    store.close()

@@ -18,6 +18,11 @@ the fsync of a checkpoint never happens on the loop either. With ``synchronous="
 so everything runs on the thread; ``inline=False`` asks for that too, e.g. on a slow or network file system.
 
 The store notices a ``fork`` and opens fresh connections and a fresh thread in the child.
+
+:class:`SyncSQLiteStore`, the blocking twin (``SQLiteStore.sync()``, ``sync_store_from_url``), runs the same
+operations, over the same connection setup, on the caller's thread: it keeps a pool of connections (busy timeout
+set), and each operation takes one that no other thread is using, so threads never share a connection, and only
+wait for each other where SQLite makes them (the write lock, for at most the busy timeout).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from .._core.records import Acquired, Claim, Existing, Record, new_token
 from ._rows import COMPLETED, IN_PROGRESS, record_from_row
 from ._url import StoreURL
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "SyncSQLiteStore"]
 
 T = TypeVar("T")
 logger = logging.getLogger("idempo")
@@ -50,6 +55,18 @@ _COLUMNS = "key, state, fingerprint, token, created_at, lease_expires_at, expire
 # (closing drops every POSIX lock this process holds on the file, and may checkpoint or delete the WAL), so they
 # are kept here, never closed, for as long as the child lives.
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
+# Taken only when a store first finds itself in a new process; made anew in every child, so that a lock some other
+# thread of the parent held at the moment of the fork can never block the child.
+_FORK_LOCK = threading.Lock()
+
+
+def _new_fork_lock() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_new_fork_lock)
 
 
 _CHECKPOINT_EVERY = 1000
@@ -73,30 +90,18 @@ def _log_failure(future: Future[None]) -> None:
         logger.warning("idempo: SQLite checkpoint failed: %s", exc)
 
 
-class SQLiteStore:
-    """Records in a SQLite file: durable, and safe for several worker processes on one machine.
-
-    Args:
-        path: the database file (created if missing; its directory must exist), or ``":memory:"``.
-        table: the table's name; created on first use.
-        busy_timeout: seconds a write waits for another process's lock before the store reports an error.
-        synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (the default) survives a crash of the
-            process; ``"FULL"`` also survives a power loss, at the cost of an fsync per write.
-        clock: seconds since the epoch. Every process sharing the file must use the same clock.
-        inline: run statements that cannot wait (a read, a write that finds the database unlocked) on the
-            calling thread, and hand only those that would wait to the store's thread. ``False`` runs every
-            statement on the store's thread. Ignored (always ``False``) with ``synchronous`` FULL or EXTRA.
-    """
+class _SQLiteBase:
+    """What :class:`SQLiteStore` and :class:`SyncSQLiteStore` share: the options, the connection setup, the SQL and
+    the operations, each a plain function of a ``sqlite3`` connection. Strictly private."""
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        table: str = "idempo_records",
-        busy_timeout: float = 5.0,
-        synchronous: str = "NORMAL",
-        clock: Callable[[], float] = time.time,
-        inline: bool = True,
+        table: str,
+        busy_timeout: float,
+        synchronous: str,
+        clock: Callable[[], float],
     ) -> None:
         if not _IDENTIFIER.fullmatch(table):
             msg = f"table name {table!r} must be letters, digits and underscores"
@@ -118,15 +123,6 @@ class SQLiteStore:
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
         self._clock = clock
-        self._lock = threading.Lock()
-        self._pid = -1
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-        # Not for ":memory:": each connection to it is a database of its own, the loop's would have no table.
-        self._inline = inline and self._synchronous in ("OFF", "NORMAL") and self._path != ":memory:"
-        self._inline_conn: sqlite3.Connection | None = None
-        self._inline_lock = threading.Lock()
-        self._inline_writes = 0
         self._sql_claim_read = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
         self._sql_claim_write = (
             f"INSERT OR REPLACE INTO {table} ({_COLUMNS}) VALUES (?, {IN_PROGRESS}, ?, ?, ?, ?, ?, NULL)"
@@ -146,12 +142,9 @@ class SQLiteStore:
         self._sql_delete = f"DELETE FROM {table} WHERE key = ?"
         self._sql_purge = f"DELETE FROM {table} WHERE expires_at <= ?"
 
-    @classmethod
-    def from_url(cls, url: StoreURL, **options: Any) -> Self:
-        """Build from ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
-
-        Query options: ``table``, ``busy_timeout`` (seconds), ``synchronous``.
-        """
+    @staticmethod
+    def _path_from_url(url: StoreURL, options: dict[str, Any]) -> str:
+        """The file a ``sqlite:`` URL names; fills *options* with the query options both stores take."""
         if url.netloc:
             msg = f"a SQLite URL has no host: write 'sqlite:///{url.netloc}{url.path}' for a relative path"
             raise ConfigurationError(msg)
@@ -162,32 +155,7 @@ class SQLiteStore:
         options.setdefault("table", url.option("table", "idempo_records"))
         options.setdefault("busy_timeout", url.float_option("busy_timeout", 5.0))
         options.setdefault("synchronous", url.option("synchronous", "NORMAL"))
-        options.setdefault("inline", (url.option("inline") or "true").lower() not in ("0", "false", "no", "off"))
-        return cls(path, **options)
-
-    def __repr__(self) -> str:
-        return f"SQLiteStore({self._path!r}, table={self._table!r})"
-
-    # -- the thread that owns the connection ----------------------------------------------------------------
-
-    def _executor_for_this_process(self) -> ThreadPoolExecutor:
-        pid = os.getpid()
-        if self._pid != pid:  # first use, or we are a forked child: the parent's thread and connection are not ours
-            with self._lock:
-                if self._pid != pid:
-                    _INHERITED_CONNECTIONS.extend(c for c in (self._conn, self._inline_conn) if c is not None)
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempo-sqlite")
-                    self._conn = None
-                    self._inline_conn = None
-                    self._inline_lock = threading.Lock()  # another thread of the parent may have held it
-                    self._pid = pid
-        assert self._executor is not None
-        return self._executor
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = self._connect()
-        return self._conn
+        return path
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
@@ -228,6 +196,144 @@ class SQLiteStore:
 
     def _error(self, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}")
+
+    # -- the operations: plain functions of a connection, run by either store -------------------------------
+
+    def _claim(self, conn: sqlite3.Connection, key: str, fingerprint: str, lease: float, ttl: float) -> Claim:
+        now = self._clock()
+        # A live record seen by a plain read is a safe answer: completed records never change, and an
+        # in-progress one was in progress at the moment of the read.
+        row = conn.execute(self._sql_claim_read, (key,)).fetchone()
+        if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
+            return Existing(record_from_row(row))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            now = self._clock()
+            row = conn.execute(self._sql_claim_read, (key,)).fetchone()
+            if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
+                result: Claim = Existing(record_from_row(row))
+            else:
+                token = new_token()
+                conn.execute(self._sql_claim_write, (key, fingerprint, token, now, now + lease, now + ttl))
+                result = Acquired(token)
+            conn.execute("COMMIT")
+        except BaseException:
+            # COMMIT too may fail (busy, on a database that is not in WAL mode): never leave the connection
+            # inside a transaction that holds the write lock.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _renew(self, conn: sqlite3.Connection, key: str, token: str, lease: float) -> bool:
+        now = self._clock()
+        return conn.execute(self._sql_renew, (now + lease, key, token, now)).rowcount == 1
+
+    def _complete(self, conn: sqlite3.Connection, key: str, token: str, payload: bytes, ttl: float) -> bool:
+        now = self._clock()
+        return conn.execute(self._sql_complete, (payload, now, now + ttl, key, token, now)).rowcount == 1
+
+    def _release(self, conn: sqlite3.Connection, key: str, token: str) -> bool:
+        return conn.execute(self._sql_release, (key, token, self._clock())).rowcount == 1
+
+    def _get(self, conn: sqlite3.Connection, key: str) -> Record | None:
+        row = conn.execute(self._sql_get, (key, self._clock())).fetchone()
+        return None if row is None else record_from_row(row)
+
+    def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
+        return conn.execute(self._sql_delete, (key,)).rowcount == 1
+
+    def _purge_expired(self, conn: sqlite3.Connection) -> int:
+        return conn.execute(self._sql_purge, (self._clock(),)).rowcount
+
+
+class SQLiteStore(_SQLiteBase):
+    """Records in a SQLite file: durable, and safe for several worker processes on one machine.
+
+    Args:
+        path: the database file (created if missing; its directory must exist), or ``":memory:"``.
+        table: the table's name; created on first use.
+        busy_timeout: seconds a write waits for another process's lock before the store reports an error.
+        synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (the default) survives a crash of the
+            process; ``"FULL"`` also survives a power loss, at the cost of an fsync per write.
+        clock: seconds since the epoch. Every process sharing the file must use the same clock.
+        inline: run statements that cannot wait (a read, a write that finds the database unlocked) on the
+            calling thread, and hand only those that would wait to the store's thread. ``False`` runs every
+            statement on the store's thread. Ignored (always ``False``) with ``synchronous`` FULL or EXTRA.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table: str = "idempo_records",
+        busy_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        clock: Callable[[], float] = time.time,
+        inline: bool = True,
+    ) -> None:
+        super().__init__(path, table=table, busy_timeout=busy_timeout, synchronous=synchronous, clock=clock)
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        # Not for ":memory:": each connection to it is a database of its own, the loop's would have no table.
+        self._inline = inline and self._synchronous in ("OFF", "NORMAL") and self._path != ":memory:"
+        self._inline_conn: sqlite3.Connection | None = None
+        self._inline_lock = threading.Lock()
+        self._inline_writes = 0
+        self._sync_twin: SyncSQLiteStore | None = None
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+
+        Query options: ``table``, ``busy_timeout`` (seconds), ``synchronous``, ``inline``.
+        """
+        path = cls._path_from_url(url, options)
+        options.setdefault("inline", (url.option("inline") or "true").lower() not in ("0", "false", "no", "off"))
+        return cls(path, **options)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r}, table={self._table!r})"
+
+    def sync(self) -> SyncSQLiteStore:
+        """The blocking twin of this store: the same file, table and options, for the decorator on sync functions.
+
+        Always the same object; :meth:`close` closes its connections too. (For ``":memory:"`` the twin's database
+        is a private one of its own, like every connection to ``":memory:"``.)
+        """
+        with self._lock:
+            if self._sync_twin is None:
+                self._sync_twin = SyncSQLiteStore(
+                    self._path,
+                    table=self._table,
+                    busy_timeout=self._busy_timeout,
+                    synchronous=self._synchronous,
+                    clock=self._clock,
+                )
+            return self._sync_twin
+
+    # -- the thread that owns the connection ----------------------------------------------------------------
+
+    def _executor_for_this_process(self) -> ThreadPoolExecutor:
+        pid = os.getpid()
+        if self._pid != pid:  # first use, or we are a forked child: the parent's thread and connection are not ours
+            with self._lock:
+                if self._pid != pid:
+                    _INHERITED_CONNECTIONS.extend(c for c in (self._conn, self._inline_conn) if c is not None)
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idempo-sqlite")
+                    self._conn = None
+                    self._inline_conn = None
+                    self._inline_lock = threading.Lock()  # another thread of the parent may have held it
+                    self._pid = pid
+        assert self._executor is not None
+        return self._executor
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
 
     def _call(self, operation: Callable[..., T], *args: Any) -> T:
         try:
@@ -278,55 +384,6 @@ class SQLiteStore:
             raise
         return conn
 
-    # -- the operations, each run on the store's thread ----------------------------------------------------
-
-    def _claim(self, conn: sqlite3.Connection, key: str, fingerprint: str, lease: float, ttl: float) -> Claim:
-        now = self._clock()
-        # A live record seen by a plain read is a safe answer: completed records never change, and an
-        # in-progress one was in progress at the moment of the read.
-        row = conn.execute(self._sql_claim_read, (key,)).fetchone()
-        if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
-            return Existing(record_from_row(row))
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            now = self._clock()
-            row = conn.execute(self._sql_claim_read, (key,)).fetchone()
-            if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
-                result: Claim = Existing(record_from_row(row))
-            else:
-                token = new_token()
-                conn.execute(self._sql_claim_write, (key, fingerprint, token, now, now + lease, now + ttl))
-                result = Acquired(token)
-            conn.execute("COMMIT")
-        except BaseException:
-            # COMMIT too may fail (busy, on a database that is not in WAL mode): never leave the connection
-            # inside a transaction that holds the write lock.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
-    def _renew(self, conn: sqlite3.Connection, key: str, token: str, lease: float) -> bool:
-        now = self._clock()
-        return conn.execute(self._sql_renew, (now + lease, key, token, now)).rowcount == 1
-
-    def _complete(self, conn: sqlite3.Connection, key: str, token: str, payload: bytes, ttl: float) -> bool:
-        now = self._clock()
-        return conn.execute(self._sql_complete, (payload, now, now + ttl, key, token, now)).rowcount == 1
-
-    def _release(self, conn: sqlite3.Connection, key: str, token: str) -> bool:
-        return conn.execute(self._sql_release, (key, token, self._clock())).rowcount == 1
-
-    def _get(self, conn: sqlite3.Connection, key: str) -> Record | None:
-        row = conn.execute(self._sql_get, (key, self._clock())).fetchone()
-        return None if row is None else record_from_row(row)
-
-    def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
-        return conn.execute(self._sql_delete, (key,)).rowcount == 1
-
-    def _purge_expired(self, conn: sqlite3.Connection) -> int:
-        return conn.execute(self._sql_purge, (self._clock(),)).rowcount
-
     # -- the Store protocol ---------------------------------------------------------------------------------
 
     async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
@@ -358,7 +415,10 @@ class SQLiteStore:
         return await self._run(self._purge_expired, inline=False)
 
     async def close(self) -> None:
-        """Close the connection and stop the store's thread."""
+        """Close the connections and stop the store's thread (and close the twin :meth:`sync` returned)."""
+        twin = self._sync_twin
+        if twin is not None:
+            await asyncio.to_thread(twin.close)  # closing the last connection to a file may checkpoint
         if self._pid != os.getpid() or self._executor is None:
             return
         executor = self._executor
@@ -376,3 +436,156 @@ class SQLiteStore:
         executor.shutdown(wait=False)
         self._executor = None
         self._pid = -1
+
+
+class _Pool:
+    """The connections of one :class:`SyncSQLiteStore` in one process: idle ones wait in ``idle``; a connection is
+    used by one thread at a time, taken out of ``idle`` for one operation and put back after it."""
+
+    def __init__(self, pid: int, size: int | None) -> None:
+        self.pid = pid
+        self.size = size  # the most connections open at once; None for no limit
+        self.opened = 0
+        self.idle: list[sqlite3.Connection] = []
+        self.ready = threading.Condition(threading.Lock())
+        self.closed = False
+
+
+class SyncSQLiteStore(_SQLiteBase):
+    """Records in a SQLite file, for sync callers: the blocking twin of :class:`SQLiteStore` (``store.sync()``),
+    running the same statements on the same table, so the two see each other's records.
+
+    Safe to share between threads: each operation runs on the calling thread over a connection no other thread is
+    using at the time (connections are pooled; a pool holds at most as many as ran at once). Threads wait for each
+    other only where SQLite makes them, a writer for the write lock, for at most *busy_timeout*. For ``":memory:"``
+    the store has a single connection (each one would be a database of its own), and threads take turns on it.
+    After a ``fork`` the child opens connections of its own.
+
+    Args:
+        path: the database file (created if missing; its directory must exist), or ``":memory:"``.
+        table: the table's name; created on first use.
+        busy_timeout: seconds an operation waits for a lock before the store reports an error.
+        synchronous: SQLite's ``synchronous`` setting (see :class:`SQLiteStore`).
+        clock: seconds since the epoch. Every process sharing the file must use the same clock.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table: str = "idempo_records",
+        busy_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(path, table=table, busy_timeout=busy_timeout, synchronous=synchronous, clock=clock)
+        self._pool = _Pool(-1, None)
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+
+        Query options: ``table``, ``busy_timeout`` (seconds), ``synchronous``; ``inline`` (an option of the
+        async store only) is accepted and ignored, so that one URL serves both.
+        """
+        path = cls._path_from_url(url, options)
+        return cls(path, **options)
+
+    def __repr__(self) -> str:
+        return f"SyncSQLiteStore({self._path!r}, table={self._table!r})"
+
+    def _pool_of_this_process(self) -> _Pool:
+        pool, pid = self._pool, os.getpid()
+        if pool.pid != pid:  # first use, or we are a forked child: the parent's connections are not ours
+            with _FORK_LOCK:
+                pool = self._pool
+                if pool.pid != pid:
+                    if pool.pid != -1:
+                        # Not under pool.ready: a thread of the parent may have held it at the fork.
+                        _INHERITED_CONNECTIONS.extend(pool.idle)
+                    pool = self._pool = _Pool(pid, 1 if self._path == ":memory:" else None)
+        return pool
+
+    def _checkout(self) -> tuple[_Pool, sqlite3.Connection]:
+        pool = self._pool_of_this_process()
+        with pool.ready:
+            size = pool.size
+            if size is not None and not pool.ready.wait_for(
+                lambda: pool.idle or pool.opened < size, timeout=self._busy_timeout
+            ):
+                msg = f"SQLite store {self._path!r}: its connection stayed busy for {self._busy_timeout} s"
+                raise StoreError(msg)
+            if pool.idle:
+                return pool, pool.idle.pop()
+            pool.opened += 1
+        try:
+            return pool, self._connect()
+        except BaseException as exc:
+            with pool.ready:
+                pool.opened -= 1
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(exc) from exc
+            raise
+
+    def _checkin(self, pool: _Pool, conn: sqlite3.Connection) -> None:
+        with pool.ready:
+            if not pool.closed and not conn.in_transaction:
+                pool.idle.append(conn)
+                pool.ready.notify()
+                return
+            pool.opened -= 1
+            pool.ready.notify()
+        conn.close()  # the store was closed meanwhile, or the operation was interrupted inside a transaction
+
+    def _run(self, operation: Callable[..., T], *args: Any) -> T:
+        pool, conn = self._checkout()
+        try:
+            return operation(conn, *args)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        finally:
+            self._checkin(pool, conn)
+
+    # -- the SyncStore protocol -----------------------------------------------------------------------------
+
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        return self._run(self._claim, key, fingerprint, lease, ttl)
+
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        return self._run(self._renew, key, token, lease)
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        return self._run(self._complete, key, token, payload, ttl)
+
+    def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        return self._run(self._release, key, token)
+
+    def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`."""
+        return self._run(self._get, key)
+
+    def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        return self._run(self._delete, key)
+
+    def purge_expired(self) -> int:
+        """See :meth:`idempo.Store.purge_expired`."""
+        return self._run(self._purge_expired)
+
+    def close(self) -> None:
+        """Close the connections (one still in use is closed when its operation ends). Using the store again
+        opens new ones."""
+        pool = self._pool_of_this_process()
+        with _FORK_LOCK:
+            if self._pool is pool:
+                self._pool = _Pool(-1, None)
+        with pool.ready:
+            pool.closed = True
+            idle, pool.idle = pool.idle, []
+            pool.opened -= len(idle)
+        for conn in idle:
+            conn.close()
