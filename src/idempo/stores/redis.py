@@ -27,6 +27,11 @@ Event loops. redis-py's asyncio connections belong to the event loop that opened
 (or a client factory) creates its client lazily, inside the running loop, on first use, and one client per loop
 if several loops (threads) use it; so a store made at import time, before any loop runs, just works. A client you
 pass in is used as it is, in whatever loop you use it, and stays yours to close.
+
+Sync callers. :class:`SyncRedisStore` is the blocking twin, on redis-py's sync ``Redis`` / ``RedisCluster``: the same
+Lua scripts, keys, URLs, options, retry policy and errors. Each operation is written once (``_Op``: what it
+sends and what its reply means) and run by either store's runner; no event loop runs behind a sync caller's back.
+``RedisStore.sync()`` gives the twin of a store built from a URL.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ import importlib.resources
 import inspect
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeAlias, TypeVar
 from urllib.parse import unquote
 
 from .._core.errors import ConfigurationError, StoreError
@@ -46,13 +52,17 @@ from . import require
 from ._url import StoreURL, redact
 
 if TYPE_CHECKING:
+    import redis
+    import redis.cluster
     from redis.asyncio import Redis, RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.commands.core import AsyncScript
+    from redis.commands.core import AsyncScript, Script
 
     Client: TypeAlias = Redis | RedisCluster
+    SyncClient: TypeAlias = redis.Redis | redis.cluster.RedisCluster
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "SyncRedisStore"]
+
+_T = TypeVar("_T")
 
 DEFAULT_PREFIX = "idempo:"
 DEFAULT_TIMEOUT = 2.0
@@ -90,6 +100,101 @@ def _record(key: str, fields: Sequence[Any]) -> Record:
     )
 
 
+# -- the operations, written once for both stores ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Op(Generic[_T]):
+    """One operation: what it sends (the script *name* with *args* on *key*, or for ``get``/``delete`` one command)
+    and what its reply means (*parse*). :class:`RedisStore` awaits it, :class:`SyncRedisStore` blocks on it."""
+
+    name: str
+    key: str
+    args: tuple[Any, ...]
+    parse: Callable[[Any], _T]
+
+
+def _claim(key: str, fingerprint: str, lease: float, ttl: float) -> _Op[Claim]:
+    token = new_token()
+
+    def parse(reply: Any) -> Claim:
+        return Acquired(token) if reply == 1 else Existing(_record(key, reply))
+
+    return _Op("claim", key, (fingerprint, token, _ms(lease), _ms(ttl)), parse)
+
+
+def _done(reply: Any) -> bool:
+    return bool(reply == 1)
+
+
+def _renew(key: str, token: str, lease: float) -> _Op[bool]:
+    return _Op("renew", key, (token, _ms(lease)), _done)
+
+
+def _complete(key: str, token: str, payload: bytes, ttl: float) -> _Op[bool]:
+    return _Op("complete", key, (token, payload, _ms(ttl)), _done)
+
+
+def _release(key: str, token: str) -> _Op[bool]:
+    return _Op("release", key, (token,), _done)
+
+
+def _get(key: str) -> _Op[Record | None]:
+    return _Op("get", key, (), lambda fields: None if fields[0] is None else _record(key, fields))
+
+
+def _delete(key: str) -> _Op[bool]:
+    return _Op("delete", key, (), _done)
+
+
+def _send(client: Any, scripts: dict[str, Any], prefix: str, op: _Op[Any]) -> Any:
+    """Send *op* on *client*: its reply from a sync client, an awaitable of it from an async one."""
+    if op.name == "get":
+        return client.hmget(prefix + op.key, _FIELDS)
+    if op.name == "delete":
+        return client.delete(prefix + op.key)
+    # EVALSHA; redis-py's Script loads the script again when the server answers NOSCRIPT.
+    return scripts[op.name](keys=[prefix + op.key], args=op.args)
+
+
+def _register(client: Any) -> dict[str, Any]:
+    """The store's scripts, registered on *client* (sync or async)."""
+    return {name: client.register_script(_script(name)) for name in _SCRIPTS}
+
+
+def _check_client(client: Any) -> None:
+    """Refuse a client (sync or async) that decodes responses: payloads are bytes."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        decodes = bool(pool.connection_kwargs.get("decode_responses"))
+    else:
+        decodes = client.get_encoder().decode_responses
+    if decodes:
+        msg = "the Redis client must be made with decode_responses=False: payloads are bytes"
+        raise ConfigurationError(msg)
+
+
+def _refuse_the_other_api(client: object, *, sync: bool) -> None:
+    """A sync client given to :class:`RedisStore`, or an asyncio one to :class:`SyncRedisStore`, fails at once."""
+    import redis
+    import redis.asyncio
+
+    if sync and isinstance(client, redis.asyncio.Redis | redis.asyncio.RedisCluster):
+        msg = f"{type(client).__name__} is redis-py's asyncio client: use RedisStore, or redis-py's sync client"
+        raise ConfigurationError(msg)
+    if not sync and isinstance(client, redis.Redis | redis.RedisCluster):
+        msg = f"{type(client).__name__} is redis-py's sync client: use SyncRedisStore, or redis.asyncio's client"
+        raise ConfigurationError(msg)
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    """What redis-py raises on a failure. OSError covers the builtin TimeoutError (asyncio's) and socket errors
+    redis-py lets through."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    return (RedisError, RedisClusterException, OSError)
+
+
 class _Bound:
     """One client, the store's scripts registered on it, and whether it is ready for concurrent use."""
 
@@ -99,7 +204,7 @@ class _Bound:
         from redis.asyncio import Redis
 
         self.client = client
-        self.scripts: dict[str, AsyncScript] = {name: client.register_script(_script(name)) for name in _SCRIPTS}
+        self.scripts: dict[str, AsyncScript] = _register(client)
         self.ready = isinstance(client, Redis)
 
     async def prepare(self) -> None:
@@ -130,8 +235,9 @@ def _host_port(address: str, url: StoreURL) -> tuple[str, int]:
     return host or "localhost", number
 
 
-class _ClientFactory:
-    """Makes a redis-py client from options parsed once from a URL. Strictly private. Its repr hides the password."""
+class _ClientOptions:
+    """The client options parsed once from a URL, for a sync or an async client. Strictly private. Its repr hides
+    the password."""
 
     def __init__(self, url: StoreURL, cluster: bool, nodes: list[tuple[str, int]], options: dict[str, Any]) -> None:
         self.url = url
@@ -142,25 +248,151 @@ class _ClientFactory:
     def __repr__(self) -> str:
         return repr(redact(self.url.raw))
 
-    def __call__(self) -> Client:
+    def check(self, *, sync: bool) -> None:
+        """Check the keywords for redis-py's sync or async client now, at start-up, rather than in the first
+        request that creates the client."""
+        import redis
+        import redis.asyncio
+        import redis.cluster
+
+        name = "RedisCluster" if self.cluster else "Redis"
+        target: Any = getattr(redis if sync else redis.asyncio, name)
+        try:
+            inspect.signature(target).bind(**self.options)
+            if sync and self.cluster:
+                # The sync RedisCluster takes **kwargs and silently drops those it does not pass on to its nodes.
+                known = set(inspect.signature(target).parameters) | set(redis.cluster.REDIS_ALLOWED_KEYS)
+                unknown = sorted(set(self.options) - known)
+                if unknown:
+                    msg = f"got an unexpected keyword argument {unknown[0]!r}"
+                    raise TypeError(msg)
+        except TypeError as exc:
+            msg = f"invalid option for redis-py's {name} ({redact(self.url.raw)!r}): {exc}"
+            raise ConfigurationError(msg) from None
+
+    def async_client(self) -> Client:
         from redis.asyncio import Redis, RedisCluster
         from redis.asyncio.cluster import ClusterNode
+        from redis.asyncio.retry import Retry
 
-        options = {"retry": _retry(), **self.options}
+        options = {"retry": _retry(Retry), **self.options}
         if self.cluster:
             return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.nodes], **options)
         ((host, port),) = self.nodes
         return Redis(host=host, port=port, **options)
 
+    def sync_client(self) -> SyncClient:
+        """A sync client. (A sync ``RedisCluster`` connects to learn the cluster's slots as it is made.)"""
+        from redis import Redis, RedisCluster
+        from redis.cluster import ClusterNode
+        from redis.retry import Retry
 
-def _retry() -> Retry:
+        options = {"retry": _retry(Retry), **self.options}
+        if self.cluster:
+            nodes = [ClusterNode(host, port) for host, port in self.nodes]  # type: ignore[no-untyped-call]
+            return RedisCluster(startup_nodes=nodes, **options)
+        ((host, port),) = self.nodes
+        return Redis(host=host, port=port, **options)
+
+
+class _ClientFactory:
+    """Makes an async client from a URL's options. Strictly private."""
+
+    __slots__ = ("config",)
+
+    def __init__(self, config: _ClientOptions) -> None:
+        self.config = config
+
+    def __repr__(self) -> str:
+        return repr(self.config)
+
+    def __call__(self) -> Client:
+        return self.config.async_client()
+
+
+class _SyncClientFactory:
+    """Makes a sync client from a URL's options. Strictly private."""
+
+    __slots__ = ("config",)
+
+    def __init__(self, config: _ClientOptions) -> None:
+        self.config = config
+
+    def __repr__(self) -> str:
+        return repr(self.config)
+
+    def __call__(self) -> SyncClient:
+        return self.config.sync_client()
+
+
+def _retry(retry_class: Callable[..., _T]) -> _T:
     """One more try after a connection error only: a pooled connection may be to a server that restarted. Never
-    after a timeout: the server may have run the command, and waiting again would double the delay."""
-    from redis.asyncio.retry import Retry
+    after a timeout: the server may have run the command, and waiting again would double the delay. (*retry_class*:
+    redis-py's sync or asyncio ``Retry``.)"""
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    return retry_class(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
+def _parse_url(url: StoreURL, options: dict[str, Any]) -> tuple[str, _ClientOptions]:
+    """The prefix and client options of a ``redis://``, ``rediss://`` or ``redis+cluster://`` URL, with keyword
+    *options* overriding its query (see :meth:`RedisStore.from_url`)."""
+    where = redact(url.raw)
+    unknown = sorted(set(url.options) - set(_URL_OPTIONS))
+    if unknown:
+        msg = f"unknown option {unknown[0]!r} in {where!r}; known options: {', '.join(_URL_OPTIONS)}"
+        raise ConfigurationError(msg)
+    options = dict(options)
+    cluster = url.scheme == "redis+cluster"
+    tls = url.scheme == "rediss"
+    prefix = options.pop("prefix", url.option("prefix", DEFAULT_PREFIX))
+    client_options: dict[str, Any] = {
+        "socket_timeout": url.float_option("timeout", DEFAULT_TIMEOUT),
+        "socket_connect_timeout": url.float_option("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        "decode_responses": False,
+    }
+    credentials, at, hosts = url.netloc.rpartition("@")
+    if at:
+        username, colon, password = credentials.partition(":")
+        client_options["username"] = unquote(username) or None
+        client_options["password"] = unquote(password) if colon else None
+    addresses = hosts.split(",")
+    if not cluster and len(addresses) > 1:
+        msg = f"{where!r} names several hosts: use 'redis+cluster://' for a Redis Cluster"
+        raise ConfigurationError(msg)
+    nodes = [_host_port(address, url) for address in addresses]
+    database = url.path.strip("/")
+    if cluster and database not in ("", "0"):
+        msg = f"a Redis Cluster has only database 0, not {database!r} ({where!r})"
+        raise ConfigurationError(msg)
+    if not cluster:
+        if not database.isdigit() and database:
+            msg = f"the database in {where!r} must be a number, e.g. 'redis://host:6379/0'"
+            raise ConfigurationError(msg)
+        client_options["db"] = int(database or 0)
+    ssl = {name: value for name, value in url.options.items() if name in _SSL_OPTIONS}
+    if ssl and not tls:
+        msg = f"TLS options in {where!r} need a 'rediss://' URL"
+        raise ConfigurationError(msg)
+    if tls:
+        client_options["ssl"] = True
+        client_options.update(ssl)
+        if "ssl_check_hostname" in ssl:
+            client_options["ssl_check_hostname"] = ssl["ssl_check_hostname"].lower() in ("1", "true", "yes", "on")
+    client_options.update(options)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        value = client_options[name]
+        if not isinstance(value, int | float) or not value > 0:
+            msg = f"{name} must be a positive number of seconds, not {value!r} ({where!r})"
+            raise ConfigurationError(msg)
+    if client_options["decode_responses"]:
+        msg = "decode_responses must be False: payloads are bytes"
+        raise ConfigurationError(msg)
+    if not isinstance(prefix, str):
+        msg = f"prefix must be a string, not {prefix!r}"
+        raise ConfigurationError(msg)
+    return prefix, _ClientOptions(url, cluster, nodes, client_options)
 
 
 class RedisStore:
@@ -171,6 +403,8 @@ class RedisStore:
     (``redis://``, ``rediss://``, ``redis+cluster://``; see :meth:`from_url`), or wrap a client of your own::
 
         store = RedisStore(redis.asyncio.Redis(host="cache"), prefix="myapp:idem:")
+
+    For sync callers, :meth:`sync` gives its blocking twin, a :class:`SyncRedisStore` on the same server.
 
     Args:
         client: a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` made with
@@ -189,15 +423,15 @@ class RedisStore:
     def __init__(self, client: Client | Callable[[], Client], *, prefix: str = DEFAULT_PREFIX) -> None:
         require("redis", extra="redis")
         from redis.asyncio import Redis, RedisCluster
-        from redis.exceptions import RedisClusterException, RedisError
 
         self._prefix = prefix
-        # OSError covers the builtin TimeoutError (asyncio's) and socket errors redis-py lets through.
-        self._errors: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+        self._errors = _errors()
         self._lock = threading.Lock()
         self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
         self._shared: _Bound | None = None
         self._factory: Callable[[], Client] | None = None
+        self._twin: SyncRedisStore | None = None
+        _refuse_the_other_api(client, sync=False)
         if isinstance(client, Redis | RedisCluster):
             self._check(client)
             self._shared = _Bound(client)
@@ -225,85 +459,40 @@ class RedisStore:
             MissingDependency: redis-py is not installed.
         """
         require("redis", extra="redis")
-        from redis.asyncio import Redis, RedisCluster
-
-        where = redact(url.raw)
-        unknown = sorted(set(url.options) - set(_URL_OPTIONS))
-        if unknown:
-            msg = f"unknown option {unknown[0]!r} in {where!r}; known options: {', '.join(_URL_OPTIONS)}"
-            raise ConfigurationError(msg)
-        cluster = url.scheme == "redis+cluster"
-        tls = url.scheme == "rediss"
-        prefix = options.pop("prefix", url.option("prefix", DEFAULT_PREFIX))
-        client_options: dict[str, Any] = {
-            "socket_timeout": url.float_option("timeout", DEFAULT_TIMEOUT),
-            "socket_connect_timeout": url.float_option("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
-            "decode_responses": False,
-        }
-        credentials, at, hosts = url.netloc.rpartition("@")
-        if at:
-            username, colon, password = credentials.partition(":")
-            client_options["username"] = unquote(username) or None
-            client_options["password"] = unquote(password) if colon else None
-        addresses = hosts.split(",")
-        if not cluster and len(addresses) > 1:
-            msg = f"{where!r} names several hosts: use 'redis+cluster://' for a Redis Cluster"
-            raise ConfigurationError(msg)
-        nodes = [_host_port(address, url) for address in addresses]
-        database = url.path.strip("/")
-        if cluster and database not in ("", "0"):
-            msg = f"a Redis Cluster has only database 0, not {database!r} ({where!r})"
-            raise ConfigurationError(msg)
-        if not cluster:
-            if not database.isdigit() and database:
-                msg = f"the database in {where!r} must be a number, e.g. 'redis://host:6379/0'"
-                raise ConfigurationError(msg)
-            client_options["db"] = int(database or 0)
-        ssl = {name: value for name, value in url.options.items() if name in _SSL_OPTIONS}
-        if ssl and not tls:
-            msg = f"TLS options in {where!r} need a 'rediss://' URL"
-            raise ConfigurationError(msg)
-        if tls:
-            client_options["ssl"] = True
-            client_options.update(ssl)
-            if "ssl_check_hostname" in ssl:
-                client_options["ssl_check_hostname"] = ssl["ssl_check_hostname"].lower() in ("1", "true", "yes", "on")
-        client_options.update(options)
-        for name in ("socket_timeout", "socket_connect_timeout"):
-            value = client_options[name]
-            if not isinstance(value, int | float) or not value > 0:
-                msg = f"{name} must be a positive number of seconds, not {value!r} ({where!r})"
-                raise ConfigurationError(msg)
-        if client_options["decode_responses"]:
-            msg = "decode_responses must be False: payloads are bytes"
-            raise ConfigurationError(msg)
-        # Check the keywords now, at start-up, rather than in the first request that creates the client.
-        try:
-            inspect.signature(RedisCluster if cluster else Redis).bind(**client_options)
-        except TypeError as exc:
-            msg = f"invalid option for redis-py's {'RedisCluster' if cluster else 'Redis'} ({where!r}): {exc}"
-            raise ConfigurationError(msg) from None
-        if not isinstance(prefix, str):
-            msg = f"prefix must be a string, not {prefix!r}"
-            raise ConfigurationError(msg)
-        return cls(_ClientFactory(url, cluster, nodes, client_options), prefix=prefix)
+        prefix, config = _parse_url(url, options)
+        config.check(sync=False)
+        return cls(_ClientFactory(config), prefix=prefix)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where}, prefix={self._prefix!r})"
+
+    def sync(self) -> SyncRedisStore:
+        """The blocking twin of this store (for the decorator on sync functions): a :class:`SyncRedisStore` on the
+        same server, with the same options and prefix, and connections of its own. The same twin every time;
+        :meth:`close` closes its connections too.
+
+        Raises:
+            ConfigurationError: the store wraps a client of yours (or a factory of yours): make a
+                ``SyncRedisStore`` from a sync client of yours instead.
+        """
+        if not isinstance(self._factory, _ClientFactory):
+            msg = (
+                "RedisStore.sync() needs a store built from a URL; this one uses your own client: make the sync "
+                "twin from your sync client, e.g. SyncRedisStore(redis.Redis(...), prefix=...)"
+            )
+            raise ConfigurationError(msg)
+        with self._lock:
+            if self._twin is None:
+                config = self._factory.config
+                config.check(sync=True)
+                self._twin = SyncRedisStore(_SyncClientFactory(config), prefix=self._prefix)
+            return self._twin
 
     # -- clients ------------------------------------------------------------------------------------------------
 
     @staticmethod
     def _check(client: Client) -> None:
-        from redis.asyncio import Redis
-
-        if isinstance(client, Redis):
-            decodes = bool(client.connection_pool.connection_kwargs.get("decode_responses"))
-        else:
-            decodes = client.get_encoder().decode_responses
-        if decodes:
-            msg = "the Redis client must be made with decode_responses=False: payloads are bytes"
-            raise ConfigurationError(msg)
+        _check_client(client)
 
     def _bound(self) -> _Bound:
         """The client (and scripts) of the running event loop."""
@@ -331,67 +520,56 @@ class RedisStore:
 
     # -- the Store protocol -------------------------------------------------------------------------------------
 
-    async def _run(self, operation: str, key: str, args: list[Any]) -> Any:
-        """Run the script of *operation* on *key*; its reply."""
+    async def _run(self, op: _Op[_T]) -> _T:
+        """Run *op* on the running loop's client; what its reply means."""
         bound = self._bound()
         try:
             if not bound.ready:
                 await bound.prepare()
-            return await bound.scripts[operation](keys=[self._prefix + key], args=args)
+            reply = await _send(bound.client, bound.scripts, self._prefix, op)
         except self._errors as exc:
-            raise self._error(operation, exc) from exc
+            raise self._error(op.name, exc) from exc
+        return op.parse(reply)
 
     async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        token = new_token()
-        reply = await self._run("claim", key, [fingerprint, token, _ms(lease), _ms(ttl)])
-        return Acquired(token) if reply == 1 else Existing(_record(key, reply))
+        return await self._run(_claim(key, fingerprint, lease, ttl))
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
-        return bool(await self._run("renew", key, [token, _ms(lease)]) == 1)
+        return await self._run(_renew(key, token, lease))
 
     async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """See :meth:`idempo.Store.complete`."""
-        return bool(await self._run("complete", key, [token, payload, _ms(ttl)]) == 1)
+        return await self._run(_complete(key, token, payload, ttl))
 
     async def release(self, key: str, token: str) -> bool:
         """See :meth:`idempo.Store.release`."""
-        return bool(await self._run("release", key, [token]) == 1)
+        return await self._run(_release(key, token))
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`. Redis has dropped an expired record already."""
-        bound = self._bound()
-        try:
-            if not bound.ready:
-                await bound.prepare()
-            fields: list[Any] = await bound.client.hmget(self._prefix + key, _FIELDS)
-        except self._errors as exc:
-            raise self._error("get", exc) from exc
-        return None if fields[0] is None else _record(key, fields)
+        return await self._run(_get(key))
 
     async def delete(self, key: str) -> bool:
         """See :meth:`idempo.Store.delete`."""
-        bound = self._bound()
-        try:
-            if not bound.ready:
-                await bound.prepare()
-            deleted: int = await bound.client.delete(self._prefix + key)
-        except self._errors as exc:
-            raise self._error("delete", exc) from exc
-        return deleted == 1
+        return await self._run(_delete(key))
 
     async def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`. Always 0: Redis removes expired records on its own."""
         return 0
 
     async def close(self) -> None:
-        """Close the clients the store made, in every event loop that is still running. A client you passed in
-        is left open: close it yourself. The store makes a new client if it is used again."""
+        """Close the clients the store made, in every event loop that is still running, and those of its
+        :meth:`sync` twin. A client you passed in is left open: close it yourself. The store makes a new client if
+        it is used again."""
         if self._shared is not None:
             return
         with self._lock:
             by_loop, self._by_loop = self._by_loop, {}
+            twin = self._twin
+        if twin is not None:
+            twin.close()  # closes sockets; nothing to wait for
         loop = asyncio.get_running_loop()
         failure: Exception | None = None
         for other, bound in by_loop.items():
@@ -405,3 +583,136 @@ class RedisStore:
                 failure = failure or exc
         if failure is not None:
             raise self._error("close", failure) from failure
+
+
+class SyncRedisStore:
+    """The blocking twin of :class:`RedisStore`, on redis-py's sync client: the same scripts, keys, URLs, options,
+    retry policy and errors, for sync callers (the decorator on plain functions, workers, scripts). Safe to share
+    between threads (redis-py's sync client keeps a pool of connections). Open one with
+    :func:`~idempo.sync_store_from_url` (the URLs of :meth:`RedisStore.from_url`), from a ``RedisStore`` with
+    :meth:`RedisStore.sync`, or wrap a client of your own::
+
+        store = SyncRedisStore(redis.Redis(host="cache"), prefix="myapp:idem:")
+
+    Args:
+        client: a ``redis.Redis`` or ``redis.cluster.RedisCluster`` made with ``decode_responses=False``, which the
+            store uses as it is and never closes; or a callable that makes one, which the store calls on first use
+            (and again after :meth:`close`), and whose client :meth:`close` closes.
+        prefix: prepended to every store key to make the Redis key (``"idempo:"`` by default).
+
+    Raises:
+        MissingDependency: redis-py is not installed (``pip install 'idempo[redis]'``).
+        ConfigurationError: the client decodes responses, or is an asyncio client.
+    """
+
+    def __init__(self, client: SyncClient | Callable[[], SyncClient], *, prefix: str = DEFAULT_PREFIX) -> None:
+        require("redis", extra="redis")
+        import redis
+
+        self._prefix = prefix
+        self._errors = _errors()
+        self._lock = threading.Lock()
+        # The client and its scripts, swapped as one (threads read it without the lock).
+        self._bound_client: tuple[SyncClient, dict[str, Script]] | None = None
+        self._factory: Callable[[], SyncClient] | None = None
+        _refuse_the_other_api(client, sync=True)
+        if isinstance(client, redis.Redis | redis.RedisCluster):
+            _check_client(client)
+            self._bound_client = (client, _register(client))
+            self._owned = False
+            self._where = f"<{type(client).__name__}>"
+        else:
+            self._factory = client
+            self._owned = True
+            self._where = repr(client)
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> Self:
+        """Build from a URL, as :meth:`RedisStore.from_url` does (the same URLs and options); the client is
+        created on first use.
+
+        Raises:
+            ConfigurationError: a malformed URL, or an unknown or invalid option.
+            MissingDependency: redis-py is not installed.
+        """
+        require("redis", extra="redis")
+        prefix, config = _parse_url(url, options)
+        config.check(sync=True)
+        return cls(_SyncClientFactory(config), prefix=prefix)
+
+    def __repr__(self) -> str:
+        return f"SyncRedisStore({self._where}, prefix={self._prefix!r})"
+
+    def _bound(self) -> tuple[SyncClient, dict[str, Script]]:
+        """The client and its scripts, made on first use. (A cluster client connects as it is made: a failure
+        to reach the cluster is raised here, and the next operation tries again.)"""
+        bound = self._bound_client
+        if bound is not None:
+            return bound
+        assert self._factory is not None
+        with self._lock:
+            bound = self._bound_client
+            if bound is None:
+                made = self._factory()
+                try:
+                    _check_client(made)
+                except ConfigurationError:
+                    made.close()
+                    raise
+                bound = self._bound_client = (made, _register(made))
+            return bound
+
+    def _error(self, operation: str, exc: Exception) -> StoreError:
+        return StoreError(f"Redis store {self._where}: {operation} failed: {type(exc).__name__}: {exc}")
+
+    def _run(self, op: _Op[_T]) -> _T:
+        """Run *op*; what its reply means."""
+        try:
+            client, scripts = self._bound()
+            reply = _send(client, scripts, self._prefix, op)
+        except self._errors as exc:
+            raise self._error(op.name, exc) from exc
+        return op.parse(reply)
+
+    # -- the SyncStore protocol ---------------------------------------------------------------------------------
+
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        return self._run(_claim(key, fingerprint, lease, ttl))
+
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        return self._run(_renew(key, token, lease))
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        return self._run(_complete(key, token, payload, ttl))
+
+    def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        return self._run(_release(key, token))
+
+    def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`. Redis has dropped an expired record already."""
+        return self._run(_get(key))
+
+    def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        return self._run(_delete(key))
+
+    def purge_expired(self) -> int:
+        """See :meth:`idempo.Store.purge_expired`. Always 0: Redis removes expired records on its own."""
+        return 0
+
+    def close(self) -> None:
+        """Close the client the store made. A client you passed in is left open: close it yourself. The store
+        makes a new client if it is used again."""
+        if not self._owned:
+            return
+        with self._lock:
+            bound, self._bound_client = self._bound_client, None
+        if bound is not None:
+            try:
+                bound[0].close()
+            except self._errors as exc:
+                raise self._error("close", exc) from exc
