@@ -36,6 +36,7 @@ from ._core.keys import parse_key
 from ._core.problem import Problem
 from ._core.records import Acquired, Claim, Existing, Record, State
 from .asgi import IdempotencyMiddleware, authorization_principal
+from .decorators import idempotent
 from .stores import Store, store_from_url
 from .stores.memory import MemoryStore
 from .stores.sqlite import SQLiteStore
@@ -74,6 +75,7 @@ __all__ = [
     "decode_response",
     "encode_response",
     "fingerprint_request",
+    "idempotent",
     "parse_key",
     "principal_digest",
     "should_store",
