@@ -29,6 +29,12 @@ to read, so when its socket is readable, the store checks it with an empty query
 away and takes another, at no cost to healthy connections (no round trip). The pool replaces broken connections
 in the background, so the store recovers when the server is back, without a restart.
 
+Sync. :class:`SyncPostgresStore` is the blocking twin, on psycopg's ``Connection`` and ``ConnectionPool``. Each
+operation is written once, as a *plan*: a generator that yields the statements to run (the same prepared SQL) and
+receives their results; the async store runs plans with ``await``, the sync one with blocking calls, so the claim's
+retry, the fencing and the table creation are the same code in both. Where the async store's deadline is a timer of
+its event loop, the sync store's is a watchdog thread, which shuts the socket down just the same.
+
 The table (created on first use, with an index on ``expires_at`` for ``purge_expired``)::
 
     key text PRIMARY KEY, state smallint (0 in progress, 1 completed), fingerprint text, token text,
@@ -38,15 +44,19 @@ The table (created on first use, with an index on ``expires_at`` for ``purge_exp
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
+import os
 import re
 import select
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, NamedTuple, Self, TypeVar
 
 from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, new_token
@@ -62,11 +72,12 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 from psycopg.rows import TupleRow  # noqa: E402
-from psycopg_pool import AsyncConnectionPool, PoolTimeout  # noqa: E402
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout  # noqa: E402
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresStore", "SyncPostgresStore"]
 
 _Connection = psycopg.AsyncConnection[TupleRow]
+_T = TypeVar("_T")
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 _CLAIM_ATTEMPTS = 10
@@ -191,7 +202,7 @@ def _strip_options(url: StoreURL) -> str:
     return f"{base}?{'&'.join(kept)}" if kept else base
 
 
-def _has_input(conn: _Connection) -> bool:
+def _has_input(conn: psycopg.BaseConnection[Any]) -> bool:
     """Whether an idle connection's socket is readable: the server closed it (or sent a notice). No round trip."""
     try:
         fd = conn.pgconn.socket
@@ -203,6 +214,16 @@ def _has_input(conn: _Connection) -> bool:
         return bool(poller.poll(0))
     readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
     return bool(readable)
+
+
+def _shut_down(conn: psycopg.BaseConnection[Any]) -> None:
+    """Shut *conn*'s socket down: a read or write pending on it fails at once, and the connection is broken."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        return  # already closed
+    with suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.shutdown(socket.SHUT_RDWR)  # of the socket itself, not just of this duplicate of its descriptor
 
 
 class _Deadline:
@@ -223,12 +244,7 @@ class _Deadline:
 
     def _expire(self) -> None:
         self.expired = True
-        try:
-            fd = self._conn.pgconn.socket
-        except psycopg.Error:
-            return  # already closed
-        with suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.shutdown(socket.SHUT_RDWR)  # of the socket itself, not just of this duplicate of its descriptor
+        _shut_down(self._conn)
 
     def __enter__(self) -> Self:
         return self
@@ -239,33 +255,24 @@ class _Deadline:
         self._handle.cancel()
 
 
-class PostgresStore:
-    """Records in a PostgreSQL table: one statement per operation, shared by every process and machine.
+class _Step(NamedTuple):
+    """One statement an operation asks its runner to execute: *rows* if the first row of its result is wanted."""
 
-    The pool opens lazily, on first use, inside the running event loop: a store may be created at import time.
-    Use one store per event loop (a pool belongs to the loop that opened it) and :meth:`close` it at shutdown.
-    Call :meth:`purge_expired` from time to time (e.g. from a scheduled job): PostgreSQL does not drop expired
-    rows on its own, although the store never shows them.
+    doing: str
+    query: bytes
+    params: dict[str, Any] | None
+    rows: bool = False
 
-    Args:
-        conninfo: a libpq connection string or URL, e.g. ``"postgresql://app:secret@db.internal/app"`` or
-            ``"host=db dbname=app"``. libpq's environment variables (``PGHOST``, ``PGPASSWORD``...) apply.
-        table: the table's name (letters, digits and underscores, at most 48); created on first use, with an
-            index ``<table>_expires_at``.
-        min_size: connections the pool keeps open.
-        max_size: connections the pool may open; more concurrent operations wait for one.
-        connect_timeout: seconds to open a connection (libpq counts whole seconds, at least 2).
-        statement_timeout: seconds a statement may run on the server (set as ``statement_timeout`` on every
-            connection), e.g. while it waits for a row lock.
-        pool_timeout: seconds an operation waits for a connection of the pool, e.g. while the server is down.
-        reconnect_timeout: seconds the pool keeps retrying a connection that fails before giving up on it (the
-            next operation starts a new attempt); a short one means a quick recovery once the server is back.
-        application_name: the ``application_name`` the server shows for the store's connections; by default the
-            one in *conninfo*, else ``"idempo"``.
-        prepare: use prepared statements (one round trip per operation). Turn it off behind a connection
-            pooler that does not support them (PgBouncer before 1.21 in transaction mode).
-        clock: for tests only: seconds since the epoch, instead of the server's clock.
-    """
+
+_Result = tuple[int, TupleRow | None]  # the row count, and the first row if one was asked for
+_Plan = Generator[_Step, _Result, _T]
+"""An operation, written once: it yields the statements to run and receives each one's result; a sync or an async
+runner executes them (``_run``), so that both stores run the same logic and the same SQL."""
+
+
+class _PostgresBase:
+    """What :class:`PostgresStore` and :class:`SyncPostgresStore` share: options, SQL, the logic of every operation
+    (as plans), error messages. Each subclass adds a runner over its own kind of connection and pool."""
 
     def __init__(
         self,
@@ -305,7 +312,18 @@ class PostgresStore:
         except psycopg.Error as exc:
             msg = f"invalid PostgreSQL connection string {_display(conninfo)!r}: {exc}"
             raise ConfigurationError(msg) from None
+        # Everything a twin needs to be built alike (see PostgresStore.sync).
+        self._options: dict[str, Any] = {
+            "table": table,
+            "min_size": min_size,
+            "max_size": max_size,
+            **timeouts,
+            "application_name": application_name,
+            "prepare": prepare,
+            "clock": clock,
+        }
         self._conninfo = conninfo
+        self._conninfo_params = params
         self._display = _display(conninfo)
         self._table = table
         self._min_size = min_size
@@ -319,9 +337,7 @@ class PostgresStore:
         self._prepare = prepare
         self._clock = clock
         self._sql = _Statements(table)
-        self._pool: AsyncConnectionPool[_Connection] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._opening: asyncio.Task[AsyncConnectionPool[_Connection]] | None = None
+        self._set_timeout = f"SET statement_timeout = {int(statement_timeout * 1000)}".encode()
         self._closed = False
 
     @classmethod
@@ -342,12 +358,13 @@ class PostgresStore:
         return cls(_strip_options(url), **options)
 
     def __repr__(self) -> str:
-        return f"PostgresStore({self._display!r}, table={self._table!r})"
+        return f"{type(self).__name__}({self._display!r}, table={self._table!r})"
 
-    # -- connections ----------------------------------------------------------------------------------------
+    def _closed_error(self) -> StoreError:
+        return StoreError(f"PostgreSQL store {self._display!r} is closed")
 
-    def _error(self, exc: BaseException, doing: str, *, deadline: _Deadline | None = None) -> StoreError:
-        if deadline is not None and deadline.expired:
+    def _error(self, exc: BaseException, doing: str, *, no_answer: bool = False) -> StoreError:
+        if no_answer:
             detail = f"no answer within {self._answer_timeout:g} s; connection closed ({type(exc).__name__}: {exc})"
         elif isinstance(exc, PoolTimeout):
             detail = f"no connection within {self._pool_timeout:g} s (is the server up? is the pool too small?)"
@@ -357,17 +374,163 @@ class PostgresStore:
             detail = f"{type(exc).__name__}: {exc}".strip()
         return StoreError(f"PostgreSQL store {self._display!r}, {doing}: {detail}")
 
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """libpq options of every connection, beside *conninfo*."""
+        return {
+            "autocommit": True,
+            "connect_timeout": self._connect_timeout,
+            "application_name": self._application_name,
+        }
+
+    def _pool_options(self) -> dict[str, Any]:
+        """The pool's options (either kind of pool)."""
+        return {
+            "kwargs": self._connect_kwargs(),
+            "min_size": self._min_size,
+            "max_size": self._max_size,
+            "open": False,
+            "name": f"idempo-{self._table}",
+            "timeout": self._pool_timeout,
+            "reconnect_timeout": self._reconnect_timeout,
+        }
+
+    def _params(self, **params: Any) -> dict[str, Any]:
+        # lease and ttl always as floats: one set of parameter types, one prepared statement per connection.
+        params["now"] = None if self._clock is None else self._clock()
+        return params
+
+    # -- the operations, as plans ---------------------------------------------------------------------------
+
+    def _create_table_plan(self) -> _Plan[None]:
+        """Run in one transaction, on a connection of its own: the table and its index, unless both exist."""
+        names = {"table": self._sql.table_name, "index": self._sql.index_name}
+        _, row = yield _Step("creating the table", self._sql.exists, names, rows=True)
+        if row is not None and row[0]:
+            return  # nothing to create, and no lock to take
+        yield _Step("creating the table", self._sql.lock, names)
+        for statement in self._sql.create:
+            yield _Step("creating the table", statement, None)
+
+    def _claim_plan(self, key: str, fingerprint: str, lease: float, ttl: float) -> _Plan[Claim]:
+        token = new_token()
+        for _ in range(_CLAIM_ATTEMPTS):
+            params = self._params(key=key, fingerprint=fingerprint, token=token, lease=float(lease), ttl=float(ttl))
+            _, row = yield _Step("claim", self._sql.claim, params, rows=True)
+            if row is not None:
+                return Acquired(token) if row[0] else Existing(record_from_row(row[1:]))
+            # Another claim committed this key after our snapshot was taken: look again, with a fresh snapshot.
+        msg = f"PostgreSQL store {self._display!r}, claim: key {key!r} kept changing under {_CLAIM_ATTEMPTS} attempts"
+        raise StoreError(msg)
+
+    def _renew_plan(self, key: str, token: str, lease: float) -> _Plan[bool]:
+        count, _ = yield _Step("renew", self._sql.renew, self._params(key=key, token=token, lease=float(lease)))
+        return count == 1
+
+    def _complete_plan(self, key: str, token: str, payload: bytes, ttl: float) -> _Plan[bool]:
+        params = self._params(key=key, token=token, payload=payload, ttl=float(ttl))
+        count, _ = yield _Step("complete", self._sql.complete, params)
+        return count == 1
+
+    def _release_plan(self, key: str, token: str) -> _Plan[bool]:
+        count, _ = yield _Step("release", self._sql.release, self._params(key=key, token=token))
+        return count == 1
+
+    def _get_plan(self, key: str) -> _Plan[Record | None]:
+        _, row = yield _Step("get", self._sql.get, self._params(key=key), rows=True)
+        return None if row is None else record_from_row(row)
+
+    def _delete_plan(self, key: str) -> _Plan[bool]:
+        count, _ = yield _Step("delete", self._sql.delete, {"key": key})
+        return count == 1
+
+    def _purge_plan(self) -> _Plan[int]:
+        purged = 0
+        while True:
+            count, _ = yield _Step("purge_expired", self._sql.purge, self._params(batch=_PURGE_BATCH))
+            purged += max(count, 0)
+            if count < _PURGE_BATCH:
+                return purged
+
+
+class PostgresStore(_PostgresBase):
+    """Records in a PostgreSQL table: one statement per operation, shared by every process and machine.
+
+    The pool opens lazily, on first use, inside the running event loop: a store may be created at import time.
+    Use one store per event loop (a pool belongs to the loop that opened it) and :meth:`close` it at shutdown.
+    Call :meth:`purge_expired` from time to time (e.g. from a scheduled job): PostgreSQL does not drop expired
+    rows on its own, although the store never shows them. :meth:`sync` gives its blocking twin.
+
+    Args:
+        conninfo: a libpq connection string or URL, e.g. ``"postgresql://app:secret@db.internal/app"`` or
+            ``"host=db dbname=app"``. libpq's environment variables (``PGHOST``, ``PGPASSWORD``...) apply.
+        table: the table's name (letters, digits and underscores, at most 48); created on first use, with an
+            index ``<table>_expires_at``.
+        min_size: connections the pool keeps open.
+        max_size: connections the pool may open; more concurrent operations wait for one.
+        connect_timeout: seconds to open a connection (libpq counts whole seconds, at least 2).
+        statement_timeout: seconds a statement may run on the server (set as ``statement_timeout`` on every
+            connection), e.g. while it waits for a row lock.
+        pool_timeout: seconds an operation waits for a connection of the pool, e.g. while the server is down.
+        reconnect_timeout: seconds the pool keeps retrying a connection that fails before giving up on it (the
+            next operation starts a new attempt); a short one means a quick recovery once the server is back.
+        application_name: the ``application_name`` the server shows for the store's connections; by default the
+            one in *conninfo*, else ``"idempo"``.
+        prepare: use prepared statements (one round trip per operation). Turn it off behind a connection
+            pooler that does not support them (PgBouncer before 1.21 in transaction mode).
+        clock: for tests only: seconds since the epoch, instead of the server's clock.
+    """
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        table: str = "idempo_records",
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 5.0,
+        pool_timeout: float = 5.0,
+        reconnect_timeout: float = 10.0,
+        application_name: str | None = None,
+        prepare: bool = True,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(
+            conninfo,
+            table=table,
+            min_size=min_size,
+            max_size=max_size,
+            connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout,
+            pool_timeout=pool_timeout,
+            reconnect_timeout=reconnect_timeout,
+            application_name=application_name,
+            prepare=prepare,
+            clock=clock,
+        )
+        self._pool: AsyncConnectionPool[_Connection] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: asyncio.Task[AsyncConnectionPool[_Connection]] | None = None
+        self._sync_twin: SyncPostgresStore | None = None
+
+    def sync(self) -> SyncPostgresStore:
+        """The blocking twin of this store (for the decorator on sync functions): a :class:`SyncPostgresStore`
+        on the same server and table, with the same options, and a pool of its own. Always the same one;
+        :meth:`close` closes it too."""
+        if self._closed:
+            raise self._closed_error()
+        if self._sync_twin is None:
+            self._sync_twin = SyncPostgresStore(self._conninfo, **self._options)
+        return self._sync_twin
+
+    # -- connections ----------------------------------------------------------------------------------------
+
     async def _configure(self, conn: _Connection) -> None:
         with _Deadline(conn, self._answer_timeout):
-            await conn.execute(f"SET statement_timeout = {int(self._statement_timeout * 1000)}".encode())
+            await conn.execute(self._set_timeout)
 
     async def _connect(self) -> _Connection:
-        conn = await psycopg.AsyncConnection.connect(
-            self._conninfo,
-            autocommit=True,
-            connect_timeout=self._connect_timeout,
-            application_name=self._application_name,
-        )
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._connect_kwargs())
         try:
             await self._configure(conn)
         except BaseException:
@@ -382,7 +545,7 @@ class PostgresStore:
         one connection attempt at most, never for a queue of them."""
         loop = asyncio.get_running_loop()
         if self._closed:
-            raise StoreError(f"PostgreSQL store {self._display!r} is closed")
+            raise self._closed_error()
         if self._pool is not None:
             if self._loop is not loop:
                 msg = f"PostgreSQL store {self._display!r} was opened in another event loop: use one per loop"
@@ -407,38 +570,28 @@ class PostgresStore:
             finally:
                 await conn.close()
         except _FAILURES as exc:
-            raise self._error(exc, "creating the table", deadline=deadline) from exc
+            no_answer = deadline is not None and deadline.expired
+            raise self._error(exc, "creating the table", no_answer=no_answer) from exc
         pool: AsyncConnectionPool[_Connection] = AsyncConnectionPool(
-            self._conninfo,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": self._connect_timeout,
-                "application_name": self._application_name,
-            },
-            min_size=self._min_size,
-            max_size=self._max_size,
-            open=False,
-            configure=self._configure,
-            name=f"idempo-{self._table}",
-            timeout=self._pool_timeout,
-            reconnect_timeout=self._reconnect_timeout,
+            self._conninfo, configure=self._configure, **self._pool_options()
         )
         await pool.open(wait=False)
         if self._closed:  # while this was opening
             await pool.close()
-            raise StoreError(f"PostgreSQL store {self._display!r} is closed")
+            raise self._closed_error()
         self._pool, self._loop = pool, asyncio.get_running_loop()
         return pool
 
     async def _create_table(self, conn: _Connection) -> None:
-        names = {"table": self._sql.table_name, "index": self._sql.index_name}
-        row = await (await conn.execute(self._sql.exists, names)).fetchone()
-        if row is not None and row[0]:
-            return
+        plan = self._create_table_plan()
         async with conn.transaction():
-            await conn.execute(self._sql.lock, names)
-            for statement in self._sql.create:
-                await conn.execute(statement)
+            try:
+                step = next(plan)
+                while True:
+                    cursor = await conn.execute(step.query, step.params)
+                    step = plan.send((cursor.rowcount, await cursor.fetchone() if step.rows else None))
+            except StopIteration:
+                pass
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Connection]:
@@ -463,9 +616,7 @@ class PostgresStore:
         finally:
             await pool.putconn(conn)
 
-    async def _execute(
-        self, doing: str, query: bytes, params: dict[str, Any], *, rows: bool = False
-    ) -> tuple[int, TupleRow | None]:
+    async def _execute(self, doing: str, query: bytes, params: dict[str, Any], *, rows: bool = False) -> _Result:
         """Run *query*: its row count, and, if it returns *rows*, the first one."""
         deadline = None
         try:
@@ -478,65 +629,52 @@ class PostgresStore:
         except StoreError:
             raise
         except _FAILURES as exc:
-            raise self._error(exc, doing, deadline=deadline) from exc
+            raise self._error(exc, doing, no_answer=deadline is not None and deadline.expired) from exc
 
-    def _params(self, **params: Any) -> dict[str, Any]:
-        # lease and ttl always as floats: one set of parameter types, one prepared statement per connection.
-        params["now"] = None if self._clock is None else self._clock()
-        return params
+    async def _run(self, plan: _Plan[_T]) -> _T:
+        """Execute *plan*'s statements, each on a connection of the pool."""
+        try:
+            step = next(plan)
+            while True:
+                step = plan.send(await self._execute(step.doing, step.query, step.params or {}, rows=step.rows))
+        except StopIteration as done:
+            result: _T = done.value
+            return result
 
     # -- the Store protocol ---------------------------------------------------------------------------------
 
     async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        token = new_token()
-        for _ in range(_CLAIM_ATTEMPTS):
-            params = self._params(key=key, fingerprint=fingerprint, token=token, lease=float(lease), ttl=float(ttl))
-            _, row = await self._execute("claim", self._sql.claim, params, rows=True)
-            if row is not None:
-                return Acquired(token) if row[0] else Existing(record_from_row(row[1:]))
-            # Another claim committed this key after our snapshot was taken: look again, with a fresh snapshot.
-        msg = f"PostgreSQL store {self._display!r}, claim: key {key!r} kept changing under {_CLAIM_ATTEMPTS} attempts"
-        raise StoreError(msg)
+        return await self._run(self._claim_plan(key, fingerprint, lease, ttl))
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
-        count, _ = await self._execute("renew", self._sql.renew, self._params(key=key, token=token, lease=float(lease)))
-        return count == 1
+        return await self._run(self._renew_plan(key, token, lease))
 
     async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """See :meth:`idempo.Store.complete`."""
-        params = self._params(key=key, token=token, payload=payload, ttl=float(ttl))
-        count, _ = await self._execute("complete", self._sql.complete, params)
-        return count == 1
+        return await self._run(self._complete_plan(key, token, payload, ttl))
 
     async def release(self, key: str, token: str) -> bool:
         """See :meth:`idempo.Store.release`."""
-        count, _ = await self._execute("release", self._sql.release, self._params(key=key, token=token))
-        return count == 1
+        return await self._run(self._release_plan(key, token))
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`."""
-        _, row = await self._execute("get", self._sql.get, self._params(key=key), rows=True)
-        return None if row is None else record_from_row(row)
+        return await self._run(self._get_plan(key))
 
     async def delete(self, key: str) -> bool:
         """See :meth:`idempo.Store.delete`."""
-        count, _ = await self._execute("delete", self._sql.delete, {"key": key})
-        return count == 1
+        return await self._run(self._delete_plan(key))
 
     async def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`. Deletes in batches of 10,000 rows, one statement each, and
         skips rows another session holds locked at that moment (they are left for the next purge)."""
-        purged = 0
-        while True:
-            count, _ = await self._execute("purge_expired", self._sql.purge, self._params(batch=_PURGE_BATCH))
-            purged += max(count, 0)
-            if count < _PURGE_BATCH:
-                return purged
+        return await self._run(self._purge_plan())
 
     async def close(self) -> None:
-        """Close the pool and its connections. The store is not used afterwards."""
+        """Close the pool and its connections, and those of the :meth:`sync` twin. The store is not used
+        afterwards."""
         self._closed = True
         opening, self._opening = self._opening, None
         if opening is not None and not opening.done():
@@ -545,3 +683,271 @@ class PostgresStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        twin, self._sync_twin = self._sync_twin, None
+        if twin is not None:
+            await asyncio.to_thread(twin.close)
+
+
+_SyncConnection = psycopg.Connection[TupleRow]
+
+
+class _Guard:
+    """One statement the watchdog keeps an eye on; see :class:`_Watchdog`."""
+
+    __slots__ = ("conn", "done", "expired")
+
+    def __init__(self, conn: psycopg.BaseConnection[Any]) -> None:
+        self.conn = conn
+        self.done = False
+        self.expired = False
+
+
+class _Watchdog:
+    """:class:`_Deadline` for blocking connections: one daemon thread, shared by every sync store, shuts down the
+    socket of a connection whose server has not answered by its deadline. A blocking libpq call cannot be
+    interrupted from its own thread; its socket can be shut down from another one, which makes it fail at once.
+
+    A deadline ends (``with``) under the same lock the watchdog fires under, so a connection that was answered
+    in time, and may already serve another statement, is never shut down late."""
+
+    def __init__(self) -> None:
+        self._reset()
+        # A forked child has no watchdog thread (and must not use its parent's connections anyway): start afresh.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Guard]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def deadline(self, conn: psycopg.BaseConnection[Any], seconds: float) -> Iterator[_Guard]:
+        guard = _Guard(conn)
+        entry = (time.monotonic() + seconds, next(self._order), guard)
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="idempo-postgres-watchdog", daemon=True)
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._cond.notify()
+        try:
+            yield guard
+        finally:
+            with self._cond:
+                guard.done = True
+
+    def _watch(self) -> None:
+        heap = self._heap
+        with self._cond:
+            while True:
+                while heap and heap[0][2].done:
+                    heapq.heappop(heap)
+                if not heap:
+                    self._cond.wait()
+                    continue
+                wait = heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                _, _, guard = heapq.heappop(heap)
+                guard.expired = True
+                _shut_down(guard.conn)
+
+
+_watchdog = _Watchdog()
+
+
+class SyncPostgresStore(_PostgresBase):
+    """The blocking twin of :class:`PostgresStore`, for sync callers: the same table, SQL and operations, on
+    psycopg's blocking connections and ``psycopg_pool.ConnectionPool``. Safe to share between threads (each
+    operation takes a connection of the pool); no event loop anywhere.
+
+    The pool opens lazily, on first use, in whichever thread comes first; :meth:`close` it at shutdown.
+    ``PostgresStore.sync()`` builds one alike.
+
+    Failures are bounded as in :class:`PostgresStore`: ``connect_timeout``, ``pool_timeout``,
+    ``statement_timeout``, and a server that does not answer at all (frozen, or cut off by the network) is given
+    one second past ``statement_timeout``, after which a watchdog thread (one for all sync stores) shuts the
+    connection's socket down and the blocked call fails with a :class:`~idempo.StoreError`.
+
+    Args: as for :class:`PostgresStore`.
+    """
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        table: str = "idempo_records",
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 5.0,
+        pool_timeout: float = 5.0,
+        reconnect_timeout: float = 10.0,
+        application_name: str | None = None,
+        prepare: bool = True,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(
+            conninfo,
+            table=table,
+            min_size=min_size,
+            max_size=max_size,
+            connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout,
+            pool_timeout=pool_timeout,
+            reconnect_timeout=reconnect_timeout,
+            application_name=application_name,
+            prepare=prepare,
+            clock=clock,
+        )
+        self._pool: ConnectionPool[_SyncConnection] | None = None
+        self._lock = threading.Lock()  # one thread opens the pool; the others wait for it
+        self._finished = 0
+        self._failure: StoreError | None = None
+
+    # -- connections ----------------------------------------------------------------------------------------
+
+    def _configure(self, conn: _SyncConnection) -> None:
+        with _watchdog.deadline(conn, self._answer_timeout):
+            conn.execute(self._set_timeout)
+
+    def _open(self) -> ConnectionPool[_SyncConnection]:
+        """The pool, opened (and the table made) on first use.
+
+        Threads that arrive while another opens it wait for that one attempt and share its failure: each waits
+        for one connection attempt at most, never for a queue of them."""
+        finished = self._finished  # attempts finished before this thread arrived
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            if self._pool is not None:
+                return self._pool
+            failure = self._failure
+            if failure is not None and self._finished != finished:  # the attempt this thread waited for failed
+                raise StoreError(str(failure)) from failure.__cause__
+            try:
+                pool = self._start()
+            except StoreError as exc:
+                self._failure = exc
+                raise
+            finally:
+                self._finished += 1
+            self._failure = None
+            self._pool = pool
+            return pool
+
+    def _start(self) -> ConnectionPool[_SyncConnection]:
+        guard = None
+        try:
+            # On a connection of its own, so that a wrong password or database name comes out as such,
+            # not as a pool timeout.
+            with psycopg.Connection.connect(self._conninfo, **self._connect_kwargs()) as conn:
+                self._configure(conn)
+                # A few statements, one of which may wait for another process's lock (statement_timeout).
+                with _watchdog.deadline(conn, self._answer_timeout * 3) as guard:
+                    self._create_table(conn)
+        except _FAILURES as exc:
+            raise self._error(exc, "creating the table", no_answer=guard is not None and guard.expired) from exc
+        pool: ConnectionPool[_SyncConnection] = ConnectionPool(
+            self._conninfo, configure=self._configure, **self._pool_options()
+        )
+        pool.open(wait=False)
+        return pool
+
+    def _create_table(self, conn: _SyncConnection) -> None:
+        plan = self._create_table_plan()
+        with conn.transaction():
+            try:
+                step = next(plan)
+                while True:
+                    cursor = conn.execute(step.query, step.params)
+                    step = plan.send((cursor.rowcount, cursor.fetchone() if step.rows else None))
+            except StopIteration:
+                pass
+
+    @contextmanager
+    def _connection(self) -> Iterator[_SyncConnection]:
+        """A live connection of the pool. One the server closed while it was idle is dropped, not used."""
+        pool = self._pool
+        if pool is None:
+            pool = self._open()
+        deadline = time.monotonic() + self._pool_timeout
+        while True:
+            conn = pool.getconn(timeout=max(0.0, deadline - time.monotonic()))
+            if not _has_input(conn):
+                break
+            try:
+                with _watchdog.deadline(conn, self._answer_timeout):
+                    conn.execute(b"")  # reads what is there: a notice, or the server's goodbye
+            except psycopg.Error:
+                pool.putconn(conn)  # broken: the pool discards it, and opens a new one in the background
+                continue
+            break
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    def _execute(self, doing: str, query: bytes, params: dict[str, Any], *, rows: bool = False) -> _Result:
+        """Run *query*: its row count, and, if it returns *rows*, the first one."""
+        guard = None
+        try:
+            with self._connection() as conn, _watchdog.deadline(conn, self._answer_timeout) as guard:
+                cursor = conn.execute(query, params, prepare=self._prepare, binary=True)
+                row = cursor.fetchone() if rows else None
+                return cursor.rowcount, row
+        except StoreError:
+            raise
+        except _FAILURES as exc:
+            raise self._error(exc, doing, no_answer=guard is not None and guard.expired) from exc
+
+    def _run(self, plan: _Plan[_T]) -> _T:
+        """Execute *plan*'s statements, each on a connection of the pool."""
+        try:
+            step = next(plan)
+            while True:
+                step = plan.send(self._execute(step.doing, step.query, step.params or {}, rows=step.rows))
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+
+    # -- the SyncStore protocol -----------------------------------------------------------------------------
+
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        """See :meth:`idempo.Store.claim`."""
+        return self._run(self._claim_plan(key, fingerprint, lease, ttl))
+
+    def renew(self, key: str, token: str, *, lease: float) -> bool:
+        """See :meth:`idempo.Store.renew`."""
+        return self._run(self._renew_plan(key, token, lease))
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        """See :meth:`idempo.Store.complete`."""
+        return self._run(self._complete_plan(key, token, payload, ttl))
+
+    def release(self, key: str, token: str) -> bool:
+        """See :meth:`idempo.Store.release`."""
+        return self._run(self._release_plan(key, token))
+
+    def get(self, key: str) -> Record | None:
+        """See :meth:`idempo.Store.get`."""
+        return self._run(self._get_plan(key))
+
+    def delete(self, key: str) -> bool:
+        """See :meth:`idempo.Store.delete`."""
+        return self._run(self._delete_plan(key))
+
+    def purge_expired(self) -> int:
+        """See :meth:`PostgresStore.purge_expired`."""
+        return self._run(self._purge_plan())
+
+    def close(self) -> None:
+        """Close the pool and its connections. The store is not used afterwards."""
+        self._closed = True
+        with self._lock:  # waits for an opening in progress (bounded by connect_timeout and statement_timeout)
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
