@@ -519,6 +519,9 @@ class LoseFirstResponse(httpx.AsyncBaseTransport):
         self.lost.append(response)
         raise httpx.ReadTimeout("the response was lost on the way back", request=request)
 
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
 
 async def test_a_lost_response_is_replayed_and_the_charge_runs_once() -> None:
     app, runs = charges_app()
@@ -624,6 +627,30 @@ def test_sync_transport_over_a_real_server_replays_a_lost_response(served_charge
 
     [lost] = faulty.lost
     assert (lost.status_code, lost.json()) == (201, {"id": "ch_1", "amount": 250})
+    assert (response.status_code, response.content) == (lost.status_code, lost.content)
+    assert response.headers["idempotent-replayed"] == "true"
+    assert runs == [response.request.headers["Idempotency-Key"]]
+    assert len(sleeps) == 1
+
+
+async def test_async_transport_over_a_real_server_replays_a_lost_response(
+    served_charges: tuple[str, list[str]],
+) -> None:
+    """The same over real TCP, with the async transport: the server ran the charge, its response was lost, the
+    retry (same key) gets the stored response, and the charge ran once."""
+    base_url, runs = served_charges
+    faulty = LoseFirstResponse(httpx.AsyncHTTPTransport())
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = AsyncIdempotencyTransport(transport=faulty, sleep=sleep)
+    async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=10) as http:
+        response = await http.post("/charges", json={"amount": 300})
+
+    [lost] = faulty.lost
+    assert (lost.status_code, lost.json()) == (201, {"id": "ch_1", "amount": 300})
     assert (response.status_code, response.content) == (lost.status_code, lost.content)
     assert response.headers["idempotent-replayed"] == "true"
     assert runs == [response.request.headers["Idempotency-Key"]]
