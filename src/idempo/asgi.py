@@ -34,7 +34,7 @@ from ._core.errors import (
     RequestError,
     ResponseNotStoredError,
 )
-from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest
+from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
 from ._core.keys import parse_key
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
 from ._core.records import Acquired, Claim, State
@@ -360,7 +360,7 @@ class _Exchange:
             return
         self.body = body
         principal = authorization if mw.principal is authorization_principal else mw.principal(scope)
-        self.store_key = store_key = f"{principal_digest(principal)}:{self.key}"  # as scoped_key() makes it
+        self.store_key = store_key = scoped_key(principal_digest(principal), self.key)
         if mw.fingerprint is not None:
             fingerprint = mw.fingerprint(scope, body)
         else:
