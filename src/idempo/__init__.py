@@ -37,6 +37,7 @@ from ._core.problem import Problem
 from ._core.records import Acquired, Claim, Existing, Record, State
 from .asgi import IdempotencyMiddleware, authorization_principal
 from .decorators import idempotent
+from .observe import Observer
 from .stores import Store, store_from_url
 from .stores.memory import MemoryStore
 from .stores.sqlite import SQLiteStore
@@ -58,6 +59,7 @@ __all__ = [
     "Mismatch",
     "MissingDependency",
     "MissingKeyError",
+    "Observer",
     "Problem",
     "Record",
     "Replay",

@@ -38,6 +38,7 @@ from ._core.fingerprint import canonical_json_body, fingerprint_request, princip
 from ._core.keys import parse_key
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
 from ._core.records import Acquired, Claim, State
+from .observe import Observer, Outcome, _ObservedStore, tell
 from .stores import Store, store_from_url
 
 __all__ = ["ASGIApp", "IdempotencyMiddleware", "Message", "Receive", "Scope", "Send", "authorization_principal"]
@@ -113,6 +114,8 @@ class IdempotencyMiddleware:
             change, so this never changes an answer, except after an explicit ``Store.delete``: a process that
             cached the record replays it until its cache entry runs out.
         cache_ttl: the longest a response stays in that cache, in seconds (never longer than the store keeps it).
+        observer: told of each request's outcome and of the time of each store call (:mod:`idempo.observe`), for
+            metrics. ``None`` (the default) costs nothing.
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class IdempotencyMiddleware:
         problem_base_uri: str = DEFAULT_PROBLEM_BASE,
         cache_size: int = 0,
         cache_ttl: float = 60,
+        observer: Observer | None = None,
     ) -> None:
         if ttl <= 0 or lease <= 0:
             msg = f"ttl and lease must be positive (ttl={ttl}, lease={lease})"
@@ -174,6 +178,9 @@ class IdempotencyMiddleware:
         self.store_server_errors = store_server_errors
         self.replay_set_cookie = replay_set_cookie
         self.problem_base_uri = problem_base_uri
+        self.observer = observer
+        # What the requests call: the store itself, or, for an observer, the store's calls timed.
+        self._calls: Store = self.store if observer is None else _ObservedStore(self.store, observer)
         self._renewer: _Renewer | None = None
         self._background: set[asyncio.Task[None]] = set()  # outcomes still being recorded after a store failure
         self.cache = CompletedCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
@@ -181,11 +188,13 @@ class IdempotencyMiddleware:
     def _renewer_for(self, loop: asyncio.AbstractEventLoop) -> _Renewer:
         renewer = self._renewer
         if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
-            renewer = self._renewer = _Renewer(loop, self.store, self.lease)
+            renewer = self._renewer = _Renewer(loop, self._calls, self.lease)
         return renewer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
+            if self.observer is not None and scope["type"] == "http":
+                tell(self.observer, "passthrough", scope)
             await self.app(scope, receive, send)
             return
         header = self.header
@@ -193,21 +202,29 @@ class IdempotencyMiddleware:
         for name, value in scope["headers"]:
             if name == header:
                 if raw_key is not None:
+                    self._observe("bad_key", scope)
                     await self._send_error(send, InvalidKeyError("send exactly one Idempotency-Key header"))
                     return
                 raw_key = value
         if raw_key is None:
             if self.require_key is True or (callable(self.require_key) and self.require_key(scope["path"])):
+                self._observe("bad_key", scope)
                 await self._send_error(send, MissingKeyError("this endpoint requires an Idempotency-Key header"))
                 return
+            self._observe("passthrough", scope)
             await self.app(scope, receive, send)
             return
         try:
             key = parse_key(raw_key)
         except InvalidKeyError as exc:
+            self._observe("bad_key", scope)
             await self._send_error(send, exc)
             return
         await _Exchange(self, scope, receive, send, key).run()
+
+    def _observe(self, outcome: Outcome, scope: Scope) -> None:
+        if self.observer is not None:
+            tell(self.observer, outcome, scope)
 
     async def _send_error(self, send: Send, error: RequestError) -> None:
         retry_after = getattr(error, "retry_after", None)
@@ -306,7 +323,7 @@ class _Exchange:
         self.receive = receive
         self.send = send
         self.key = key
-        self.store = middleware.store
+        self.store = middleware._calls
         self.store_key = ""
         self.fingerprint = ""
         self.token = ""
@@ -337,6 +354,7 @@ class _Exchange:
                 content_length = int(value) if value.isdigit() else -1
         limit = mw.max_request_bytes
         if content_length > limit:
+            mw._observe("too_large", scope)
             await mw._send_error(
                 self.send,
                 BodyTooLargeError(f"the request body is {content_length} bytes; at most {limit} are accepted"),
@@ -351,11 +369,13 @@ class _Exchange:
             try:
                 body = await self._read_rest(body, limit)
             except BodyTooLargeError as exc:
+                mw._observe("too_large", scope)
                 await mw._send_error(self.send, exc)
                 return
             if body is None:
                 return
         elif len(body) > limit:
+            mw._observe("too_large", scope)
             await mw._send_error(self.send, BodyTooLargeError(f"the request body is over {limit} bytes"))
             return
         self.body = body
@@ -376,8 +396,10 @@ class _Exchange:
             cached = cache.get(store_key, time.monotonic())
             if cached is not None:  # a completed record: the store's answer, without asking it
                 if cached[0] == fingerprint:
+                    mw._observe("replayed", scope)
                     await self._replay(cached[1])
                 else:
+                    mw._observe("mismatch", scope)
                     await mw._send_error(self.send, Mismatch().error())
                 return
         try:
@@ -391,6 +413,8 @@ class _Exchange:
                 return
             claim = acquired
         self.token = claim.token
+        if mw.observer is not None:
+            tell(mw.observer, "executed", scope)
         # Run the app (here rather than in a method of its own: one coroutine less on every message it sends).
         state = scope.get("state")
         if state is None:
@@ -452,13 +476,16 @@ class _Exchange:
                     self.store_key, record.fingerprint, record.payload, time.monotonic(), record.expires_at - now
                 )
             if isinstance(decision, Replay):
+                mw._observe("replayed", self.scope)
                 await self._replay(decision.payload)
                 return None
             if isinstance(decision, Mismatch):
+                mw._observe("mismatch", self.scope)
                 await mw._send_error(self.send, decision.error())
                 return None
             assert isinstance(decision, Conflict)
             if mw.on_conflict == "reject" or time.monotonic() + delay > deadline:
+                mw._observe("conflict", self.scope)
                 await mw._send_error(self.send, decision.error())
                 return None
             await asyncio.sleep(delay)
@@ -489,6 +516,7 @@ class _Exchange:
 
     async def _store_failed(self, exc: Exception) -> None:
         mw = self.mw
+        mw._observe("store_error", self.scope)
         if mw.on_store_error == "fail_open":
             logger.warning("idempo: store %r failed (%s); running the request unprotected", self.store, exc)
             self._set_state()
