@@ -8,12 +8,15 @@
   (extra ``postgres``).
 
 Options go in the query string, e.g. ``memory://?max_entries=1000`` or ``sqlite:///idempo.db?table=idem``.
+
+Every built-in store can also list its records (:class:`ScanningStore`, :class:`SyncScanningStore`): an optional
+capability, not part of :class:`Store`, so that a user's own store need not offer it.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -24,8 +27,10 @@ from ._url import StoreURL, parse_store_url, redact
 __all__ = [
     "SCHEMES",
     "SYNC_SCHEMES",
+    "ScanningStore",
     "Store",
     "StoreURL",
+    "SyncScanningStore",
     "SyncStore",
     "parse_store_url",
     "redact",
@@ -141,6 +146,47 @@ class SyncStore(Protocol):
 
     def close(self) -> None:
         """See :meth:`Store.close`."""
+        ...
+
+
+@runtime_checkable
+class ScanningStore(Store, Protocol):
+    """**Protocol:** a :class:`Store` that can also list its records (``idempo keys list`` needs one).
+
+    An optional capability: :class:`Store` does not require it, so a user's own store stays a ``Store``
+    without it. Every built-in store has it. Check with ``isinstance(store, ScanningStore)``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
+        """Iterate over the live records whose store key starts with *prefix*, matched literally.
+
+        Expired records are absent, as everywhere; in-progress (even stale) and completed records are listed.
+        Built-in stores yield in key order, except Redis (in no particular order). The scan is not a snapshot:
+        records written while it runs may or may not appear, but each record appears at most once.
+
+        Args:
+            prefix: a literal prefix of the store key (no pattern: ``*``, ``?``, ``[``, ``%`` and ``_`` are
+                plain characters). The middleware's keys are ``<principal digest>:<Idempotency-Key>``.
+            limit: stop after this many records; ``None`` for all of them.
+
+        Raises:
+            ValueError: *limit* is negative (raised when the iteration starts).
+        """
+        ...
+
+
+@runtime_checkable
+class SyncScanningStore(SyncStore, Protocol):
+    """**Protocol:** the blocking twin of :class:`ScanningStore`: a :class:`SyncStore` whose ``scan`` returns a
+    plain iterator. Every built-in sync store has it.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
+        """See :meth:`ScanningStore.scan`."""
         ...
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Final, Self
 
 from .._core.errors import ConfigurationError
 from .._core.records import Acquired, Claim, Existing, Record, State, new_token
+from ._scan import check_limit
 from ._url import StoreURL
 
 __all__ = ["MemoryStore", "SyncMemoryStore"]
@@ -161,6 +163,24 @@ class SyncMemoryStore:
             expired = [key for key in list(self._records) if self._live(key, now) is None]
             return len(expired)
 
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
+        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, from a copy of the matching
+        records taken under the lock when the iteration starts."""
+        check_limit(limit)
+        with self._lock:
+            now = self._clock()
+            matching = [
+                (key, entry)
+                for key, entry in self._records.items()
+                if entry[_EXPIRES_AT] > now and key.startswith(prefix)
+            ]
+        if limit is None:
+            matching.sort()
+        else:
+            matching = heapq.nsmallest(limit, matching)
+        for _, entry in matching:
+            yield _as_record(entry)
+
     def close(self) -> None:
         """Forget every record."""
         with self._lock:
@@ -224,6 +244,11 @@ class MemoryStore:
     async def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`."""
         return self._sync.purge_expired()
+
+    async def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
+        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order."""
+        for record in self._sync.scan(prefix, limit=limit):
+            yield record
 
     async def close(self) -> None:
         """Forget every record."""
