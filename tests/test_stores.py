@@ -31,7 +31,8 @@ from idempo import (
     StoreError,
     store_from_url,
 )
-from idempo.stores import SyncStore, redact, sync_store_from_url
+from idempo.stores import ScanningStore, SyncScanningStore, SyncStore, redact, sync_store_from_url
+from idempo.stores._scan import glob_prefix, like_prefix, prefix_end
 from idempo.stores.memory import SyncMemoryStore
 from idempo.stores.sqlite import SyncSQLiteStore
 from idempo.testing import StoreConformance, SyncStoreConformance
@@ -883,3 +884,153 @@ def test_sync_sqlite_store_used_before_fork_works_in_the_child(tmp_path: Path) -
     assert record is not None
     assert record.payload == b"from the child"
     store.close()
+
+
+# -- scan: the optional capability of listing records ----------------------------------------------------------
+
+
+class _NoScan:
+    """A user's own store, complete but without ``scan``: it stays a Store."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        return await self.inner.renew(key, token, lease=lease)
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        return await self.inner.complete(key, token, payload, ttl=ttl)
+
+    async def release(self, key: str, token: str) -> bool:
+        return await self.inner.release(key, token)
+
+    async def get(self, key: str) -> Record | None:
+        return await self.inner.get(key)
+
+    async def delete(self, key: str) -> bool:
+        return await self.inner.delete(key)
+
+    async def purge_expired(self) -> int:
+        return await self.inner.purge_expired()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_built_in_stores_can_scan_and_a_store_without_scan_is_still_a_store() -> None:
+    for cls in (MemoryStore, SQLiteStore):
+        assert issubclass(cls, ScanningStore), cls
+    for sync_cls in (SyncMemoryStore, SyncSQLiteStore):
+        assert issubclass(sync_cls, SyncScanningStore), sync_cls
+    assert isinstance(_NoScan(), Store)
+    assert not isinstance(_NoScan(), ScanningStore)
+
+
+def test_the_scan_scenarios_skip_a_store_without_scan() -> None:
+    class Suite(StoreConformance):
+        async def open_store(self) -> Store:
+            return _NoScan()
+
+    with pytest.raises(pytest.skip.Exception, match="has no scan"):
+        Suite().test_scan_limit()
+    Suite().test_delete_removes_record()  # the rest of the suite still runs
+
+
+async def _scanned(store: Store, prefix: str = "", limit: int | None = None) -> list[str]:
+    assert isinstance(store, ScanningStore)
+    return [record.key async for record in store.scan(prefix, limit=limit)]
+
+
+# Keys in code point order (sorted() order), some beyond ASCII, one with U+10FFFF (the last code point).
+_ORDERED_KEYS = ["a", "a:", "a:1", "a:10", "a:2", "a\x7f", "aé", "a\U0001f600", "a\U0010ffff", "a\U0010ffffz", "b"]
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 500])
+async def test_sqlite_scan_pages_through_the_key_order(tmp_path: Path, page_size: int) -> None:
+    store = SQLiteStore(tmp_path / "scan.db")
+    store._scan_page_size = page_size
+    for key in reversed(_ORDERED_KEYS):
+        await store.claim(key, "fp", lease=60, ttl=600)
+    assert await _scanned(store) == sorted(_ORDERED_KEYS)
+    assert await _scanned(store, "a:") == ["a:", "a:1", "a:10", "a:2"]
+    assert await _scanned(store, "a\U0010ffff") == ["a\U0010ffff", "a\U0010ffffz"]
+    assert await _scanned(store, "a", limit=3) == ["a", "a:", "a:1"]
+    assert await _scanned(store, "a", limit=0) == []
+    twin = store.sync()
+    twin._scan_page_size = page_size
+    assert [record.key for record in twin.scan("a:", limit=3)] == ["a:", "a:1", "a:10"]
+    await store.close()
+
+
+async def test_memory_scan_is_in_key_order() -> None:
+    store = MemoryStore()
+    for key in reversed(_ORDERED_KEYS):
+        await store.claim(key, "fp", lease=60, ttl=600)
+    assert await _scanned(store) == sorted(_ORDERED_KEYS)
+    assert await _scanned(store, "a", limit=4) == ["a", "a:", "a:1", "a:10"]
+    assert [record.key for record in store.sync().scan("a\U0010ffff")] == ["a\U0010ffff", "a\U0010ffffz"]
+
+
+async def test_scan_follows_the_clock(clocked: tuple[Store, FakeClock]) -> None:
+    """On a fake clock: a record is listed until the moment it expires, and a stale claim is still listed."""
+    store, clock = clocked
+    start = clock.now
+    await store.claim("k:short", "fp", lease=5, ttl=10)
+    token = token_of(await store.claim("k:done", "fp", lease=5, ttl=100))
+    assert await store.complete("k:done", token, b"r", ttl=20)
+    clock.now = start + 9.999
+    assert await _scanned(store, "k:") == ["k:done", "k:short"]
+    clock.now = start + 10
+    assert await _scanned(store, "k:") == ["k:done"]
+    clock.now = start + 20
+    assert await _scanned(store, "k:") == []
+
+
+async def test_sqlite_scan_lists_each_record_once_while_records_are_written(tmp_path: Path) -> None:
+    """Pages are separate statements: records claimed between them appear at most once, and every record that
+    was there throughout is listed."""
+    store = SQLiteStore(tmp_path / "scan.db")
+    store._scan_page_size = 2
+    before = [f"k:{i:02d}" for i in range(0, 20, 2)]
+    for key in before:
+        await store.claim(key, "fp", lease=60, ttl=600)
+    seen: list[str] = []
+    async for record in store.scan("k:"):
+        seen.append(record.key)
+        await store.claim(record.key + "+", "fp", lease=60, ttl=600)  # right after the cursor
+        await store.claim(f"k:00-{len(seen)}", "fp", lease=60, ttl=600)  # behind it
+    assert len(seen) == len(set(seen))
+    assert set(before) <= set(seen)
+    assert seen == sorted(seen)
+    assert any(key.endswith("+") for key in seen)  # records written ahead of the scan's pages are listed
+    await store.close()
+
+
+def test_scan_with_a_negative_limit_is_a_value_error(tmp_path: Path) -> None:
+    for store in (SyncMemoryStore(), SyncSQLiteStore(tmp_path / "neg.db")):
+        with pytest.raises(ValueError, match="limit"):
+            list(store.scan(limit=-1))
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "end"),
+    [
+        ("", None),
+        ("a", "b"),
+        ("a:", "a;"),
+        ("\U0010ffff", None),
+        ("a\U0010ffff\U0010ffff", "b"),
+        ("\ud7ff", "\ue000"),  # U+D800..U+DFFF are surrogates, which no store can hold
+    ],
+)
+def test_prefix_end(prefix: str, end: str | None) -> None:
+    assert prefix_end(prefix) == end
+
+
+def test_patterns_take_the_prefix_literally() -> None:
+    assert glob_prefix("a*b?c[d]e\\f") == "a\\*b\\?c\\[d\\]e\\\\f*"
+    assert like_prefix("50%_off!") == "50!%!_off!!%"

@@ -11,11 +11,11 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, ClassVar
 
 from ._core.records import Acquired, Claim, Existing, Record, State
-from .stores import Store, SyncStore
+from .stores import ScanningStore, Store, SyncScanningStore, SyncStore
 
 __all__ = ["StoreConformance", "SyncStoreConformance"]
 
@@ -40,6 +40,26 @@ def _scenario(body: _Scenario) -> Callable[[StoreConformance], None]:
     test.__doc__ = body.__doc__
     test.__module__ = body.__module__
     return test
+
+
+def _scan_scenario(
+    body: Callable[[StoreConformance, ScanningStore], Coroutine[Any, Any, None]],
+) -> Callable[[StoreConformance], None]:
+    """A scenario of the optional ``scan`` capability: skipped for a store that is not a ``ScanningStore``."""
+
+    async def checked(self: StoreConformance, store: Store) -> None:
+        __tracebackhide__ = True
+        if not isinstance(store, ScanningStore):
+            import pytest
+
+            pytest.skip(f"{type(store).__name__} has no scan(): it is not an idempo.stores.ScanningStore")
+        await body(self, store)
+
+    checked.__name__ = body.__name__
+    checked.__qualname__ = body.__qualname__
+    checked.__doc__ = body.__doc__
+    checked.__module__ = body.__module__
+    return _scenario(checked)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -567,6 +587,107 @@ class StoreConformance:
         _require(not await store.delete(done), "a second delete returned True")
         await self._claim(store, done, _fingerprint())
 
+    # -- scan (optional: only for a ScanningStore) ------------------------------------------------------------
+
+    async def _scan(self, store: ScanningStore, prefix: str, limit: int | None = None) -> dict[str, Record]:
+        """What ``scan`` yields, by key; fails on a record outside *prefix* or listed twice."""
+        __tracebackhide__ = True
+        found: dict[str, Record] = {}
+        async for record in store.scan(prefix, limit=limit):
+            what = f"scan({prefix!r}, limit={limit})"
+            _require(isinstance(record, Record), f"{what} yielded {record!r}, not a Record")
+            _require(record.key.startswith(prefix), f"{what} yielded {record.key!r}, outside the prefix")
+            _require(record.key not in found, f"{what} yielded {record.key!r} twice")
+            found[record.key] = record
+        return found
+
+    @_scan_scenario
+    async def test_scan_lists_in_progress_and_completed_records(self, store: ScanningStore) -> None:
+        """``scan(prefix)`` yields every live record whose key starts with *prefix*, in progress or completed, with
+        all its fields, and no other."""
+        base = self.new_key()
+        running, done = base + ":running", base + ":done"
+        running_fp, done_fp = _fingerprint(), _fingerprint()
+        token = await self._claim(store, running, running_fp)
+        done_token = await self._claim(store, done, done_fp)
+        _require(await store.complete(done, done_token, b"result", ttl=self.long_ttl), "complete returned False")
+        neighbours = [self.new_key(), base[:-1], base[:-1] + chr(ord(base[-1]) + 1), base.upper()]
+        for key in neighbours:
+            await self._claim(store, key, _fingerprint())
+        for prefix in (base, base + ":"):
+            found = await self._scan(store, prefix)
+            _require(set(found) == {running, done}, f"scan({prefix!r}) listed {sorted(found)}")
+            self._check_in_progress(found[running], running, running_fp, token, "the in-progress record scanned")
+            self._check_completed(found[done], done, done_fp, b"result", "the completed record scanned")
+        found = await self._scan(store, done)
+        _require(set(found) == {done}, f"scan of a whole key listed {sorted(found)}")
+        _require(await self._scan(store, base + ":x") == {}, "scan of a prefix nothing has listed records")
+        released = await self._claim(store, base + ":released", _fingerprint())
+        _require(await store.release(base + ":released", released), "release returned False")
+        _require(await store.delete(running), "delete returned False")
+        found = await self._scan(store, base)
+        _require(set(found) == {done}, f"scan after a release and a delete listed {sorted(found)}")
+
+    @_scan_scenario
+    async def test_scan_skips_expired_records(self, store: ScanningStore) -> None:
+        """Records past their TTL are absent from a scan; a stale claim (lease run out, TTL not) is listed."""
+        base = self.new_key()
+        live_done, stale = base + ":live-done", base + ":stale"
+        expired_done, expired_running = base + ":expired-done", base + ":expired-running"
+        await self._completed_as(store, live_done, self.long_ttl)
+        await self._completed_as(store, expired_done, self.short_ttl)
+        claim = await store.claim(expired_running, _fingerprint(), lease=self.long_lease, ttl=self.short_ttl)
+        _acquired(claim, "claim of a fresh key")
+        stale_fp = _fingerprint()
+        stale_token = await self._claim(store, stale, stale_fp, lease=self.short_lease)
+        await self._wait_past(max(self.short_ttl, self.short_lease))
+        found = await self._scan(store, base)
+        _require(set(found) == {live_done, stale}, f"scan after expiry listed {sorted(found)}")
+        self._check_in_progress(found[stale], stale, stale_fp, stale_token, "a stale claim scanned")
+
+    async def _completed_as(self, store: Store, key: str, ttl: float) -> None:
+        token = await self._claim(store, key, _fingerprint())
+        _require(await store.complete(key, token, b"done", ttl=ttl), "complete by the owner returned False")
+
+    @_scan_scenario
+    async def test_scan_limit(self, store: ScanningStore) -> None:
+        """``limit`` caps the number of records, each listed once; ``None`` lists all; a negative one is a
+        ``ValueError``."""
+        base = self.new_key()
+        keys = {f"{base}:{i:02d}" for i in range(7)}
+        for key in keys:
+            await self._claim(store, key, _fingerprint())
+        _require(set(await self._scan(store, base)) == keys, "scan without a limit missed records")
+        for limit in (0, 1, 3, 7, 8, 100):
+            found = await self._scan(store, base, limit)
+            _require(len(found) == min(limit, len(keys)), f"scan with limit={limit} listed {len(found)} records")
+            _require(set(found) <= keys, f"scan with limit={limit} listed {sorted(set(found) - keys)}")
+        everything = await self._scan(store, "", 2)
+        _require(len(everything) <= 2, f"scan('', limit=2) listed {len(everything)} records")
+        try:
+            await self._scan(store, base, -1)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("scan with limit=-1 did not raise ValueError")
+
+    @_scan_scenario
+    async def test_scan_prefix_is_literal(self, store: ScanningStore) -> None:
+        """Pattern characters in a prefix (``* ? [ ] % _ \\ !``) match only themselves, whatever the backend's
+        pattern language (Redis ``MATCH``, SQL ``LIKE``)."""
+        base = self.new_key()
+        specials = ["*", "?", "[", "]", "[ab]", "[!a]", "%", "_", "\\", "!", "^", "-", "{tag}", "'", "."]
+        plain = ["a", "b", "Z", "", "ab]"]
+        keys = {base + middle + "x" for middle in specials + plain}
+        for key in keys:
+            await self._claim(store, key, _fingerprint())
+        for middle in specials:
+            prefix = base + middle
+            expected = {key for key in keys if key.startswith(prefix)}
+            found = await self._scan(store, prefix)
+            _require(set(found) == expected, f"scan({prefix!r}) listed {sorted(found)}, expected {sorted(expected)}")
+        _require(set(await self._scan(store, base)) == keys, "scan of the common prefix missed records")
+
     def test_close(self) -> None:
         """A store can be closed once without error, whether or not it was used."""
 
@@ -612,6 +733,23 @@ class _ThreadedStore:
         await asyncio.to_thread(self.sync.close)
 
 
+class _ThreadedScanningStore(_ThreadedStore):
+    """A :class:`_ThreadedStore` over a :class:`SyncScanningStore`: each step of a scan runs in a worker thread.
+    Strictly private."""
+
+    sync: SyncScanningStore
+
+    async def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
+        records: Iterator[Record] = await asyncio.to_thread(self.sync.scan, prefix, limit=limit)
+        try:
+            while (record := await asyncio.to_thread(next, records, None)) is not None:
+                yield record
+        finally:
+            close = getattr(records, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+
+
 class SyncStoreConformance(StoreConformance):
     """The same suite, for a :class:`~idempo.stores.SyncStore`: implement :meth:`open_sync_store` instead of
     ``open_store``. Every operation of a scenario runs in a thread of its own, so the races are real threads racing
@@ -628,4 +766,5 @@ class SyncStoreConformance(StoreConformance):
         raise NotImplementedError(msg)
 
     async def open_store(self) -> Store:
-        return _ThreadedStore(await asyncio.to_thread(self.open_sync_store))
+        sync = await asyncio.to_thread(self.open_sync_store)
+        return _ThreadedScanningStore(sync) if isinstance(sync, SyncScanningStore) else _ThreadedStore(sync)

@@ -34,7 +34,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -42,6 +42,7 @@ from typing import Any, Self, TypeVar
 from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, new_token
 from ._rows import COMPLETED, IN_PROGRESS, record_from_row
+from ._scan import Page, keyset_plan, prefix_end, run_plan, run_plan_async
 from ._url import StoreURL
 
 __all__ = ["SQLiteStore", "SyncSQLiteStore"]
@@ -70,6 +71,7 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
 
 
 _CHECKPOINT_EVERY = 1000
+_SCAN_PAGE = 500  # records per statement of a scan
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
@@ -141,6 +143,7 @@ class _SQLiteBase:
         self._sql_get = f"SELECT {_COLUMNS} FROM {table} WHERE key = ? AND expires_at > ?"
         self._sql_delete = f"DELETE FROM {table} WHERE key = ?"
         self._sql_purge = f"DELETE FROM {table} WHERE expires_at <= ?"
+        self._scan_page_size = _SCAN_PAGE
 
     @staticmethod
     def _path_from_url(url: StoreURL, options: dict[str, Any]) -> str:
@@ -245,6 +248,24 @@ class _SQLiteBase:
 
     def _purge_expired(self, conn: sqlite3.Connection) -> int:
         return conn.execute(self._sql_purge, (self._clock(),)).rowcount
+
+    def _scan_page(self, conn: sqlite3.Connection, prefix: str, page: Page) -> list[Record]:
+        """One page of a scan: a range of the primary key's index, ``prefix <= key < prefix_end(prefix)``
+        (SQLite compares text byte by byte in UTF-8, which is code point order), after ``page.after``."""
+        clauses: list[str] = ["expires_at > ?"]
+        params: list[object] = [self._clock()]
+        if page.after is None:
+            clauses.append("key >= ?")
+            params.append(prefix)
+        else:
+            clauses.append("key > ?")
+            params.append(page.after)
+        end = prefix_end(prefix)
+        if end is not None:
+            clauses.append("key < ?")
+            params.append(end)
+        query = f"SELECT {_COLUMNS} FROM {self._table} WHERE {' AND '.join(clauses)} ORDER BY key LIMIT ?"
+        return [record_from_row(row) for row in conn.execute(query, (*params, page.size))]
 
 
 class SQLiteStore(_SQLiteBase):
@@ -414,6 +435,12 @@ class SQLiteStore(_SQLiteBase):
         """See :meth:`idempo.Store.purge_expired`. Always on the store's thread: it may delete many rows."""
         return await self._run(self._purge_expired, inline=False)
 
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
+        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 500 records, one
+        statement each."""
+        plan = keyset_plan(limit, self._scan_page_size)
+        return run_plan_async(plan, lambda page: self._run(self._scan_page, prefix, page))
+
     async def close(self) -> None:
         """Close the connections and stop the store's thread (and close the twin :meth:`sync` returned)."""
         twin = self._sync_twin
@@ -575,6 +602,12 @@ class SyncSQLiteStore(_SQLiteBase):
     def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`."""
         return self._run(self._purge_expired)
+
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
+        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 500 records, one
+        statement each."""
+        plan = keyset_plan(limit, self._scan_page_size)
+        return run_plan(plan, lambda page: self._run(self._scan_page, prefix, page))
 
     def close(self) -> None:
         """Close the connections (one still in use is closed when its operation ends). Using the store again
