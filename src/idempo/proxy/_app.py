@@ -1,0 +1,273 @@
+"""The proxy as one ASGI application: its own endpoints, access logs and metrics around
+``IdempotencyMiddleware(ForwardingApp)``. Strictly private; :func:`idempo.proxy.create_app` is the public way in.
+
+Each request goes one of two ways. Under the proxy's prefix (``/_idempo/`` by default), ``healthz`` and ``metrics``
+are answered here and never reach the middleware nor the upstream (other paths under the prefix are forwarded like
+any). Every other request goes through the middleware to the forwarding app; its status, the middleware's outcome
+(learnt from the observer hook) and its duration make one JSON line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any, Final
+
+import httpx
+
+from ..asgi import IdempotencyMiddleware, Message, Receive, Scope, Send, authorization_principal
+from ..observe import Outcome, StoreOperation
+from ..stores import Store, store_from_url
+from ._config import ProxyConfig
+from ._forward import ForwardingApp
+
+__all__ = ["CONFIG_ENV", "ProxyApp", "app_from_environment", "create_app"]
+
+CONFIG_ENV: Final = "IDEMPO_PROXY_RESOLVED_CONFIG"
+"""The environment variable through which ``idempo proxy`` hands its resolved configuration (JSON) to its workers."""
+
+_OUTCOME: Final = "idempo.proxy.outcome"  # the scope key where the observer leaves the outcome, for the access log
+_UPSTREAM_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+access_logger = logging.getLogger("idempo.proxy.access")
+
+
+class _JSONLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return str(record.msg)
+
+
+def _access_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONLines())
+    return handler
+
+
+class _Observer:
+    """The middleware's observer in the proxy: the Prometheus metrics, plus the outcome kept in the scope for the
+    access log. Strictly private."""
+
+    __slots__ = ("prometheus",)
+
+    def __init__(self, prometheus: Any) -> None:
+        self.prometheus = prometheus
+
+    def on_request(self, outcome: Outcome, scope: MutableMapping[str, Any]) -> None:
+        scope[_OUTCOME] = outcome
+        self.prometheus.on_request(outcome, scope)
+
+    def on_store_call(self, operation: StoreOperation, seconds: float, error: BaseException | None) -> None:
+        self.prometheus.on_store_call(operation, seconds, error)
+
+
+class ProxyApp:
+    """The ``idempo proxy`` application (see :func:`create_app`)."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        store: Store | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        from prometheus_client import Counter, Histogram
+
+        from ..metrics import PrometheusObserver
+
+        self.config = config
+        self.store = store if store is not None else store_from_url(config.store)
+        self.observer = PrometheusObserver()
+        registry = self.observer.registry
+        self.upstream_seconds = Histogram(
+            "upstream_seconds",
+            "Time until the upstream's response headers arrived",
+            namespace="idempo_proxy",
+            registry=registry,
+            buckets=_UPSTREAM_BUCKETS,
+        )
+        self.upstream_errors = Counter(
+            "upstream_errors",
+            "Upstream exchanges that failed: unreachable (502), timeout (504), broken (cut off mid-response)",
+            ["reason"],
+            namespace="idempo_proxy",
+            registry=registry,
+        )
+        self.responses = Counter(
+            "responses",
+            "Responses the proxy sent for forwarded paths, by status class",
+            ["code"],
+            namespace="idempo_proxy",
+            registry=registry,
+        )
+        for reason in ("unreachable", "timeout", "broken"):
+            self.upstream_errors.labels(reason)
+        self.forward = ForwardingApp(config, transport=transport, observe=self._upstream_observed)
+        principal = authorization_principal
+        if config.principal_header.lower() != "authorization":
+            principal = _header_principal(config.principal_header)
+        self.middleware = IdempotencyMiddleware(
+            self.forward,
+            store=self.store,
+            ttl=config.ttl,
+            lease=config.lease,
+            header=config.header,
+            methods=config.methods,
+            require_key=config.requires_key if config.require_key_paths else config.require_key,
+            principal=principal,
+            canonical_json=config.canonical_json,
+            on_conflict=config.on_conflict,
+            wait_timeout=config.wait_timeout,
+            on_store_error=config.on_store_error,
+            retry_after=config.retry_after,
+            max_request_bytes=config.max_request_bytes,
+            max_response_bytes=config.max_response_bytes,
+            store_server_errors=config.store_server_errors,
+            replay_set_cookie=config.replay_set_cookie,
+            problem_base_uri=config.problem_base_uri,
+            cache_size=config.cache_size,
+            cache_ttl=config.cache_ttl,
+            observer=_Observer(self.observer),
+        )
+        self.healthz_path = config.prefix + "healthz"
+        self.metrics_path = config.prefix + "metrics"
+        self.access_log = config.access_log
+        if config.access_log and not access_logger.handlers:
+            access_logger.addHandler(_access_handler())
+            access_logger.setLevel(logging.INFO)
+            access_logger.propagate = False
+        self._pid = os.getpid()
+
+    def _upstream_observed(self, seconds: float | None, reason: str | None) -> None:
+        if seconds is not None:
+            self.upstream_seconds.observe(seconds)
+        if reason is not None:
+            self.upstream_errors.labels(reason).inc()
+
+    async def aclose(self) -> None:
+        """Close the upstream connections and the store."""
+        try:
+            await self.forward.aclose()
+        finally:
+            await self.store.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            if path == self.healthz_path or path == self.metrics_path:
+                await self._own(scope, send, path)
+                return
+            await self._forward(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":  # not proxied: refuse the handshake (the server answers 403)
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.middleware(scope, receive, send_and_note)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.responses.labels(f"{status // 100}xx" if status else "none").inc()
+            if self.access_log:
+                record: dict[str, Any] = {
+                    "ts": round(time.time(), 3),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "outcome": scope.get(_OUTCOME, "passthrough"),
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "client": scope["client"][0] if scope.get("client") else None,
+                    "pid": self._pid,
+                }
+                if error is not None:
+                    record["error"] = type(error).__name__
+                access_logger.info(json.dumps(record, separators=(",", ":")))
+
+    async def _own(self, scope: Scope, send: Send, path: str) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            body, status, content_type = b'{"detail":"method not allowed"}', 405, b"application/json"
+            extra = [(b"allow", b"GET, HEAD")]
+        elif path == self.healthz_path:
+            body, status, content_type, extra = b'{"status":"ok"}', 200, b"application/json", []
+        else:
+            from ..metrics import CONTENT_TYPE
+
+            body, status, content_type, extra = self.observer.exposition(), 200, CONTENT_TYPE.encode("ascii"), []
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra]
+        headers.append((b"cache-control", b"no-store"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.aclose()
+                except Exception as exc:  # noqa: BLE001 - shutting down: say what failed, and finish
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _header_principal(header: str) -> Any:
+    name = header.lower().encode("latin-1")
+
+    def principal(scope: Scope) -> bytes:
+        for key, value in scope["headers"]:
+            if key == name:
+                return bytes(value)
+        return b""
+
+    return principal
+
+
+def create_app(
+    config: ProxyConfig,
+    *,
+    store: Store | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ProxyApp:
+    """The ASGI application ``idempo proxy`` serves, for *config*: run it under any ASGI server.
+
+    Args:
+        config: the proxy's settings (:func:`~idempo.proxy.load_config`).
+        store: a store object to use instead of opening ``config.store``.
+        transport: an httpx transport to reach the upstream through instead of a connection pool (for tests,
+            e.g. ``httpx.MockTransport``).
+
+    Raises:
+        ConfigurationError: a bad store URL or option.
+        MissingDependency: the store's extra, or prometheus_client (the ``cli`` extra), is not installed.
+    """
+    return ProxyApp(config, store=store, transport=transport)
+
+
+def app_from_environment() -> ProxyApp:
+    """The app factory each worker process calls (``uvicorn --factory``): the configuration the command resolved,
+    read from ``IDEMPO_PROXY_RESOLVED_CONFIG``."""
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        msg = f"{CONFIG_ENV} is not set: start the proxy with 'idempo proxy', or build it with create_app()"
+        raise RuntimeError(msg)
+    return create_app(ProxyConfig.from_json(text))
