@@ -140,6 +140,7 @@ class ProxyApp:
             access_logger.setLevel(logging.INFO)
             access_logger.propagate = False
         self._pid = os.getpid()
+        self._health = json.dumps({"status": "ok", "pid": self._pid}).encode()
 
     def _upstream_observed(self, seconds: float | None, reason: str | None) -> None:
         if seconds is not None:
@@ -205,7 +206,7 @@ class ProxyApp:
             body, status, content_type = b'{"detail":"method not allowed"}', 405, b"application/json"
             extra = [(b"allow", b"GET, HEAD")]
         elif path == self.healthz_path:
-            body, status, content_type, extra = b'{"status":"ok"}', 200, b"application/json", []
+            body, status, content_type, extra = self._health, 200, b"application/json", []
         else:
             from ..metrics import CONTENT_TYPE
 
