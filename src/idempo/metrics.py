@@ -36,7 +36,7 @@ from ._core.errors import MissingDependency
 from .observe import OUTCOMES, Outcome, StoreOperation
 
 try:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
     from prometheus_client import multiprocess as _multiprocess
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test that hides the module
     if exc.name != "prometheus_client":
@@ -46,8 +46,10 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test tha
 
 __all__ = ["CONTENT_TYPE", "STORE_BUCKETS", "PrometheusObserver", "exposition", "multiprocess_mode"]
 
-CONTENT_TYPE: Final[str] = CONTENT_TYPE_LATEST
-"""The ``Content-Type`` of :meth:`PrometheusObserver.exposition` (Prometheus text format 0.0.4)."""
+CONTENT_TYPE: Final[str] = "text/plain; version=0.0.4; charset=utf-8"
+"""The ``Content-Type`` of :meth:`PrometheusObserver.exposition`: the classic Prometheus text format, which every
+Prometheus version (and every scraper that speaks it) reads; the metric names are all legacy-valid, so the text is
+the same in the newer 1.0.0 format."""
 
 STORE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Histogram buckets of store calls, in seconds: a local store answers in well under a millisecond, a remote one in
