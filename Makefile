@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install lint typecheck services test demo serve bench clean
+.PHONY: install lint typecheck services browser test demo walkthrough serve screenshot bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,20 @@ typecheck: install ## mypy --strict over src, tests, examples and benchmarks
 services: ## Redis and PostgreSQL on 127.0.0.1 (installed with apt-get and started when missing)
 	scripts/services
 
-test: lint typecheck services ## everything: lint, types, and the whole test suite
+browser: ## Debian's Chromium and Node.js for tests/browser and tests/js (installed with apt-get when missing)
+	scripts/browser
+
+test: lint typecheck services browser ## everything: lint, types, and the whole test suite
 	$(BIN)/python -m pytest $(ARGS)
 
-demo: install ## replay, 409, 422 and 400 shown in-process on the SQLite store
+demo: install ## the demo page on http://127.0.0.1:8000 (`idempo demo`; ARGS="--port 9000 --store URL")
+	$(BIN)/idempo demo $(ARGS)
+
+walkthrough: install ## replay, 409, 422 and 400 shown in-process on the SQLite store, printed
 	$(BIN)/python examples/demo.py $(ARGS)
+
+screenshot: install browser ## docs/demo.png: the demo page after a payment, taken by the browser tests
+	IDEMPO_SCREENSHOT=docs/demo.png $(BIN)/python -m pytest -q tests/browser -k screenshot
 
 serve: install ## the example app under uvicorn on http://127.0.0.1:8000 (SQLite store)
 	$(BIN)/python examples/demo.py --serve $(ARGS)
