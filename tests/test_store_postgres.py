@@ -39,6 +39,7 @@ from idempo import (
     StoreError,
     store_from_url,
 )
+from idempo.stores import ScanningStore, SyncScanningStore
 from idempo.stores import postgres as postgres_module
 from idempo.stores.postgres import PostgresStore
 from idempo.testing import StoreConformance
@@ -752,3 +753,45 @@ async def test_middleware_replays_from_postgres(store: PostgresStore) -> None:
     assert retry.headers.get("idempotent-replayed") == "true"
     assert other.status_code == 422
     assert calls == 1
+
+
+# -- scan ---------------------------------------------------------------------------------------------------------
+
+
+async def test_scan_pages_through_the_prefix(
+    clocked: tuple[PostgresStore, FakeClock], admin: psycopg.AsyncConnection[Any], table: str
+) -> None:
+    """Keyset pages of 2 records: each record of the prefix is listed once, in the table's order; LIKE's
+    wildcards and its escape character in the prefix are taken literally; expired records are absent."""
+    store, clock = clocked
+    assert isinstance(store, ScanningStore)
+    store._scan_page_size = 2
+    keys = ["p:%", "p:%a", "p:_", "p:_b", "p:!", "p:!%", "p:ab", "p:a", "p:x", "p:xx", "pX", "q:1", "p:short"]
+    for key in keys:
+        await store.claim(key, "fp", lease=10, ttl=1 if key == "p:short" else 100)
+    scanned = [record.key async for record in store.scan("p:")]
+    query = psycopg.sql.SQL("SELECT key FROM {} WHERE starts_with(key, 'p:') ORDER BY key")
+    cursor = await admin.execute(query.format(psycopg.sql.Identifier(table)))
+    assert scanned == [row[0] for row in await cursor.fetchall()]  # every one, once, in the table's order
+    for prefix in ("p:%", "p:_", "p:!", "p:a", "p:x", "p", ""):
+        found = [record.key async for record in store.scan(prefix)]
+        assert sorted(found) == sorted(key for key in keys if key.startswith(prefix)), prefix
+    assert [record.key async for record in store.scan("p:", limit=3)] == scanned[:3]
+    clock.now += 1
+    assert [record.key async for record in store.scan("p:")] == [key for key in scanned if key != "p:short"]
+    twin = store.sync()
+    twin._scan_page_size = 3
+    assert [record.key for record in twin.scan("p:")] == [key for key in scanned if key != "p:short"]
+    assert isinstance(twin, SyncScanningStore)
+
+
+async def test_a_scan_that_fails_is_a_store_error(
+    store: PostgresStore, admin: psycopg.AsyncConnection[Any], table: str, postgres_url: str
+) -> None:
+    await store.claim("k", "fp", lease=10, ttl=100)
+    assert [record.key for record in store.sync().scan()] == ["k"]
+    await admin.execute(psycopg.sql.SQL("DROP TABLE {}").format(psycopg.sql.Identifier(table)))
+    with pytest.raises(StoreError, match="scan: UndefinedTable"):
+        [record async for record in store.scan()]
+    with pytest.raises(StoreError, match="scan: UndefinedTable"):
+        list(store.sync().scan())

@@ -45,8 +45,10 @@ from idempo import (
     StoreError,
     store_from_url,
 )
-from idempo.stores import parse_store_url
-from idempo.stores.redis import RedisStore
+from idempo.stores import ScanningStore, SyncScanningStore, parse_store_url
+from idempo.stores import redis as redis_module
+from idempo.stores._scan import run_plan
+from idempo.stores.redis import RedisStore, SyncRedisStore
 from idempo.testing import StoreConformance
 
 from .conftest import REDIS_URL
@@ -608,3 +610,108 @@ def test_each_script_is_package_data_headed_by_its_contract() -> None:
         assert "-- KEYS[1]" in text
         assert "-- ARGV[1]" in text
         assert "-- Returns" in text
+
+
+# -- scan -----------------------------------------------------------------------------------------------------------
+
+
+def test_redis_stores_can_scan() -> None:
+    assert issubclass(RedisStore, ScanningStore)
+    assert issubclass(SyncRedisStore, SyncScanningStore)
+
+
+@pytest.mark.parametrize("server", ["redis_url", "redis_cluster_url"])
+async def test_scan_walks_every_batch_and_every_primary(server: str, request: pytest.FixtureRequest) -> None:
+    """More records than one SCAN batch, spread over the cluster's three primaries: each is listed once, by the
+    store and by its sync twin; a store prefix with pattern characters is taken literally too."""
+    base: str = request.getfixturevalue(server)
+    run = f"{RUN_PREFIX}scan-{uuid.uuid4().hex[:8]}:"
+    prefix = run + "a*?[x]"
+    store = open_url(with_options(base, prefix=prefix.replace("?", "%3F").replace("[", "%5B").replace("]", "%5D")))
+    assert store._prefix == prefix
+    decoy = open_url(with_options(base, prefix=run + "aZZx"))  # what 'a*?[x]*' would match, unescaped
+    try:
+        keys = [f"k{i:03d}" for i in range(450)]
+        for start in range(0, len(keys), 50):
+            await asyncio.gather(*(store.claim(key, "fp", lease=60, ttl=60) for key in keys[start : start + 50]))
+        await decoy.claim("k000", "fp", lease=60, ttl=60)
+        found = [record.key async for record in store.scan()]
+        assert sorted(found) == keys
+        assert len([record async for record in store.scan("k1")]) == 100
+        assert len([record async for record in store.scan(limit=201)]) == 201
+        twin = store.sync()
+        assert sorted(record.key for record in twin.scan()) == keys
+        if server == "redis_cluster_url":
+            client = twin._bound()[0]
+            assert isinstance(client, redis.RedisCluster)
+            nodes = {client.get_node_from_key(prefix + key).name for key in keys}  # type: ignore[no-untyped-call]
+            assert len(nodes) == 3  # the records live on every primary, and every one was scanned
+    finally:
+        await store.close()
+        await decoy.close()
+
+
+async def test_scan_skips_what_is_not_a_record(redis_url: str) -> None:
+    """Under the store's prefix, a hash that is not a record, or a key of another type, is not listed."""
+    prefix = f"{RUN_PREFIX}scan-{uuid.uuid4().hex[:8]}:"
+    store = open_url(with_options(redis_url, prefix=prefix))
+    await store.claim("record", "fp", lease=60, ttl=60)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    await admin.hset(prefix + "other-hash", mapping={"state": "paused"})
+    await admin.hset(prefix + "partial", mapping={"state": "completed"})
+    await admin.set(prefix + "string", "x")
+    await admin.hset(prefix.encode() + b"\xff", mapping={"state": "in_progress"})
+    for key in ("other-hash", "partial", "string"):
+        await admin.expire(prefix + key, 60)
+    await admin.expire(prefix.encode() + b"\xff", 60)
+    assert [record.key async for record in store.scan()] == ["record"]
+    await admin.aclose()
+    await store.close()
+
+
+def _fake_scan(replies: dict[int, tuple[Any, list[bytes]]], fields: dict[bytes, list[Any]]) -> Callable[[Any], Any]:
+    """A runner for the scan plan, answering from *replies* (by cursor) and *fields* (by key)."""
+
+    def execute(request: Any) -> Any:
+        if isinstance(request, redis_module._Nodes):
+            return [FakeNode("n1")]
+        if isinstance(request, redis_module._ScanKeys):
+            assert request.match == "p:\\*x*"
+            return replies[request.cursor]
+        assert isinstance(request, redis_module._Fetch)
+        return [fields.get(key, [None] * 7) for key in request.keys]
+
+    return execute
+
+
+class FakeNode:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_scan_plan_lists_a_key_once_though_scan_returns_it_twice() -> None:
+    """SCAN may return a key twice (while the server rehashes); a cluster client answers cursors by node; a key
+    gone between SCAN and HMGET is skipped."""
+    record = [b"completed", b"fp", b"", b"1000", b"1000", b"9000", b"payload"]
+    fields = {b"p:*xa": record, b"p:*xb": record}
+    replies: dict[int, tuple[Any, list[bytes]]] = {
+        0: ({"n1": 7}, [b"p:*xa", b"p:*xa", b"p:*xgone"]),
+        7: ({"n1": 0}, [b"p:*xb", b"p:*xa"]),
+    }
+    plan = redis_module._scan_plan("p:", "*x", None)
+    listed = list(run_plan(plan, _fake_scan(replies, fields)))
+    assert [record.key for record in listed] == ["*xa", "*xb"]
+    assert listed[0].payload == b"payload"
+    assert listed[0].expires_at == 9.0
+    limited = list(run_plan(redis_module._scan_plan("p:", "*x", 1), _fake_scan(replies, fields)))
+    assert [record.key for record in limited] == ["*xa"]
+
+
+async def test_a_scan_of_an_unreachable_server_is_a_store_error() -> None:
+    store = open_url(f"redis://127.0.0.1:{free_port()}?timeout=0.5&connect_timeout=0.5")
+    async with asyncio.timeout(HANG_GUARD):
+        with pytest.raises(StoreError, match="scan failed"):
+            [record async for record in store.scan()]
+        with pytest.raises(StoreError, match="scan failed"):
+            list(store.sync().scan())
+    await store.close()

@@ -62,6 +62,7 @@ from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, new_token
 from . import require
 from ._rows import COMPLETED, IN_PROGRESS, record_from_row
+from ._scan import LIKE_ESCAPE, Page, keyset_plan, like_prefix, run_plan, run_plan_async
 from ._url import StoreURL, redact
 
 # Imported after the check, so that a missing extra says what to install.
@@ -181,9 +182,17 @@ class _Statements:
             "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE expires_at <= {now}"
             " LIMIT %(batch)s FOR UPDATE SKIP LOCKED))"
         )
+        # Keyset pagination along the primary key's index: each page starts after the last key of the one
+        # before, in the table's collation (ORDER BY and > agree on it, so no record is listed twice).
+        like = f"key LIKE %(pattern)s ESCAPE '{LIKE_ESCAPE}' AND expires_at > {{now}}"
+        self.scan_first = render("SELECT {cols} FROM {t} WHERE " + like + " ORDER BY key LIMIT %(size)s")
+        self.scan_next = render(
+            "SELECT {cols} FROM {t} WHERE key > %(after)s AND " + like + " ORDER BY key LIMIT %(size)s"
+        )
 
 
 _PURGE_BATCH = 10_000
+_SCAN_PAGE = 100  # records per statement of a scan (payloads included: each may be large)
 
 
 def _display(conninfo: str) -> str:
@@ -339,6 +348,7 @@ class _PostgresBase:
         self._sql = _Statements(table)
         self._set_timeout = f"SET statement_timeout = {int(statement_timeout * 1000)}".encode()
         self._closed = False
+        self._scan_page_size = _SCAN_PAGE
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
@@ -450,6 +460,14 @@ class _PostgresBase:
             purged += max(count, 0)
             if count < _PURGE_BATCH:
                 return purged
+
+    def _scan_step(self, prefix: str, page: Page) -> _Step:
+        """The statement of one page of a scan (its rows are all wanted: see the runners' ``_fetch_page``)."""
+        params = self._params(pattern=like_prefix(prefix), size=page.size)
+        if page.after is None:
+            return _Step("scan", self._sql.scan_first, params)
+        params["after"] = page.after
+        return _Step("scan", self._sql.scan_next, params)
 
 
 class PostgresStore(_PostgresBase):
@@ -641,6 +659,20 @@ class PostgresStore(_PostgresBase):
             result: _T = done.value
             return result
 
+    async def _fetch_page(self, step: _Step) -> list[Record]:
+        """Run *step*, a page of a scan, on a connection of the pool: every row it returns, as records."""
+        deadline = None
+        try:
+            async with self._connection() as conn:
+                with _Deadline(conn, self._answer_timeout) as deadline:
+                    cursor = await conn.execute(step.query, step.params, prepare=self._prepare, binary=True)
+                    rows = await cursor.fetchall()
+        except StoreError:
+            raise
+        except _FAILURES as exc:
+            raise self._error(exc, step.doing, no_answer=deadline is not None and deadline.expired) from exc
+        return [record_from_row(row) for row in rows]
+
     # -- the Store protocol ---------------------------------------------------------------------------------
 
     async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
@@ -671,6 +703,14 @@ class PostgresStore(_PostgresBase):
         """See :meth:`idempo.Store.purge_expired`. Deletes in batches of 10,000 rows, one statement each, and
         skips rows another session holds locked at that moment (they are left for the next purge)."""
         return await self._run(self._purge_plan())
+
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
+        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order (the table's collation), reading
+        pages of 100 records, one statement each: ``WHERE key > <last key> AND key LIKE <prefix>% ORDER BY key``.
+        (A ``LIKE`` under a collation other than ``C`` cannot narrow the index scan: a prefix matching few of
+        many records walks the index.)"""
+        plan = keyset_plan(limit, self._scan_page_size)
+        return run_plan_async(plan, lambda page: self._fetch_page(self._scan_step(prefix, page)))
 
     async def close(self) -> None:
         """Close the pool and its connections, and those of the :meth:`sync` twin. The store is not used
@@ -914,6 +954,19 @@ class SyncPostgresStore(_PostgresBase):
             result: _T = done.value
             return result
 
+    def _fetch_page(self, step: _Step) -> list[Record]:
+        """Run *step*, a page of a scan, on a connection of the pool: every row it returns, as records."""
+        guard = None
+        try:
+            with self._connection() as conn, _watchdog.deadline(conn, self._answer_timeout) as guard:
+                cursor = conn.execute(step.query, step.params, prepare=self._prepare, binary=True)
+                rows = cursor.fetchall()
+        except StoreError:
+            raise
+        except _FAILURES as exc:
+            raise self._error(exc, step.doing, no_answer=guard is not None and guard.expired) from exc
+        return [record_from_row(row) for row in rows]
+
     # -- the SyncStore protocol -----------------------------------------------------------------------------
 
     def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
@@ -943,6 +996,11 @@ class SyncPostgresStore(_PostgresBase):
     def purge_expired(self) -> int:
         """See :meth:`PostgresStore.purge_expired`."""
         return self._run(self._purge_plan())
+
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
+        """See :meth:`PostgresStore.scan`."""
+        plan = keyset_plan(limit, self._scan_page_size)
+        return run_plan(plan, lambda page: self._fetch_page(self._scan_step(prefix, page)))
 
     def close(self) -> None:
         """Close the pool and its connections. The store is not used afterwards."""

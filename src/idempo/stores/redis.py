@@ -6,7 +6,9 @@ since the epoch) and, once completed, ``payload``. Every operation touches that 
 store runs unchanged on a Redis Cluster. ``claim``, ``renew``, ``complete`` and ``release`` are each one Lua
 script (``idempo/stores/lua/*.lua``, each headed by its KEYS/ARGV contract), atomic on the server and sent with
 ``EVALSHA`` (redis-py loads a script again when the server answers ``NOSCRIPT``, e.g. after ``SCRIPT FLUSH`` or a
-restart); ``get`` is one ``HMGET`` and ``delete`` one ``DEL``.
+restart); ``get`` is one ``HMGET`` and ``delete`` one ``DEL``. ``scan`` (for ``idempo keys list``), which no request
+runs, walks the keys with ``SCAN MATCH <prefix>* TYPE hash`` (on every primary of a cluster) and fetches each batch
+of records with one pipeline of ``HMGET``s.
 
 One clock. The scripts read the time from the server (``TIME``), never from the client, so that workers whose
 clocks disagree still agree on when a lease or a record ran out. Redis drops a record itself when it expires
@@ -40,7 +42,7 @@ import asyncio
 import importlib.resources
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeAlias, TypeVar
@@ -49,6 +51,7 @@ from urllib.parse import unquote
 from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, State, new_token
 from . import require
+from ._scan import ScanPlan, check_limit, glob_prefix, run_plan, run_plan_async
 from ._url import StoreURL, redact
 
 if TYPE_CHECKING:
@@ -73,6 +76,7 @@ _FIELDS = ("state", "fingerprint", "token", "created_at", "lease_expires_at", "e
 _STATES = {b"in_progress": State.IN_PROGRESS, b"completed": State.COMPLETED}
 _URL_OPTIONS = ("prefix", "timeout", "connect_timeout", "ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname")
 _SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname")
+_SCAN_COUNT = 200  # SCAN's COUNT hint: keys looked at per SCAN call, and so at most records per pipeline
 
 
 @cache
@@ -155,6 +159,99 @@ def _send(client: Any, scripts: dict[str, Any], prefix: str, op: _Op[Any]) -> An
         return client.delete(prefix + op.key)
     # EVALSHA; redis-py's Script loads the script again when the server answers NOSCRIPT.
     return scripts[op.name](keys=[prefix + op.key], args=op.args)
+
+
+# -- scan, written once for both stores: a plan of requests (see ._scan) --------------------------------------------
+
+
+class _ScanRequest:
+    """What a scan asks its runner to send (one of the subclasses below)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Nodes(_ScanRequest):
+    """Request: the nodes to scan. The result is ``[None]`` for one server, the primaries of a cluster."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ScanKeys(_ScanRequest):
+    """Request: ``SCAN cursor MATCH match COUNT batch TYPE hash`` on *node*. The result is redis-py's reply:
+    ``(cursor, keys)``, or ``({node name: cursor}, keys)`` from a cluster client."""
+
+    node: Any
+    cursor: int
+    match: str
+    batch: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetch(_ScanRequest):
+    """Request: the fields of *keys*, in one pipeline of ``HMGET``s. The result is a list of field lists."""
+
+    keys: list[bytes]
+
+
+def _scan_plan(store_prefix: str, prefix: str, limit: int | None) -> ScanPlan[_ScanRequest]:
+    """``scan``: the keys under ``<store prefix><prefix>`` (taken literally), node after node, and their records.
+
+    SCAN may return a key more than once (while Redis rehashes): a key already listed is skipped. A key that
+    expired or was deleted between SCAN and HMGET, or a hash under the prefix that is not a record, is skipped."""
+    check_limit(limit)
+    if limit == 0:
+        return
+    match = glob_prefix(store_prefix + prefix)
+    nodes: list[Any] = yield _Nodes()
+    seen: set[bytes] = set()
+    listed = 0
+    for node in nodes:
+        cursor = 0
+        while True:
+            reply: tuple[Any, list[bytes]] = yield _ScanKeys(node, cursor, match, _SCAN_COUNT)
+            next_cursor, keys = reply
+            cursor = int(next_cursor[node.name] if isinstance(next_cursor, dict) else next_cursor)
+            fresh = [key for key in dict.fromkeys(keys) if key not in seen]
+            seen.update(fresh)
+            if fresh:
+                replies: list[list[Any]] = yield _Fetch(fresh)
+                for raw, fields in zip(fresh, replies, strict=True):
+                    record = _scanned(raw, store_prefix, fields)
+                    if record is not None:
+                        yield record
+                        listed += 1
+                        if listed == limit:
+                            return
+            if cursor == 0:
+                break
+
+
+def _scanned(raw: bytes, store_prefix: str, fields: Sequence[Any]) -> Record | None:
+    """The record of Redis key *raw*, from its ``HMGET`` fields; ``None`` if it is gone or not a record."""
+    if fields[0] not in _STATES or any(value is None for value in fields[1:6]):
+        return None
+    try:
+        key = raw.decode()
+    except UnicodeDecodeError:
+        return None  # not written by a store: store keys are str
+    return _record(key[len(store_prefix) :], fields)
+
+
+def _send_scan(client: Any, request: _ScanRequest) -> Any:
+    """Send a scan's *request* on *client*: its result from a sync client, an awaitable of it from an async one
+    (except ``_Nodes``, answered at once)."""
+    cluster = hasattr(client, "get_primaries")
+    if isinstance(request, _Nodes):
+        return client.get_primaries() if cluster else [None]
+    if isinstance(request, _ScanKeys):
+        where = {"target_nodes": request.node} if cluster else {}
+        return client.scan(cursor=request.cursor, match=request.match, count=request.batch, _type="hash", **where)
+    if not isinstance(request, _Fetch):  # pragma: no cover - no other requests
+        raise TypeError(request)
+    pipe = client.pipeline(transaction=False)
+    for key in request.keys:
+        pipe.hmget(key, _FIELDS)
+    return pipe.execute()
 
 
 def _register(client: Any) -> dict[str, Any]:
@@ -559,6 +656,23 @@ class RedisStore:
         """See :meth:`idempo.Store.purge_expired`. Always 0: Redis removes expired records on its own."""
         return 0
 
+    async def _scan_request(self, request: _ScanRequest) -> Any:
+        bound = self._bound()
+        try:
+            if not bound.ready:
+                await bound.prepare()
+            reply = _send_scan(bound.client, request)
+            return await reply if inspect.isawaitable(reply) else reply
+        except self._errors as exc:
+            raise self._error("scan", exc) from exc
+
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
+        """See :meth:`idempo.stores.ScanningStore.scan`. In no particular order: ``SCAN`` walks the keys under the
+        store's prefix (on every primary of a cluster), 200 at a time, and each batch of records comes in one
+        pipeline. It reads the whole keyspace of the server (``MATCH`` filters what ``SCAN`` walks), a few hundred
+        keys per round trip, without blocking the server."""
+        return run_plan_async(_scan_plan(self._prefix, prefix, limit), self._scan_request)
+
     async def close(self) -> None:
         """Close the clients the store made, in every event loop that is still running, and those of its
         :meth:`sync` twin. A client you passed in is left open: close it yourself. The store makes a new client if
@@ -703,6 +817,17 @@ class SyncRedisStore:
     def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`. Always 0: Redis removes expired records on its own."""
         return 0
+
+    def _scan_request(self, request: _ScanRequest) -> Any:
+        try:
+            client, _ = self._bound()
+            return _send_scan(client, request)
+        except self._errors as exc:
+            raise self._error("scan", exc) from exc
+
+    def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
+        """See :meth:`RedisStore.scan`."""
+        return run_plan(_scan_plan(self._prefix, prefix, limit), self._scan_request)
 
     def close(self) -> None:
         """Close the client the store made. A client you passed in is left open: close it yourself. The store

@@ -71,7 +71,7 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
 
 
 _CHECKPOINT_EVERY = 1000
-_SCAN_PAGE = 500  # records per statement of a scan
+_SCAN_PAGE = 100  # records per statement of a scan (payloads included: each may be large)
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
@@ -436,7 +436,7 @@ class SQLiteStore(_SQLiteBase):
         return await self._run(self._purge_expired, inline=False)
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
-        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 500 records, one
+        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 100 records, one
         statement each."""
         plan = keyset_plan(limit, self._scan_page_size)
         return run_plan_async(plan, lambda page: self._run(self._scan_page, prefix, page))
@@ -604,7 +604,7 @@ class SyncSQLiteStore(_SQLiteBase):
         return self._run(self._purge_expired)
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
-        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 500 records, one
+        """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 100 records, one
         statement each."""
         plan = keyset_plan(limit, self._scan_page_size)
         return run_plan(plan, lambda page: self._run(self._scan_page, prefix, page))
