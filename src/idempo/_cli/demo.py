@@ -29,9 +29,13 @@ def _require_serving_extra() -> None:
 
 
 def _absent(module: str) -> bool:
-    import importlib.util
+    import importlib
 
-    return importlib.util.find_spec(module) is None
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return True
+    return False
 
 
 def _probe(store_url: str) -> None:
