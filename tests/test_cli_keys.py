@@ -29,7 +29,7 @@ from idempo._cli._app import cli
 from idempo._core.fingerprint import principal_digest
 from idempo.stores import SyncScanningStore, SyncStore, store_from_url, sync_store_from_url
 from idempo.stores.postgres import PostgresStore
-from idempo.stores.sqlite import SQLiteStore
+from idempo.stores.sqlite import SQLiteStore, SyncSQLiteStore
 
 ALICE, BOB = principal_digest(b"Bearer alice"), principal_digest(b"Bearer bob")
 BINARY = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
@@ -332,15 +332,34 @@ def test_usage_errors_exit_with_2(tmp_path: Path) -> None:
         assert result.exit_code == 2, url
         assert "Invalid value for '--store'" in result.output
         assert "Traceback" not in result.output
-    assert keys("list", "--limit", "-1", store=f"sqlite:///{tmp_path / 'x.db'}").exit_code == 2
-    assert keys("show", "k", "--principal", "xyz", store=f"sqlite:///{tmp_path / 'x.db'}").exit_code == 2
+    url = _empty_sqlite(tmp_path / "x.db")
+    assert keys("list", "--limit", "-1", store=url).exit_code == 2
+    for command in ("show", "delete"):
+        result = keys(command, "k", "--principal", "xyz", store=url)
+        assert result.exit_code == 2
+        assert "Invalid value for '--principal'" in result.output
+    assert keys("list", "--principal", "xyz", store=url).exit_code == 2
+
+
+def _empty_sqlite(path: Path) -> str:
+    store = SyncSQLiteStore(path)
+    assert store.purge_expired() == 0  # creates the file and its table
+    store.close()
+    return f"sqlite:///{path}"
 
 
 def test_the_store_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IDEMPO_STORE", f"sqlite:///{tmp_path / 'env.db'}")
+    monkeypatch.setenv("IDEMPO_STORE", _empty_sqlite(tmp_path / "env.db"))
     result = keys("list")
     assert result.exit_code == 0, result.output
     assert "no records" in result.output
+
+
+def test_a_sqlite_file_that_is_not_there_is_not_created(tmp_path: Path) -> None:
+    result = keys("list", store=f"sqlite:///{tmp_path / 'typo.db'}")
+    assert result.exit_code == 2
+    assert f"no SQLite database at '{tmp_path / 'typo.db'}'" in result.output
+    assert not (tmp_path / "typo.db").exists()
 
 
 @pytest.mark.parametrize(
@@ -352,8 +371,9 @@ def test_an_unreachable_store_is_one_line(url: str) -> None:
 
     result = keys("list", store=url.format(port=free_port()))
     assert result.exit_code == 1
-    assert result.output.startswith("Error: the store ")
+    assert result.output.startswith(("Error: Redis store ", "Error: PostgreSQL store "))
     assert "failed" in result.output
+    assert len(result.output.splitlines()) == 1
     assert "Traceback" not in result.output
 
 

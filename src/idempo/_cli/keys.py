@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import sys
 import time
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -28,7 +30,8 @@ import click
 from .._core.codec import StoredResponse, TooLargeMarker, decode_response
 from .._core.errors import ConfigurationError, MissingDependency, StoreError
 from .._core.records import Record, State
-from ..stores import SyncScanningStore, SyncStore, redact, sync_store_from_url
+from ..stores import SyncScanningStore, SyncStore, parse_store_url, redact, sync_store_from_url
+from ..stores.sqlite import SyncSQLiteStore
 
 _T = TypeVar("_T")
 _MIDDLEWARE_KEY = re.compile(r"(?P<principal>[0-9a-f]{32}):(?P<key>.*)", re.DOTALL)
@@ -146,6 +149,7 @@ def _table(records: list[Record], now: float) -> list[str]:
 @contextmanager
 def _opened(url: str) -> Iterator[SyncStore]:
     """The sync store *url* names, closed afterwards; its failures as one-line errors, never tracebacks."""
+    _check_sqlite_file(url)
     try:
         store = sync_store_from_url(url)
     except MissingDependency as exc:
@@ -154,12 +158,32 @@ def _opened(url: str) -> Iterator[SyncStore]:
         raise click.BadParameter(str(exc), param_hint="'--store'") from None
     try:
         yield store
-    except (StoreError, OSError) as exc:
+    except StoreError as exc:  # its message names the store, without the password
+        raise click.ClickException(_one_line(str(exc))) from None
+    except OSError as exc:
         msg = f"the store {redact(url)} failed: {exc}"
-        raise click.ClickException(msg) from None
+        raise click.ClickException(_one_line(msg)) from None
     finally:
         with suppress(StoreError, OSError):  # the failure that matters, if any, is reported above
             store.close()
+
+
+def _one_line(message: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", message.strip())
+
+
+def _check_sqlite_file(url: str) -> None:
+    """A SQLite URL must name an existing database: opening one creates it, and a typo would list an empty one."""
+    try:
+        parsed = parse_store_url(url)
+        if parsed.scheme != "sqlite":
+            return
+        path = SyncSQLiteStore._path_from_url(parsed, {})
+    except ConfigurationError:
+        return  # said when the store is opened
+    if path != ":memory:" and not Path(path).is_file():
+        msg = f"no SQLite database at {os.path.abspath(path)!r}"
+        raise click.BadParameter(msg, param_hint="'--store'")
 
 
 def _scanning(store: SyncStore) -> SyncScanningStore:
