@@ -142,6 +142,9 @@ class StoreConformance:
     :attr:`short_ttl` seconds and sleep :attr:`expiry_margin` past them. Checks that a claim is *still* held
     use :attr:`long_lease`, so a slow machine cannot make them flaky.
 
+    The ``test_scan_*`` scenarios check the optional ``scan`` capability (:class:`idempo.stores.ScanningStore`):
+    prefixes taken literally, expired records absent, limits. They are skipped for a store without it.
+
     Attributes:
         short_lease: seconds of a lease the suite waits out to test takeover.
         short_ttl: seconds of a TTL the suite waits out to test expiry.
