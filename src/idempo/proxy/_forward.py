@@ -14,6 +14,7 @@ the middleware releases the key, so that a retry runs again.
 from __future__ import annotations
 
 import http.cookiejar
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +48,7 @@ HOP_BY_HOP: Final = frozenset(
 ``Connection`` header names are dropped too, and so is ``Expect`` (the server in front answers ``100 Continue``)."""
 
 _DROPPED_REQUEST: Final = HOP_BY_HOP | {b"host", b"expect"}
+_POOL_SHARDS: Final = 8
 _FORWARDED_FOR: Final = b"x-forwarded-for"
 _FORWARDED_PROTO: Final = b"x-forwarded-proto"
 _FORWARDED_HOST: Final = b"x-forwarded-host"
@@ -95,19 +97,36 @@ class ForwardingApp:
         self.timeout = httpx.Timeout(
             config.upstream_timeout, connect=config.connect_timeout, pool=config.upstream_timeout
         ).as_dict()
-        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
-        # A client of our own, with none of httpx's defaults that a proxy must not add: no Accept-Encoding or
+        if transport is not None:
+            transports: list[httpx.AsyncBaseTransport] = [transport]
+        else:
+            # Several small pools rather than one large one: httpcore's pool does work proportional to its
+            # connections times its waiting requests on every request, which dominates the cost of a request once a
+            # few dozen are in flight; requests take the pools in turn.
+            shards = min(_POOL_SHARDS, config.max_connections)
+            size = -(-config.max_connections // shards)
+            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+            transports = [httpx.AsyncHTTPTransport(limits=limits, retries=0) for _ in range(shards)]
+        # Clients of our own, with none of httpx's defaults that a proxy must not add: no Accept-Encoding or
         # User-Agent (requests are built by hand, so the client's default headers never apply), no environment
         # proxies, no redirects followed, and no cookie jar (a policy that refuses every cookie: the upstream's
         # Set-Cookie is for the client, and one client's cookies must never reach another's request).
-        self.client = httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
-        self.client.cookies.jar.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self.clients = [
+            httpx.AsyncClient(transport=each, trust_env=False, follow_redirects=False) for each in transports
+        ]
+        for client in self.clients:
+            client.cookies.jar.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self._turn = itertools.cycle(self.clients)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The first client (the only one, with a transport given)."""
+        return self.clients[0]
 
     async def aclose(self) -> None:
         """Close the connections to the upstream."""
-        await self.client.aclose()
+        for client in self.clients:
+            await client.aclose()
 
     def _url(self, scope: Scope) -> str:
         raw_path = scope.get("raw_path")
@@ -171,7 +190,7 @@ class ForwardingApp:
         )
         started = time.perf_counter()
         try:
-            response = await self.client.send(request, stream=True)
+            response = await next(self._turn).send(request, stream=True)
         except _ClientGone:
             return  # nobody to answer
         except httpx.TimeoutException as exc:
