@@ -31,6 +31,8 @@ from idempo.stores import SyncScanningStore, SyncStore, store_from_url, sync_sto
 from idempo.stores.postgres import PostgresStore
 from idempo.stores.sqlite import SQLiteStore, SyncSQLiteStore
 
+from .redis_cluster import free_port, redis_cluster
+
 ALICE, BOB = principal_digest(b"Bearer alice"), principal_digest(b"Bearer bob")
 BINARY = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
 
@@ -40,7 +42,7 @@ class Populated:
     """A store with records in it; *url* opens it."""
 
     url: str
-    kind: str  # "sqlite", "redis" or "postgres"
+    kind: str  # "sqlite", "redis" (a server or a cluster) or "postgres"
 
 
 async def _charge(request: Request) -> Response:
@@ -97,7 +99,14 @@ def _expired(store: SQLiteStore | PostgresStore) -> None:
     asyncio.run(write())
 
 
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
+@pytest.fixture(scope="module")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster of this module's own, started once and killed at the end."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "postgres"])
 def populated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Populated]:
     """Each kind of store, populated; Redis under a prefix of its own, PostgreSQL in a table of its own."""
     kind: str = request.param
@@ -106,9 +115,10 @@ def populated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Popula
     if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'cli.db'}"
         _expired(SQLiteStore(tmp_path / "cli.db", clock=past))
-    elif kind == "redis":
-        base: str = request.getfixturevalue("redis_url")
-        url = f"{base}?prefix=idempo-test-cli-{uuid.uuid4().hex[:12]}:"
+    elif kind in ("redis", "redis-cluster"):
+        base: str = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url")
+        url = f"{base}{'?' if '?' not in base else '&'}prefix=idempo-test-cli-{uuid.uuid4().hex[:12]}:"
+        kind = "redis"
     else:
         base = request.getfixturevalue("postgres_url")
         url = f"{base}?table={table}"
@@ -367,8 +377,6 @@ def test_a_sqlite_file_that_is_not_there_is_not_created(tmp_path: Path) -> None:
     ["redis://127.0.0.1:{port}/0?timeout=1&connect_timeout=1", "postgresql://postgres@127.0.0.1:{port}/test"],
 )
 def test_an_unreachable_store_is_one_line(url: str) -> None:
-    from .redis_cluster import free_port
-
     result = keys("list", store=url.format(port=free_port()))
     assert result.exit_code == 1
     assert result.output.startswith(("Error: Redis store ", "Error: PostgreSQL store "))
