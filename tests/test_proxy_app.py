@@ -410,6 +410,22 @@ def test_without_prometheus_client_the_core_imports_and_metrics_names_the_extra(
     assert "pip install 'idempo[metrics]'" in result.stderr
 
 
-def test_without_httpx_the_proxy_names_the_extra() -> None:
-    result = _python("import sys; sys.modules['httpx'] = None; import idempo.proxy")
+def test_without_httpx_the_configuration_loads_and_the_app_names_the_extra() -> None:
+    hide = "import sys; sys.modules['httpx'] = None; "
+    assert _python(hide + "from idempo.proxy import load_config, ProxyConfig").returncode == 0
+    result = _python(hide + "from idempo.proxy import create_app")
+    assert "MissingDependency" in result.stderr
     assert "pip install 'idempo[cli]'" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["httpx", "uvicorn", "prometheus_client"])
+def test_without_the_cli_extra_the_command_says_what_to_install(module: str) -> None:
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; from idempo._cli import main; "
+        "sys.exit(main(['proxy', '--upstream', 'http://127.0.0.1:9', '--store', 'memory://', "
+        "'--listen', '127.0.0.1:0']))"
+    )
+    result = _python(code)
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'idempo[cli]'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,26 +11,37 @@ or from Python, as an ASGI application for any server::
 
     app = create_app(load_config(flags={"upstream": "http://127.0.0.1:8000"}))
 
-Needs the ``cli`` extra (``pip install 'idempo[cli]'``: click, uvicorn, httpx, prometheus-client). See
-``docs/proxy.md`` for the options, the configuration file, metrics, logs and the forwarding rules.
+Needs the ``cli`` extra (``pip install 'idempo[cli]'``: click, uvicorn, httpx, prometheus-client). The configuration
+(:class:`ProxyConfig`, :func:`load_config`) is standard library only; :func:`create_app` and :class:`ProxyApp` import
+httpx when first used, and raise :class:`~idempo.MissingDependency` without it. See ``docs/proxy.md`` for the
+options, the configuration file, metrics, logs and the forwarding rules.
 
 .. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
 
-from .._core.errors import MissingDependency
+from typing import TYPE_CHECKING, Any
 
-try:
-    import httpx  # noqa: F401
-except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test that hides the module
-    if exc.name != "httpx":
-        raise
-    _msg = "idempo.proxy needs httpx; run: pip install 'idempo[cli]'"
-    raise MissingDependency(_msg) from exc
-
-from ._app import ProxyApp, create_app
 from ._config import DEFAULT_STORE, OPTIONS, ProxyConfig, load_config
-from ._forward import HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from ._app import ProxyApp, create_app
+    from ._forward import HOP_BY_HOP
 
 __all__ = ["DEFAULT_STORE", "HOP_BY_HOP", "OPTIONS", "ProxyApp", "ProxyConfig", "create_app", "load_config"]
+
+_NEEDS_HTTPX = {"ProxyApp": "._app", "create_app": "._app", "HOP_BY_HOP": "._forward"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _NEEDS_HTTPX.get(name)
+    if module is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    import importlib
+
+    from ..stores import require
+
+    require("httpx", extra="cli")
+    return getattr(importlib.import_module(module, __name__), name)

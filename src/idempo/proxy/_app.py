@@ -22,13 +22,10 @@ import httpx
 from ..asgi import IdempotencyMiddleware, Message, Receive, Scope, Send, authorization_principal
 from ..observe import Outcome, StoreOperation
 from ..stores import Store, store_from_url
-from ._config import ProxyConfig
+from ._config import CONFIG_ENV, ProxyConfig
 from ._forward import ForwardingApp
 
-__all__ = ["CONFIG_ENV", "ProxyApp", "app_from_environment", "create_app"]
-
-CONFIG_ENV: Final = "IDEMPO_PROXY_RESOLVED_CONFIG"
-"""The environment variable through which ``idempo proxy`` hands its resolved configuration (JSON) to its workers."""
+__all__ = ["ProxyApp", "app_from_environment", "create_app"]
 
 _OUTCOME: Final = "idempo.proxy.outcome"  # the scope key where the observer leaves the outcome, for the access log
 _UPSTREAM_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -23,9 +23,20 @@ from urllib.parse import urlsplit
 from .._core.errors import ConfigurationError
 from .._core.problem import DEFAULT_PROBLEM_BASE
 
-__all__ = ["DEFAULT_STORE", "ENV_PREFIX", "OPTIONS", "Option", "ProxyConfig", "load_config", "parse_listen"]
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_STORE",
+    "ENV_PREFIX",
+    "OPTIONS",
+    "Option",
+    "ProxyConfig",
+    "load_config",
+    "parse_listen",
+]
 
 ENV_PREFIX: Final = "IDEMPO_PROXY_"
+CONFIG_ENV: Final = "IDEMPO_PROXY_RESOLVED_CONFIG"
+"""The environment variable through which ``idempo proxy`` hands its resolved configuration (JSON) to its workers."""
 DEFAULT_STORE: Final = "sqlite:///idempo-proxy.db"
 """An SQLite file ``idempo-proxy.db`` in the directory the proxy is started from (shared by its workers)."""
 

@@ -24,8 +24,7 @@ from collections.abc import Iterator
 
 from .._core.errors import ConfigurationError
 from ..stores import redact, store_from_url
-from ._app import CONFIG_ENV
-from ._config import ProxyConfig
+from ._config import CONFIG_ENV, ProxyConfig
 
 __all__ = ["bind", "check", "serve"]
 
