@@ -3,9 +3,15 @@ Serving is tested by tests/browser, which runs the command as a subprocess."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import subprocess
 import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
 import idempo.static
@@ -97,3 +103,36 @@ def test_idempo_js_ships_in_the_package() -> None:
     assert path.parent == idempo.static.directory()
     assert path.read_text(encoding="utf-8") == idempo.static.script_source()
     assert "export async function idempotentFetch" in idempo.static.script_source()
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_cleanly_and_removes_the_temporary_store() -> None:
+    """The default store is a temporary SQLite file, said on start and gone after Ctrl+C, which exits with 0."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from idempo._cli import main; sys.exit(main())", "demo", "--port", "0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        first, second = process.stdout.readline(), process.stdout.readline()
+        url = re.fullmatch(r"idempo demo: open (http://127\.0\.0\.1:\d+/)\n", first)
+        store = re.fullmatch(r"  store: sqlite:///(\S+) \(a temporary file, deleted on exit\)\n", second)
+        assert url is not None, first
+        assert store is not None, second
+        db = Path(store.group(1))
+        assert httpx.get(url.group(1) + "health", timeout=30).status_code == 200
+        assert db.is_file()
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, rest
+    assert rest.rstrip().endswith("idempo demo: stopped"), rest
+    assert "Traceback" not in rest
+    assert not db.parent.exists()

@@ -51,9 +51,13 @@ def _unavailable(what: str) -> NoReturn:
     pytest.skip(what)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Debian's headless Chromium, launched once for the session."""
+    """Debian's headless Chromium, launched once per module.
+
+    Not once per session: Playwright's sync API keeps an event loop running in this thread while it is open,
+    which the async tests of other modules (pytest-asyncio) could not run beside.
+    """
     try:
         from playwright.sync_api import sync_playwright
     except ModuleNotFoundError:
@@ -150,6 +154,8 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
         if process.stdout is not None:
             process.stdout.close()
     log = "".join(output)
+    assert process.returncode == 0, log
+    assert log.rstrip().endswith("idempo demo: stopped"), log
     assert "Traceback" not in log, log
     assert "ERROR" not in log, log
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -147,4 +148,22 @@ def _serve(store_url: str, host: str, port: int, *, temporary: bool) -> None:
         config = uvicorn.Config(
             create_app(store_url), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2
         )
-        uvicorn.Server(config).run(sockets=[sock])
+        # uvicorn shuts down gracefully on Ctrl+C or SIGTERM, then raises the signal again under the handlers that
+        # were there before it: make those end the command normally, so that the temporary store is removed.
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except _Stopped:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        click.echo("idempo demo: stopped")
+
+
+class _Stopped(Exception):
+    """Strictly private. Ctrl+C or SIGTERM, after uvicorn has shut down."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
