@@ -237,6 +237,28 @@ async def test_an_upstream_that_breaks_mid_body_aborts_the_response_and_releases
     assert "idempotent-replayed" not in retry.headers
 
 
+async def test_a_client_that_leaves_while_its_body_streams_gets_nothing_and_breaks_nothing(proxied: Proxied) -> None:
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b"first part", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/upload", "raw_path": b"/upload", "query_string": b"",
+        "headers": [(b"host", b"proxy"), (b"transfer-encoding", b"chunked")], "scheme": "http", "client": None,
+    }  # fmt: skip
+    await proxied.app(scope, receive, send)
+    assert sent == []  # nobody to answer
+    assert proxied.upstream.requests == []  # the upstream never got a whole request
+
+
 # -- the store fails ----------------------------------------------------------------------------------------------
 
 

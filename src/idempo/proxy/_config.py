@@ -410,6 +410,7 @@ def _validate(config: ProxyConfig) -> None:
         raise ConfigurationError(msg)
     parse_listen(config.listen)
     object.__setattr__(config, "methods", tuple(m.upper() for m in config.methods))
+    object.__setattr__(config, "require_key_paths", tuple(config.require_key_paths))
 
 
 def replace(config: ProxyConfig, **changes: Any) -> ProxyConfig:
