@@ -1,11 +1,11 @@
 """A small payments API protected by idempo, on the embedded SQLite store.
 
-``python examples/demo.py`` walks through the HTTP contract in-process and prints what a client sees:
-a charge, its retry (replayed, not charged again), a double click while the first is running (409), the key
+``python examples/demo.py`` (``make walkthrough``) walks through the HTTP contract in-process and prints what a
+client sees: a charge, its retry (replayed, not charged again), a double click while the first is running (409), the key
 reused for another amount (422), and a malformed key (400).
 
 ``python examples/demo.py --serve`` serves the same app with uvicorn on http://127.0.0.1:8000 so that you can
-try it with curl::
+try it with curl (``idempo demo``, i.e. ``make demo``, serves a web page to try it in a browser)::
 
     curl -i -X POST localhost:8000/charges -H 'Idempotency-Key: order-1' -H 'content-type: application/json' \\
          -d '{"amount": 1000}'

@@ -567,3 +567,18 @@ describe("idempotentSubmit", () => {
     ]);
   });
 });
+
+describe("idempotentSubmit: a request builder that throws", () => {
+  it("leaves the state as it was", async () => {
+    const { form, button, status } = fakeForm();
+    const controller = idempotentSubmit(form, {
+      status,
+      request: () => {
+        throw new Error("bug");
+      },
+    });
+    await assert.rejects(controller.submit(), { message: "bug" });
+    assert.equal(controller.state, State.READY);
+    assert.equal(button.disabled, false);
+  });
+});

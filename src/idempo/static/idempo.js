@@ -405,9 +405,11 @@ export class SubmitController extends EventTarget {
    */
   async submit() {
     if (this.state === State.SUCCESS && !this.options.again) return false;
-    if (!this._go("submit")) return false;
-    const key = this.key;
+    if (nextState(this.state, "submit") === null) return false;
+    // Built before the state changes: should the builder throw (a bug), the form stays usable.
     const built = (this.options.request ?? defaultRequest)(this.target);
+    this._go("submit");
+    const key = this.key;
     const fetchOptions = this.options.fetchOptions ?? {};
     this._inFlight = new AbortController();
     /** @type {Response | null} */
