@@ -138,8 +138,11 @@ def proxy_command(*args: str) -> list[str]:
 
 
 @contextmanager
-def run_proxy(directory: Path, args: Sequence[str], *, env: dict[str, str] | None = None) -> Iterator[Proxy]:
-    """Start ``idempo proxy --listen 127.0.0.1:0 ARGS``, wait until it serves, and stop it on exit."""
+def run_proxy(
+    directory: Path, args: Sequence[str], *, env: dict[str, str] | None = None, prefix: str = "/_idempo/"
+) -> Iterator[Proxy]:
+    """Start ``idempo proxy --listen 127.0.0.1:0 ARGS`` in *directory*, wait until it serves (its health check under
+    *prefix* answers), and stop it on exit."""
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / "proxy.log"
     command = proxy_command("--listen", "127.0.0.1:0", *args)
@@ -155,7 +158,7 @@ def run_proxy(directory: Path, args: Sequence[str], *, env: dict[str, str] | Non
                 raise AssertionError(f"the proxy did not start (exit {process.poll()}):\n{log_path.read_text()}")
             time.sleep(0.02)  # the line another process prints: nothing to wait on but a poll
         proxy = Proxy(match[1], process, log_path)
-        _poll_http(proxy.url + "/_idempo/healthz", process, log_path, "the proxy")
+        _poll_http(proxy.url + prefix + "healthz", process, log_path, "the proxy")
         yield proxy
     finally:
         stop(process)

@@ -483,3 +483,22 @@ async def test_a_store_that_is_down_is_503_and_nothing_runs(tmp_path: Path, upst
             assert response.headers["retry-after"] == "7"
             assert (await http.get("/echo")).status_code == 200  # unprotected requests still flow
     assert upstream.count(op) == 0
+
+
+async def test_the_default_store_is_an_sqlite_file_in_the_working_directory_shared_by_the_workers(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    # Configured the two other ways: a file, and the environment over it.
+    (tmp_path / "idempo.toml").write_text(f'[proxy]\nupstream = "{upstream.url}"\nworkers = 2\nprefix = "/-/"\n')
+    env = {"IDEMPO_PROXY_CONFIG": "idempo.toml", "IDEMPO_PROXY_PREFIX": "/-/proxy/"}
+    op, headers = name(), key()
+    with run_proxy(tmp_path, [], env=env, prefix="/-/proxy/") as running:
+        answers = []
+        for _ in range(6):  # a connection each, so that both workers may take some
+            async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+                answers.append(await http.post(f"/op/{op}", content=b"x", headers=headers))
+        assert "store sqlite:///idempo-proxy.db, 2 workers" in running.log()
+    assert [a.status_code for a in answers] == [201] * 6
+    assert [a.headers.get("idempotent-replayed") for a in answers] == [None] + ["true"] * 5
+    assert upstream.count(op) == 1
+    assert (tmp_path / "idempo-proxy.db").is_file()
