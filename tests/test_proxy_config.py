@@ -130,6 +130,8 @@ cache_ttl = 5
         ("upstream = \n", "is not valid TOML"),
         ('upstream = "http://x:1"\non_conflict = "queue"\n', "on_conflict='queue': expected one of reject, wait"),
         ('upstream = "ftp://x"\n', "expected an http:// or https:// URL"),
+        ('upstream = "http://u:p@x:1"\n', "credentials in the URL are not supported"),
+        ('upstream = "http://x:1/?a=1"\n', "a query string or fragment cannot be forwarded to"),
         ('upstream = "http://x:1"\nttl = 0\n', "ttl=0.0: must be positive"),
         ('upstream = "http://x:1"\nlisten = "8080"\n', "expected HOST:PORT"),
         ('upstream = "http://x:1"\nprefix = "/"\n', "prefix='/'"),

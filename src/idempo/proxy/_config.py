@@ -402,6 +402,9 @@ def _validate(config: ProxyConfig) -> None:
     if upstream.scheme not in ("http", "https") or not upstream.hostname:
         msg = f"upstream={config.upstream!r}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8000"
         raise ConfigurationError(msg)
+    if upstream.username is not None or upstream.password is not None:
+        msg = "upstream: credentials in the URL are not supported (the client's Authorization header is forwarded)"
+        raise ConfigurationError(msg)
     if upstream.query or upstream.fragment:
         msg = f"upstream={config.upstream!r}: a query string or fragment cannot be forwarded to"
         raise ConfigurationError(msg)

@@ -89,7 +89,7 @@ class ForwardingApp:
     ) -> None:
         parts = urlsplit(config.upstream)
         self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        self.upstream_host = parts.netloc.rpartition("@")[2].encode("ascii")
+        self.upstream_host = parts.netloc.encode("ascii")
         self.preserve_host = config.host_header == "client"
         self.trust_forwarded = config.trust_forwarded
         self.problem_base = config.problem_base_uri
