@@ -451,3 +451,78 @@ def test_without_the_cli_extra_the_command_says_what_to_install(module: str) -> 
     assert result.returncode == 1, result.stderr
     assert "pip install 'idempo[cli]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- every middleware option reaches the middleware ---------------------------------------------------------------
+
+
+async def test_every_middleware_option_reaches_the_middleware(upstream: Upstream) -> None:
+    config = ProxyConfig(
+        upstream=UPSTREAM,
+        ttl=77,
+        lease=9,
+        header="X-Key",
+        methods=("post", "delete"),
+        require_key=True,
+        canonical_json=True,
+        on_conflict="wait",
+        wait_timeout=3,
+        on_store_error="fail_open",
+        retry_after=4,
+        max_request_bytes=1000,
+        max_response_bytes=2000,
+        store_server_errors=True,
+        replay_set_cookie=True,
+        problem_base_uri="https://errors.example/",
+        cache_size=10,
+        cache_ttl=5,
+    )
+    app = create_app(config, store=MemoryStore(), transport=httpx.MockTransport(upstream.handle))
+    middleware = app.middleware
+    await app.aclose()
+    expected = {
+        "ttl": 77,
+        "lease": 9,
+        "header": b"x-key",
+        "methods": frozenset({"POST", "DELETE"}),
+        "require_key": True,
+        "canonical_json": True,
+        "on_conflict": "wait",
+        "wait_timeout": 3,
+        "on_store_error": "fail_open",
+        "retry_after": 4,
+        "max_request_bytes": 1000,
+        "max_response_bytes": 2000,
+        "store_server_errors": True,
+        "replay_set_cookie": True,
+        "problem_base_uri": "https://errors.example/",
+    }
+    assert {name: getattr(middleware, name) for name in expected} == expected
+    assert middleware.cache is not None
+
+
+async def test_store_server_errors_and_replay_set_cookie_through_the_proxy(make: Callable[..., Any]) -> None:
+    proxied: Proxied = await make(store_server_errors=True, replay_set_cookie=True)
+    proxied.upstream.answer = lambda request: httpx.Response(500, headers={"Set-Cookie": "s=1"}, content=b"boom")
+    try:
+        first = await proxied.client.post("/pay", headers={"Idempotency-Key": "k"})
+        second = await proxied.client.post("/pay", headers={"Idempotency-Key": "k"})
+    finally:
+        await proxied.client.aclose()
+        await proxied.app.aclose()
+    assert first.status_code == second.status_code == 500
+    assert second.headers["idempotent-replayed"] == "true"
+    assert second.headers["set-cookie"] == "s=1"
+    assert second.content == b"boom"
+    assert len(proxied.upstream.requests) == 1
+
+
+async def test_require_key_paths_through_the_proxy(make: Callable[..., Any]) -> None:
+    proxied: Proxied = await make(require_key_paths=("/payments/", "/orders/*"))
+    try:
+        statuses = [(await proxied.client.post(path)).status_code for path in ("/payments/1", "/orders/2", "/other")]
+    finally:
+        await proxied.client.aclose()
+        await proxied.app.aclose()
+    assert statuses == [400, 400, 201]
+    assert len(proxied.upstream.requests) == 1
