@@ -8,7 +8,8 @@ Strictly private: what ``idempo demo`` serves. The layers, from the outside in::
 
 The page tells the server which switches are on with each request (``X-Demo-Faults: slow,drop,fail-first``) and
 names the submission the request belongs to (``X-Demo-Submission``), so that a one-shot fault hits only the first
-attempts of each submission and its retries get through. The server keeps no switch state of its own.
+attempts of each submission and its retries get through. The server keeps no switch state of its own. Every
+response closes its connection (see :func:`_closing` for why).
 
 Charges and the attempts log live in memory: they start empty each time the demo starts.
 """
@@ -101,8 +102,9 @@ class _Faults:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        closing = _closing(send)
         if scope["method"] != "POST" or scope["path"] != _CHARGES_PATH:
-            await self.app(scope, receive, _closing(send))
+            await self.app(scope, receive, closing)
             return
         faults = [f.strip() for f in (_header(scope, b"x-demo-faults") or "").split(",") if f.strip()]
         submission = _header(scope, b"x-demo-submission")
@@ -132,10 +134,8 @@ class _Faults:
                 }
             ).encode()
             headers = [(b"content-type", _PROBLEM.encode()), (b"retry-after", b"1")]
-            await _send_whole(_closing(send), 503, body, headers)
+            await _send_whole(closing, 503, body, headers)
             return
-
-        closing = _closing(send)
 
         async def observing_send(message: Message) -> None:
             if message["type"] == "http.response.start":
