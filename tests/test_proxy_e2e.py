@@ -456,7 +456,7 @@ async def test_a_dead_upstream_is_502_and_a_retry_after_it_restarts_runs_once(pr
 async def test_a_slow_upstream_is_504_and_the_key_is_released(
     tmp_path: Path, upstream: Upstream, redis_url: str, redis_prefix: str
 ) -> None:
-    args = ["--upstream", upstream.url, "--store", _store(redis_url, redis_prefix + "c:"), "--upstream-timeout", "1"]
+    args = ["--upstream", upstream.url, "--store", _store(redis_url, redis_prefix + "c:"), "--upstream-timeout", "2"]
     op, headers = name(), key()
     with run_proxy(tmp_path, args) as slow:
         async with httpx.AsyncClient(base_url=slow.url, timeout=30) as http:
