@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,30 +17,12 @@ from typing import Any
 
 import httpx
 
+from tests.e2e._support import free_port, stop_process_group
+
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_DEADLINE = 30.0
 SHUTDOWN_GRACE = 10.0
 _LISTENING = re.compile(r"idempo proxy: listening on (http://\S+)")
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL whatever is left after the grace period, and reap."""
-    if process.poll() is None:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=SHUTDOWN_GRACE)
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def _poll_http(url: str, process: subprocess.Popen[bytes], log: Path, what: str) -> None:
@@ -96,7 +77,7 @@ class Upstream:
 
     def stop(self) -> None:
         if self.process is not None:
-            stop(self.process)
+            stop_process_group(self.process)
 
     def count(self, name: str) -> int:
         """How many times the operation *name* ran on the upstream."""
@@ -161,4 +142,4 @@ def run_proxy(
         _poll_http(proxy.url + prefix + "healthz", process, log_path, "the proxy")
         yield proxy
     finally:
-        stop(process)
+        stop_process_group(process)

@@ -35,6 +35,8 @@ from idempo.decorators import JSONSerializer, Serializer, fingerprint_arguments
 from idempo.stores import SyncStore
 from idempo.stores.memory import SyncMemoryStore
 
+from .test_middleware_support import DelegatingStore
+
 
 def _has_sync_twin(module: str, name: str) -> bool:
     """Whether the async store ``module.name`` has landed its ``.sync()`` (other work in flight adds them)."""
@@ -365,11 +367,11 @@ async def test_store_error_propagates_and_nothing_runs() -> None:
 # -- concurrent calls -------------------------------------------------------------------------------------------------
 
 
-class _WatchedStore:
+class _WatchedStore(DelegatingStore):
     """An async store that reports renewals and the in-progress records its claims find."""
 
     def __init__(self, inner: Store, *, renewals_wanted: int = 1) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.renewals = 0
         self.renewals_wanted = renewals_wanted
         self.renewed = asyncio.Event()
@@ -387,24 +389,6 @@ class _WatchedStore:
         if self.renewals >= self.renewals_wanted:
             self.renewed.set()
         return owned
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        return await self.inner.complete(key, token, payload, ttl=ttl)
-
-    async def release(self, key: str, token: str) -> bool:
-        return await self.inner.release(key, token)
-
-    async def get(self, key: str) -> Record | None:
-        return await self.inner.get(key)
-
-    async def delete(self, key: str) -> bool:
-        return await self.inner.delete(key)
-
-    async def purge_expired(self) -> int:
-        return await self.inner.purge_expired()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class _WatchedSyncStore:

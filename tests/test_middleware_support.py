@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from idempo import Acquired, Claim, MemoryStore, Record, StoreError
+from idempo import Acquired, Claim, MemoryStore, Record, Store, StoreError
 from idempo.asgi import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -111,6 +111,37 @@ class CountingApp:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         for index, chunk in enumerate(chunks):
             await send({"type": "http.response.body", "body": chunk, "more_body": index < len(chunks) - 1})
+
+
+class DelegatingStore:
+    """A store that hands every operation to ``inner``: subclass it and override what a test watches."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        return await self.inner.renew(key, token, lease=lease)
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        return await self.inner.complete(key, token, payload, ttl=ttl)
+
+    async def release(self, key: str, token: str) -> bool:
+        return await self.inner.release(key, token)
+
+    async def get(self, key: str) -> Record | None:
+        return await self.inner.get(key)
+
+    async def delete(self, key: str) -> bool:
+        return await self.inner.delete(key)
+
+    async def purge_expired(self) -> int:
+        return await self.inner.purge_expired()
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 class ClaimSpy(MemoryStore):

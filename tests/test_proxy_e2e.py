@@ -21,8 +21,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e._support import poll, poll_async, wait_for_done
-from tests.proxy_support import Proxy, Upstream, free_port, run_proxy
+from tests.e2e._support import free_port, poll, poll_async, wait_for_done
+from tests.proxy_support import Proxy, Upstream, run_proxy
 from tests.proxy_upstream import pattern
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -37,6 +37,8 @@ from idempo.stores.memory import SyncMemoryStore
 from idempo.stores.sqlite import SyncSQLiteStore
 from idempo.testing import StoreConformance, SyncStoreConformance
 
+from .test_middleware_support import DelegatingStore
+
 # The built-in stores are local and fast: short real leases keep the suite quick. Every check that a claim is
 # *still* held uses the suite's long lease, so a loaded machine cannot make these flaky.
 _FAST = {"short_lease": 0.03, "short_ttl": 0.03, "expiry_margin": 0.03}
@@ -889,35 +891,11 @@ def test_sync_sqlite_store_used_before_fork_works_in_the_child(tmp_path: Path) -
 # -- scan: the optional capability of listing records ----------------------------------------------------------
 
 
-class _NoScan:
+class _NoScan(DelegatingStore):
     """A user's own store, complete but without ``scan``: it stays a Store."""
 
     def __init__(self) -> None:
-        self.inner = MemoryStore()
-
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
-
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        return await self.inner.renew(key, token, lease=lease)
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        return await self.inner.complete(key, token, payload, ttl=ttl)
-
-    async def release(self, key: str, token: str) -> bool:
-        return await self.inner.release(key, token)
-
-    async def get(self, key: str) -> Record | None:
-        return await self.inner.get(key)
-
-    async def delete(self, key: str) -> bool:
-        return await self.inner.delete(key)
-
-    async def purge_expired(self) -> int:
-        return await self.inner.purge_expired()
-
-    async def close(self) -> None:
-        await self.inner.close()
+        super().__init__(MemoryStore())
 
 
 def test_built_in_stores_can_scan_and_a_store_without_scan_is_still_a_store() -> None:

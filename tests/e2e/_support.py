@@ -145,7 +145,8 @@ async def wait_for_done(tasks: list[asyncio.Task[T]], count: int, *, within: flo
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listened on a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -169,7 +170,7 @@ def _wait_until_serving(server: Server) -> None:
             time.sleep(0.05)  # polling another process's readiness; there is no event to wait on
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
     """Terminate uvicorn's whole process group: SIGTERM, then SIGKILL if it has not exited in time."""
     if process.poll() is None:
         with suppress(ProcessLookupError):
@@ -192,7 +193,7 @@ def run_server(
     side_dir.mkdir()
     db_path = directory / "idempo.db"
     log_path = directory / "uvicorn.log"
-    port = _free_port()
+    port = free_port()
     if store_url is None:
         store_url = f"sqlite:///{db_path}"
     env = {
@@ -237,7 +238,7 @@ def run_server(
     finally:
         for hold in side_dir.glob("*.hold"):
             hold.unlink(missing_ok=True)
-        _stop(process)
+        stop_process_group(process)
 
 
 class TcpProxy:
