@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMa
 from typing import Any, Literal
 
 from ._core.cache import CompletedCache
-from ._core.codec import StoredResponse, decode_response, encode_app_response, encode_too_large
+from ._core.codec import TooLargeMarker, decode_parts, encode_app_response, encode_too_large
 from ._core.decide import Conflict, Mismatch, Replay, decide, should_store
 from ._core.errors import (
     BodyTooLargeError,
@@ -212,7 +212,8 @@ class IdempotencyMiddleware:
                 self._observe("bad_key", scope)
                 await self._send_error(send, MissingKeyError("this endpoint requires an Idempotency-Key header"))
                 return
-            self._observe("passthrough", scope)
+            if self.observer is not None:
+                tell(self.observer, "passthrough", scope)
             await self.app(scope, receive, send)
             return
         try:
@@ -396,7 +397,8 @@ class _Exchange:
             cached = cache.get(store_key, time.monotonic())
             if cached is not None:  # a completed record: the store's answer, without asking it
                 if cached[0] == fingerprint:
-                    mw._observe("replayed", scope)
+                    if mw.observer is not None:
+                        tell(mw.observer, "replayed", scope)
                     await self._replay(cached[1])
                 else:
                     mw._observe("mismatch", scope)
@@ -473,6 +475,16 @@ class _Exchange:
             if isinstance(claim, Acquired):
                 return claim
             record = claim.record
+            if record.fingerprint == fingerprint and record.state is State.COMPLETED:
+                payload = record.payload
+                if payload is not None:  # the usual case, a replay: decide's answer without building it
+                    if mw.cache is not None:
+                        expires_in = record.expires_at - time.time()
+                        mw.cache.put(self.store_key, fingerprint, payload, time.monotonic(), expires_in)
+                    if mw.observer is not None:
+                        tell(mw.observer, "replayed", self.scope)
+                    await self._replay(payload)
+                    return None
             now = time.time()
             decision = decide(record, fingerprint, now=now, retry_after=mw.retry_after)
             if mw.cache is not None and record.state is State.COMPLETED and record.payload is not None:
@@ -480,7 +492,8 @@ class _Exchange:
                     self.store_key, record.fingerprint, record.payload, time.monotonic(), record.expires_at - now
                 )
             if isinstance(decision, Replay):
-                mw._observe("replayed", self.scope)
+                if mw.observer is not None:
+                    tell(mw.observer, "replayed", self.scope)
                 await self._replay(decision.payload)
                 return None
             if isinstance(decision, Mismatch):
@@ -502,14 +515,15 @@ class _Exchange:
 
     async def _replay(self, payload: bytes) -> None:
         try:
-            response = decode_response(payload)
+            response = decode_parts(payload)
         except ValueError:
             logger.exception("idempo: the stored response of a key cannot be decoded")
             raise
-        if isinstance(response, StoredResponse):
-            headers = [*response.headers, _REPLAYED]
-            await self.send({"type": "http.response.start", "status": response.status, "headers": headers})
-            await self.send({"type": "http.response.body", "body": response.body, "more_body": False})
+        if not isinstance(response, TooLargeMarker):
+            status, headers, body = response
+            headers.append(_REPLAYED)
+            await self.send({"type": "http.response.start", "status": status, "headers": headers})
+            await self.send({"type": "http.response.body", "body": body, "more_body": False})
             return
         error = ResponseNotStoredError(
             f"the request with this key completed with status {response.status}, but its response was too large "

@@ -20,6 +20,7 @@ __all__ = [
     "HOP_BY_HOP_HEADERS",
     "StoredResponse",
     "TooLargeMarker",
+    "decode_parts",
     "decode_response",
     "encode_app_response",
     "encode_response",
@@ -125,6 +126,16 @@ def decode_response(payload: bytes) -> StoredResponse | TooLargeMarker:
     Raises:
         ValueError: the payload is not one of ours (a corrupt record, or one written by a newer version).
     """
+    decoded = decode_parts(payload)
+    if isinstance(decoded, TooLargeMarker):
+        return decoded
+    status, headers, body = decoded
+    return StoredResponse(status, tuple(headers), body)
+
+
+def decode_parts(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker:
+    """:func:`decode_response` without building a :class:`StoredResponse`: ``(status, headers, body)`` (a new
+    list of headers, the caller's to extend), or the marker. The middleware's way to replay."""
     try:
         return _decode(payload)
     except struct.error as exc:  # a fixed-size field runs past the end: not a ValueError of its own
@@ -132,7 +143,7 @@ def decode_response(payload: bytes) -> StoredResponse | TooLargeMarker:
         raise ValueError(msg) from exc
 
 
-def _decode(payload: bytes) -> StoredResponse | TooLargeMarker:
+def _decode(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker:
     version = payload[:1]
     if version == b"\x02":
         _, status = _MARKER.unpack_from(payload)
@@ -142,7 +153,7 @@ def _decode(payload: bytes) -> StoredResponse | TooLargeMarker:
         raise ValueError(msg)
     _, status, count = _HEAD.unpack_from(payload)
     offset = _HEAD.size
-    headers = []
+    headers: list[tuple[bytes, bytes]] = []
     for _ in range(count):
         name_len, value_len = _FIELD.unpack_from(payload, offset)
         offset += _FIELD.size
@@ -154,4 +165,4 @@ def _decode(payload: bytes) -> StoredResponse | TooLargeMarker:
     if offset > len(payload):
         msg = "truncated stored response"
         raise ValueError(msg)
-    return StoredResponse(status, tuple(headers), payload[offset:])
+    return status, headers, payload[offset:]
