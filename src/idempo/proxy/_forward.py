@@ -13,7 +13,8 @@ the middleware releases the key, so that a retry runs again.
 Requests go straight to httpx's transport (``httpx.AsyncHTTPTransport``: the connection pool an ``AsyncClient``
 sends through), built by hand. What the client would add on top is what a proxy must not do: default headers
 (``Accept-Encoding``, ``User-Agent``), authentication, following redirects, a cookie jar shared by every caller,
-environment proxies; and skipping its layers makes a forwarded request about a sixth cheaper.
+environment proxies; and skipping its layers makes a forwarded request about a sixth cheaper. Under a plain
+``http://`` upstream the transports' pools run on a plain-asyncio network backend rather than anyio (``._network``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import httpx
 from .._core.problem import Problem
 from ..asgi import Message, Receive, Scope, Send
 from ._config import ProxyConfig
+from ._network import http_transport
 
 __all__ = ["HOP_BY_HOP", "ForwardingApp", "UpstreamObserver"]
 
@@ -110,7 +112,8 @@ class ForwardingApp:
             shards = min(_POOL_SHARDS, config.max_connections)
             size = -(-config.max_connections // shards)
             limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            self.transports = [httpx.AsyncHTTPTransport(limits=limits, retries=0) for _ in range(shards)]
+            plain_http = parts.scheme == "http"
+            self.transports = [http_transport(limits, plain_http=plain_http) for _ in range(shards)]
         self._turn = itertools.cycle(self.transports)
 
     async def aclose(self) -> None:
