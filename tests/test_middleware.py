@@ -553,7 +553,8 @@ async def test_request_body_over_max_request_bytes_is_413_with_content_length() 
         too_big = await client.post("/orders", content=b"x" * 101, headers=keyed())
         just_right = await client.post("/orders", content=b"x" * 100, headers=keyed("other"))
         unkeyed = await client.post("/orders", content=b"x" * 101)
-    problem_of(too_big, 413, "body-too-large")
+    problem = problem_of(too_big, 413, "body-too-large")
+    assert problem["detail"] == "the request body is 101 bytes; at most 100 are accepted"  # from Content-Length
     assert just_right.status_code == 200
     assert unkeyed.status_code == 200  # without a key nothing is buffered, so no limit applies
     assert app.calls == 2

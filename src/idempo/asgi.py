@@ -350,8 +350,9 @@ class _Exchange:
         # A dict of the headers, made in C: cheaper than a loop in Python over them for the two we need here.
         headers = dict(scope["headers"])
         limit = mw.max_request_bytes
-        content_length = headers.get(b"content-length")
-        if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        declared = headers.get(b"content-length", b"")
+        content_length = int(declared) if declared.isdigit() else -1
+        if content_length > limit:
             mw._observe("too_large", scope)
             await mw._send_error(
                 self.send,
