@@ -349,6 +349,11 @@ class _PostgresBase:
         self._set_timeout = f"SET statement_timeout = {int(statement_timeout * 1000)}".encode()
         self._closed = False
         self._scan_page_size = _SCAN_PAGE
+        self._set_up_runner()
+
+    def _set_up_runner(self) -> None:
+        """The state of the subclass's runner (its pool, and what guards it); called last by ``__init__``."""
+        raise NotImplementedError
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
@@ -498,34 +503,7 @@ class PostgresStore(_PostgresBase):
         clock: for tests only: seconds since the epoch, instead of the server's clock.
     """
 
-    def __init__(
-        self,
-        conninfo: str = "",
-        *,
-        table: str = "idempo_records",
-        min_size: int = 1,
-        max_size: int = 10,
-        connect_timeout: float = 5.0,
-        statement_timeout: float = 5.0,
-        pool_timeout: float = 5.0,
-        reconnect_timeout: float = 10.0,
-        application_name: str | None = None,
-        prepare: bool = True,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        super().__init__(
-            conninfo,
-            table=table,
-            min_size=min_size,
-            max_size=max_size,
-            connect_timeout=connect_timeout,
-            statement_timeout=statement_timeout,
-            pool_timeout=pool_timeout,
-            reconnect_timeout=reconnect_timeout,
-            application_name=application_name,
-            prepare=prepare,
-            clock=clock,
-        )
+    def _set_up_runner(self) -> None:
         self._pool: AsyncConnectionPool[_Connection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Task[AsyncConnectionPool[_Connection]] | None = None
@@ -815,34 +793,7 @@ class SyncPostgresStore(_PostgresBase):
     Args: as for :class:`PostgresStore`.
     """
 
-    def __init__(
-        self,
-        conninfo: str = "",
-        *,
-        table: str = "idempo_records",
-        min_size: int = 1,
-        max_size: int = 10,
-        connect_timeout: float = 5.0,
-        statement_timeout: float = 5.0,
-        pool_timeout: float = 5.0,
-        reconnect_timeout: float = 10.0,
-        application_name: str | None = None,
-        prepare: bool = True,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        super().__init__(
-            conninfo,
-            table=table,
-            min_size=min_size,
-            max_size=max_size,
-            connect_timeout=connect_timeout,
-            statement_timeout=statement_timeout,
-            pool_timeout=pool_timeout,
-            reconnect_timeout=reconnect_timeout,
-            application_name=application_name,
-            prepare=prepare,
-            clock=clock,
-        )
+    def _set_up_runner(self) -> None:
         self._pool: ConnectionPool[_SyncConnection] | None = None
         self._lock = threading.Lock()  # one thread opens the pool; the others wait for it
         self._finished = 0
