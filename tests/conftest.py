@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
+
+if TYPE_CHECKING:
+    from .redis_cluster import RedisServer
 
 REDIS_URL = os.environ.get("IDEMPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("IDEMPO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -47,3 +53,31 @@ def redis_url() -> str:
 def postgres_url() -> str:
     """A running PostgreSQL with a ``test`` database that user ``postgres`` may use without a password."""
     return require_server(POSTGRES_URL, 5432, "PostgreSQL", "run 'make services' or 'apt-get install postgresql'")
+
+
+def with_options(url: str, **options: object) -> str:
+    """*url* with *options* added to its query string."""
+    query = "&".join(f"{name}={value}" for name, value in options.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster of the test module's own, started once and killed at the end."""
+    from .redis_cluster import redis_cluster  # it imports this module
+
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as url:
+        yield url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may kill, pause, restart or flush."""
+    from .redis_cluster import RedisServer
+
+    server = RedisServer(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()

@@ -31,7 +31,7 @@ from idempo.stores import SyncScanningStore, SyncStore, store_from_url, sync_sto
 from idempo.stores.postgres import PostgresStore
 from idempo.stores.sqlite import SQLiteStore, SyncSQLiteStore
 
-from .redis_cluster import free_port, redis_cluster
+from .redis_cluster import free_port
 
 ALICE, BOB = principal_digest(b"Bearer alice"), principal_digest(b"Bearer bob")
 BINARY = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
@@ -97,13 +97,6 @@ def _expired(store: SQLiteStore | PostgresStore) -> None:
         await store.close()
 
     asyncio.run(write())
-
-
-@pytest.fixture(scope="module")
-def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A three-node Redis Cluster of this module's own, started once and killed at the end."""
-    with redis_cluster(tmp_path_factory.mktemp("cluster")) as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "redis", "redis-cluster", "postgres"])

@@ -44,16 +44,13 @@ from idempo.stores import postgres as postgres_module
 from idempo.stores.postgres import PostgresStore
 from idempo.testing import StoreConformance
 
+from .conftest import with_options
+
 HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
 
 
 def new_table() -> str:
     return f"idempo_test_{uuid.uuid4().hex[:16]}"
-
-
-def with_options(url: str, **options: object) -> str:
-    query = "&".join(f"{name}={value}" for name, value in options.items())
-    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 def drop_table(url: str, table: str) -> None:

@@ -24,6 +24,8 @@ from idempo.stores import SyncStore, sync_store_from_url
 from idempo.stores.postgres import PostgresStore, SyncPostgresStore
 from idempo.testing import SyncStoreConformance
 
+from .conftest import with_options
+
 HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
 
 _T = TypeVar("_T")
@@ -31,11 +33,6 @@ _T = TypeVar("_T")
 
 def new_table() -> str:
     return f"idempo_test_{uuid.uuid4().hex[:16]}"
-
-
-def with_options(url: str, **options: object) -> str:
-    query = "&".join(f"{name}={value}" for name, value in options.items())
-    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 def drop_table(url: str, table: str) -> None:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,19 +51,14 @@ from idempo.stores._scan import run_plan
 from idempo.stores.redis import RedisStore, SyncRedisStore
 from idempo.testing import StoreConformance
 
-from .conftest import REDIS_URL
-from .redis_cluster import RedisServer, free_port, redis_cluster
+from .conftest import REDIS_URL, with_options
+from .redis_cluster import RedisServer, free_port
 
 RUN_PREFIX = f"idempo-test-{uuid.uuid4().hex[:12]}:"
 """Every key this module writes to the shared server starts with this (and expires by TTL)."""
 
 HANG_GUARD = 30.0
 """A generous bound on operations that must give up on their own: it catches a hang, it does not time them."""
-
-
-def with_options(url: str, **options: str) -> str:
-    query = "&".join(f"{name}={value}" for name, value in options.items())
-    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 def prefixed(url: str, name: str = "") -> str:
@@ -74,24 +69,6 @@ def open_url(url: str, **options: Any) -> RedisStore:
     store = store_from_url(url, **options)
     assert isinstance(store, RedisStore)
     return store
-
-
-@pytest.fixture(scope="module")
-def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A three-node Redis Cluster of this module's own, started once and killed at the end."""
-    with redis_cluster(tmp_path_factory.mktemp("cluster")) as url:
-        yield url
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of the test's own, which it may kill, pause, restart or flush."""
-    server = RedisServer(tmp_path)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
 
 
 # -- the conformance suite ---------------------------------------------------------------------------------------

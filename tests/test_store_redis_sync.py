@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ from idempo.stores import SyncStore, parse_store_url, sync_store_from_url
 from idempo.stores.redis import RedisStore, SyncRedisStore
 from idempo.testing import SyncStoreConformance
 
+from .conftest import with_options
 from .redis_cluster import RedisServer, free_port, redis_cluster
 
 RUN_PREFIX = f"idempo-test-sync-{uuid.uuid4().hex[:12]}:"
@@ -34,11 +35,6 @@ RUN_PREFIX = f"idempo-test-sync-{uuid.uuid4().hex[:12]}:"
 
 BOUND = 10.0
 """A generous bound on operations that must give up on their own: it catches a hang, it does not time them."""
-
-
-def with_options(url: str, **options: str) -> str:
-    query = "&".join(f"{name}={value}" for name, value in options.items())
-    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 def prefixed(url: str, name: str = "") -> str:
@@ -59,24 +55,6 @@ def nodes_of(cluster_url: str) -> list[tuple[str, int]]:
 def connected(store: SyncRedisStore) -> bool:
     """Whether *store* holds a client now."""
     return store._bound_client is not None
-
-
-@pytest.fixture(scope="module")
-def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A three-node Redis Cluster of this module's own, started once and killed at the end."""
-    with redis_cluster(tmp_path_factory.mktemp("cluster")) as url:
-        yield url
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of the test's own, which it may kill, pause, restart or flush."""
-    server = RedisServer(tmp_path)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
 
 
 # -- the conformance suite, from real threads ----------------------------------------------------------------------
