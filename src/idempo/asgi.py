@@ -56,7 +56,6 @@ _REPLAYED = (b"idempotent-replayed", b"true")
 # Messages a server may advertise that would let the app send a response we cannot see (a file by path).
 _UNRECORDABLE_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopy")
 _WAIT_POLL_MAX = 0.5
-_TAKEN_OVER = "idempo: a request finished after its key was taken over; its response is not stored"
 # Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
 _RECORD_RETRY_FIRST = 0.05
 _RECORD_RETRY_MAX = 1.0
@@ -428,11 +427,7 @@ class _Exchange:
             scope = dict(scope)
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
         self.renewed_at = time.monotonic()
-        loop = asyncio.get_running_loop()
-        renewer = mw._renewer
-        if renewer is None or renewer.loop is not loop:
-            renewer = mw._renewer_for(loop)
-        self.renewer = renewer
+        self.renewer = renewer = mw._renewer_for(asyncio.get_running_loop())
         running = renewer.running
         running.add(self)
         if renewer.timer is None:
@@ -602,27 +597,8 @@ class _Exchange:
             if not message.get("more_body", False):
                 # Record the outcome before the client has the whole response, so that a retry sent the moment
                 # it arrives never finds the key still in progress.
-                token = self.token
-                if token:
-                    if self.keep and not self.too_large:
-                        # The usual end, inlined (what _record and _apply do): two coroutines less per request.
-                        self.token = ""
-                        self.renewer.running.discard(self)  # type: ignore[union-attr]  # set before the app runs
-                        mw = self.mw
-                        payload = encode_app_response(
-                            self.status, self.headers, self.chunks, keep_set_cookie=mw.replay_set_cookie
-                        )
-                        try:
-                            stored = await self.store.complete(self.store_key, token, payload, ttl=mw.ttl)
-                        except Exception as exc:  # noqa: BLE001 - as in _record
-                            self._record_failed(exc, token, payload, release=False)
-                        else:
-                            if not stored:
-                                logger.warning(_TAKEN_OVER)
-                            elif mw.cache is not None:
-                                mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), mw.ttl)
-                    else:
-                        await self._record(failed=False)
+                if self.token:
+                    await self._record(failed=False)
                 try:
                     if not self.client_gone:
                         await self.send(message)
@@ -667,22 +643,18 @@ class _Exchange:
         try:
             await self._apply(token, payload, release=release)
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
-            self._record_failed(exc, token, payload, release=release)
-
-    def _record_failed(self, exc: Exception, token: str, payload: bytes, *, release: bool) -> None:
-        mw = self.mw
-        logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
-        deadline = self.renewed_at + mw.lease  # the lease runs out no later than this (monotonic clock)
-        task = asyncio.get_running_loop().create_task(self._record_later(token, payload, release, deadline))
-        mw._background.add(task)
-        task.add_done_callback(mw._background.discard)
+            logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
+            deadline = self.renewed_at + mw.lease  # the lease runs out no later than this (monotonic clock)
+            task = asyncio.get_running_loop().create_task(self._record_later(token, payload, release, deadline))
+            mw._background.add(task)
+            task.add_done_callback(mw._background.discard)
 
     async def _apply(self, token: str, payload: bytes, *, release: bool) -> None:
         mw = self.mw
         if release:
             await self.store.release(self.store_key, token)
         elif not await self.store.complete(self.store_key, token, payload, ttl=mw.ttl):
-            logger.warning(_TAKEN_OVER)
+            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
         elif mw.cache is not None:
             mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), mw.ttl)
 
