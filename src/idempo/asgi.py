@@ -471,16 +471,6 @@ class _Exchange:
             if isinstance(claim, Acquired):
                 return claim
             record = claim.record
-            if record.fingerprint == fingerprint and record.state is State.COMPLETED:
-                payload = record.payload
-                if payload is not None:  # the usual case, a replay: decide's answer without building it
-                    if mw.cache is not None:
-                        expires_in = record.expires_at - time.time()
-                        mw.cache.put(self.store_key, fingerprint, payload, time.monotonic(), expires_in)
-                    if mw.observer is not None:
-                        tell(mw.observer, "replayed", self.scope)
-                    await self._replay(payload)
-                    return None
             now = time.time()
             decision = decide(record, fingerprint, now=now, retry_after=mw.retry_after)
             if mw.cache is not None and record.state is State.COMPLETED and record.payload is not None:
