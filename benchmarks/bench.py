@@ -72,7 +72,7 @@ from fastapi import FastAPI
 import idempo
 from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, Store, store_from_url
 from idempo.asgi import ASGIApp, Message, Receive, Scope
-from idempo.stores import redact
+from idempo.stores import parse_store_url, redact
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -414,20 +414,6 @@ class RedisServer(Server):
         return {"prefix": self.prefix}
 
 
-_POSTGRES_STORE_OPTIONS: Final = frozenset(
-    {
-        "table",
-        "min_size",
-        "max_size",
-        "connect_timeout",
-        "statement_timeout",
-        "pool_timeout",
-        "reconnect_timeout",
-        "prepare",
-    }
-)
-
-
 class PostgresServer(Server):
     name = "postgres"
 
@@ -444,10 +430,9 @@ class PostgresServer(Server):
         except ModuleNotFoundError as exc:
             raise Unavailable("psycopg or psycopg_pool is not installed (pip install 'idempo[postgres]')") from exc
         self.client = f"psycopg {psycopg.__version__}"
-        # The store's own options out of the query string; the rest is libpq's, as for the store.
-        parts = urlsplit(self.url)
-        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in _POSTGRES_STORE_OPTIONS])
-        conninfo = urlunsplit((parts.scheme.lower(), parts.netloc, parts.path, query, ""))
+        from idempo.stores.postgres import _strip_options
+
+        conninfo = _strip_options(parse_store_url(self.url))  # the libpq URL the store itself connects to
         try:
             self._conn = await asyncio.wait_for(
                 psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=3), CONNECT_TIMEOUT
