@@ -140,46 +140,6 @@ async def clocked(postgres_url: str, table: str) -> AsyncIterator[tuple[Postgres
     await opened.close()
 
 
-async def test_record_times_follow_the_clock(clocked: tuple[PostgresStore, FakeClock]) -> None:
-    store, clock = clocked
-    start = clock.now
-    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
-    assert await store.get("k") == Record("k", State.IN_PROGRESS, "fp", token, start, start + 10, start + 100)
-    clock.now = start + 5
-    assert await store.renew("k", token, lease=10)
-    assert await store.get("k") == Record("k", State.IN_PROGRESS, "fp", token, start, start + 15, start + 100)
-    clock.now = start + 6
-    assert await store.complete("k", token, b"out", ttl=50)
-    assert await store.get("k") == Record("k", State.COMPLETED, "fp", "", start, start + 6, start + 56, b"out")
-
-
-async def test_lease_ends_exactly_at_lease_expires_at(clocked: tuple[PostgresStore, FakeClock]) -> None:
-    store, clock = clocked
-    start = clock.now
-    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
-    clock.now = start + 9.5
-    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).token == token
-    clock.now = start + 10
-    new = token_of(await store.claim("k", "other", lease=10, ttl=100))
-    assert new != token
-    assert not await store.complete("k", token, b"stale", ttl=100)
-    record = await store.get("k")
-    assert record is not None
-    assert (record.fingerprint, record.token, record.created_at) == ("other", new, start + 10)
-
-
-async def test_record_expires_exactly_at_expires_at(clocked: tuple[PostgresStore, FakeClock]) -> None:
-    store, clock = clocked
-    start = clock.now
-    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
-    assert await store.complete("k", token, b"out", ttl=50)
-    clock.now = start + 49.5
-    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).payload == b"out"
-    clock.now = start + 50
-    assert await store.get("k") is None
-    assert isinstance(await store.claim("k", "fp", lease=10, ttl=100), Acquired)
-
-
 async def test_stale_owner_not_taken_over_still_completes(clocked: tuple[PostgresStore, FakeClock]) -> None:
     store, clock = clocked
     token = token_of(await store.claim("k", "fp", lease=10, ttl=100))

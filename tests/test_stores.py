@@ -104,13 +104,23 @@ def record_of(claim: Claim) -> Record:
     return claim.record
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def clocked(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, FakeClock]]:
-    """Each built-in store, on a fake clock."""
+    """Each built-in store that takes a clock (Redis keeps the server's), on a fake clock."""
     clock = FakeClock()
-    store: Store = (
-        MemoryStore(clock=clock) if request.param == "memory" else SQLiteStore(tmp_path / "c.db", clock=clock)
-    )
+    if request.param == "postgres":
+        from idempo.stores.postgres import PostgresStore
+
+        from .test_store_postgres import drop_table, new_table
+
+        url: str = request.getfixturevalue("postgres_url")
+        table = new_table()
+        store: Store = PostgresStore(url, table=table, clock=clock)
+        yield store, clock
+        await store.close()
+        drop_table(url, table)
+        return
+    store = MemoryStore(clock=clock) if request.param == "memory" else SQLiteStore(tmp_path / "c.db", clock=clock)
     yield store, clock
     await store.close()
 
