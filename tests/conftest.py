@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from .stores_support import drop_table, new_table
+
 if TYPE_CHECKING:
     from .redis_cluster import RedisServer
 
@@ -81,3 +83,11 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def table(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL table name, dropped at the end of the test."""
+    name = new_table()
+    yield name
+    drop_table(postgres_url, name)

@@ -28,12 +28,10 @@ from starlette.routing import Route
 import idempo
 from idempo import (
     Acquired,
-    Claim,
     ConfigurationError,
     Existing,
     IdempotencyMiddleware,
     MissingDependency,
-    Record,
     State,
     Store,
     StoreError,
@@ -45,45 +43,9 @@ from idempo.stores.postgres import PostgresStore
 from idempo.testing import StoreConformance
 
 from .conftest import with_options
+from .stores_support import FakeClock, drop_table, new_table, record_of, token_of
 
 HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
-
-
-def new_table() -> str:
-    return f"idempo_test_{uuid.uuid4().hex[:16]}"
-
-
-def drop_table(url: str, table: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(psycopg.sql.Identifier(table)))
-
-
-def token_of(claim: Claim) -> str:
-    assert isinstance(claim, Acquired), claim
-    return claim.token
-
-
-def record_of(claim: Claim) -> Record:
-    assert isinstance(claim, Existing), claim
-    return claim.record
-
-
-class FakeClock:
-    """A clock the test moves by hand (the store reads it instead of the server's)."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def table(postgres_url: str) -> Iterator[str]:
-    """A fresh table name, dropped at the end of the test."""
-    name = new_table()
-    yield name
-    drop_table(postgres_url, name)
 
 
 @pytest.fixture

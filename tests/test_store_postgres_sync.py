@@ -19,49 +19,23 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from idempo import Acquired, Claim, Existing, Record, State, StoreError
+from idempo import Acquired, Claim, Existing, State, StoreError
 from idempo.stores import SyncStore, sync_store_from_url
 from idempo.stores.postgres import PostgresStore, SyncPostgresStore
 from idempo.testing import SyncStoreConformance
 
 from .conftest import with_options
+from .stores_support import drop_table, new_table, record_of, token_of
 
 HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
 
 _T = TypeVar("_T")
 
 
-def new_table() -> str:
-    return f"idempo_test_{uuid.uuid4().hex[:16]}"
-
-
-def drop_table(url: str, table: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(psycopg.sql.Identifier(table)))
-
-
-def token_of(claim: Claim) -> str:
-    assert isinstance(claim, Acquired), claim
-    return claim.token
-
-
-def record_of(claim: Claim) -> Record:
-    assert isinstance(claim, Existing), claim
-    return claim.record
-
-
 def guarded(call: Callable[[], _T]) -> _T:
     """*call*'s result, run in a thread of its own, failing the test (instead of hanging it) after HANG_GUARD."""
     with ThreadPoolExecutor(1) as executor:
         return executor.submit(call).result(timeout=HANG_GUARD)
-
-
-@pytest.fixture
-def table(postgres_url: str) -> Iterator[str]:
-    """A fresh table name, dropped at the end of the test."""
-    name = new_table()
-    yield name
-    drop_table(postgres_url, name)
 
 
 @pytest.fixture

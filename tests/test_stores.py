@@ -37,6 +37,7 @@ from idempo.stores.memory import SyncMemoryStore
 from idempo.stores.sqlite import SyncSQLiteStore
 from idempo.testing import StoreConformance, SyncStoreConformance
 
+from .stores_support import FakeClock, record_of, token_of
 from .test_middleware_support import DelegatingStore
 
 # The built-in stores are local and fast: short real leases keep the suite quick. Every check that a claim is
@@ -84,26 +85,6 @@ class TestSQLiteStoreInMemoryConformance(TestSQLiteStoreConformance):
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def token_of(claim: Claim) -> str:
-    assert isinstance(claim, Acquired), claim
-    return claim.token
-
-
-def record_of(claim: Claim) -> Record:
-    assert isinstance(claim, Existing), claim
-    return claim.record
-
-
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def clocked(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, FakeClock]]:
     """Each built-in store that takes a clock (Redis keeps the server's), on a fake clock."""
@@ -111,21 +92,18 @@ async def clocked(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     if request.param == "postgres":
         from idempo.stores.postgres import PostgresStore
 
-        from .test_store_postgres import drop_table, new_table
-
-        url: str = request.getfixturevalue("postgres_url")
-        table = new_table()
-        store: Store = PostgresStore(url, table=table, clock=clock)
-        yield store, clock
-        await store.close()
-        drop_table(url, table)
-        return
-    store = MemoryStore(clock=clock) if request.param == "memory" else SQLiteStore(tmp_path / "c.db", clock=clock)
+        store: Store = PostgresStore(
+            request.getfixturevalue("postgres_url"), table=request.getfixturevalue("table"), clock=clock
+        )
+    elif request.param == "memory":
+        store = MemoryStore(clock=clock)
+    else:
+        store = SQLiteStore(tmp_path / "c.db", clock=clock)
     yield store, clock
     await store.close()
 
 
-# -- both stores, on a fake clock ------------------------------------------------------------------------------
+# -- the stores that take a clock, on a fake one -----------------------------------------------------------------------
 
 
 def test_built_in_stores_are_stores(tmp_path: Path) -> None:
