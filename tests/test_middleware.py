@@ -114,6 +114,19 @@ async def test_two_key_headers_are_400(values: tuple[str, str]) -> None:
     assert app.calls == 0
 
 
+async def test_other_repeated_headers_leave_one_key_valid() -> None:
+    # Headers whose names repeat (two Accept, two X-Trace) beside one key: the request runs once and replays.
+    app = CountingApp()
+    headers = [("Accept", "application/json"), ("Accept", "text/plain"), ("X-Trace", "a"), ("X-Trace", "b")]
+    headers.append(("Idempotency-Key", KEY))
+    async with client_for(IdempotencyMiddleware(app, store=MemoryStore())) as client:
+        first = await client.post("/orders", content=b"{}", headers=headers)
+        second = await client.post("/orders", content=b"{}", headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert second.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
 async def test_require_key_true_answers_400_to_unkeyed_mutations_only() -> None:
     app = CountingApp()
     async with client_for(IdempotencyMiddleware(app, store=MemoryStore(), require_key=True)) as client:

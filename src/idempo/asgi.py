@@ -184,12 +184,11 @@ class IdempotencyMiddleware:
         self._renewer: _Renewer | None = None
         self._background: set[asyncio.Task[None]] = set()  # outcomes still being recorded after a store failure
         self.cache = CompletedCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
-
-    def _renewer_for(self, loop: asyncio.AbstractEventLoop) -> _Renewer:
-        renewer = self._renewer
-        if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
-            renewer = self._renewer = _Renewer(loop, self._calls, self.lease)
-        return renewer
+        # The statuses whose response is kept (should_store), as a set to look up; a status of more than three
+        # digits is not HTTP, and its claim is released.
+        self._kept = frozenset(
+            status for status in range(1000) if should_store(status, store_server_errors=store_server_errors)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
@@ -427,7 +426,11 @@ class _Exchange:
             scope = dict(scope)
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
         self.renewed_at = time.monotonic()
-        self.renewer = renewer = mw._renewer_for(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        renewer = mw._renewer
+        if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
+            renewer = mw._renewer = _Renewer(loop, mw._calls, mw.lease)
+        self.renewer = renewer
         running = renewer.running
         running.add(self)
         if renewer.timer is None:
@@ -602,7 +605,7 @@ class _Exchange:
                 return
         elif kind == "http.response.start":
             self.status = status = message["status"]
-            self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
+            self.keep = status in self.mw._kept
             if self.keep:
                 self.headers = message.get("headers", ())
         if self.client_gone:
