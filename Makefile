@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install lint typecheck services browser test demo walkthrough serve screenshot bench clean
+.PHONY: install lint typecheck services browser test demo walkthrough serve screenshot bench bench-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,5 +46,13 @@ bench: install ## in-process ASGI benchmark: bare app vs. wrapped, per store; th
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 	$(BIN)/python benchmarks/proxy.py $(PROXY_ARGS)
 
+COMPARE := .venv-compare
+COMPARED := fastapi-idempotency-key==0.1.1 asgi-idempotency-header==0.2.0 fastapi-idempotency==0.1.1 redis
+
+bench-compare: ## idempo beside other Python idempotency middlewares and reduced ones (in .venv-compare)
+	test -x $(COMPARE)/bin/python || $(PYTHON) -m venv $(COMPARE)
+	$(COMPARE)/bin/python -m pip install -q --disable-pip-version-check -e . fastapi $(COMPARED)
+	$(COMPARE)/bin/python benchmarks/compare.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage
+	rm -rf $(VENV) $(COMPARE) .mypy_cache .ruff_cache .pytest_cache .coverage
