@@ -184,11 +184,6 @@ class IdempotencyMiddleware:
         self._renewer: _Renewer | None = None
         self._background: set[asyncio.Task[None]] = set()  # outcomes still being recorded after a store failure
         self.cache = CompletedCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
-        # The statuses whose response is kept (should_store), as a set to look up; a status of more than three
-        # digits is not HTTP, and its claim is released.
-        self._kept = frozenset(
-            status for status in range(1000) if should_store(status, store_server_errors=store_server_errors)
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
@@ -605,7 +600,7 @@ class _Exchange:
                 return
         elif kind == "http.response.start":
             self.status = status = message["status"]
-            self.keep = status in self.mw._kept
+            self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
             if self.keep:
                 self.headers = message.get("headers", ())
         if self.client_gone:
