@@ -12,7 +12,7 @@ Contestants, each on its in-memory store:
 
 ``idempo``
     :class:`idempo.IdempotencyMiddleware` on :class:`idempo.MemoryStore`.
-``floor``, ``+ key, principal, fingerprint``, ``+ fenced store``, ``+ keep rules, encoding``, ``+ state, lease``
+``floor``, ``+ key, principal, fingerprint``, ``+ keep rules, encoding``, ``+ fenced store``, ``+ state, lease``
     Reduced middlewares, defined here, that are **not safe to use**: the first does only what every keyed request
     must (find the key, read the body, hash it, keep the response in a dict and replay it); each next one adds a
     piece of idempo's work, with idempo's own functions. What is left between the last one and idempo is the rest
