@@ -52,7 +52,8 @@ _VALID = encode_response(200, ((b"content-type", b"text/plain"), (b"x-a", b"b"))
     [
         pytest.param(b"", id="empty"),
         pytest.param(b"\x00", id="version 0"),
-        pytest.param(b"\x03\x00\xc8\x00\x00", id="unknown version"),
+        pytest.param(b"\x07\x00\xc8\x00\x00", id="unknown version"),
+        pytest.param(b"\x03\x00\xc8\x00\x00", id="malformed outcome-unknown marker"),
         pytest.param(b'{"status": 200}', id="json"),
         pytest.param(b"\x01", id="version only"),
         pytest.param(b"\x01\x00\xc8\x00", id="truncated head"),

@@ -30,7 +30,7 @@ class Recorder:
 
 def test_a_recorder_is_an_observer() -> None:
     assert isinstance(Recorder(), Observer)
-    assert len(set(OUTCOMES)) == 8
+    assert len(set(OUTCOMES)) == 9
 
 
 async def test_every_outcome_is_told_once_per_request() -> None:

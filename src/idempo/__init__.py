@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._core.codec import StoredResponse, TooLargeMarker, decode_response, encode_response
-from ._core.decide import Conflict, Decision, Mismatch, Replay, decide, should_store
+from ._core.codec import OutcomeUnknownMarker, StoredResponse, TooLargeMarker, decode_response, encode_response
+from ._core.decide import Conflict, Decision, Mismatch, NotStored, Replay, Unknown, decide, should_store
 from ._core.errors import (
     BodyTooLargeError,
     ConfigurationError,
@@ -27,12 +27,14 @@ from ._core.errors import (
     KeyReuseError,
     MissingDependency,
     MissingKeyError,
+    OutcomeUnknownError,
     RequestError,
     ResponseNotStoredError,
     StoreError,
 )
 from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest
 from ._core.keys import parse_key
+from ._core.outcome import mark_outcome_unknown
 from ._core.problem import Problem
 from ._core.records import Acquired, Claim, Existing, Record, State
 from .asgi import IdempotencyMiddleware, authorization_principal
@@ -59,7 +61,10 @@ __all__ = [
     "Mismatch",
     "MissingDependency",
     "MissingKeyError",
+    "NotStored",
     "Observer",
+    "OutcomeUnknownError",
+    "OutcomeUnknownMarker",
     "Problem",
     "Record",
     "Replay",
@@ -71,6 +76,7 @@ __all__ = [
     "StoreError",
     "StoredResponse",
     "TooLargeMarker",
+    "Unknown",
     "authorization_principal",
     "canonical_json_body",
     "decide",
@@ -78,6 +84,7 @@ __all__ = [
     "encode_response",
     "fingerprint_request",
     "idempotent",
+    "mark_outcome_unknown",
     "parse_key",
     "principal_digest",
     "should_store",

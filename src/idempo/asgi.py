@@ -13,35 +13,57 @@ Theory of operation, for one request that carries a key:
    sees the final state.
 
 If the client goes away, the app is not told: it runs to completion and its response is stored for the retry.
+
+An app that cannot know whether its operation happened (a payment provider timed out after the request was sent)
+says so by raising :class:`~idempo.OutcomeUnknownError` or calling :func:`~idempo.mark_outcome_unknown`: the key is
+then completed with the "outcome unknown" marker instead of being released, and retries get a 503 ``outcome-unknown``
+problem until the record expires (``unknown_outcome_ttl``) or an operator resolves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMapping
 from typing import Any, Literal
 
 from ._core.cache import CompletedCache
-from ._core.codec import TooLargeMarker, decode_parts, encode_app_response, encode_too_large
-from ._core.decide import Conflict, Mismatch, Replay, decide, should_store
+from ._core.codec import (
+    TooLargeMarker,
+    decode_parts,
+    encode_app_response,
+    encode_outcome_unknown,
+    encode_too_large,
+)
+from ._core.decide import Conflict, Mismatch, NotStored, Replay, decide, should_store
 from ._core.errors import (
     BodyTooLargeError,
     ConfigurationError,
     InvalidKeyError,
     MissingKeyError,
+    OutcomeUnknownError,
     RequestError,
-    ResponseNotStoredError,
 )
 from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
 from ._core.keys import parse_key
+from ._core.outcome import OutcomeReport
+from ._core.outcome import current as current_outcome
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
 from ._core.records import Acquired, Claim, State
 from .observe import Observer, Outcome, _ObservedStore, tell
 from .stores import Store, store_from_url
 
-__all__ = ["ASGIApp", "IdempotencyMiddleware", "Message", "Receive", "Scope", "Send", "authorization_principal"]
+__all__ = [
+    "ASGIApp",
+    "IdempotencyMiddleware",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "authorization_principal",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -104,6 +126,10 @@ class IdempotencyMiddleware:
         max_request_bytes: the largest body accepted with a key (it is buffered to be fingerprinted); 413 above.
         max_response_bytes: the largest response recorded. A larger one still reaches the client whole; the
             operation is marked done and a retry gets a 410 problem document instead of a replay.
+        unknown_outcome_ttl: how long a key whose outcome is unknown (:func:`~idempo.mark_outcome_unknown`) stays taken,
+            answering retries with a 503 ``outcome-unknown`` problem, in seconds; ``ttl`` by default. Once it runs
+            out, a retry runs the operation again: set it only as short as the time after which you know the
+            operation can no longer take effect (or resolve keys by hand with ``idempo keys resolve``).
         store_server_errors: keep 5xx responses and replay them, as Stripe does, instead of letting a retry
             run again.
         replay_set_cookie: replay ``Set-Cookie`` headers too. Off by default: a session cookie would otherwise
@@ -137,6 +163,7 @@ class IdempotencyMiddleware:
         retry_after: int = 1,
         max_request_bytes: int = 10 * 1024 * 1024,
         max_response_bytes: int = 10 * 1024 * 1024,
+        unknown_outcome_ttl: float | None = None,
         store_server_errors: bool = False,
         replay_set_cookie: bool = False,
         problem_base_uri: str = DEFAULT_PROBLEM_BASE,
@@ -146,6 +173,9 @@ class IdempotencyMiddleware:
     ) -> None:
         if ttl <= 0 or lease <= 0:
             msg = f"ttl and lease must be positive (ttl={ttl}, lease={lease})"
+            raise ConfigurationError(msg)
+        if unknown_outcome_ttl is not None and unknown_outcome_ttl <= 0:
+            msg = f"unknown_outcome_ttl must be positive, not {unknown_outcome_ttl}"
             raise ConfigurationError(msg)
         if on_conflict not in ("reject", "wait"):
             msg = f"on_conflict must be 'reject' or 'wait', not {on_conflict!r}"
@@ -175,6 +205,7 @@ class IdempotencyMiddleware:
         self.retry_after = retry_after
         self.max_request_bytes = max_request_bytes
         self.max_response_bytes = max_response_bytes
+        self.unknown_outcome_ttl = ttl if unknown_outcome_ttl is None else unknown_outcome_ttl
         self.store_server_errors = store_server_errors
         self.replay_set_cookie = replay_set_cookie
         self.problem_base_uri = problem_base_uri
@@ -299,12 +330,14 @@ class _Exchange:
         "keep",
         "key",
         "mw",
+        "outcome",
         "receive",
         "renewed_at",
         "renewer",
         "scope",
         "send",
         "size",
+        "started",
         "status",
         "store",
         "store_key",
@@ -327,6 +360,8 @@ class _Exchange:
         self.renewer: _Renewer | None = None
         # What the app answers.
         self.status = 0
+        self.started = False  # whether the app's response has started (its status went out)
+        self.outcome = OutcomeReport()  # what the app says of it (mark_outcome_unknown)
         self.headers: Iterable[tuple[bytes, bytes]] = ()
         self.chunks: list[bytes] = []
         self.size = 0
@@ -430,12 +465,23 @@ class _Exchange:
         running.add(self)
         if renewer.timer is None:
             renewer.arm()
+        context = current_outcome.set(self.outcome)
         try:
             await mw.app(scope, self._app_receive, self._send)
+        except OutcomeUnknownError as exc:
+            self.outcome.unknown = True
+            if not self.started:
+                self.status = OutcomeUnknownError.status  # what the client is about to get
+            await self._record(failed=True)
+            if self.started:
+                raise  # the response is under way: the server aborts it
+            retry_after = math.ceil(mw.unknown_outcome_ttl)
+            await mw._send_error(self.send, OutcomeUnknownError.recorded(str(exc), retry_after=retry_after))
         except BaseException:
             await self._record(failed=True)
             raise
         finally:
+            current_outcome.reset(context)
             running.discard(self)
             self._response_over()
         if self.token:
@@ -471,10 +517,9 @@ class _Exchange:
             record = claim.record
             now = time.time()
             decision = decide(record, fingerprint, now=now, retry_after=mw.retry_after)
-            if mw.cache is not None and record.state is State.COMPLETED and record.payload is not None:
-                mw.cache.put(
-                    self.store_key, record.fingerprint, record.payload, time.monotonic(), record.expires_at - now
-                )
+            payload = record.payload
+            if mw.cache is not None and record.state is State.COMPLETED and payload and payload[:1] == b"\x01":
+                mw.cache.put(self.store_key, record.fingerprint, payload, time.monotonic(), record.expires_at - now)
             if isinstance(decision, Replay):
                 if mw.observer is not None:
                     tell(mw.observer, "replayed", self.scope)
@@ -484,7 +529,10 @@ class _Exchange:
                 mw._observe("mismatch", self.scope)
                 await mw._send_error(self.send, decision.error())
                 return None
-            assert isinstance(decision, Conflict)
+            if not isinstance(decision, Conflict):  # NotStored (410) or Unknown (503): final, nothing runs
+                mw._observe("replayed" if isinstance(decision, NotStored) else "outcome_unknown", self.scope)
+                await mw._send_error(self.send, decision.error())
+                return None
             if mw.on_conflict == "reject" or time.monotonic() + delay > deadline:
                 mw._observe("conflict", self.scope)
                 await mw._send_error(self.send, decision.error())
@@ -500,21 +548,20 @@ class _Exchange:
     async def _replay(self, payload: bytes) -> None:
         try:
             response = decode_parts(payload)
-        except ValueError:
-            logger.exception("idempo: the stored response of a key cannot be decoded")
-            raise
-        if not isinstance(response, TooLargeMarker):
+        except ValueError as exc:
+            # A corrupt record: the operation did run (the record is completed), so it is not run again; the client
+            # gets the 410 of a response that was not kept. Said once per key and process.
+            _log_unreadable(self.store_key, exc)
+            await self.mw._send_error(self.send, NotStored(0, "unreadable").error())
+            return
+        if isinstance(response, tuple):
             status, headers, body = response
             headers.append(_REPLAYED)
             await self.send({"type": "http.response.start", "status": status, "headers": headers})
             await self.send({"type": "http.response.body", "body": body, "more_body": False})
             return
-        error = ResponseNotStoredError(
-            f"the request with this key completed with status {response.status}, but its response was too large "
-            "to store; it was not run again",
-            original_status=response.status,
-        )
-        await self.mw._send_error(self.send, error)
+        error = NotStored(response.status, response.reason).error() if isinstance(response, TooLargeMarker) else None
+        await self.mw._send_error(self.send, error or OutcomeUnknownError(retry_after=1))
 
     async def _store_failed(self, exc: Exception) -> None:
         mw = self.mw
@@ -599,6 +646,7 @@ class _Exchange:
                     self._response_over()
                 return
         elif kind == "http.response.start":
+            self.started = True
             self.status = status = message["status"]
             self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
             if self.keep:
@@ -621,38 +669,44 @@ class _Exchange:
         if self.renewer is not None:
             self.renewer.running.discard(self)
         mw = self.mw
+        ttl = mw.ttl
         release = failed or not self.keep
-        if release:
+        if self.outcome.unknown:  # it may have happened: never released
+            release = False
+            payload = encode_outcome_unknown(self.status)
+            ttl = mw.unknown_outcome_ttl
+            logger.warning("idempo: the outcome of a request is unknown; its key is kept until resolved or expired")
+        elif release:
             payload = b""
         elif self.too_large:
             payload = encode_too_large(self.status)
         else:
             payload = encode_app_response(self.status, self.headers, self.chunks, keep_set_cookie=mw.replay_set_cookie)
         try:
-            await self._apply(token, payload, release=release)
+            await self._apply(token, payload, release=release, ttl=ttl)
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
             logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
             deadline = self.renewed_at + mw.lease  # the lease runs out no later than this (monotonic clock)
-            task = asyncio.get_running_loop().create_task(self._record_later(token, payload, release, deadline))
+            task = asyncio.get_running_loop().create_task(self._record_later(token, payload, release, ttl, deadline))
             mw._background.add(task)
             task.add_done_callback(mw._background.discard)
 
-    async def _apply(self, token: str, payload: bytes, *, release: bool) -> None:
+    async def _apply(self, token: str, payload: bytes, *, release: bool, ttl: float) -> None:
         mw = self.mw
         if release:
             await self.store.release(self.store_key, token)
-        elif not await self.store.complete(self.store_key, token, payload, ttl=mw.ttl):
+        elif not await self.store.complete(self.store_key, token, payload, ttl=ttl):
             logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
-        elif mw.cache is not None:
-            mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), mw.ttl)
+        elif mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
+            mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
 
-    async def _record_later(self, token: str, payload: bytes, release: bool, deadline: float) -> None:
+    async def _record_later(self, token: str, payload: bytes, release: bool, ttl: float, deadline: float) -> None:
         delay = _RECORD_RETRY_FIRST
         failure: Exception | None = None
         while time.monotonic() + delay < deadline:
             await asyncio.sleep(delay)
             try:
-                await self._apply(token, payload, release=release)
+                await self._apply(token, payload, release=release, ttl=ttl)
             except Exception as exc:  # noqa: BLE001 - as in _record
                 failure = exc
                 delay = min(delay * 2, _RECORD_RETRY_MAX)
@@ -663,3 +717,15 @@ class _Exchange:
             "idempo: gave up recording the outcome of a request (%s); once its lease runs out, a retry runs it again",
             failure,
         )
+
+
+_UNREADABLE_LOGGED: set[str] = set()
+_UNREADABLE_LOGGED_MAX = 1024
+
+
+def _log_unreadable(store_key: str, exc: ValueError) -> None:
+    """Log a corrupt stored response once per key (and at most for 1024 keys per process)."""
+    if store_key in _UNREADABLE_LOGGED or len(_UNREADABLE_LOGGED) >= _UNREADABLE_LOGGED_MAX:
+        return
+    _UNREADABLE_LOGGED.add(store_key)
+    logger.error("idempo: the stored response of key %r cannot be decoded (%s); retries get a 410", store_key, exc)

@@ -26,7 +26,17 @@ from ._core.records import Claim, Record
 
 __all__ = ["OUTCOMES", "Observer", "Outcome", "StoreOperation"]
 
-Outcome = Literal["passthrough", "executed", "replayed", "conflict", "mismatch", "bad_key", "too_large", "store_error"]
+Outcome = Literal[
+    "passthrough",
+    "executed",
+    "replayed",
+    "conflict",
+    "mismatch",
+    "bad_key",
+    "too_large",
+    "store_error",
+    "outcome_unknown",
+]
 """What the middleware did with one HTTP request:
 
 - ``passthrough``: not protected (a method that is not, or no key where none is required); the app ran as is.
@@ -37,6 +47,8 @@ Outcome = Literal["passthrough", "executed", "replayed", "conflict", "mismatch",
 - ``bad_key``: 400, a malformed key, or a missing one where a key is required.
 - ``too_large``: 413, a request body over ``max_request_bytes``.
 - ``store_error``: the store failed on the claim: 503, or the app ran unprotected with ``on_store_error="fail_open"``.
+- ``outcome_unknown``: 503 ``outcome-unknown``, the key's first request may or may not have taken effect; the app
+  did not run.
 
 A client that leaves before it has sent its whole body is not counted: nothing was asked.
 """
@@ -50,6 +62,7 @@ OUTCOMES: tuple[Outcome, ...] = (
     "bad_key",
     "too_large",
     "store_error",
+    "outcome_unknown",
 )
 
 StoreOperation = Literal["claim", "renew", "complete", "release"]

@@ -5,9 +5,19 @@ body appended as it is, so that a multi-megabyte body is never re-encoded (no ba
 
     b"\\x01" | status u16 | header count u16 | (name length u16 | value length u32 | name | value)* | body
 
-A response that was too large to keep is recorded as a marker, so that the operation is never run twice::
+Two markers take a response's place, so that an operation that ran (or may have run) is never run twice:
 
-    b"\\x02" | status u16
+- *not stored*: the operation completed with ``status``, but its response could not be kept (too large, the store
+  refused it, the server could not send it, a decorated function's result could not be serialised)::
+
+      b"\\x02" | status u16 | reason u8        (a marker of 3 bytes, from before the reason, is "too large")
+
+- *outcome unknown*: the operation may or may not have happened (an upstream timed out after the request was sent,
+  a handler reported that a downstream call's result is unknown); ``status`` is what the first client was told::
+
+      b"\\x03" | status u16
+
+The decorator's results are framed the same way: ``b"\\x04"`` and the serializer's bytes, or one of the markers.
 """
 
 from __future__ import annotations
@@ -15,24 +25,57 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
+    "NOT_STORED_REASONS",
+    "NotStoredReason",
+    "OutcomeUnknownMarker",
     "StoredResponse",
     "TooLargeMarker",
+    "decode_marker",
     "decode_parts",
     "decode_response",
+    "decode_value",
     "encode_app_response",
+    "encode_not_stored",
+    "encode_outcome_unknown",
     "encode_response",
     "encode_too_large",
+    "encode_value",
     "storable_headers",
 ]
 
 _RESPONSE = 1
-_TOO_LARGE = 2
+_NOT_STORED = 2
+_UNKNOWN = 3
+_VALUE = 4
 _HEAD = struct.Struct(">BHH")
 _FIELD = struct.Struct(">HI")
 _MARKER = struct.Struct(">BH")
+_NOT_STORED_MARKER = struct.Struct(">BHB")
+
+NotStoredReason = Literal["too_large", "store_refused", "unsendable", "unserializable", "unreadable", "operator"]
+"""Why a completed operation's response (or result) was not kept:
+
+- ``too_large``: over ``max_response_bytes``;
+- ``store_refused``: the store would not take it (full: Redis at ``maxmemory``, a full disk), so only this marker was
+  written;
+- ``unsendable``: the server could not send it as it was (a body on a 204 or 304, a ``Content-Length`` that is not
+  the body's length);
+- ``unserializable``: a decorated function's result that its serializer cannot store;
+- ``unreadable``: the stored payload cannot be decoded (a corrupt record); never written, only reported;
+- ``operator``: ``idempo keys resolve --ran`` said that an operation of unknown outcome did happen.
+"""
+NOT_STORED_REASONS: tuple[NotStoredReason, ...] = (
+    "too_large",
+    "store_refused",
+    "unsendable",
+    "unserializable",
+    "unreadable",
+    "operator",
+)
 
 # RFC 9110 section 7.6.1, plus the classic hop-by-hop list of RFC 2616 section 13.5.1. Never replayed.
 HOP_BY_HOP_HEADERS = frozenset(
@@ -65,7 +108,18 @@ class StoredResponse:
 
 @dataclass(frozen=True, slots=True)
 class TooLargeMarker:
-    """The operation completed with *status*, but its response was over ``max_response_bytes``."""
+    """The operation completed with *status*, but its response was not stored; *reason* says why
+    (:data:`NotStoredReason`: ``"too_large"`` when it was over ``max_response_bytes``). A retry gets a 410."""
+
+    status: int
+    reason: NotStoredReason = "too_large"
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeUnknownMarker:
+    """The operation may or may not have happened; the first client was answered *status* (``0``: nothing).
+    The key stays taken: a retry gets a 503 ``outcome-unknown`` until the record expires or an operator resolves
+    it (``idempo keys resolve``)."""
 
     status: int
 
@@ -117,23 +171,78 @@ def encode_app_response(
 
 def encode_too_large(status: int) -> bytes:
     """Encode the marker of a response that was too large to store."""
-    return _MARKER.pack(_TOO_LARGE, status)
+    return encode_not_stored(status, "too_large")
 
 
-def decode_response(payload: bytes) -> StoredResponse | TooLargeMarker:
+def encode_not_stored(status: int, reason: NotStoredReason) -> bytes:
+    """Encode the marker of an operation that completed with *status* but whose response was not kept. A few
+    bytes, so that it fits where the response did not."""
+    return _NOT_STORED_MARKER.pack(_NOT_STORED, status, NOT_STORED_REASONS.index(reason))
+
+
+def encode_outcome_unknown(status: int = 0) -> bytes:
+    """Encode the marker of an operation whose outcome is unknown; *status* is what the first client got."""
+    return _MARKER.pack(_UNKNOWN, status)
+
+
+def encode_value(data: bytes) -> bytes:
+    """Frame a decorated function's serialised result for the store."""
+    return b"\x04" + data
+
+
+def decode_value(payload: bytes) -> bytes | TooLargeMarker | OutcomeUnknownMarker:
+    """The serialised result :func:`encode_value` framed, or the marker stored in its place.
+
+    Raises:
+        ValueError: the payload is not one of ours.
+    """
+    if payload[:1] == b"\x04":
+        return payload[1:]
+    marker = decode_marker(payload)
+    if marker is None:
+        msg = f"unknown stored result format {payload[:1]!r}"
+        raise ValueError(msg)
+    return marker
+
+
+def decode_marker(payload: bytes) -> TooLargeMarker | OutcomeUnknownMarker | None:
+    """The marker *payload* is, or ``None`` if it is not a marker (a response, a result).
+
+    Raises:
+        ValueError: it starts as a marker but is not a well-formed one (a corrupt record).
+    """
+    version = payload[:1]
+    if version == b"\x02":
+        if len(payload) == _MARKER.size:
+            return TooLargeMarker(_MARKER.unpack(payload)[1])
+        if len(payload) == _NOT_STORED_MARKER.size and payload[3] < len(NOT_STORED_REASONS):
+            _, status, reason = _NOT_STORED_MARKER.unpack(payload)
+            return TooLargeMarker(status, NOT_STORED_REASONS[reason])
+    elif version == b"\x03":
+        if len(payload) == _MARKER.size:
+            return OutcomeUnknownMarker(_MARKER.unpack(payload)[1])
+    else:
+        return None
+    msg = f"malformed marker in a stored response: {payload[:8]!r}"
+    raise ValueError(msg)
+
+
+def decode_response(payload: bytes) -> StoredResponse | TooLargeMarker | OutcomeUnknownMarker:
     """Decode what :func:`encode_response` or :func:`encode_too_large` made.
 
     Raises:
         ValueError: the payload is not one of ours (a corrupt record, or one written by a newer version).
     """
     decoded = decode_parts(payload)
-    if isinstance(decoded, TooLargeMarker):
+    if not isinstance(decoded, tuple):
         return decoded
     status, headers, body = decoded
     return StoredResponse(status, tuple(headers), body)
 
 
-def decode_parts(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker:
+def decode_parts(
+    payload: bytes,
+) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker | OutcomeUnknownMarker:
     """:func:`decode_response` without building a :class:`StoredResponse`: ``(status, headers, body)`` (a new
     list of headers, the caller's to extend), or the marker. The middleware's way to replay."""
     try:
@@ -143,12 +252,12 @@ def decode_parts(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]
         raise ValueError(msg) from exc
 
 
-def _decode(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker:
+def _decode(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker | OutcomeUnknownMarker:
     version = payload[:1]
-    if version == b"\x02":
-        _, status = _MARKER.unpack_from(payload)
-        return TooLargeMarker(status)
     if version != b"\x01":
+        marker = decode_marker(payload)
+        if marker is not None:
+            return marker
         msg = f"unknown stored response format {version!r}"
         raise ValueError(msg)
     _, status, count = _HEAD.unpack_from(payload)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import InProgressError, KeyReuseError
+from .codec import OutcomeUnknownMarker, decode_marker
+from .errors import InProgressError, KeyReuseError, OutcomeUnknownError, ResponseNotStoredError
 from .records import Record, State
 
-__all__ = ["Conflict", "Decision", "Mismatch", "Replay", "decide", "should_store"]
+__all__ = ["Conflict", "Decision", "Mismatch", "NotStored", "Replay", "Unknown", "decide", "should_store"]
 
 # Statuses that say "the operation did not happen, try again": never stored, the claim is released.
 RETRYABLE_CLIENT_STATUSES = frozenset({408, 409, 425, 429})
@@ -50,7 +51,51 @@ class Conflict:
         )
 
 
-Decision = Replay | Mismatch | Conflict
+@dataclass(frozen=True, slots=True)
+class NotStored:
+    """The key completed, but only a marker was kept in place of its response: 410, nothing runs again."""
+
+    status: int
+    reason: str
+
+    def error(self) -> ResponseNotStoredError:
+        """The error to raise or render."""
+        why = _NOT_STORED_WHY.get(self.reason, "it was not stored")
+        return ResponseNotStoredError(
+            f"the request with this Idempotency-Key completed with status {self.status}, but {why}; "
+            "it was not run again",
+            original_status=self.status,
+            reason=self.reason,
+        )
+
+
+_NOT_STORED_WHY = {
+    "too_large": "its response was too large to store",
+    "store_refused": "the store was full and kept only this mark of it",
+    "unsendable": "its response could not be sent as it was, so it was not stored",
+    "unserializable": "its result could not be serialised",
+    "unreadable": "the stored copy of its response cannot be read",
+    "operator": "an operator recorded that it ran, without its response",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """Whether the first request's operation happened is unknown: 503 with ``Retry-After``; nothing runs again
+    until the record expires or an operator resolves it."""
+
+    retry_after: int
+
+    def error(self) -> OutcomeUnknownError:
+        """The error to raise or render."""
+        return OutcomeUnknownError.recorded(
+            "the outcome of the request with this Idempotency-Key is unknown (it may have taken effect), so it "
+            "is not run again; keep the key, and retry later or ask the service to resolve it",
+            retry_after=self.retry_after,
+        )
+
+
+Decision = Replay | Mismatch | Conflict | NotStored | Unknown
 
 
 def decide(record: Record, fingerprint: str, *, now: float, retry_after: float = 1.0) -> Decision:
@@ -65,14 +110,28 @@ def decide(record: Record, fingerprint: str, *, now: float, retry_after: float =
 
     Returns:
         ``Mismatch`` if the key was used for another request, ``Conflict`` if that request is still running,
-        ``Replay`` if its response is stored.
+        ``Unknown`` if its outcome is unknown (``Retry-After``: until the record expires), ``NotStored`` if it
+        completed without its response being kept, ``Replay`` if its response is stored.
     """
     if record.fingerprint != fingerprint:
         return Mismatch()
-    if record.state is State.IN_PROGRESS or record.payload is None:
+    payload = record.payload
+    if record.state is State.IN_PROGRESS or payload is None:
         remaining = record.lease_expires_at - now
         return Conflict(max(1, math.ceil(min(retry_after, remaining))))
-    return Replay(record.payload)
+    if payload[:1] in _MARKERS:
+        try:
+            marker = decode_marker(payload)
+        except ValueError:  # a corrupt record: it did complete, so nothing runs again
+            return NotStored(0, "unreadable")
+        if isinstance(marker, OutcomeUnknownMarker):
+            return Unknown(max(1, math.ceil(record.expires_at - now)))
+        if marker is not None:
+            return NotStored(marker.status, marker.reason)
+    return Replay(payload)
+
+
+_MARKERS = (b"\x02", b"\x03")
 
 
 def should_store(status: int, *, store_server_errors: bool = False) -> bool:

@@ -12,13 +12,16 @@ The tree::
         + BodyTooLargeError     413  the request body is over ``max_request_bytes``
         + InProgressError       409  another request with this key is still running
         + KeyReuseError         422  the key was first used with a different request
-        + ResponseNotStoredError 410 the operation ran, but its response was too large to keep
+        + ResponseNotStoredError 410 the operation ran, but its response was not kept (too large, store full...)
+        + OutcomeUnknownError   503 the first request's outcome is unknown; the key stays taken until resolved
 
 ``RequestError`` carries what the HTTP layer needs to render an RFC 9457 problem document, so the
 middleware and the ``@idempotent`` decorator raise and render the same errors.
 """
 
 from __future__ import annotations
+
+from .outcome import mark_outcome_unknown
 
 __all__ = [
     "BodyTooLargeError",
@@ -29,6 +32,7 @@ __all__ = [
     "KeyReuseError",
     "MissingDependency",
     "MissingKeyError",
+    "OutcomeUnknownError",
     "RequestError",
     "ResponseNotStoredError",
     "StoreError",
@@ -120,16 +124,53 @@ class KeyReuseError(RequestError):
 
 
 class ResponseNotStoredError(RequestError):
-    """The first request ran to completion, but its response was too large to store.
+    """The first request ran to completion, but its response (or, for ``@idempotent``, its result) was not kept.
 
-    The operation is not run again. The client received the whole response the first time; a retry
-    cannot get it back. ``original_status`` is the status that first response had.
+    The operation is not run again. ``original_status`` is the status the first response had; ``reason`` says
+    why it was not kept: ``"too_large"`` (over ``max_response_bytes``), ``"store_refused"`` (the store was full),
+    ``"unsendable"`` (the server could not send it as it was), ``"unserializable"`` (a result the serializer
+    cannot store), ``"unreadable"`` (the stored copy is corrupt) or ``"operator"`` (resolved by hand with
+    ``idempo keys resolve --ran``).
     """
 
     status = 410
-    title = "The original response was too large to store"
+    title = "The original response was not stored"
     slug = "response-not-stored"
 
-    def __init__(self, message: str, *, original_status: int) -> None:
+    def __init__(self, message: str, *, original_status: int, reason: str = "too_large") -> None:
         super().__init__(message)
         self.original_status = original_status
+        self.reason = reason
+
+
+class OutcomeUnknownError(RequestError):
+    """Whether the operation happened is unknown, so it must not run again, and there is no response to replay.
+
+    An application raises it (or calls :func:`idempo.mark_outcome_unknown`) when a call it made downstream may
+    have taken effect without it learning the result (a payment provider timed out after the request was sent).
+    The key then stays taken in an "outcome unknown" state: every retry gets a 503 ``outcome-unknown`` problem
+    with ``Retry-After`` (``retry_after``), until the record expires (``unknown_outcome_ttl``) or an operator
+    resolves it with ``idempo keys resolve``. A new key would run the operation again: clients keep the key.
+
+    Attributes:
+        retry_after: whole seconds until the state may be resolved (the record's remaining life).
+    """
+
+    status = 503
+    title = "The outcome of the request with this Idempotency-Key is unknown"
+    slug = "outcome-unknown"
+
+    def __init__(self, message: str = "the outcome of this operation is unknown", *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        # Made inside a keyed operation, it marks that operation, even if something between the raise and the
+        # middleware (Starlette's ServerErrorMiddleware, a framework's exception handler) turns it into a 500 first.
+        mark_outcome_unknown()
+
+    @classmethod
+    def recorded(cls, message: str, *, retry_after: int) -> OutcomeUnknownError:
+        """The error a retry gets for a key already in the "outcome unknown" state (it marks nothing). Private."""
+        error = cls.__new__(cls)
+        RequestError.__init__(error, message)
+        error.retry_after = retry_after
+        return error

@@ -36,6 +36,7 @@ class Problem:
         extensions: dict[str, Any] = {}
         if isinstance(error, ResponseNotStoredError):
             extensions["original_status"] = error.original_status
+            extensions["reason"] = error.reason
         return cls(base_uri + error.slug, error.title, error.status, str(error), extensions)
 
     @classmethod

@@ -1,0 +1,44 @@
+"""The outcome of the keyed operation that is running in this context, as the application reports it.
+
+A face (the middleware, the decorator) opens a :class:`OutcomeReport` cell for each operation it runs and makes it the
+current one in a context variable; the application, from anywhere in that operation's context (its handler, a
+function it calls, a thread or task it starts: they inherit the context), marks it with
+:func:`mark_outcome_unknown`, or by raising :class:`~idempo.OutcomeUnknownError`. The face reads the cell when it
+records the outcome. Strictly private, except :func:`mark_outcome_unknown`.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+__all__ = ["OutcomeReport", "current", "mark_outcome_unknown"]
+
+
+class OutcomeReport:
+    """What the application said of one running operation. Strictly private."""
+
+    __slots__ = ("unknown",)
+
+    def __init__(self) -> None:
+        self.unknown = False
+
+
+current: ContextVar[OutcomeReport | None] = ContextVar("idempo.outcome", default=None)
+
+
+def mark_outcome_unknown() -> None:
+    """Say that the outcome of the running keyed operation is unknown: it may have taken effect.
+
+    Call it from the handler of a keyed request (or from a function decorated with ``@idempotent``), or from
+    anything it calls, when a call made downstream may have happened without the answer being known (a payment
+    provider timed out after the request was sent, a connection broke before the reply). Whatever the handler
+    then answers still reaches the client, but the key is not released (as it would be after a 5xx or an
+    exception): it is kept in the "outcome unknown" state, and every retry gets a 503 ``outcome-unknown`` problem
+    (``OutcomeUnknownError`` from the decorator) until the record expires (``unknown_outcome_ttl``) or an operator
+    resolves it with ``idempo keys resolve``. Raising :class:`~idempo.OutcomeUnknownError` does the same.
+
+    Outside a keyed operation it does nothing.
+    """
+    outcome = current.get()
+    if outcome is not None:
+        outcome.unknown = True
