@@ -1,10 +1,13 @@
-"""The httpx transports: keys, retries with the same key, backoff and deadlines; and, against the real middleware, a
-lost response whose retry gets the replay."""
+"""The httpx transports: keys, retries with the same key, backoff and deadlines, a 503 outcome-unknown returned at
+once; and, against the real middleware, a lost response whose retry gets the replay, and an operation of unknown
+outcome that is neither retried past its 503 nor run twice."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import gzip
+import json
 import random
 import socket
 import subprocess
@@ -18,13 +21,14 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from idempo import IdempotencyMiddleware, MemoryStore
-from idempo.client import DEFAULT_RETRY_STATUSES, AsyncIdempotencyTransport, IdempotencyTransport
+from idempo import IdempotencyMiddleware, MemoryStore, OutcomeUnknownError, mark_outcome_unknown
+from idempo.client import DEFAULT_RETRY_STATUSES, AsyncIdempotencyTransport, IdempotencyTransport, is_outcome_unknown
 
 URL = "http://test/charges"
 Outcome = httpx.Response | Exception
@@ -233,6 +237,144 @@ def test_unkeyed_request_is_not_retried_on_responses() -> None:
     http, _ = client(script)
     assert http.get(URL).status_code == 503
     assert len(script.requests) == 1
+
+
+# --- outcome unknown ---------------------------------------------------------------------------------------------
+
+
+def unknown(
+    base: str = "urn:idempo:problem:", content_type: str = "application/problem+json", retry_after: str = "2"
+) -> httpx.Response:
+    """The 503 a server answers a retry with when the first request's outcome is unknown; its ``Retry-After`` (the
+    record's remaining life) short enough that a transport which retried it would do so within its deadline."""
+    document = {
+        "type": f"{base}outcome-unknown",
+        "title": "The outcome of the request with this Idempotency-Key is unknown",
+        "status": 503,
+        "detail": "it may have taken effect, so it is not run again",
+    }
+    headers = {"Content-Type": content_type, "Retry-After": retry_after}
+    return httpx.Response(503, headers=headers, content=json.dumps(document).encode())
+
+
+@pytest.mark.parametrize(
+    ("base", "content_type"),
+    [
+        ("urn:idempo:problem:", "application/problem+json"),
+        ("https://docs.example/problems#", "application/problem+json; charset=utf-8"),
+        ("https://docs.example/problems/", "Application/Problem+JSON"),
+    ],
+)
+def test_a_503_outcome_unknown_is_returned_at_once(base: str, content_type: str) -> None:
+    script = Script(unknown(base, content_type), ok())
+    http, clock = client(script)
+    response = http.post(URL, headers={"Idempotency-Key": "order-9"})
+    assert response.status_code == 503
+    assert response.json()["type"] == f"{base}outcome-unknown"
+    assert response.headers["Retry-After"] == "2"
+    assert is_outcome_unknown(response)
+    assert len(script.requests) == 1
+    assert clock.sleeps == []
+
+
+def test_a_504_is_retried_with_the_same_key_and_the_503_outcome_unknown_that_follows_is_not() -> None:
+    script = Script(httpx.Response(504, text="upstream timed out"), unknown(), ok())
+    http, clock = client(script)
+    response = http.post(URL, json={"amount": 100})
+    assert is_outcome_unknown(response)
+    assert len(script.requests) == 2
+    assert script.keys[0] == script.keys[1] is not None
+    assert len(clock.sleeps) == 1
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(503, headers={"Content-Type": "application/problem+json"}, json={"type": "urn:x:store-down"}),
+        httpx.Response(503, headers={"Content-Type": "application/json"}, json={"type": "urn:x:outcome-unknown"}),
+        httpx.Response(503, headers={"Content-Type": "application/problem+json"}, content=b"{not json"),
+        httpx.Response(503, headers={"Content-Type": "application/problem+json"}, content=b"\xff\xfe"),
+        httpx.Response(503, headers={"Content-Type": "application/problem+json"}, json=["outcome-unknown"]),
+        httpx.Response(503, headers={"Content-Type": "application/problem+json"}, json={"type": 7}),
+        httpx.Response(503, text="Service Unavailable"),
+    ],
+    ids=["other-problem", "not-problem-json", "not-json", "not-utf8", "not-an-object", "type-not-a-string", "text"],
+)
+def test_any_other_503_is_still_retried(response: httpx.Response) -> None:
+    script = Script(response, ok())
+    http, _ = client(script)
+    assert http.post(URL).status_code == 201
+    assert len(script.requests) == 2
+    assert script.keys[0] == script.keys[1]
+
+
+def test_an_outcome_unknown_type_on_another_status_is_not_special() -> None:
+    conflict = httpx.Response(
+        409, headers={"Content-Type": "application/problem+json"}, json={"type": "x:outcome-unknown"}
+    )
+    script = Script(conflict, ok())
+    http, _ = client(script)
+    assert http.post(URL).status_code == 201
+    assert len(script.requests) == 2
+
+
+def test_a_compressed_outcome_unknown_problem_is_recognised_and_handed_on_decoded() -> None:
+    body = unknown().content
+    compressed = httpx.Response(
+        503,
+        headers={"Content-Type": "application/problem+json", "Content-Encoding": "gzip", "Retry-After": "2"},
+        content=gzip.compress(body),
+    )
+    script = Script(compressed, ok())
+    http, _ = client(script)
+    response = http.post(URL)
+    assert len(script.requests) == 1
+    assert response.content == body
+    assert "content-encoding" not in response.headers
+    assert response.headers["content-length"] == str(len(body))
+    assert response.headers["retry-after"] == "2"
+
+
+def test_a_503_left_out_of_retry_statuses_is_not_read_by_the_transport() -> None:
+    stream = TrackedStream(unknown().content)
+    script = Script(httpx.Response(503, headers={"Content-Type": "application/problem+json"}, stream=stream), ok())
+    http, _ = client(script, retry_statuses={429})
+    with http.stream("POST", URL) as response:
+        assert response.status_code == 503
+        assert not stream.read  # the caller's to read
+        response.read()
+    assert is_outcome_unknown(response)
+
+
+def test_a_broken_503_body_is_a_transport_error_and_retried() -> None:
+    class Broken(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield b'{"type":'
+            raise httpx.ReadError("connection reset")
+
+    script = Script(httpx.Response(503, headers={"Content-Type": "application/problem+json"}, stream=Broken()), ok())
+    http, clock = client(script)
+    assert http.post(URL).status_code == 201
+    assert len(script.requests) == 2
+    assert len(clock.sleeps) == 1
+
+
+def test_is_outcome_unknown_is_false_for_other_answers() -> None:
+    assert not is_outcome_unknown(ok())
+    assert not is_outcome_unknown(httpx.Response(503, text="busy"))
+    assert not is_outcome_unknown(unknown(content_type="application/json"))
+
+
+async def test_async_returns_a_503_outcome_unknown_at_once_after_retrying_a_502() -> None:
+    script = Script(httpx.Response(502), unknown(), ok())
+    sleeps: list[float] = []
+    async with async_client(script, sleeps) as http:
+        response = await http.post(URL, json={"amount": 5})
+    assert is_outcome_unknown(response)
+    assert response.headers["Retry-After"] == "2"
+    assert len(script.requests) == 2
+    assert len(set(script.keys)) == 1
+    assert len(sleeps) == 1
 
 
 # --- how long, how often ----------------------------------------------------------------------------------------
@@ -655,3 +797,106 @@ async def test_async_transport_over_a_real_server_replays_a_lost_response(
     assert response.headers["idempotent-replayed"] == "true"
     assert runs == [response.request.headers["Idempotency-Key"]]
     assert len(sleeps) == 1
+
+
+# --- against the real middleware: an outcome that is unknown ------------------------------------------------------
+
+
+def uncertain_app(first_answer: str) -> tuple[ASGIApp, list[str]]:
+    """A payments endpoint behind the middleware whose call to its provider times out after it was sent: the charge
+    may have been made. *first_answer* is how the handler says so: ``"raise"`` (``OutcomeUnknownError``: the
+    middleware answers the 503 itself), or ``"504"`` (``mark_outcome_unknown()`` and a 504, as a gateway answers)."""
+    runs: list[str] = []
+
+    async def charge(request: Request) -> JSONResponse:
+        runs.append(request.state.idempotency_key)
+        if first_answer == "raise":
+            raise OutcomeUnknownError("the payment provider did not answer in time")
+        mark_outcome_unknown()
+        return JSONResponse({"detail": "the payment provider did not answer in time"}, status_code=504)
+
+    middleware = [Middleware(IdempotencyMiddleware, store=MemoryStore(), unknown_outcome_ttl=5)]  # a short Retry-After
+    return Starlette(routes=[Route("/charges", charge, methods=["POST"])], middleware=middleware), runs
+
+
+async def test_middleware_outcome_unknown_error_is_returned_at_once_and_never_runs_again() -> None:
+    app, runs = uncertain_app("raise")
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = AsyncIdempotencyTransport(transport=httpx.ASGITransport(app=app), sleep=sleep)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        first = await http.post("/charges", json={"amount": 100})
+        key = first.request.headers["Idempotency-Key"]
+        again = await http.post("/charges", json={"amount": 100}, headers={"Idempotency-Key": key})
+
+    for response in (first, again):
+        assert is_outcome_unknown(response), response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert 1 <= int(response.headers["Retry-After"]) <= 5
+    assert runs == [key]  # the first request ran; its retry did not
+    assert sleeps == []  # nothing was retried by the transport
+
+
+async def test_middleware_a_gateways_504_is_retried_with_the_same_key_then_the_503_stops_the_retries() -> None:
+    app, runs = uncertain_app("504")
+    sent: list[str] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append(request.headers["Idempotency-Key"])
+            return await inner.handle_async_request(request)
+
+    inner = httpx.ASGITransport(app=app)
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = AsyncIdempotencyTransport(transport=Recording(), sleep=sleep, attempts=5)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.post("/charges", json={"amount": 100})
+
+    assert is_outcome_unknown(response), response.text
+    assert len(sent) == 2  # the 504, then its retry's 503, and no third attempt
+    assert sent[0] == sent[1] == response.request.headers["Idempotency-Key"]
+    assert runs == [sent[0]]
+    assert len(sleeps) == 1
+
+
+@pytest.fixture
+def served_uncertain() -> Iterator[tuple[str, list[str]]]:
+    """The 504-answering app under uvicorn in a thread, as ``served_charges``."""
+    app, runs = uncertain_app("504")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", runs
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def test_sync_transport_over_a_real_server_stops_at_the_503_outcome_unknown(
+    served_uncertain: tuple[str, list[str]],
+) -> None:
+    base_url, runs = served_uncertain
+    sleeps: list[float] = []
+    transport = IdempotencyTransport(sleep=sleeps.append)
+    with httpx.Client(transport=transport, base_url=base_url, timeout=10) as http:
+        response = http.post("/charges", json={"amount": 250})
+        assert response.elapsed.total_seconds() >= 0  # handed on unread, the client read and timed it as usual
+        again = http.post("/charges", json={"amount": 250}, headers={"Idempotency-Key": runs[0]})
+
+    assert is_outcome_unknown(response), response.text
+    assert is_outcome_unknown(again), again.text
+    assert runs == [response.request.headers["Idempotency-Key"]]  # once, for two calls and three attempts
+    assert len(sleeps) == 1  # after the 504 only

@@ -23,6 +23,12 @@ What the transports do with each request (``docs/client.md`` has the reasoning):
   other 4xx, nor by default on 500: a 500 is usually a bug that answers every retry the same way. (It would be
   *safe*, since idempo's middleware stores no 5xx and releases the key; add 500 to ``retry_statuses`` if yours
   are transient.)
+- Except a 503 *outcome-unknown* problem (``application/problem+json`` whose ``type`` ends with
+  ``outcome-unknown``): the server cannot tell whether the operation happened, and keeps the key in that state
+  until the record expires or an operator resolves it, so a retry gets the same answer; it is returned at once
+  (:func:`is_outcome_unknown` tells it apart). To look, the transport reads the body of a keyed request's 503
+  problem document (and hands the response on with that body already decoded). The key never changes: a 504 or
+  502 from a gateway is retried with it, and the retry gets that 503 if the gateway's attempt may have run.
 - Waits follow exponential backoff with full jitter, ``uniform(0, min(backoff_cap, backoff_base * 2**retry))``
   with ``retry`` counted from 0, unless the response carries ``Retry-After`` (delta-seconds or an HTTP-date),
   which is then waited exactly. At most ``attempts`` attempts are made, and the transport never sleeps past
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 import uuid
@@ -70,6 +77,7 @@ __all__ = [
     "DEFAULT_RETRY_STATUSES",
     "AsyncIdempotencyTransport",
     "IdempotencyTransport",
+    "is_outcome_unknown",
 ]
 
 DEFAULT_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -154,9 +162,21 @@ class _Retries:
             return None
         return self._next(None, now)
 
+    def wants_body(self, response: httpx.Response) -> bool:
+        """Whether *response* may be a 503 outcome-unknown, which is never retried: its body must be read to tell
+        (the transport then hands on a :func:`_buffered` copy)."""
+        return (
+            self.keyed
+            and response.status_code == 503
+            and 503 in self.options.retry_statuses
+            and _is_problem(response.headers)
+        )
+
     def after_response(self, response: httpx.Response, now: float) -> float | None:
         if not self.keyed or response.status_code not in self.options.retry_statuses:
             return None
+        if isinstance(response.stream, _Buffered) and _is_unknown_problem(response.stream.body):
+            return None  # the same answer until the record expires or an operator resolves it: stop now
         return self._next(_retry_after(response), now)
 
     def _next(self, retry_after: float | None, now: float) -> float | None:
@@ -171,6 +191,58 @@ class _Retries:
             return None  # never sleep past the deadline: give up now with what we have
         self.made += 1
         return delay
+
+
+def is_outcome_unknown(response: httpx.Response) -> bool:
+    """Whether *response* is idempo's 503 *outcome-unknown* problem: the server cannot tell whether the operation
+    of this key happened (an upstream timed out after the request was sent, say), and will not run it again.
+
+    Keep the key: a new one would run the operation a second time. The answer stays the same until the record
+    expires (``Retry-After`` says when) or the service's operator resolves it (``idempo keys resolve``); tell the
+    user that the operation may have happened, rather than that it failed.
+
+    The body must have been read (``response.read()``; a client that does not stream has read it). Any problem
+    ``type`` ending with ``outcome-unknown`` matches, so that a server's own ``problem_base_uri`` does too.
+
+    .. versionadded:: 0.1.0
+    """
+    return response.status_code == 503 and _is_problem(response.headers) and _is_unknown_problem(response.content)
+
+
+def _is_problem(headers: httpx.Headers) -> bool:
+    media_type = str(headers.get("Content-Type", "")).partition(";")[0].strip().lower()
+    return media_type == "application/problem+json"
+
+
+def _is_unknown_problem(body: bytes) -> bool:
+    """Whether *body* (of a 503 problem+json response) is an outcome-unknown problem document. Anything that cannot
+    be read as one, a body that is not JSON included, is not."""
+    try:
+        document = json.loads(body)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
+    kind = document.get("type") if isinstance(document, dict) else None
+    return isinstance(kind, str) and kind.endswith("outcome-unknown")
+
+
+class _Buffered(httpx.ByteStream):
+    """Strictly private. A response body the transport read whole (and decoded) to look at it, handed on unread."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(body)
+        self.body = body
+
+
+_REENCODED: Final = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+def _buffered(response: httpx.Response, body: bytes) -> httpx.Response:
+    """A fresh, unread response with *response*'s status, headers and decoded *body*, for the client to read as
+    it reads any other (so that it times it, decodes it and closes it as usual). The headers that described the
+    body's encoding on the wire are replaced by its length."""
+    headers = [(name, value) for name, value in response.headers.multi_items() if name.lower() not in _REENCODED]
+    headers.append(("Content-Length", str(len(body))))
+    return httpx.Response(response.status_code, headers=headers, stream=_Buffered(body), extensions=response.extensions)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -259,6 +331,8 @@ class IdempotencyTransport(httpx.BaseTransport):
         while True:
             try:
                 response = self._transport.handle_request(request)
+                if retries.wants_body(response):
+                    response = _buffered(response, _read(response))
             except httpx.TransportError as error:
                 delay = retries.after_error(error, self._clock())
                 if delay is None:
@@ -320,6 +394,8 @@ class AsyncIdempotencyTransport(httpx.AsyncBaseTransport):
         while True:
             try:
                 response = await self._transport.handle_async_request(request)
+                if retries.wants_body(response):
+                    response = _buffered(response, await _aread(response))
             except httpx.TransportError as error:
                 delay = retries.after_error(error, self._clock())
                 if delay is None:
@@ -334,6 +410,21 @@ class AsyncIdempotencyTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the wrapped transport."""
         await self._transport.aclose()
+
+
+def _read(response: httpx.Response) -> bytes:
+    """The decoded body of *response*, which is closed afterwards even if reading fails."""
+    try:
+        return response.read()
+    finally:
+        response.close()
+
+
+async def _aread(response: httpx.Response) -> bytes:
+    try:
+        return await response.aread()
+    finally:
+        await response.aclose()
 
 
 def _discard(response: httpx.Response) -> None:
