@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import decimal
 import enum
 import importlib
 import inspect
 import threading
 import uuid
+import zoneinfo
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,12 +25,15 @@ from idempo import (
     InProgressError,
     KeyReuseError,
     MemoryStore,
+    OutcomeUnknownError,
+    ResponseNotStoredError,
     Record,
     SQLiteStore,
     State,
     Store,
     StoreError,
     idempotent,
+    mark_outcome_unknown,
     store_from_url,
 )
 from idempo._core.records import Claim, Existing
@@ -319,21 +325,29 @@ def test_sync_exception_stores_nothing_and_the_next_call_runs(sstore: Store | Sy
     assert counter.runs == 2
 
 
-def test_unserializable_result_is_a_type_error_and_releases_the_key(ns: str) -> None:
+def test_an_unserializable_result_is_kept_done_and_a_repeat_raises_instead_of_running(ns: str) -> None:
+    """The function ran: a repeat must never run it again because of its result's type."""
     store = SyncMemoryStore()
     counter = Counter()
+
+    class Opaque:
+        pass
 
     @idempotent(store, key="k", namespace=ns)
     def odd() -> object:
         counter.hit()
-        return object()
+        return Opaque()
 
-    with pytest.raises(TypeError, match="cannot be stored as JSON"):
-        odd()
-    assert store.get(f"fn:{ns}:k") is None
-    with pytest.raises(TypeError):
-        odd()
-    assert counter.runs == 2
+    first = odd()
+    assert isinstance(first, Opaque)  # the caller that ran it gets its result
+    for _ in range(2):
+        with pytest.raises(ResponseNotStoredError, match="not stored") as caught:
+            odd()
+        assert caught.value.reason == "unserializable"
+    assert counter.runs == 1
+    record = store.get(f"fn:{ns}:k")
+    assert record is not None
+    assert record.state is State.COMPLETED
 
 
 class _BrokenStore(MemoryStore):
@@ -824,7 +838,7 @@ async def test_pluggable_serializer(ns: str) -> None:
     assert await job() == "abc"
     record = await store.get(f"fn:{ns}:k")
     assert record is not None
-    assert record.payload == b"cba"
+    assert record.payload == b"\x04cba"  # framed: a result, not one of the markers
     assert await job() == "abc"
     assert serializer.annotations == [str]
 
@@ -910,3 +924,177 @@ def test_unresolvable_return_annotation_fails_before_running() -> None:
     with pytest.raises(ConfigurationError, match="return annotation"):
         job()
     assert counter.runs == 0
+
+
+# -- results of every common type, unknown outcomes, full stores (the hardening issue) ---------------------------------
+
+
+class _Tagged(enum.Enum):
+    A = "a"
+
+
+_LOSSLESS: list[Any] = [
+    datetime.datetime(2026, 12, 4, 17, 0, 1, 123456),
+    datetime.datetime(2026, 12, 4, 17, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=-5, minutes=-30))),
+    datetime.datetime(2026, 3, 29, 2, 30, fold=0, tzinfo=zoneinfo.ZoneInfo("Europe/Paris")),
+    datetime.date(2026, 12, 4),
+    datetime.time(23, 59, 59, 999999),
+    datetime.timedelta(days=-1, seconds=5, microseconds=7),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    decimal.Decimal("12.3400"),
+    decimal.Decimal("-0"),
+    decimal.Decimal("NaN"),
+    b"\x00\xffbytes",
+    bytearray(b"mutable"),
+    complex(1.5, -2),
+    (1, "two", (3.0, None)),
+    {1, 2, 3},
+    frozenset({"a", ("b", 1)}),
+    {1: "int key", (2, 3): "tuple key", None: "none key"},
+    {"__idempo__": ["tuple", [1]]},  # a user's dict that looks like a tag
+    {"nested": [datetime.date(2026, 1, 1), {"set": {decimal.Decimal("1.5")}}]},
+    [],
+    {},
+    "plain",
+    1.5,
+    float("inf"),
+    True,
+    None,
+]
+
+
+@pytest.mark.parametrize("value", _LOSSLESS, ids=[f"{type(value).__name__}-{i}" for i, value in enumerate(_LOSSLESS)])
+def test_json_serializer_brings_back_common_types_as_they_were(value: Any) -> None:
+    serializer = JSONSerializer()
+    back = serializer.loads(serializer.dumps(value), Any)
+    assert back == value or (value != value and back != back)  # NaN is not equal to itself
+    assert type(back) is type(value)
+    if isinstance(value, datetime.datetime):
+        assert back.tzinfo == value.tzinfo
+        assert back.utcoffset() == value.utcoffset()
+    if isinstance(value, decimal.Decimal):
+        assert str(back) == str(value)
+
+
+def test_json_serializer_stores_enums_and_str_subclasses_as_their_values() -> None:
+    serializer = JSONSerializer()
+    assert serializer.loads(serializer.dumps({"status": _Tagged.A}), Any) == {"status": "a"}
+    assert serializer.loads(serializer.dumps({"status": _Tagged.A}), dict[str, _Tagged]) == {"status": _Tagged.A}
+
+
+async def test_a_coroutine_returning_a_datetime_runs_once_and_repeats_get_it_back(ns: str) -> None:
+    counter = Counter()
+    when = datetime.datetime(2026, 12, 4, 12, tzinfo=datetime.UTC)
+
+    @idempotent(MemoryStore(), key="{n}", namespace=ns)
+    async def charge(n: int) -> Any:
+        counter.hit()
+        return {"at": when, "id": uuid.UUID(int=n), "amount": decimal.Decimal("9.99")}
+
+    results = [await charge(1) for _ in range(3)]
+    assert results == [{"at": when, "id": uuid.UUID(int=1), "amount": decimal.Decimal("9.99")}] * 3
+    assert counter.runs == 1
+
+
+def test_an_unserializable_result_of_a_coroutine_is_kept_done_too(ns: str) -> None:
+    counter = Counter()
+
+    @idempotent(MemoryStore(), key="k", namespace=ns)
+    async def odd() -> object:
+        counter.hit()
+        return threading.Lock()
+
+    async def calls() -> None:
+        await odd()
+        with pytest.raises(ResponseNotStoredError):
+            await odd()
+
+    asyncio.run(calls())
+    assert counter.runs == 1
+
+
+@pytest.mark.parametrize("how", ["raise", "mark and return"])
+def test_an_unknown_outcome_keeps_the_key_and_repeats_raise(sstore: Store | SyncStore, ns: str, how: str) -> None:
+    counter = Counter()
+
+    @idempotent(sstore, key="{n}", namespace=ns, unknown_outcome_ttl=300)
+    def send(n: int) -> int:
+        counter.hit()
+        if how == "raise":
+            raise OutcomeUnknownError("the provider timed out after the request was sent")
+        mark_outcome_unknown()
+        return n
+
+    if how == "raise":
+        with pytest.raises(OutcomeUnknownError, match="provider timed out"):
+            send(1)
+    else:
+        assert send(1) == 1
+    for _ in range(2):
+        with pytest.raises(OutcomeUnknownError) as caught:
+            send(1)
+        assert 1 <= caught.value.retry_after <= 300
+    assert counter.runs == 1
+
+
+async def test_an_unknown_outcome_of_a_coroutine_keeps_the_key(astore: Store, ns: str) -> None:
+    counter = Counter()
+
+    @idempotent(astore, key="{n}", namespace=ns)
+    async def send(n: int) -> int:
+        counter.hit()
+        await asyncio.sleep(0)
+        mark_outcome_unknown()
+        raise RuntimeError("the connection broke before the reply")
+
+    with pytest.raises(RuntimeError):
+        await send(1)
+    with pytest.raises(OutcomeUnknownError):
+        await send(1)
+    assert counter.runs == 1
+
+
+def test_an_unknown_outcome_inside_a_function_is_the_callers_too(ns: str) -> None:
+    """A function that runs inside another keyed operation: its unknown outcome is the outer one's as well."""
+    store = SyncMemoryStore()
+
+    @idempotent(store, key="inner", namespace=f"{ns}-inner")
+    def inner() -> None:
+        raise OutcomeUnknownError
+
+    @idempotent(store, key="outer", namespace=f"{ns}-outer")
+    def outer() -> str:
+        try:
+            inner()
+        except OutcomeUnknownError:
+            pass  # swallowed: the outer call still cannot know what happened
+        return "done"
+
+    assert outer() == "done"
+    with pytest.raises(OutcomeUnknownError):
+        outer()
+
+
+class _FullStore(DelegatingStore):
+    """A real store that, like Redis at maxmemory or a full disk, refuses to take a payload over a few bytes."""
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        if len(payload) > 16:
+            raise StoreError("OOM command not allowed when used memory > 'maxmemory'")
+        return await self.inner.complete(key, token, payload, ttl=ttl)
+
+
+async def test_a_result_the_full_store_refuses_is_kept_as_not_stored(ns: str) -> None:
+    counter = Counter()
+    store = _FullStore(MemoryStore())
+
+    @idempotent(store, key="k", namespace=ns)
+    async def charge() -> str:
+        counter.hit()
+        return "a receipt far longer than the few bytes the full store still takes"
+
+    assert await charge() == "a receipt far longer than the few bytes the full store still takes"
+    with pytest.raises(ResponseNotStoredError) as caught:
+        await charge()
+    assert caught.value.reason == "store_refused"
+    assert counter.runs == 1

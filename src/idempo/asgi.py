@@ -49,7 +49,6 @@ from ._core.errors import (
 from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
 from ._core.keys import parse_key
 from ._core.outcome import OutcomeReport
-from ._core.outcome import current as current_outcome
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
 from ._core.records import Acquired, Claim, State
 from .observe import Observer, Outcome, _ObservedStore, tell
@@ -361,7 +360,7 @@ class _Exchange:
         # What the app answers.
         self.status = 0
         self.started = False  # whether the app's response has started (its status went out)
-        self.outcome = OutcomeReport()  # what the app says of it (mark_outcome_unknown)
+        self.outcome: OutcomeReport | None = None  # what the app says of it (mark_outcome_unknown), once it runs
         self.headers: Iterable[tuple[bytes, bytes]] = ()
         self.chunks: list[bytes] = []
         self.size = 0
@@ -465,11 +464,11 @@ class _Exchange:
         running.add(self)
         if renewer.timer is None:
             renewer.arm()
-        context = current_outcome.set(self.outcome)
+        self.outcome = outcome = OutcomeReport.open()
         try:
             await mw.app(scope, self._app_receive, self._send)
         except OutcomeUnknownError as exc:
-            self.outcome.unknown = True
+            outcome.mark_unknown()
             if not self.started:
                 self.status = OutcomeUnknownError.status  # what the client is about to get
             await self._record(failed=True)
@@ -481,7 +480,7 @@ class _Exchange:
             await self._record(failed=True)
             raise
         finally:
-            current_outcome.reset(context)
+            outcome.close()
             running.discard(self)
             self._response_over()
         if self.token:
@@ -671,7 +670,7 @@ class _Exchange:
         mw = self.mw
         ttl = mw.ttl
         release = failed or not self.keep
-        if self.outcome.unknown:  # it may have happened: never released
+        if self.outcome is not None and self.outcome.unknown:  # it may have happened: never released
             release = False
             payload = encode_outcome_unknown(self.status)
             ttl = mw.unknown_outcome_ttl

@@ -19,7 +19,12 @@ Theory of operation, for one call (the same steps as the middleware's, over the 
 3. Run the function, renewing the lease every ``lease / 3`` seconds: an asyncio task for a coroutine function,
    a daemon thread for a plain one.
 4. ``complete`` the record with the serialized return value; or, if the function raised, ``release`` the key
-   (nothing is stored, a retry runs again) and let the exception through.
+   (nothing is stored, a retry runs again) and let the exception through. A completed run is never forgotten:
+   a result the serializer cannot store, or one the store will not take (full), completes the key with the small
+   "not stored" marker instead, so that a repeat raises :class:`~idempo.ResponseNotStoredError` rather than
+   running again; a function that reports its outcome unknown (raising :class:`~idempo.OutcomeUnknownError`, or
+   calling :func:`~idempo.mark_outcome_unknown`) leaves the key in the "outcome unknown" state, and repeats raise
+   ``OutcomeUnknownError``.
 
 Decisions, for reference:
 
@@ -33,9 +38,11 @@ Decisions, for reference:
   ``repr``, except that an object with the default ``object.__repr__`` (which shows a memory address) counts as
   its type's name only: a database session or an HTTP client passed in is "present", not "different every time".
 - **Serialization**: a :class:`Serializer` turns the return value into bytes and back, given the function's
-  return annotation. The default, :class:`JSONSerializer`, writes JSON; pydantic models and dataclasses are
-  written as their JSON form and rebuilt as the annotated type (also inside ``list[...]``, ``dict[str, ...]``,
-  ``tuple[...]`` and ``X | None``), as are enums and named tuples; plain JSON values come back as they are.
+  return annotation. The default, :class:`JSONSerializer`, writes JSON, and brings back what it wrote as it was:
+  datetimes, dates, times, timedeltas, UUIDs, Decimals, bytes, complex numbers, tuples, sets and dicts with
+  keys that are not strings are written as tagged JSON objects and come back as the same type and value; pydantic
+  models and dataclasses are written as their JSON form and rebuilt as the annotated type (also inside
+  ``list[...]``, ``dict[str, ...]``, ``tuple[...]`` and ``X | None``), as are enums and named tuples.
 - **Stores**: a coroutine function uses an async :class:`~idempo.Store` (a URL opens one with
   :func:`~idempo.store_from_url`). A plain function uses a :class:`~idempo.stores.SyncStore` (a URL opens one with
   :func:`~idempo.stores.sync_store_from_url`; a built-in async store is turned into its blocking twin with its
@@ -47,8 +54,11 @@ Decisions, for reference:
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections.abc
 import dataclasses
+import datetime
+import decimal
 import enum
 import functools
 import hashlib
@@ -59,11 +69,22 @@ import threading
 import time
 import types
 import typing
+import uuid
+import zoneinfo
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
-from ._core.decide import Conflict, Mismatch, Replay, decide
-from ._core.errors import ConfigurationError, InProgressError, InvalidKeyError, KeyReuseError
+from ._core.codec import decode_value, encode_not_stored, encode_outcome_unknown, encode_value
+from ._core.decide import Completions, Conflict, Mismatch, NotStored, Replay, completions, decide
+from ._core.errors import (
+    ConfigurationError,
+    InProgressError,
+    InvalidKeyError,
+    KeyReuseError,
+    OutcomeUnknownError,
+    ResponseNotStoredError,
+)
+from ._core.outcome import OutcomeReport
 from ._core.records import Acquired, Claim
 from .stores import Store, SyncStore, store_from_url, sync_store_from_url
 
@@ -97,23 +118,27 @@ class Serializer(Protocol):
 
 
 class JSONSerializer:
-    """The default :class:`Serializer`: compact UTF-8 JSON.
+    """The default :class:`Serializer`: compact UTF-8 JSON that brings back what it stored.
 
-    Encodes JSON types as they are, tuples and sets as arrays, enums as their values, pydantic models with
-    ``model_dump(mode="json")`` and dataclasses as objects of their fields. Decodes to the return annotation
-    where it names a pydantic model, a dataclass, an enum or a named tuple (also inside ``list[...]``,
-    ``dict[..., ...]``, ``tuple[...]``, ``set[...]`` and ``X | None``), and to plain JSON values otherwise.
-    Anything else (a ``datetime``, a ``Decimal``) raises ``TypeError`` when stored: return it inside a pydantic
-    model, or pass another serializer.
+    JSON values are written as they are. So that a result comes back as it was returned, whatever the annotation,
+    ``datetime``, ``date``, ``time`` and ``timedelta`` (time zones kept: a ``zoneinfo`` zone by its name, any
+    other by its offset), ``UUID``, ``Decimal``, ``bytes`` and ``bytearray``, ``complex``, ``tuple``, ``set`` and
+    ``frozenset``, and dicts whose keys are not all strings (or that hold the tag key itself) are written as
+    one-key objects ``{"__idempo__": [type, value]}`` and rebuilt. Pydantic models (``model_dump(mode="json")``),
+    dataclasses (their fields) and enums (their values) are written as JSON and rebuilt as the return annotation
+    says where it names them (also inside ``list[...]``, ``dict[..., ...]``, ``tuple[...]``, ``set[...]`` and
+    ``X | None``), as are named tuples. Anything else raises ``TypeError``: ``@idempotent`` then keeps the key
+    done without its result (a repeat raises :class:`~idempo.ResponseNotStoredError`), so pass another
+    serializer for such results.
     """
 
     def dumps(self, value: Any) -> bytes:
         """See :meth:`Serializer.dumps`."""
-        return json.dumps(value, default=_encode_default, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(_tagged(value, 0), ensure_ascii=False, separators=(",", ":")).encode()
 
     def loads(self, data: bytes, annotation: Any) -> Any:
         """See :meth:`Serializer.loads`."""
-        return _rebuild(annotation, json.loads(data))
+        return _rebuild(annotation, json.loads(data, object_hook=_untag))
 
 
 def _is_pydantic_model(value: Any) -> bool:
@@ -121,17 +146,104 @@ def _is_pydantic_model(value: Any) -> bool:
     return hasattr(value, "model_dump") and hasattr(type(value), "model_validate")
 
 
-def _encode_default(value: Any) -> Any:
-    if _is_pydantic_model(value) and not isinstance(value, type):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
-    if isinstance(value, set | frozenset):
-        return list(value)
+_TAG = "__idempo__"
+_MAX_DEPTH = 500  # deeper than any result worth storing; json would hit the recursion limit anyway
+
+
+def _tag(kind: str, value: Any) -> dict[str, Any]:
+    return {_TAG: [kind, value]}
+
+
+def _tagged(value: Any, depth: int) -> Any:
+    """*value* as JSON data, with the types JSON lacks written as tagged objects (see :class:`JSONSerializer`)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if depth > _MAX_DEPTH:
+        msg = "a return value nested this deep cannot be stored as JSON"
+        raise ValueError(msg)
+    depth += 1
     if isinstance(value, enum.Enum):
-        return value.value
+        return _tagged(value.value, depth)
+    for plain in (bool, str, int, float):  # a subclass (an enum was handled above): stored as its plain value
+        if isinstance(value, plain):
+            return plain(value)
+    if isinstance(value, list):
+        return [_tagged(item, depth) for item in value]
+    if isinstance(value, dict):
+        if all(type(name) is str for name in value) and _TAG not in value:
+            return {name: _tagged(item, depth) for name, item in value.items()}
+        return _tag("dict", [[_tagged(name, depth), _tagged(item, depth)] for name, item in value.items()])
+    if isinstance(value, tuple):
+        if hasattr(value, "_fields"):  # a named tuple: rebuilt from the annotation, like a dataclass
+            return [_tagged(item, depth) for item in value]
+        return _tag("tuple", [_tagged(item, depth) for item in value])
+    if isinstance(value, set | frozenset):
+        items = sorted((_tagged(item, depth) for item in value), key=_dumps)
+        return _tag("frozenset" if isinstance(value, frozenset) else "set", items)
+    if isinstance(value, datetime.datetime):
+        zone = value.tzinfo.key if isinstance(value.tzinfo, zoneinfo.ZoneInfo) else None
+        return _tag("datetime", [value.replace(tzinfo=None).isoformat() if zone else value.isoformat(), zone])
+    if isinstance(value, datetime.date):
+        return _tag("date", value.isoformat())
+    if isinstance(value, datetime.time):
+        return _tag("time", value.isoformat())
+    if isinstance(value, datetime.timedelta):
+        return _tag("timedelta", [value.days, value.seconds, value.microseconds])
+    if isinstance(value, uuid.UUID):
+        return _tag("uuid", str(value))
+    if isinstance(value, decimal.Decimal):
+        return _tag("decimal", str(value))
+    if isinstance(value, bytes | bytearray):
+        return _tag("bytes" if isinstance(value, bytes) else "bytearray", base64.b64encode(value).decode("ascii"))
+    if isinstance(value, complex):
+        return _tag("complex", [value.real, value.imag])
+    if not isinstance(value, type):
+        if _is_pydantic_model(value):
+            return _tagged(value.model_dump(mode="json"), depth)
+        if dataclasses.is_dataclass(value):
+            return {field.name: _tagged(getattr(value, field.name), depth) for field in dataclasses.fields(value)}
     msg = f"a return value of type {type(value).__qualname__} cannot be stored as JSON; pass serializer="
     raise TypeError(msg)
+
+
+def _untag(document: dict[str, Any]) -> Any:
+    """The ``object_hook`` that rebuilds what :func:`_tagged` tagged; other objects are left as they are."""
+    if len(document) != 1 or _TAG not in document:
+        return document
+    kind, value = document[_TAG]
+    rebuild = _UNTAG.get(kind)
+    if rebuild is None:
+        msg = f"unknown tagged value {kind!r} in a stored result"
+        raise ValueError(msg)
+    return rebuild(value)
+
+
+def _datetime(value: list[Any]) -> datetime.datetime:
+    text, zone = value
+    moment = datetime.datetime.fromisoformat(text)
+    return moment.replace(tzinfo=zoneinfo.ZoneInfo(zone)) if zone else moment
+
+
+_UNTAG: dict[str, Callable[[Any], Any]] = {
+    "dict": lambda items: {_hashable(name): item for name, item in items},
+    "tuple": tuple,
+    "set": lambda items: {_hashable(item) for item in items},
+    "frozenset": lambda items: frozenset(_hashable(item) for item in items),
+    "datetime": _datetime,
+    "date": datetime.date.fromisoformat,
+    "time": datetime.time.fromisoformat,
+    "timedelta": lambda parts: datetime.timedelta(days=parts[0], seconds=parts[1], microseconds=parts[2]),
+    "uuid": uuid.UUID,
+    "decimal": decimal.Decimal,
+    "bytes": base64.b64decode,
+    "bytearray": lambda text: bytearray(base64.b64decode(text)),
+    "complex": lambda parts: complex(parts[0], parts[1]),
+}
+
+
+def _hashable(value: Any) -> Any:
+    """A list that was a tuple's JSON form inside a set or a dict key, back as a tuple (a list is unhashable)."""
+    return tuple(_hashable(item) for item in value) if isinstance(value, list) else value
 
 
 def _rebuild(annotation: Any, value: Any) -> Any:
@@ -153,7 +265,7 @@ def _rebuild(annotation: Any, value: Any) -> Any:
             return annotation(
                 **{field.name: _rebuild(hints.get(field.name, Any), value[field.name]) for field in init_fields}
             )
-        if isinstance(value, list) and issubclass(annotation, tuple | set | frozenset):
+        if isinstance(value, list | tuple) and issubclass(annotation, tuple | set | frozenset):
             return annotation(*value) if hasattr(annotation, "_fields") else annotation(value)  # a NamedTuple
         if issubclass(annotation, enum.Enum):
             return annotation(value)
@@ -164,7 +276,7 @@ def _rebuild(annotation: Any, value: Any) -> Any:
     if origin is typing.Union or origin is types.UnionType:
         options = [arg for arg in args if arg is not type(None)]
         return _rebuild(options[0], value) if len(options) == 1 else value
-    if isinstance(value, list):
+    if isinstance(value, list | tuple | set | frozenset):
         if origin is tuple:
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_rebuild(args[0], item) for item in value)
@@ -234,6 +346,7 @@ class _Spec:
         "serializer",
         "signature",
         "ttl",
+        "unknown_outcome_ttl",
         "wait_timeout",
     )
 
@@ -248,10 +361,12 @@ class _Spec:
         wait_timeout: float,
         serializer: Serializer,
         namespace: str,
+        unknown_outcome_ttl: float,
     ) -> None:
         self.fn = fn
         self.key = key
         self.ttl = ttl
+        self.unknown_outcome_ttl = unknown_outcome_ttl
         self.lease = lease
         self.on_conflict = on_conflict
         self.wait_timeout = wait_timeout
@@ -284,16 +399,49 @@ class _Spec:
             self.return_type = _return_type(self.fn)
         return f"fn:{self.namespace}:{key}", fingerprint_arguments(arguments)
 
+    def attempts(self, store_key: str, result: Any, report: OutcomeReport) -> Completions:
+        """What to ``complete`` a call's key with, and for how long, in the order to try them: the caller tries
+        each until one is written (:func:`~idempo._core.decide.completions` says why there may be two).
+
+        The framed serialised *result*; or the "outcome unknown" marker if the function reported its outcome
+        unknown (*report*); or, for a result that cannot be serialised, the "not stored" marker.
+        """
+        if report.unknown:
+            logger.warning("idempo: the outcome of %r is unknown; its key is kept until resolved or expired", store_key)
+            return completions(encode_outcome_unknown(), 0, self.unknown_outcome_ttl)
+        try:
+            data = self.serializer.dumps(result)
+        except (TypeError, ValueError) as exc:
+            logger.error(
+                "idempo: the result of %r cannot be serialised (%s): the key is kept done without it, and a "
+                "repeat raises ResponseNotStoredError; pass serializer= to store such results",
+                store_key,
+                exc,
+            )
+            return completions(encode_not_stored(0, "unserializable"), 0, self.ttl)
+        return completions(encode_value(data), 0, self.ttl)
+
     def existing(self, claim: Claim, store_key: str, fingerprint: str, deadline: float, delay: float) -> Any:
         """What a call gets from a record it found: the stored value, or an error; ``_WAIT`` to poll again."""
         assert not isinstance(claim, Acquired)
         decision = decide(claim.record, fingerprint, now=time.time(), retry_after=self.lease)
         if isinstance(decision, Replay):
-            return self.serializer.loads(decision.payload, self.return_type)
+            try:
+                value = decode_value(decision.payload)
+            except ValueError:
+                logger.error("idempo: the stored result of %r cannot be decoded", store_key)
+                value = None
+            if isinstance(value, bytes):
+                return self.serializer.loads(value, self.return_type)
+            decision = NotStored(0, "unreadable")  # a payload that is not ours
         if isinstance(decision, Mismatch):
             msg = f"{store_key!r} was first used with different arguments; use a new key for a new call"
             raise KeyReuseError(msg)
-        assert isinstance(decision, Conflict)
+        if isinstance(decision, NotStored):
+            msg = f"{store_key!r} ran to completion, but its result was not stored ({decision.reason}); not run again"
+            raise ResponseNotStoredError(msg, original_status=0, reason=decision.reason)
+        if not isinstance(decision, Conflict):  # Unknown
+            raise decision.error()
         if self.on_conflict == "raise" or time.monotonic() + delay > deadline:
             msg = f"{store_key!r} is being run by another call; retry later with the same key"
             raise InProgressError(msg, retry_after=decision.retry_after)
@@ -372,6 +520,7 @@ def idempotent(
     wait_timeout: float = 30,
     serializer: Serializer | None = None,
     namespace: str | None = None,
+    unknown_outcome_ttl: float | None = None,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Run the decorated function once per key; a repeat returns the stored result without running it.
 
@@ -395,13 +544,19 @@ def idempotent(
         serializer: how the result is stored; :class:`JSONSerializer` by default.
         namespace: the middle part of the store key; the function's ``module.qualname`` by default. Keep it
             stable across renames (and colon-free, so that it cannot run into another namespace's keys).
+        unknown_outcome_ttl: how long a key stays in the "outcome unknown" state (the function raised
+            :class:`~idempo.OutcomeUnknownError` or called :func:`~idempo.mark_outcome_unknown`), repeats raising
+            ``OutcomeUnknownError``, in seconds; ``ttl`` by default. After it, a repeat runs the function again.
 
     Raises (from the decorated function):
         KeyReuseError: the key was first used with different arguments.
         InProgressError: another call with the key is running (``retry_after`` is the rest of its lease).
-        StoreError: the store failed. If it fails only when the result is stored, the function *has* run: its
-            key stays claimed until the lease runs out, after which a repeat runs it again.
-        TypeError: the result cannot be serialized (the function has run; its key is released).
+        ResponseNotStoredError: the function ran before, but its result was not stored (it could not be
+            serialised, or the store was full): it is not run again.
+        OutcomeUnknownError: whether an earlier call took effect is unknown (see *unknown_outcome_ttl*).
+        StoreError: the store failed. If it fails even to record that the function ran (its result, or the
+            small "not stored" marker), the function *has* run: its key stays claimed until the lease runs out,
+            after which a repeat runs it again.
     """
     if ttl <= 0 or lease <= 0:
         msg = f"ttl and lease must be positive (ttl={ttl}, lease={lease})"
@@ -411,6 +566,9 @@ def idempotent(
         raise ConfigurationError(msg)
     if wait_timeout < 0:
         msg = f"wait_timeout must not be negative, not {wait_timeout}"
+        raise ConfigurationError(msg)
+    if unknown_outcome_ttl is not None and unknown_outcome_ttl <= 0:
+        msg = f"unknown_outcome_ttl must be positive, not {unknown_outcome_ttl}"
         raise ConfigurationError(msg)
     given_key: object = key
     if not isinstance(given_key, str) and not callable(given_key):
@@ -431,6 +589,7 @@ def idempotent(
             wait_timeout=wait_timeout,
             serializer=chosen_serializer,
             namespace=_namespace(fn, namespace),
+            unknown_outcome_ttl=ttl if unknown_outcome_ttl is None else unknown_outcome_ttl,
         )
         if inspect.iscoroutinefunction(fn):
             async_store = _async_store(store)
@@ -471,22 +630,42 @@ async def _call_async(
         delay = min(delay * 2, _WAIT_POLL_MAX)
         claim = await store.claim(store_key, fingerprint, lease=spec.lease, ttl=spec.ttl)
     token = claim.token
+    report = OutcomeReport.open()
     renewal = _AsyncRenewal(store, store_key, token, spec.lease)
     try:
         try:
             result = await fn(*args, **kwargs)
         finally:
             renewal.stop()
-        payload = spec.serializer.dumps(result)
-    except BaseException:
+            report.close()
+    except BaseException as exc:
+        if isinstance(exc, OutcomeUnknownError) or report.unknown:
+            report.mark_unknown()
+            await _complete_async(store, store_key, token, spec.attempts(store_key, None, report))
+            raise
         try:
             await store.release(store_key, token)
-        except Exception as exc:  # noqa: BLE001 - the function's own exception matters more; the lease frees the key
-            logger.error("idempo: could not release %r after its function failed (%s)", store_key, exc)
+        except Exception as release_error:  # noqa: BLE001 - the function's own exception matters more
+            logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
         raise
-    if not await store.complete(store_key, token, payload, ttl=spec.ttl):
-        logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
+    await _complete_async(store, store_key, token, spec.attempts(store_key, result, report))
     return result
+
+
+async def _complete_async(store: Store, store_key: str, token: str, attempts: Completions) -> None:
+    """Complete *store_key* with the first of *attempts* the store takes (see :func:`completions`)."""
+    last = len(attempts) - 1
+    for index, (payload, ttl) in enumerate(attempts):
+        try:
+            done = await store.complete(store_key, token, payload, ttl=ttl)
+        except Exception as exc:
+            if index == last:
+                raise
+            logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
+            continue
+        if not done:
+            logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
+        return
 
 
 # Renewal tasks that were stopped during a renewal, kept until it is over (the loop holds tasks only weakly).
@@ -556,22 +735,42 @@ def _call_sync(
         delay = min(delay * 2, _WAIT_POLL_MAX)
         claim = store.claim(store_key, fingerprint, lease=spec.lease, ttl=spec.ttl)
     token = claim.token
+    report = OutcomeReport.open()
     renewal = _SyncRenewal(store, store_key, token, spec.lease)
     try:
         try:
             result = fn(*args, **kwargs)
         finally:
             renewal.stop()
-        payload = spec.serializer.dumps(result)
-    except BaseException:
+            report.close()
+    except BaseException as exc:
+        if isinstance(exc, OutcomeUnknownError) or report.unknown:
+            report.mark_unknown()
+            _complete_sync(store, store_key, token, spec.attempts(store_key, None, report))
+            raise
         try:
             store.release(store_key, token)
-        except Exception as exc:  # noqa: BLE001 - as in _call_async
-            logger.error("idempo: could not release %r after its function failed (%s)", store_key, exc)
+        except Exception as release_error:  # noqa: BLE001 - as in _call_async
+            logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
         raise
-    if not store.complete(store_key, token, payload, ttl=spec.ttl):
-        logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
+    _complete_sync(store, store_key, token, spec.attempts(store_key, result, report))
     return result
+
+
+def _complete_sync(store: SyncStore, store_key: str, token: str, attempts: Completions) -> None:
+    """:func:`_complete_async`, blocking."""
+    last = len(attempts) - 1
+    for index, (payload, ttl) in enumerate(attempts):
+        try:
+            done = store.complete(store_key, token, payload, ttl=ttl)
+        except Exception as exc:
+            if index == last:
+                raise
+            logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
+            continue
+        if not done:
+            logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
+        return
 
 
 class _SyncRenewal:

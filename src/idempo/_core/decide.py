@@ -11,11 +11,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .codec import OutcomeUnknownMarker, decode_marker
+from .codec import OutcomeUnknownMarker, decode_marker, encode_not_stored
 from .errors import InProgressError, KeyReuseError, OutcomeUnknownError, ResponseNotStoredError
 from .records import Record, State
 
-__all__ = ["Conflict", "Decision", "Mismatch", "NotStored", "Replay", "Unknown", "decide", "should_store"]
+__all__ = [
+    "Completions",
+    "Conflict",
+    "Decision",
+    "Mismatch",
+    "NotStored",
+    "Replay",
+    "Unknown",
+    "completions",
+    "decide",
+    "is_marker",
+    "should_store",
+]
 
 # Statuses that say "the operation did not happen, try again": never stored, the claim is released.
 RETRYABLE_CLIENT_STATUSES = frozenset({408, 409, 425, 429})
@@ -119,7 +131,7 @@ def decide(record: Record, fingerprint: str, *, now: float, retry_after: float =
     if record.state is State.IN_PROGRESS or payload is None:
         remaining = record.lease_expires_at - now
         return Conflict(max(1, math.ceil(min(retry_after, remaining))))
-    if payload[:1] in _MARKERS:
+    if is_marker(payload):
         try:
             marker = decode_marker(payload)
         except ValueError:  # a corrupt record: it did complete, so nothing runs again
@@ -143,3 +155,26 @@ def should_store(status: int, *, store_server_errors: bool = False) -> bool:
     if status >= 500:
         return store_server_errors
     return status not in RETRYABLE_CLIENT_STATUSES
+
+
+Completions = tuple[tuple[bytes, float], ...]
+"""``(payload, ttl)`` pairs to ``complete`` a key with, in order, each tried only if the one before failed."""
+
+
+def is_marker(payload: bytes) -> bool:
+    """Whether *payload* is one of the small markers ("not stored", "outcome unknown") rather than a response or
+    a result."""
+    return payload[:1] in _MARKERS
+
+
+def completions(payload: bytes, status: int, ttl: float) -> Completions:
+    """What to ``complete`` a key with once its operation ran, in the order to try them.
+
+    First the *payload* itself. If the store refuses it (full: Redis at ``maxmemory``, a full disk; or failing),
+    then the "not stored" marker of *status*, a few bytes that a full store still takes where it would not take
+    the response (the built-in stores make sure of that): the operation ran, and a retry must learn it (a 410)
+    rather than run it a second time. A marker is tried alone: there is nothing smaller to fall back to.
+    """
+    if is_marker(payload):
+        return ((payload, ttl),)
+    return ((payload, ttl), (encode_not_stored(status, "store_refused"), ttl))

@@ -9,18 +9,44 @@ records the outcome. Strictly private, except :func:`mark_outcome_unknown`.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 __all__ = ["OutcomeReport", "current", "mark_outcome_unknown"]
 
 
 class OutcomeReport:
-    """What the application said of one running operation. Strictly private."""
+    """What the application said of one running operation. Strictly private.
 
-    __slots__ = ("unknown",)
+    An operation run inside another (a decorated function called by a keyed request's handler) has the outer one's
+    report as its *parent*: an inner outcome that is unknown makes the outer one unknown too.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_context", "parent", "unknown")
+
+    def __init__(self, parent: OutcomeReport | None = None) -> None:
         self.unknown = False
+        self.parent = parent
+        self._context: Token[OutcomeReport | None] | None = None
+
+    @classmethod
+    def open(cls) -> OutcomeReport:
+        """A report for an operation about to run in this context, made the current one until :meth:`close`."""
+        report = cls(current.get())
+        report._context = current.set(report)
+        return report
+
+    def close(self) -> None:
+        """The operation is over: the report that was current before :meth:`open` is current again."""
+        if self._context is not None:
+            current.reset(self._context)
+            self._context = None
+
+    def mark_unknown(self) -> None:
+        """This operation's outcome is unknown, and so is that of every operation it runs in."""
+        report: OutcomeReport | None = self
+        while report is not None:
+            report.unknown = True
+            report = report.parent
 
 
 current: ContextVar[OutcomeReport | None] = ContextVar("idempo.outcome", default=None)
@@ -39,6 +65,6 @@ def mark_outcome_unknown() -> None:
 
     Outside a keyed operation it does nothing.
     """
-    outcome = current.get()
-    if outcome is not None:
-        outcome.unknown = True
+    report = current.get()
+    if report is not None:
+        report.mark_unknown()
