@@ -9,10 +9,12 @@ import {
   TRANSITIONS,
   idempotentFetch,
   idempotentSubmit,
+  isOutcomeUnknownProblem,
   newKey,
   nextState,
   outcomeUnknown,
   parseRetryAfter,
+  readProblem,
 } from "../../src/idempo/static/idempo.js";
 
 const URL_ = "http://service.test/charges";
@@ -266,6 +268,121 @@ describe("idempotentFetch: callbacks", () => {
       ["attempt", 2, "POST"],
       ["result", 2, 201, true, null],
     ]);
+  });
+});
+
+/** The 503 a server answers a retry with when the first request's outcome is unknown. Its Retry-After (the
+ * record's remaining life) is short enough that a client which retried it would do so within its deadline. */
+function unknownOutcome({ base = "urn:idempo:problem:", contentType = "application/problem+json", retryAfter = "2" } = {}) {
+  const document = {
+    type: `${base}outcome-unknown`,
+    title: "The outcome of the request with this Idempotency-Key is unknown",
+    status: 503,
+    detail: "it may have taken effect, so it is not run again",
+  };
+  return new Response(JSON.stringify(document), {
+    status: 503,
+    headers: { "Content-Type": contentType, "Retry-After": retryAfter },
+  });
+}
+
+describe("idempotentFetch: a 503 outcome-unknown", () => {
+  const variants = [
+    { base: "urn:idempo:problem:", contentType: "application/problem+json" },
+    { base: "https://docs.example/problems#", contentType: "application/problem+json; charset=utf-8" },
+    { base: "https://docs.example/problems/", contentType: "Application/Problem+JSON" },
+  ];
+  for (const variant of variants) {
+    it(`is returned at once, readable (${variant.base}, ${variant.contentType})`, async () => {
+      const time = fakeTime();
+      const results = [];
+      const { fetch, calls } = scripted(unknownOutcome(variant), 201);
+      const response = await idempotentFetch(URL_, post, { fetch, ...time.options, onResult: (r) => results.push(r) });
+      assert.equal(response.status, 503);
+      assert.equal((await response.json()).type, `${variant.base}outcome-unknown`);
+      assert.equal(calls.length, 1);
+      assert.deepEqual(time.sleeps, []);
+      assert.deepEqual(results.map((r) => [r.status, r.outcomeUnknown, r.retryIn]), [[503, true, null]]);
+    });
+  }
+
+  it("follows a 504 retried with the same key, and stops the retries", async () => {
+    const time = fakeTime();
+    const { fetch, calls } = scripted(504, unknownOutcome(), 201);
+    const response = await idempotentFetch(URL_, post, { fetch, ...time.options });
+    assert.equal(response.status, 503);
+    assert.equal(calls.length, 2);
+    assert.equal(calls[0].key, calls[1].key);
+    assert.equal(time.sleeps.length, 1);
+  });
+
+  const others = {
+    "another problem type": () =>
+      new Response('{"type":"urn:idempo:problem:store-unavailable"}', {
+        status: 503,
+        headers: { "Content-Type": "application/problem+json" },
+      }),
+    "plain JSON": () =>
+      new Response('{"type":"urn:idempo:problem:outcome-unknown"}', {
+        status: 503,
+        headers: { "Content-Type": "application/json" },
+      }),
+    "malformed JSON": () =>
+      new Response("{not json", { status: 503, headers: { "Content-Type": "application/problem+json" } }),
+    "an array": () =>
+      new Response('["outcome-unknown"]', { status: 503, headers: { "Content-Type": "application/problem+json" } }),
+    "a type that is not a string": () =>
+      new Response('{"type":7}', { status: 503, headers: { "Content-Type": "application/problem+json" } }),
+    "no content type": () => new Response("Service Unavailable", { status: 503 }),
+  };
+  for (const [name, make] of Object.entries(others)) {
+    it(`leaves any other 503 retried: ${name}`, async () => {
+      const results = [];
+      const { fetch, calls } = scripted(make(), 201);
+      const response = await idempotentFetch(URL_, post, {
+        fetch,
+        ...fakeTime().options,
+        onResult: (r) => results.push(r.outcomeUnknown),
+      });
+      assert.equal(response.status, 201);
+      assert.equal(calls.length, 2);
+      assert.deepEqual(results, [false, false]);
+    });
+  }
+
+  it("is not special on another status", async () => {
+    const conflict = new Response('{"type":"x:outcome-unknown"}', {
+      status: 409,
+      headers: { "Content-Type": "application/problem+json" },
+    });
+    const { fetch, calls } = scripted(conflict, 201);
+    assert.equal((await idempotentFetch(URL_, post, { fetch, ...fakeTime().options })).status, 201);
+    assert.equal(calls.length, 2);
+  });
+});
+
+describe("readProblem and isOutcomeUnknownProblem", () => {
+  it("read a problem document from a clone, so that the response stays readable", async () => {
+    const response = unknownOutcome();
+    const problem = await readProblem(response);
+    assert.equal(isOutcomeUnknownProblem(response.status, problem), true);
+    assert.equal((await response.json()).status, 503);
+  });
+
+  it("read nothing that is not a problem document", async () => {
+    assert.equal(await readProblem(new Response('{"type":"x"}', { headers: { "Content-Type": "application/json" } })), null);
+    assert.equal(await readProblem(new Response("[1]", { headers: { "Content-Type": "application/problem+json" } })), null);
+    assert.equal(await readProblem(new Response("null", { headers: { "Content-Type": "application/problem+json" } })), null);
+    assert.equal(await readProblem(new Response("oops", { headers: { "Content-Type": "application/problem+json" } })), null);
+  });
+
+  it("tell outcome-unknown only on a 503", () => {
+    const type = "urn:idempo:problem:outcome-unknown";
+    assert.equal(isOutcomeUnknownProblem(503, { type }), true);
+    assert.equal(isOutcomeUnknownProblem(504, { type }), false);
+    assert.equal(isOutcomeUnknownProblem(503, { type: "urn:idempo:problem:in-progress" }), false);
+    assert.equal(isOutcomeUnknownProblem(503, null), false);
+    assert.equal(isOutcomeUnknownProblem(503, "outcome-unknown"), false);
   });
 });
 
@@ -580,5 +697,79 @@ describe("idempotentSubmit: a request builder that throws", () => {
     await assert.rejects(controller.submit(), { message: "bug" });
     assert.equal(controller.state, State.READY);
     assert.equal(button.disabled, false);
+  });
+});
+
+describe("idempotentSubmit: when the server says the outcome is unknown", () => {
+  it("FAILs keeping the key, tells the page outcome 'unknown' with the problem, and never rekeys", async () => {
+    for (const rekey of ["unknown-keeps", "always"]) {
+      const { form, button, status } = fakeForm();
+      const { fetch, calls } = scripted(504, unknownOutcome(), unknownOutcome());
+      const controller = bind(form, status, fetch, { rekey });
+      const key = controller.key;
+      const failed = [];
+      controller.addEventListener("fail", (e) => failed.push(e.detail));
+      assert.equal(await controller.submit(), false);
+      assert.equal(controller.state, State.FAIL);
+      assert.equal(controller.key, key, rekey);
+      assert.equal(button.disabled, false);
+      const [detail] = failed;
+      assert.equal(detail.outcome, "unknown");
+      assert.equal(detail.unknown, true);
+      assert.equal(detail.problem.type, "urn:idempo:problem:outcome-unknown");
+      assert.equal(detail.problem.status, 503);
+      assert.match(status.textContent, /We don't know whether this went through/);
+      assert.match(status.textContent, /Don't do it again/);
+      assert.doesNotMatch(status.textContent, /Trying again is safe/);
+      await controller.submit(); // the user's next click: the same key, so the same answer, never a second charge
+      assert.deepEqual(new Set(calls.map((c) => c.key)), new Set([key]));
+      assert.equal(calls.length, 3); // the 504, its retry's 503, and the next click's 503: no retry of a 503
+    }
+  });
+
+  it("FAILs keeping the key after a 410 response-not-stored: the operation was done", async () => {
+    const { form, status } = fakeForm();
+    const gone = new Response(
+      JSON.stringify({
+        type: "urn:idempo:problem:response-not-stored",
+        title: "The original response was not stored",
+        status: 410,
+        detail: "an operator recorded that it ran",
+        original_status: 200,
+        reason: "operator",
+      }),
+      { status: 410, headers: { "Content-Type": "application/problem+json" } },
+    );
+    const controller = bind(form, status, scripted(gone).fetch, { rekey: "always" });
+    const key = controller.key;
+    const failed = [];
+    controller.addEventListener("fail", (e) => failed.push(e.detail));
+    await controller.submit();
+    assert.equal(controller.key, key);
+    assert.equal(failed[0].outcome, "not-stored");
+    assert.equal(failed[0].unknown, false);
+    assert.equal(failed[0].problem.reason, "operator");
+    assert.equal(status.textContent, "This was already done (status 200), but its result cannot be shown again. It will not be done twice.");
+  });
+
+  it("tells every way a submission ends apart", async () => {
+    const cases = [
+      [201, "success", null],
+      [problem(422, "reused", "k"), "failed", "422"],
+      [new TypeError("Failed to fetch"), "unconfirmed", null],
+      [504, "unconfirmed", null],
+      [unknownOutcome(), "unknown", "503"],
+    ];
+    for (const [step, expected, problemStatus] of cases) {
+      const { form, status } = fakeForm();
+      const controller = bind(form, status, scripted(step).fetch, { fetchOptions: { fetch: scripted(step).fetch, sleep: async () => {}, attempts: 1 } });
+      let seen = null;
+      const record = (e) => (seen = e.detail);
+      controller.addEventListener("success", record);
+      controller.addEventListener("fail", record);
+      await controller.submit();
+      assert.equal(seen.outcome, expected, String(step));
+      assert.equal(seen.problem === null ? null : String(seen.problem.status), problemStatus, String(step));
+    }
   });
 });

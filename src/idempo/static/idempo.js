@@ -6,11 +6,13 @@
  *
  * - {@link idempotentFetch}: `fetch` that gives every POST, PUT, PATCH and DELETE a fresh UUIDv4
  *   `Idempotency-Key` (unless it has one) and retries it with the SAME key on network errors, timeouts and the
- *   statuses 409, 429, 502, 503 and 504, with exponential backoff and full jitter, honouring `Retry-After`.
- *   The rules are those of idempo's Python client (`idempo.client`).
+ *   statuses 409, 429, 502, 503 and 504, with exponential backoff and full jitter, honouring `Retry-After`;
+ *   except a 503 outcome-unknown problem, which no retry can change. The rules are those of idempo's Python
+ *   client (`idempo.client`).
  * - {@link idempotentSubmit}: binds a form or a button to the state machine
  *   READY (a key is generated) → SUBMITTING (button disabled, `aria-busy`, retries reuse the key) →
- *   SUCCESS (message, optional redirect) or FAIL (error shown, a new key, button enabled again).
+ *   SUCCESS (message, optional redirect) or FAIL (error shown, button enabled again, a new key unless the
+ *   operation may have happened).
  *
  * ```js
  * import { idempotentFetch, idempotentSubmit } from "/static/idempo.js";
@@ -51,6 +53,8 @@ export const UNKNOWN_OUTCOME_STATUSES = Object.freeze([409, 502, 503, 504]);
  * @property {boolean} timedOut  Whether the attempt ran out of its `timeout`.
  * @property {unknown} error  The error the attempt failed with, `null` when it got a response.
  * @property {number | null} retryIn  Milliseconds until the next attempt, `null` if this was the last one.
+ * @property {boolean} outcomeUnknown  Whether the response is a 503 outcome-unknown problem (see
+ *   {@link isOutcomeUnknownProblem}): the server does not know whether the operation happened, so it is not retried.
  */
 
 /**
@@ -122,7 +126,7 @@ export function parseRetryAfter(value, date = null, now = Date.now()) {
   if (/^\d+$/.test(text)) return Number(text) * 1000;
   const when = parseHttpDate(text);
   if (when === null) return null;
-  const from = (date && parseHttpDate(date)) ?? now;
+  const from = (date ? parseHttpDate(date) : null) ?? now;
   return Math.max(0, when - from);
 }
 
@@ -171,13 +175,56 @@ function anySignal(signals) {
 }
 
 /**
+ * Whether *contentType* is that of an RFC 9457 problem document (`application/problem+json`, any parameters).
+ * @param {string | null} contentType
+ * @returns {boolean}
+ */
+function isProblemType(contentType) {
+  return (contentType ?? "").split(";")[0].trim().toLowerCase() === "application/problem+json";
+}
+
+/**
+ * Whether a response with *status* whose parsed problem document is *problem* is idempo's 503 outcome-unknown: the
+ * server cannot tell whether the operation happened (an upstream timed out after the request was sent, say), and
+ * keeps the key taken until the record expires or an operator resolves it, so every retry gets the same answer. Any
+ * problem `type` ending with `outcome-unknown` matches, whatever the server's problem base URI.
+ * @param {number} status
+ * @param {unknown} problem  The parsed body, or `null`.
+ * @returns {boolean}
+ */
+export function isOutcomeUnknownProblem(status, problem) {
+  if (status !== 503 || problem === null || typeof problem !== "object") return false;
+  const type = /** @type {{type?: unknown}} */ (problem).type;
+  return typeof type === "string" && type.endsWith("outcome-unknown");
+}
+
+/**
+ * The response's RFC 9457 problem document, or `null`: parsed only when its `Content-Type` is
+ * `application/problem+json` and its body a JSON object. Reads a clone, so the response stays readable.
+ * @param {Response} response
+ * @returns {Promise<object | null>}
+ */
+export async function readProblem(response) {
+  if (!isProblemType(response.headers.get("Content-Type"))) return null;
+  try {
+    const document = await response.clone().json();
+    return document !== null && typeof document === "object" && !Array.isArray(document) ? document : null;
+  } catch {
+    return null; // not JSON, or the body failed: not a problem document we can read
+  }
+}
+
+/**
  * `fetch`, with an `Idempotency-Key` on mutating requests and safe retries.
  *
  * - A POST, PUT, PATCH or DELETE (`options.methods`) without the key header gets `options.key` or a fresh
  *   UUIDv4; a key already on the request is kept. The key is chosen once: every retry carries the same one.
  * - A keyed request is retried on a network error (`fetch` rejects with a `TypeError`), on an attempt that runs
  *   out of `options.timeout`, and on the statuses 409, 429, 502, 503 and 504 (`options.retryStatuses`).
- *   Never on other 4xx, nor on 500 (usually a bug that answers every retry the same way).
+ *   Never on other 4xx, nor on 500 (usually a bug that answers every retry the same way), nor on a 503
+ *   outcome-unknown problem ({@link isOutcomeUnknownProblem}), which is returned at once: the server cannot tell
+ *   whether the operation happened and gives every retry the same answer until it is resolved. To tell, the body
+ *   of a keyed request's 503 `application/problem+json` is read (from a clone; the response stays readable).
  * - Any other request (GET, ...) is sent once, as `fetch` would send it (a browser cannot tell whether a failed
  *   request reached the server, and no key protects it), with the same per-attempt timeout.
  * - Waits are `random() * min(backoffCap, backoffBase * 2 ** (attempt - 1))` (full jitter), unless the response
@@ -247,8 +294,13 @@ export async function idempotentFetch(input, init = {}, options = {}) {
     let response = null;
     /** @type {unknown} */
     let error = null;
+    let unknownOutcome = false;
     try {
       response = await doFetch(base.clone(), { signal: controller.signal });
+      if (keyed && response.status === 503 && retryStatuses.has(503)) {
+        // Under the attempt's timeout too: a body that never ends is a 503 like any other, retried.
+        unknownOutcome = isOutcomeUnknownProblem(503, await readProblem(response));
+      }
     } catch (caught) {
       error = timedOut ? controller.signal.reason : caught;
     } finally {
@@ -263,7 +315,7 @@ export async function idempotentFetch(input, init = {}, options = {}) {
     if (response === null) {
       signal?.removeEventListener("abort", onAbort);
       if (keyed && (timedOut || error instanceof TypeError)) retryIn = nextDelay(attempt, null);
-    } else if (keyed && retryStatuses.has(response.status)) {
+    } else if (keyed && retryStatuses.has(response.status) && !unknownOutcome) {
       const retryAfter = parseRetryAfter(response.headers.get("Retry-After"), response.headers.get("Date"));
       retryIn = nextDelay(attempt, retryAfter);
     }
@@ -275,6 +327,7 @@ export async function idempotentFetch(input, init = {}, options = {}) {
       timedOut,
       error,
       retryIn,
+      outcomeUnknown: unknownOutcome,
     });
     if (retryIn === null) {
       if (response === null) throw error;
@@ -334,12 +387,29 @@ export function outcomeUnknown(response) {
 }
 
 /**
+ * @typedef {"success" | "failed" | "unconfirmed" | "unknown" | "not-stored"} OutcomeKind  How a submission ended:
+ * - `success`: a 2xx.
+ * - `unknown`: the server said that it does not know whether the operation happened (a 503 outcome-unknown
+ *   problem): it may have. The key is kept, and every retry gets the same answer until the service resolves it,
+ *   so tell the user not to do it again another way (not to pay again), rather than that it failed.
+ * - `not-stored`: the server said that the operation was done, but that its response was not kept (a 410
+ *   response-not-stored problem, e.g. after an operator resolved an unknown outcome as done). The key is kept,
+ *   so submitting again can never do it a second time.
+ * - `unconfirmed`: no final answer (no response, or a final 409, 502, 503 or 504; see {@link outcomeUnknown}): it
+ *   may have happened or may still be running. The key is kept: submitting again is a safe retry.
+ * - `failed`: a definite answer that it did not happen (any other status): a new key.
+ */
+
+/**
  * @typedef {object} Outcome  What the success and error messages, `redirect` and the events are given.
  * @property {string | null} key  The key the submission was sent with.
  * @property {Response | null} response  The final response, `null` if there was none.
  * @property {unknown} body  The response's body: parsed JSON if it is JSON, else text; `null` without response.
+ * @property {object | null} problem  The body when it is an RFC 9457 problem document (`application/problem+json`).
  * @property {unknown} error  The error, when there was no response.
- * @property {boolean} unknown  Whether the outcome is unknown (see {@link outcomeUnknown}): the key is then kept.
+ * @property {OutcomeKind} outcome  How it ended.
+ * @property {boolean} unknown  Whether the page cannot know if the operation happened (`outcome` is `unconfirmed`
+ *   or `unknown`; see {@link outcomeUnknown}).
  */
 
 /**
@@ -350,14 +420,16 @@ export function outcomeUnknown(response) {
  *   form's first submit button.
  * @property {Element | null} [status]  Where messages are written (give it `role="status"`).
  * @property {string | ((outcome: Outcome) => string)} [successMessage="Done."]
- * @property {(outcome: Outcome) => string} [errorMessage]  By default the problem document's title and detail,
- *   the status, or, when the outcome is unknown, that trying again is safe.
+ * @property {(outcome: Outcome) => string} [errorMessage]  By default (see {@link defaultErrorMessage}) the
+ *   problem document's title and detail, or the status; when the outcome is unconfirmed, that trying again is safe;
+ *   when the server said it is unknown, that it may have been done and must not be done again another way.
  * @property {string | ((outcome: Outcome) => string | null)} [redirect]  Where to go after a success.
  * @property {boolean} [again=false]  Allow another submission after a success (with a new key); by default the
  *   button stays disabled after a success, as for a payment.
  * @property {"unknown-keeps" | "always"} [rekey="unknown-keeps"]  After a failure, a new key is generated unless the
- *   outcome is unknown (then submitting again is a safe retry of the same operation, never a second one);
- *   `"always"` generates one after every failure.
+ *   operation may have happened (`outcome` `unconfirmed`, `unknown` or `not-stored`: then submitting again is a
+ *   safe retry of the same operation, never a second one). `"always"` generates one after every failure except
+ *   where the server itself said that the operation may have happened or did (`unknown`, `not-stored`).
  * @property {FetchOptions} [fetchOptions]  Passed on to {@link idempotentFetch} (attempts, timeout, ...).
  * @property {(location: string) => void} [navigate]  For tests: how to follow `redirect`.
  */
@@ -368,7 +440,9 @@ export function outcomeUnknown(response) {
  * - `statechange` `{state, previous, key}`; the target's `data-idempo-state` attribute follows the state too;
  * - `key` `{key}` whenever the current key changes;
  * - `attempt` (an {@link AttemptInfo}) before each attempt, and `result` (a {@link ResultInfo}) after it;
- * - `success` and `fail` (an {@link Outcome}) when a submission ends.
+ * - `success` and `fail` (an {@link Outcome}) when a submission ends; `detail.outcome` says how (for a FAIL,
+ *   `"unknown"` is the server saying it does not know whether the operation happened: "we don't know whether your
+ *   payment went through; don't pay again").
  */
 export class SubmitController extends EventTarget {
   /**
@@ -435,17 +509,23 @@ export class SubmitController extends EventTarget {
       this._inFlight = null;
     }
     const ok = response !== null && response.ok;
+    const body = response === null ? null : await readBody(response);
+    const problem =
+      response !== null && isProblemType(response.headers.get("Content-Type")) && isObject(body) ? body : null;
+    const kind = outcomeKind(response, problem);
     /** @type {Outcome} */
     const outcome = {
       key,
       response,
-      body: response === null ? null : await readBody(response),
+      body,
+      problem,
       error,
-      unknown: !ok && outcomeUnknown(response),
+      outcome: kind,
+      unknown: kind === "unconfirmed" || kind === "unknown",
     };
     if (ok) {
       this._go("succeed");
-      this._message(resolveText(this.options.successMessage ?? "Done.", outcome), "success");
+      this._message(resolveText(this.options.successMessage ?? "Done.", outcome) ?? "", "success");
       if (this.options.again) this._setKey(newKey());
       this._emit("success", outcome);
       const target = resolveText(this.options.redirect ?? null, outcome);
@@ -453,7 +533,7 @@ export class SubmitController extends EventTarget {
     } else {
       this._go("fail");
       this._message((this.options.errorMessage ?? defaultErrorMessage)(outcome), "error");
-      if (!outcome.unknown || this.options.rekey === "always") this._setKey(newKey());
+      if (kind === "failed" || (kind === "unconfirmed" && this.options.rekey === "always")) this._setKey(newKey());
       this._emit("fail", outcome);
     }
     return ok;
@@ -539,9 +619,10 @@ export class SubmitController extends EventTarget {
  * The key is generated at once (READY). A submission disables the button and sets `aria-busy="true"` on it
  * (style a spinner with `[aria-busy="true"]`), and sends the request with {@link idempotentFetch}, whose retries
  * reuse the key. A 2xx is SUCCESS: `successMessage` is shown, and `redirect` followed. Anything else is FAIL: the
- * error is shown, the button enabled again, and a new key generated, except when the outcome is unknown (no
- * response, or a final 409, 502, 503 or 504): then the key is kept, so that submitting again can only replay
- * or finish the same operation, never run a second one.
+ * error is shown, the button enabled again, and a new key generated, except when the operation may have happened
+ * (no response, a final 409, 502, 503 or 504, the server's 503 outcome-unknown, or its 410 response-not-stored):
+ * then the key is kept, so that submitting again can only replay or finish the same operation, never run a second
+ * one. The `fail` event's `detail.outcome` tells these cases apart ({@link OutcomeKind}).
  *
  * @param {Element} target  A `<form>`, or a button.
  * @param {SubmitOptions} [options]
@@ -567,6 +648,30 @@ function defaultRequest(target) {
   const form = /** @type {HTMLFormElement} */ (target);
   const method = (form.getAttribute("method") ?? "POST").toUpperCase();
   return { url: form.action, init: { method: method === "GET" ? "POST" : method, body: new FormData(form) } };
+}
+
+/** @param {unknown} value @returns {value is object} */
+function isObject(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value);
+}
+
+/**
+ * How a submission that got *response* (or none) ended; *problem* is its parsed problem document, if any.
+ * @param {Response | null} response
+ * @param {object | null} problem
+ * @returns {OutcomeKind}
+ */
+function outcomeKind(response, problem) {
+  if (response !== null && response.ok) return "success";
+  if (response !== null && isOutcomeUnknownProblem(response.status, problem)) return "unknown";
+  if (response !== null && response.status === 410 && isNotStoredProblem(problem)) return "not-stored";
+  return outcomeUnknown(response) ? "unconfirmed" : "failed";
+}
+
+/** @param {object | null} problem @returns {boolean} */
+function isNotStoredProblem(problem) {
+  const type = /** @type {{type?: unknown} | null} */ (problem)?.type;
+  return typeof type === "string" && type.endsWith("response-not-stored");
 }
 
 /** @param {Response} response @returns {Promise<unknown>} */
@@ -598,12 +703,22 @@ function resolveText(value, outcome) {
 
 /**
  * The default error message: what the server said (an RFC 9457 problem's title and detail, or the status), or,
- * when the outcome is unknown, that trying again is safe.
+ * when the outcome is unconfirmed, that trying again is safe. When the server said that it does not know whether the
+ * operation happened, or that it happened without its response being kept, it says that instead of any detail.
  * @param {Outcome} outcome
  * @returns {string}
  */
 export function defaultErrorMessage(outcome) {
-  const { response, body, unknown } = outcome;
+  const { response, body } = outcome;
+  if (outcome.outcome === "unknown") {
+    return "We don't know whether this went through: it may have been done. Don't do it again; check its status later.";
+  }
+  if (outcome.outcome === "not-stored") {
+    const status = /** @type {{original_status?: unknown}} */ (outcome.problem ?? {}).original_status;
+    const what = typeof status === "number" && status > 0 ? ` (status ${status})` : "";
+    return `This was already done${what}, but its result cannot be shown again. It will not be done twice.`;
+  }
+  const unknown = outcome.outcome === "unconfirmed";
   const again = "Trying again is safe: it will not be done twice.";
   if (response === null) {
     const what = outcome.error instanceof DOMException && outcome.error.name === "TimeoutError" ? "no answer in time" : "the network failed";
