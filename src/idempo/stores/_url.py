@@ -65,6 +65,21 @@ class StoreURL:
             msg = f"option {name}={value!r} of {redact(self.raw)!r} is not a whole number"
             raise ConfigurationError(msg) from None
 
+    def bool_option(self, name: str, default: bool) -> bool:
+        """A query option that must be a yes or a no: ``true``/``false``, ``1``/``0``, ``yes``/``no``,
+        ``on``/``off`` (any case)."""
+        value = self.options.get(name)
+        if value is None:
+            return default
+        answer = _BOOLEANS.get(value.lower())
+        if answer is None:
+            msg = f"option {name}={value!r} of {redact(self.raw)!r} is not true or false"
+            raise ConfigurationError(msg)
+        return answer
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
 
 def parse_store_url(url: str) -> StoreURL:
     """Split *url*. Raises :class:`ConfigurationError` if it has no scheme."""
