@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib.resources
+import logging
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ from idempo import (
     store_from_url,
 )
 from idempo.stores import ScanningStore, SyncScanningStore, parse_store_url
+from idempo.stores import _redis_eviction as eviction_module
 from idempo.stores import redis as redis_module
 from idempo.stores._scan import run_plan
 from idempo.stores.redis import RedisStore, SyncRedisStore
@@ -53,6 +55,7 @@ from idempo.testing import StoreConformance
 
 from .conftest import REDIS_URL, with_options
 from .redis_cluster import RedisServer, free_port
+from .redis_support import OOM_MARKER, config_reads, fill_up, nodes_of, set_policy
 
 RUN_PREFIX = f"idempo-test-{uuid.uuid4().hex[:12]}:"
 """Every key this module writes to the shared server starts with this (and expires by TTL)."""
@@ -459,6 +462,8 @@ async def test_cluster_url_with_several_hosts() -> None:
         ("redis+cluster://:secret@h:1", {"no_such_option": 1}, "RedisCluster"),
         ("redis://:secret@h", {"socket_timeout": None}, "positive"),
         ("redis://:secret@h", {"prefix": 3}, "prefix must be a string"),
+        ("redis://:secret@h?eviction=sometimes", {}, "eviction must be one of refuse, warn, ignore"),
+        ("redis://:secret@h", {"eviction": "Refuse"}, "eviction must be one of"),
     ],
 )
 def test_invalid_urls_and_options(url: str, options: dict[str, Any], message: str) -> None:
@@ -691,4 +696,281 @@ async def test_a_scan_of_an_unreachable_server_is_a_store_error() -> None:
             [record async for record in store.scan()]
         with pytest.raises(StoreError, match="scan failed"):
             list(store.sync().scan())
+    await store.close()
+
+
+# -- a claim's token drawn by the caller ------------------------------------------------------------------------------
+
+
+async def test_a_claim_takes_the_token_its_caller_drew(redis_url: str) -> None:
+    """The middleware draws the token when it must be able to release a claim whose reply it never got."""
+    store = open_url(prefixed(redis_url, "token:"))
+    key = uuid.uuid4().hex
+    assert await store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller") == Acquired(
+        "drawn-by-the-caller"
+    )
+    record = await store.get(key)
+    assert record is not None
+    assert record.token == "drawn-by-the-caller"
+    # The claim sent again (its first reply was lost) still owns the key; anyone else's finds it held.
+    assert await store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller") == Acquired(
+        "drawn-by-the-caller"
+    )
+    assert isinstance(await store.claim(key, "fp", lease=30, ttl=60, token="another"), Existing)
+    assert await store.release(key, "drawn-by-the-caller")
+    assert await store.get(key) is None
+    with pytest.raises(ValueError, match="must not be empty"):
+        await store.claim(key, "fp", lease=30, ttl=60, token="")
+    await store.close()
+
+
+# -- eviction: a server that may drop records ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rechecks(monkeypatch: pytest.MonkeyPatch) -> Callable[[float, float], None]:
+    """Set how long a refusal and a pass hold before the store reads the policy again."""
+
+    def set_rechecks(refused: float, passed: float) -> None:
+        monkeypatch.setattr(eviction_module, "RECHECK_REFUSED", refused)
+        monkeypatch.setattr(eviction_module, "RECHECK_PASSED", passed)
+
+    return set_rechecks
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru", "volatile-ttl", "allkeys-random"])
+async def test_an_evicting_policy_refuses_claims_by_default(private_redis: RedisServer, policy: str) -> None:
+    with private_redis.client() as admin:
+        set_policy(admin, policy, "10mb")
+        store = open_url(private_redis.url)
+        with pytest.raises(StoreError) as raised:
+            await store.claim("k", "fp", lease=30, ttl=60)
+        message = str(raised.value)
+        assert f"claim refused: {private_redis.url!r} runs maxmemory-policy {policy} with maxmemory 10485760" in message
+        assert "set `maxmemory-policy noeviction`" in message
+        assert "eviction='warn' or eviction='ignore' (?eviction=warn in the URL)" in message
+        assert admin.exists("idempo:k") == 0  # nothing was claimed
+    await store.close()
+
+
+@pytest.mark.parametrize(("policy", "maxmemory"), [("noeviction", "10mb"), ("allkeys-lru", "0")])
+async def test_noeviction_or_no_limit_keeps_records_and_passes(
+    private_redis: RedisServer, policy: str, maxmemory: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``maxmemory 0`` is no limit: an evicting policy then never evicts."""
+    with private_redis.client() as admin:
+        set_policy(admin, policy, maxmemory)
+    for eviction in ("refuse", "warn"):
+        store = open_url(with_options(private_redis.url, eviction=eviction, prefix=f"{eviction}:"))
+        with caplog.at_level(logging.WARNING, logger="idempo"):
+            claim = await store.claim("k", "fp", lease=30, ttl=60)
+        assert isinstance(claim, Acquired)
+        assert await store.complete("k", claim.token, b"done", ttl=60)
+        await store.close()
+    assert caplog.records == []
+
+
+async def test_warn_logs_once_per_store_and_claims_go_ahead(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture, rechecks: Callable[[float, float], None]
+) -> None:
+    rechecks(0, 0)  # the policy is read again before every claim: still one warning
+    with private_redis.client() as admin:
+        set_policy(admin, "volatile-lru", "10mb")
+    store = open_url(with_options(private_redis.url, eviction="warn"))
+    with caplog.at_level(logging.WARNING, logger="idempo"):
+        for index in range(3):
+            claim = await store.claim(f"k{index}", "fp", lease=30, ttl=60)
+            assert isinstance(claim, Acquired)
+    (warning,) = caplog.records
+    assert "eviction='warn', claims go ahead" in warning.getMessage()
+    assert "maxmemory-policy volatile-lru with maxmemory 10485760" in warning.getMessage()
+    assert "set `maxmemory-policy noeviction`" in warning.getMessage()
+    await store.close()
+
+
+async def test_ignore_never_reads_the_policy(private_redis: RedisServer) -> None:
+    with private_redis.client() as admin:
+        set_policy(admin, "allkeys-lru", "10mb")
+        reads = config_reads(admin)
+        store = open_url(private_redis.url, eviction="ignore")
+        for index in range(3):
+            assert isinstance(await store.claim(f"k{index}", "fp", lease=30, ttl=60), Acquired)
+        assert config_reads(admin) == reads
+    await store.close()
+
+
+async def test_a_policy_fixed_at_runtime_is_picked_up(
+    private_redis: RedisServer, rechecks: Callable[[float, float], None]
+) -> None:
+    """A refusal holds for a while without a round trip, then the policy is read again; a pass is not read again
+    on every claim."""
+    rechecks(3600, 3600)
+    with private_redis.client() as admin:
+        set_policy(admin, "volatile-lru", "10mb")
+        store = open_url(private_redis.url)
+        reads = config_reads(admin)
+        for _ in range(20):
+            with pytest.raises(StoreError, match="claim refused"):
+                await store.claim("k", "fp", lease=30, ttl=60)
+        assert config_reads(admin) == reads + 1  # one read; the refusal held for the other 19 claims
+        admin.config_set("maxmemory-policy", "noeviction")  # the operator fixes it
+        with pytest.raises(StoreError, match="claim refused"):
+            await store.claim("k", "fp", lease=30, ttl=60)  # the refusal still holds
+        rechecks(0, 3600)  # its time is up
+        claim = await store.claim("k", "fp", lease=30, ttl=60)
+        assert isinstance(claim, Acquired)
+        assert config_reads(admin) == reads + 2
+        for index in range(20):
+            assert isinstance(await store.claim(f"more-{index}", "fp", lease=30, ttl=60), Acquired)
+        assert config_reads(admin) == reads + 2  # the pass holds
+        # An evicting policy set at runtime is found at the next check: new claims are refused, but the claim
+        # already taken is still completed (its operation ran: its outcome must be recorded).
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        rechecks(3600, 0)
+        with pytest.raises(StoreError, match="runs maxmemory-policy allkeys-lru"):
+            await store.claim("new", "fp", lease=30, ttl=60)
+        assert await store.complete("k", claim.token, b"done", ttl=60)
+        assert await store.renew("more-0", "not-the-token", lease=30) is False  # it reached the server
+        record = await store.get("k")
+        assert record is not None
+        assert record.payload == b"done"
+    await store.close()
+
+
+async def test_without_config_the_policy_is_read_from_info(tmp_path: Path) -> None:
+    """Managed Redis often disables CONFIG: ``INFO memory`` tells the same."""
+    args = ("--maxmemory", "10mb", "--maxmemory-policy", "volatile-lru", "--rename-command", "CONFIG", "")
+    server = RedisServer(tmp_path, args=args)
+    try:
+        server.start()
+        store = open_url(server.url)
+        with pytest.raises(StoreError) as raised:
+            await store.claim("k", "fp", lease=30, ttl=60)
+        assert "runs maxmemory-policy volatile-lru with maxmemory 10485760" in str(raised.value)
+        await store.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("eviction", ["refuse", "warn", "ignore"])
+async def test_a_policy_that_cannot_be_read_is_said(
+    tmp_path: Path, eviction: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user allowed neither CONFIG nor INFO: the store cannot know, says so, and refuses unless told otherwise."""
+    server = RedisServer(tmp_path)
+    try:
+        server.start()
+        with server.client() as admin:
+            admin.acl_setuser(
+                "app", enabled=True, passwords=["+app-secret"], keys=["*"], commands=["+@all", "-config", "-info"]
+            )
+        store = open_url(f"redis://app:app-secret@127.0.0.1:{server.port}/0?eviction={eviction}")
+        with caplog.at_level(logging.WARNING, logger="idempo"):
+            if eviction == "refuse":
+                with pytest.raises(StoreError) as raised:
+                    await store.claim("k", "fp", lease=30, ttl=60)
+                said = str(raised.value)
+            else:
+                assert isinstance(await store.claim("k", "fp", lease=30, ttl=60), Acquired)
+                said = " ".join(record.getMessage() for record in caplog.records)
+        if eviction == "ignore":
+            assert said == ""
+        else:
+            assert "could not be read (CONFIG GET: NoPermissionError" in said
+            assert "INFO memory: NoPermissionError" in said
+            assert "let the store's Redis user run CONFIG GET or INFO" in said
+            assert "app-secret" not in said
+        await store.close()
+    finally:
+        server.kill()
+
+
+async def test_the_policy_is_read_on_every_primary_of_a_cluster(redis_cluster_url: str) -> None:
+    nodes = nodes_of(redis_cluster_url)
+    admins = [redis.Redis(host=host, port=port) for host, port in nodes]
+    try:
+        before = [config_reads(admin) for admin in admins]
+        store = open_url(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
+        assert isinstance(await store.claim("k", "fp", lease=30, ttl=60), Acquired)
+        assert [config_reads(admin) for admin in admins] == [count + 1 for count in before]
+        await store.close()
+        set_policy(admins[1], "volatile-lru", "1gb")  # one primary of three evicts
+        store = open_url(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
+        with pytest.raises(StoreError) as raised:
+            await store.claim("k", "fp", lease=30, ttl=60)
+        host, port = nodes[1]
+        said = str(raised.value).partition("claim refused: ")[2]  # after the store's URL, which names every node
+        assert said.startswith(f"{host}:{port} runs maxmemory-policy volatile-lru with maxmemory 1073741824 bytes.")
+        assert all(f":{other}" not in said for _, other in nodes[::2])
+        await store.close()
+    finally:
+        set_policy(admins[1], "noeviction", "0")
+        for admin in admins:
+            admin.close()
+
+
+# -- a full server (maxmemory under noeviction) ---------------------------------------------------------------------
+
+
+async def test_a_full_server_starts_nothing_new_but_records_what_ran(private_redis: RedisServer) -> None:
+    """At maxmemory: claims (of a new key, or taking over a stale one) and large completes are refused, while a
+    small complete (the middleware's "not stored" marker), a renewal, a release and replays go through, even when
+    the server has to load their scripts again."""
+    store = open_url(private_redis.url)
+    running = await store.claim("running", "fp", lease=30, ttl=60)
+    failed = await store.claim("failed", "fp", lease=30, ttl=60)
+    stale = await store.claim("stale", "fp", lease=0, ttl=60)  # its lease has run out: any claim takes it over
+    assert isinstance(running, Acquired)
+    assert isinstance(failed, Acquired)
+    assert isinstance(stale, Acquired)
+    fill_up(private_redis)
+    with private_redis.client() as admin:
+        admin.script_flush()
+    for key in ("new", "stale"):
+        with pytest.raises(StoreError, match="claim failed: OutOfMemoryError") as raised:
+            await store.claim(key, "fp", lease=30, ttl=60)
+        assert isinstance(raised.value.__cause__, redis.exceptions.OutOfMemoryError)
+    assert await store.get("new") is None
+    record = await store.get("stale")
+    assert record is not None
+    assert (record.state, record.token) == (State.IN_PROGRESS, stale.token)  # untouched
+    assert await store.renew("running", running.token, lease=30)
+    large = b"r" * (redis_module.OOM_PAYLOAD_LIMIT + 1)
+    with pytest.raises(StoreError, match="complete failed: OutOfMemoryError"):
+        await store.complete("running", running.token, large, ttl=60)
+    assert await store.complete("running", running.token, OOM_MARKER, ttl=60)
+    record = await store.get("running")
+    assert record is not None
+    assert (record.state, record.payload) == (State.COMPLETED, OOM_MARKER)
+    replay = await store.claim("running", "fp", lease=30, ttl=60)
+    assert isinstance(replay, Existing)
+    assert replay.record.payload == OOM_MARKER
+    assert await store.release("failed", failed.token)
+    assert await store.get("failed") is None
+    await store.close()
+
+
+async def test_a_server_without_script_flags_gets_the_plain_scripts(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis 6 cannot compile a shebang ("Error compiling script"): renew and the small complete then run the
+    plain scripts, and at maxmemory they fail like the others. (Redis 7 answers the same error to a header that is
+    no shebang, which stands in for Redis 6 here.)"""
+    monkeypatch.setattr(redis_module, "_ALLOW_OOM", "#\n")
+    store = open_url(private_redis.url)
+    claim = await store.claim("k", "fp", lease=30, ttl=60)
+    assert isinstance(claim, Acquired)
+    with caplog.at_level(logging.WARNING, logger="idempo"):
+        assert await store.renew("k", claim.token, lease=30)
+        assert await store.complete("k", claim.token, OOM_MARKER, ttl=60)
+    (warning,) = caplog.records
+    assert "does not take script flags (Redis < 7)" in warning.getMessage()
+    scripts = store._bound().scripts
+    assert scripts["renew_at_oom"] is scripts["renew"]
+    assert scripts["complete_at_oom"] is scripts["complete"]
+    other = await store.claim("other", "fp", lease=30, ttl=60)
+    assert isinstance(other, Acquired)
+    fill_up(private_redis)
+    with pytest.raises(StoreError, match="complete failed: OutOfMemoryError"):
+        await store.complete("other", other.token, OOM_MARKER, ttl=60)
     await store.close()

@@ -295,7 +295,7 @@ def test_the_same_scripts_as_the_async_store(redis_url: str) -> None:
 
     sync_shas = {name: script.sha for name, script in sync._bound()[1].items()}
     assert sync_shas == asyncio.run(async_shas())
-    assert set(sync_shas) == {"claim", "renew", "complete", "release"}
+    assert set(sync_shas) == {"claim", "renew", "complete", "release", "renew_at_oom", "complete_at_oom"}
     sync.close()
 
 

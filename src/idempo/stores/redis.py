@@ -14,8 +14,22 @@ One clock. The scripts read the time from the server (``TIME``), never from the 
 clocks disagree still agree on when a lease or a record ran out. Redis drops a record itself when it expires
 (``PEXPIREAT``), which is why ``purge_expired`` has nothing to do.
 
-Tokens are drawn by the client (:func:`~idempo._core.records.new_token`) and passed to ``claim``, which makes a
-claim safe to send twice: one that finds the key held with its own token reports it acquired.
+Tokens are drawn by the client (:func:`~idempo._core.records.new_token`, or by the caller: ``claim(...,
+token=...)``) and passed to ``claim``, which makes a claim safe to send twice: one that finds the key held with its
+own token reports it acquired.
+
+Eviction. Under a ``maxmemory-policy`` that evicts, Redis drops records silently at ``maxmemory`` and their retries
+run again, so a store reads the policy of its server (of every primary of a cluster) before its first claim and
+then from time to time, and by default refuses to claim while it evicts (``eviction=``; see ``._redis_eviction``).
+
+At maxmemory (``noeviction``). Redis refuses a script's first write that may grow memory, so a claim (whose first
+write is its ``HSET``) fails: nothing new starts. A claim that finds a record, ``get``, ``release`` and ``delete``
+(``DEL`` frees memory) still work. ``renew``, and ``complete`` with a payload of at most
+:data:`OOM_PAYLOAD_LIMIT` bytes (the middleware's "response not stored" marker), run a variant of their script
+headed by ``#!lua flags=allow-oom`` (Redis 7), which may write anyway: each overwrites or replaces fields of the
+record (the token it clears is longer than such a payload), so the record barely grows, and an operation that ran
+is recorded. A larger ``complete`` fails, so that its caller falls back to the marker. A server without script flags
+(Redis 6) cannot compile a shebang: the store then runs the plain scripts on it, and at maxmemory those fail too.
 
 Failures are bounded. Every socket read waits at most ``socket_timeout`` seconds and every connect at most
 ``socket_connect_timeout``; a command is retried once, and only after a connection error (e.g. a pooled connection
@@ -41,8 +55,9 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import inspect
+import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeAlias, TypeVar
@@ -51,6 +66,16 @@ from urllib.parse import unquote
 from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, State, new_token
 from . import require
+from ._redis_eviction import (
+    DEFAULT_EVICTION,
+    ConfigGet,
+    Eviction,
+    Guard,
+    InfoMemory,
+    Reading,
+    check_mode,
+    readings_plan,
+)
 from ._scan import ScanPlan, check_limit, glob_prefix, run_plan, run_plan_async
 from ._url import StoreURL, redact
 
@@ -63,18 +88,35 @@ if TYPE_CHECKING:
     Client: TypeAlias = Redis | RedisCluster
     SyncClient: TypeAlias = redis.Redis | redis.cluster.RedisCluster
 
-__all__ = ["RedisStore", "SyncRedisStore"]
+__all__ = ["OOM_PAYLOAD_LIMIT", "RedisStore", "SyncRedisStore"]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger("idempo")
 
 DEFAULT_PREFIX = "idempo:"
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_CONNECT_TIMEOUT = 1.0
 _DEFAULT_PORT = 6379
 _SCRIPTS = ("claim", "renew", "complete", "release")
+_AT_OOM = ("renew", "complete")  # each also registered as "<name>_at_oom": its script headed by _ALLOW_OOM
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+_NO_FLAGS = "Error compiling script"  # what a server without script flags (Redis 6) answers to a shebang
+OOM_PAYLOAD_LIMIT = 64
+"""A ``complete`` whose payload is at most this many bytes is written even when the server is at ``maxmemory``
+(``noeviction``): the record then grows by less than the token it loses, and keeps Redis's compact hash encoding
+(``hash-max-listpack-value`` is 64 by default). Larger payloads fail there, so that their caller records a marker."""
 _FIELDS = ("state", "fingerprint", "token", "created_at", "lease_expires_at", "expires_at", "payload")
 _STATES = {b"in_progress": State.IN_PROGRESS, b"completed": State.COMPLETED}
-_URL_OPTIONS = ("prefix", "timeout", "connect_timeout", "ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname")
+_URL_OPTIONS = (
+    "prefix",
+    "eviction",
+    "timeout",
+    "connect_timeout",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_check_hostname",
+)
 _SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname")
 _SCAN_COUNT = 200  # SCAN's COUNT hint: keys looked at per SCAN call, and so at most records per pipeline
 
@@ -109,22 +151,27 @@ def _record(key: str, fields: Sequence[Any]) -> Record:
 
 @dataclass(frozen=True, slots=True)
 class _Op(Generic[_T]):
-    """One operation: what it sends (the script *name* with *args* on *key*, or for ``get``/``delete`` one command)
+    """One operation, *name*: what it sends (*script* with *args* on *key*, or for ``get``/``delete`` one command)
     and what its reply means (*parse*). :class:`RedisStore` awaits it, :class:`SyncRedisStore` blocks on it."""
 
     name: str
     key: str
     args: tuple[Any, ...]
     parse: Callable[[Any], _T]
+    script: str = ""
 
 
-def _claim(key: str, fingerprint: str, lease: float, ttl: float) -> _Op[Claim]:
-    token = new_token()
+def _claim(key: str, fingerprint: str, lease: float, ttl: float, token: str | None) -> _Op[Claim]:
+    if token is None:
+        token = new_token()
+    elif not token:
+        msg = "a claim's token must not be empty (a completed record's token is empty)"
+        raise ValueError(msg)
 
     def parse(reply: Any) -> Claim:
         return Acquired(token) if reply == 1 else Existing(_record(key, reply))
 
-    return _Op("claim", key, (fingerprint, token, _ms(lease), _ms(ttl)), parse)
+    return _Op("claim", key, (fingerprint, token, _ms(lease), _ms(ttl)), parse, "claim")
 
 
 def _done(reply: Any) -> bool:
@@ -132,15 +179,16 @@ def _done(reply: Any) -> bool:
 
 
 def _renew(key: str, token: str, lease: float) -> _Op[bool]:
-    return _Op("renew", key, (token, _ms(lease)), _done)
+    return _Op("renew", key, (token, _ms(lease)), _done, "renew_at_oom")
 
 
 def _complete(key: str, token: str, payload: bytes, ttl: float) -> _Op[bool]:
-    return _Op("complete", key, (token, payload, _ms(ttl)), _done)
+    script = "complete_at_oom" if len(payload) <= OOM_PAYLOAD_LIMIT else "complete"
+    return _Op("complete", key, (token, payload, _ms(ttl)), _done, script)
 
 
 def _release(key: str, token: str) -> _Op[bool]:
-    return _Op("release", key, (token,), _done)
+    return _Op("release", key, (token,), _done, "release")
 
 
 def _get(key: str) -> _Op[Record | None]:
@@ -158,7 +206,26 @@ def _send(client: Any, scripts: dict[str, Any], prefix: str, op: _Op[Any]) -> An
     if op.name == "delete":
         return client.delete(prefix + op.key)
     # EVALSHA; redis-py's Script loads the script again when the server answers NOSCRIPT.
-    return scripts[op.name](keys=[prefix + op.key], args=op.args)
+    return scripts[op.script](keys=[prefix + op.key], args=op.args)
+
+
+def _without_flags(scripts: dict[str, Any], op: _Op[Any], exc: Exception, where: str) -> bool:
+    """Whether *op* failed only because the server cannot compile its script's shebang (Redis 6). If so, its
+    ``*_at_oom`` scripts are replaced by the plain ones in *scripts* for good, and *op* may be sent again (its script
+    never ran)."""
+    if not op.script.endswith("_at_oom") or _NO_FLAGS not in str(exc):
+        return False
+    if scripts[op.script] is scripts[op.name]:
+        return False  # the plain script failed to compile: not a matter of flags
+    for name in _AT_OOM:
+        scripts[f"{name}_at_oom"] = scripts[name]
+    logger.warning(
+        "idempo: Redis store %s: the server does not take script flags (Redis < 7), so at maxmemory renewals and "
+        "the small 'response not stored' marker cannot be written either (%s)",
+        where,
+        exc,
+    )
+    return True
 
 
 # -- scan, written once for both stores: a plan of requests (see ._scan) --------------------------------------------
@@ -237,14 +304,18 @@ def _scanned(raw: bytes, store_prefix: str, fields: Sequence[Any]) -> Record | N
     return _record(key[len(store_prefix) :], fields)
 
 
-def _send_scan(client: Any, request: _ScanRequest) -> Any:
-    """Send a scan's *request* on *client*: its result from a sync client, an awaitable of it from an async one
-    (except ``_Nodes``, answered at once)."""
+def _send_request(client: Any, request: _ScanRequest | ConfigGet | InfoMemory) -> Any:
+    """Send *request* (of a scan or of the eviction check) on *client*: its result from a sync client, an awaitable
+    of it from an async one (except ``_Nodes``, answered at once)."""
     cluster = hasattr(client, "get_primaries")
     if isinstance(request, _Nodes):
         return client.get_primaries() if cluster else [None]
-    if isinstance(request, _ScanKeys):
+    if isinstance(request, _ScanKeys | ConfigGet | InfoMemory):
         where = {"target_nodes": request.node} if cluster else {}
+        if isinstance(request, ConfigGet):
+            return client.config_get("maxmemory*", **where)
+        if isinstance(request, InfoMemory):
+            return client.info("memory", **where)
         return client.scan(cursor=request.cursor, match=request.match, count=request.batch, _type="hash", **where)
     if not isinstance(request, _Fetch):  # pragma: no cover - no other requests
         raise TypeError(request)
@@ -255,8 +326,52 @@ def _send_scan(client: Any, request: _ScanRequest) -> Any:
 
 
 def _register(client: Any) -> dict[str, Any]:
-    """The store's scripts, registered on *client* (sync or async)."""
-    return {name: client.register_script(_script(name)) for name in _SCRIPTS}
+    """The store's scripts, registered on *client* (sync or async): each under its name, and the variants that may
+    write at maxmemory under ``<name>_at_oom``. (Registering computes a digest; the server loads a script when it is
+    first run.)"""
+    scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
+    for name in _AT_OOM:
+        scripts[f"{name}_at_oom"] = client.register_script(_ALLOW_OOM + _script(name))
+    return scripts
+
+
+def _eviction_check(client: Any, where: str) -> Generator[_Nodes | ConfigGet | InfoMemory, Any, list[Reading]]:
+    """The eviction check on *client*: its primaries (or its one server, named *where*), then their policies."""
+    nodes = yield _Nodes()
+    return (yield from readings_plan(nodes, lambda node: where if node is None else node.name))
+
+
+def _check_sync(client: SyncClient, where: str, refused: type[Exception]) -> list[Reading]:
+    """Run the eviction check with blocking calls. A server's error reply (*refused*) goes to the plan."""
+    plan = _eviction_check(client, where)
+    reply: Any = None
+    while True:
+        try:
+            request = plan.send(reply)
+        except StopIteration as done:
+            readings: list[Reading] = done.value
+            return readings
+        try:
+            reply = _send_request(client, request)
+        except refused as exc:
+            reply = exc
+
+
+async def _check_async(client: Client, where: str, refused: type[Exception]) -> list[Reading]:
+    """Run the eviction check in an event loop, as :func:`_check_sync` does."""
+    plan = _eviction_check(client, where)
+    reply: Any = None
+    while True:
+        try:
+            request = plan.send(reply)
+        except StopIteration as done:
+            readings: list[Reading] = done.value
+            return readings
+        try:
+            sent = _send_request(client, request)
+            reply = await sent if inspect.isawaitable(sent) else sent
+        except refused as exc:
+            reply = exc
 
 
 def _check_client(client: Any) -> None:
@@ -432,9 +547,9 @@ def _retry(retry_class: Callable[..., _T]) -> _T:
     return retry_class(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
-def _parse_url(url: StoreURL, options: dict[str, Any]) -> tuple[str, _ClientOptions]:
-    """The prefix and client options of a ``redis://``, ``rediss://`` or ``redis+cluster://`` URL, with keyword
-    *options* overriding its query (see :meth:`RedisStore.from_url`)."""
+def _parse_url(url: StoreURL, options: dict[str, Any]) -> tuple[str, Eviction, _ClientOptions]:
+    """The prefix, eviction mode and client options of a ``redis://``, ``rediss://`` or ``redis+cluster://`` URL,
+    with keyword *options* overriding its query (see :meth:`RedisStore.from_url`)."""
     where = redact(url.raw)
     unknown = sorted(set(url.options) - set(_URL_OPTIONS))
     if unknown:
@@ -444,6 +559,7 @@ def _parse_url(url: StoreURL, options: dict[str, Any]) -> tuple[str, _ClientOpti
     cluster = url.scheme == "redis+cluster"
     tls = url.scheme == "rediss"
     prefix = options.pop("prefix", url.option("prefix", DEFAULT_PREFIX))
+    eviction = check_mode(options.pop("eviction", url.option("eviction", DEFAULT_EVICTION)))
     client_options: dict[str, Any] = {
         "socket_timeout": url.float_option("timeout", DEFAULT_TIMEOUT),
         "socket_connect_timeout": url.float_option("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
@@ -489,7 +605,7 @@ def _parse_url(url: StoreURL, options: dict[str, Any]) -> tuple[str, _ClientOpti
     if not isinstance(prefix, str):
         msg = f"prefix must be a string, not {prefix!r}"
         raise ConfigurationError(msg)
-    return prefix, _ClientOptions(url, cluster, nodes, client_options)
+    return prefix, eviction, _ClientOptions(url, cluster, nodes, client_options)
 
 
 class RedisStore:
@@ -509,20 +625,34 @@ class RedisStore:
             callable that makes one, which the store calls lazily, once in each event loop that uses it, and whose
             clients :meth:`close` closes.
         prefix: prepended to every store key to make the Redis key (``"idempo:"`` by default).
+        eviction: what to do when the server (any primary of a cluster) may evict records: its
+            ``maxmemory-policy`` evicts (``volatile-*``, ``allkeys-*``) under a ``maxmemory`` limit, or the policy
+            cannot be read (neither ``CONFIG GET`` nor ``INFO`` allowed). ``"refuse"`` (the default): claims fail
+            with a :class:`~idempo.StoreError` that says what to set, until the server is fixed (the store looks
+            again a second later); renewing, completing and releasing claims already taken, and reading records,
+            still work. ``"warn"``: one warning in the log, then claims go ahead. ``"ignore"``: never looks.
 
     Raises:
         MissingDependency: redis-py is not installed (``pip install 'idempo[redis]'``).
-        ConfigurationError: the client decodes responses.
+        ConfigurationError: the client decodes responses, or *eviction* is not one of the three.
 
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, client: Client | Callable[[], Client], *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        client: Client | Callable[[], Client],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        eviction: Eviction = DEFAULT_EVICTION,
+    ) -> None:
         require("redis", extra="redis")
         from redis.asyncio import Redis, RedisCluster
+        from redis.exceptions import ResponseError
 
         self._prefix = prefix
         self._errors = _errors()
+        self._response_error = ResponseError
         self._lock = threading.Lock()
         self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
         self._shared: _Bound | None = None
@@ -536,6 +666,7 @@ class RedisStore:
         else:
             self._factory = client
             self._where = repr(client)
+        self._guard = Guard(check_mode(eviction), self._where)
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
@@ -546,26 +677,28 @@ class RedisStore:
           ``required``), ``ssl_ca_certs`` (a file), ``ssl_check_hostname`` (``true``/``false``)
         * ``redis+cluster://[[user]:password@]host:port[,host:port...]``: a Redis Cluster, found from these nodes
 
-        Query options: ``prefix`` (default ``idempo:``), ``timeout`` (seconds a reply may take, default 2) and
-        ``connect_timeout`` (seconds a connection may take, default 1). Keyword *options* override them:
-        ``prefix``, ``socket_timeout``, ``socket_connect_timeout``, and any other keyword of redis-py's ``Redis``
-        or ``RedisCluster``, passed on to it (e.g. ``max_connections``, ``ssl_ca_data``).
+        Query options: ``prefix`` (default ``idempo:``), ``eviction`` (``refuse``, ``warn`` or ``ignore``; see
+        the class), ``timeout`` (seconds a reply may take, default 2) and ``connect_timeout`` (seconds a connection
+        may take, default 1). Keyword *options* override them: ``prefix``, ``eviction``, ``socket_timeout``,
+        ``socket_connect_timeout``, and any other keyword of redis-py's ``Redis`` or ``RedisCluster``, passed on
+        to it (e.g. ``max_connections``, ``ssl_ca_data``).
 
         Raises:
             ConfigurationError: a malformed URL, or an unknown or invalid option.
             MissingDependency: redis-py is not installed.
         """
         require("redis", extra="redis")
-        prefix, config = _parse_url(url, options)
+        prefix, eviction, config = _parse_url(url, options)
         config.check(sync=False)
-        return cls(_ClientFactory(config), prefix=prefix)
+        return cls(_ClientFactory(config), prefix=prefix, eviction=eviction)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where}, prefix={self._prefix!r})"
 
     def sync(self) -> SyncRedisStore:
         """The blocking twin of this store (for the decorator on sync functions): a :class:`SyncRedisStore` on the
-        same server, with the same options and prefix, and connections of its own. The same twin every time;
+        same server, with the same options, prefix and eviction mode, and connections of its own (and eviction
+        checks of its own). The same twin every time;
         :meth:`close` closes its connections too.
 
         Raises:
@@ -582,7 +715,7 @@ class RedisStore:
             if self._twin is None:
                 config = self._factory.config
                 config.check(sync=True)
-                self._twin = SyncRedisStore(_SyncClientFactory(config), prefix=self._prefix)
+                self._twin = SyncRedisStore(_SyncClientFactory(config), prefix=self._prefix, eviction=self._guard.mode)
             return self._twin
 
     # -- clients ------------------------------------------------------------------------------------------------
@@ -623,14 +756,37 @@ class RedisStore:
         try:
             if not bound.ready:
                 await bound.prepare()
-            reply = await _send(bound.client, bound.scripts, self._prefix, op)
+            try:
+                reply = await _send(bound.client, bound.scripts, self._prefix, op)
+            except self._response_error as exc:
+                if not _without_flags(bound.scripts, op, exc, self._where):
+                    raise
+                reply = await _send(bound.client, bound.scripts, self._prefix, op)
         except self._errors as exc:
             raise self._error(op.name, exc) from exc
         return op.parse(reply)
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        """See :meth:`idempo.Store.claim`."""
-        return await self._run(_claim(key, fingerprint, lease, ttl))
+    async def _admit(self) -> None:
+        """Let a claim go ahead, or raise the refusal (see ``._redis_eviction``): check the server's eviction
+        policy if it is time to."""
+        if not self._guard.due():
+            return
+        bound = self._bound()
+        try:
+            if not bound.ready:
+                await bound.prepare()
+            readings = await _check_async(bound.client, self._where, self._response_error)
+        except self._errors as exc:
+            raise self._error("claim", exc) from exc
+        self._guard.settle(readings)
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        """See :meth:`idempo.Store.claim`. Refused (:class:`~idempo.StoreError`) while the server may evict
+        records, unless the store was made with ``eviction="warn"`` or ``"ignore"``; and when the server is at
+        ``maxmemory``. *token*: the new owner's fencing token, if the caller drew it (else the store draws one)."""
+        if self._guard.blocks():
+            await self._admit()
+        return await self._run(_claim(key, fingerprint, lease, ttl, token))
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
@@ -661,7 +817,7 @@ class RedisStore:
         try:
             if not bound.ready:
                 await bound.prepare()
-            reply = _send_scan(bound.client, request)
+            reply = _send_request(bound.client, request)
             return await reply if inspect.isawaitable(reply) else reply
         except self._errors as exc:
             raise self._error("scan", exc) from exc
@@ -713,18 +869,28 @@ class SyncRedisStore:
             store uses as it is and never closes; or a callable that makes one, which the store calls on first use
             (and again after :meth:`close`), and whose client :meth:`close` closes.
         prefix: prepended to every store key to make the Redis key (``"idempo:"`` by default).
+        eviction: ``"refuse"`` (the default), ``"warn"`` or ``"ignore"``: see :class:`RedisStore`.
 
     Raises:
         MissingDependency: redis-py is not installed (``pip install 'idempo[redis]'``).
-        ConfigurationError: the client decodes responses, or is an asyncio client.
+        ConfigurationError: the client decodes responses, or is an asyncio client, or *eviction* is not one of
+            the three.
     """
 
-    def __init__(self, client: SyncClient | Callable[[], SyncClient], *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        client: SyncClient | Callable[[], SyncClient],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        eviction: Eviction = DEFAULT_EVICTION,
+    ) -> None:
         require("redis", extra="redis")
         import redis
+        from redis.exceptions import ResponseError
 
         self._prefix = prefix
         self._errors = _errors()
+        self._response_error = ResponseError
         self._lock = threading.Lock()
         # The client and its scripts, swapped as one (threads read it without the lock).
         self._bound_client: tuple[SyncClient, dict[str, Script]] | None = None
@@ -739,6 +905,7 @@ class SyncRedisStore:
             self._factory = client
             self._owned = True
             self._where = repr(client)
+        self._guard = Guard(check_mode(eviction), self._where)
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
@@ -750,9 +917,9 @@ class SyncRedisStore:
             MissingDependency: redis-py is not installed.
         """
         require("redis", extra="redis")
-        prefix, config = _parse_url(url, options)
+        prefix, eviction, config = _parse_url(url, options)
         config.check(sync=True)
-        return cls(_SyncClientFactory(config), prefix=prefix)
+        return cls(_SyncClientFactory(config), prefix=prefix, eviction=eviction)
 
     def __repr__(self) -> str:
         return f"SyncRedisStore({self._where}, prefix={self._prefix!r})"
@@ -783,16 +950,34 @@ class SyncRedisStore:
         """Run *op*; what its reply means."""
         try:
             client, scripts = self._bound()
-            reply = _send(client, scripts, self._prefix, op)
+            try:
+                reply = _send(client, scripts, self._prefix, op)
+            except self._response_error as exc:
+                if not _without_flags(scripts, op, exc, self._where):
+                    raise
+                reply = _send(client, scripts, self._prefix, op)
         except self._errors as exc:
             raise self._error(op.name, exc) from exc
         return op.parse(reply)
 
+    def _admit(self) -> None:
+        """See :meth:`RedisStore._admit`."""
+        if not self._guard.due():
+            return
+        try:
+            client, _ = self._bound()
+            readings = _check_sync(client, self._where, self._response_error)
+        except self._errors as exc:
+            raise self._error("claim", exc) from exc
+        self._guard.settle(readings)
+
     # -- the SyncStore protocol ---------------------------------------------------------------------------------
 
-    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        """See :meth:`idempo.Store.claim`."""
-        return self._run(_claim(key, fingerprint, lease, ttl))
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        """See :meth:`RedisStore.claim`."""
+        if self._guard.blocks():
+            self._admit()
+        return self._run(_claim(key, fingerprint, lease, ttl, token))
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
@@ -821,7 +1006,7 @@ class SyncRedisStore:
     def _scan_request(self, request: _ScanRequest) -> Any:
         try:
             client, _ = self._bound()
-            return _send_scan(client, request)
+            return _send_request(client, request)
         except self._errors as exc:
             raise self._error("scan", exc) from exc
 

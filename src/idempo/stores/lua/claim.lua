@@ -8,6 +8,7 @@
 -- already held with this very token (the same claim, sent again); else the live record's fields:
 -- {state, fingerprint, token, created_at, lease_expires_at, expires_at, payload}, times in ms since the epoch.
 -- The clock is the server's (TIME), so that every client agrees on it.
+-- At maxmemory (noeviction) a claim that would write fails with OOM; one that finds a live record still answers.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'state', 'fingerprint', 'token', 'created_at', 'lease_expires_at',
@@ -19,9 +20,11 @@ if r[1] and now < tonumber(r[6]) and (r[1] == 'completed' or now < tonumber(r[5]
   return r
 end
 local expires_at = now + tonumber(ARGV[4])
-redis.call('DEL', KEYS[1])
+-- HSET is the first write, so that at maxmemory (noeviction) Redis refuses the claim before it changes anything:
+-- a script that has written once may write on past maxmemory, and nothing new may start on a full server.
 redis.call('HSET', KEYS[1], 'state', 'in_progress', 'fingerprint', ARGV[1], 'token', ARGV[2],
   'created_at', now, 'lease_expires_at', now + tonumber(ARGV[3]), 'expires_at', expires_at)
+redis.call('HDEL', KEYS[1], 'payload')  -- of an expired record taken over
 -- Redis keeps a key while its clock is <= the expiry time; a record is gone once the clock reaches expires_at.
 redis.call('PEXPIREAT', KEYS[1], expires_at - 1)
 return 1

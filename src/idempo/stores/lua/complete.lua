@@ -4,6 +4,8 @@
 -- ARGV[2]  the payload (opaque bytes)
 -- ARGV[3]  ttl, in milliseconds from now: the completed record expires then
 -- Returns 1 if stored; 0 if the record is absent, expired, completed, or owned by another token.
+-- Registered twice: as it is, and headed by '#!lua flags=allow-oom' for payloads small enough to be written even
+-- at maxmemory (the store's OOM_PAYLOAD_LIMIT); as it is, Redis refuses its HSET at maxmemory (noeviction).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'state', 'token', 'expires_at')

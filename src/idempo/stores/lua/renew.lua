@@ -4,6 +4,8 @@
 -- ARGV[2]  lease, in milliseconds from now
 -- Returns 1 if renewed; 0 if the record is absent, expired, completed, or owned by another token.
 -- A stale claim (lease run out) that nobody took over still belongs to its owner.
+-- Run headed by '#!lua flags=allow-oom' (Redis 7), so that a lease is kept even at maxmemory: the HSET replaces a
+-- number with another.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'state', 'token', 'expires_at')
