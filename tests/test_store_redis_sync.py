@@ -9,6 +9,7 @@ Tests that kill, pause or flush a server start their own (``tests/redis_cluster.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -24,11 +25,13 @@ from redis.connection import SSLConnection
 
 from idempo import Acquired, ConfigurationError, Existing, State, StoreError, store_from_url
 from idempo.stores import SyncStore, parse_store_url, sync_store_from_url
-from idempo.stores.redis import RedisStore, SyncRedisStore
+from idempo.stores import _redis_eviction as eviction_module
+from idempo.stores.redis import OOM_PAYLOAD_LIMIT, RedisStore, SyncRedisStore
 from idempo.testing import SyncStoreConformance
 
 from .conftest import with_options
 from .redis_cluster import RedisServer, free_port, redis_cluster
+from .redis_support import OOM_MARKER, config_reads, fill_up, nodes_of, set_policy
 
 RUN_PREFIX = f"idempo-test-sync-{uuid.uuid4().hex[:12]}:"
 """Every key this module writes to the shared server starts with this (and expires by TTL)."""
@@ -45,11 +48,6 @@ def open_url(url: str, **options: Any) -> SyncRedisStore:
     store = sync_store_from_url(url, **options)
     assert isinstance(store, SyncRedisStore)
     return store
-
-
-def nodes_of(cluster_url: str) -> list[tuple[str, int]]:
-    addresses = cluster_url.removeprefix("redis+cluster://").split(",")
-    return [(host, int(port)) for host, _, port in (address.partition(":") for address in addresses)]
 
 
 def connected(store: SyncRedisStore) -> bool:
@@ -494,9 +492,121 @@ def test_cluster_url_reaches_the_cluster_client(redis_cluster_url: str) -> None:
         ("redis://:secret@h", {"no_such_option": 1}, "no_such_option"),
         ("redis+cluster://:secret@h:1", {"no_such_option": 1}, "RedisCluster.*no_such_option"),
         ("redis://:secret@h", {"prefix": 3}, "prefix must be a string"),
+        ("redis://:secret@h?eviction=never", {}, "eviction must be one of refuse, warn, ignore"),
     ],
 )
 def test_invalid_urls_and_options(url: str, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message) as raised:
         sync_store_from_url(url, **options)
     assert "secret" not in str(raised.value)
+
+
+# -- a claim's token drawn by the caller; eviction; a full server ----------------------------------------------------
+
+
+def test_a_claim_takes_the_token_its_caller_drew(redis_url: str) -> None:
+    store = open_url(prefixed(redis_url, "token:"))
+    key = uuid.uuid4().hex
+    assert store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller") == Acquired("drawn-by-the-caller")
+    assert store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller") == Acquired("drawn-by-the-caller")
+    assert isinstance(store.claim(key, "fp", lease=30, ttl=60), Existing)
+    assert store.release(key, "drawn-by-the-caller")
+    with pytest.raises(ValueError, match="must not be empty"):
+        store.claim(key, "fp", lease=30, ttl=60, token="")
+    store.close()
+
+
+def test_the_twin_has_the_stores_eviction_mode() -> None:
+    store = store_from_url("redis://h?eviction=warn")
+    assert isinstance(store, RedisStore)
+    assert store.sync()._guard.mode == "warn"
+    assert open_url("redis://h", eviction="ignore")._guard.mode == "ignore"
+    assert open_url("redis://h")._guard.mode == "refuse"
+
+
+def test_an_evicting_policy_refuses_claims_until_it_is_fixed(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(eviction_module, "RECHECK_REFUSED", 3600)
+    monkeypatch.setattr(eviction_module, "RECHECK_PASSED", 3600)
+    with private_redis.client() as admin:
+        set_policy(admin, "volatile-lru", "10mb")
+        reads = config_reads(admin)
+        store = open_url(private_redis.url)
+        for _ in range(5):
+            with pytest.raises(StoreError) as raised:
+                store.claim("k", "fp", lease=30, ttl=60)
+            assert "runs maxmemory-policy volatile-lru with maxmemory 10485760 bytes" in str(raised.value)
+            assert "set `maxmemory-policy noeviction`" in str(raised.value)
+        assert config_reads(admin) == reads + 1
+        warned = open_url(private_redis.url, eviction="warn")
+        with caplog.at_level(logging.WARNING, logger="idempo"):
+            assert isinstance(warned.claim("w1", "fp", lease=30, ttl=60), Acquired)
+            assert isinstance(warned.claim("w2", "fp", lease=30, ttl=60), Acquired)
+        (warning,) = caplog.records
+        assert "maxmemory-policy volatile-lru" in warning.getMessage()
+        admin.config_set("maxmemory-policy", "noeviction")
+        monkeypatch.setattr(eviction_module, "RECHECK_REFUSED", 0)
+        assert isinstance(store.claim("k", "fp", lease=30, ttl=60), Acquired)
+        assert isinstance(store.claim("k2", "fp", lease=30, ttl=60), Acquired)
+        assert config_reads(admin) == reads + 3  # the warned store's one read, the refused store's two
+    store.close()
+    warned.close()
+
+
+def test_the_policy_is_read_on_every_primary_of_a_cluster(redis_cluster_url: str) -> None:
+    nodes = nodes_of(redis_cluster_url)
+    admins = [redis.Redis(host=host, port=port) for host, port in nodes]
+    try:
+        before = [config_reads(admin) for admin in admins]
+        store = open_url(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
+        assert isinstance(store.claim("k", "fp", lease=30, ttl=60), Acquired)
+        assert [config_reads(admin) for admin in admins] == [count + 1 for count in before]
+        store.close()
+        set_policy(admins[2], "allkeys-lru", "1gb")
+        store = open_url(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
+        with pytest.raises(StoreError) as raised:
+            store.claim("k", "fp", lease=30, ttl=60)
+        host, port = nodes[2]
+        said = str(raised.value).partition("claim refused: ")[2]
+        assert said.startswith(f"{host}:{port} runs maxmemory-policy allkeys-lru with maxmemory 1073741824 bytes.")
+        store.close()
+    finally:
+        set_policy(admins[2], "noeviction", "0")
+        for admin in admins:
+            admin.close()
+
+
+def test_a_full_server_starts_nothing_new_but_records_what_ran(private_redis: RedisServer) -> None:
+    """See the async store's test of the same name."""
+    store = open_url(private_redis.url)
+    running = store.claim("running", "fp", lease=30, ttl=60)
+    failed = store.claim("failed", "fp", lease=30, ttl=60)
+    stale = store.claim("stale", "fp", lease=0, ttl=60)
+    assert isinstance(running, Acquired)
+    assert isinstance(failed, Acquired)
+    assert isinstance(stale, Acquired)
+    fill_up(private_redis)
+    with private_redis.client() as admin:
+        admin.script_flush()
+    for key in ("new", "stale"):
+        with pytest.raises(StoreError, match="claim failed: OutOfMemoryError") as raised:
+            store.claim(key, "fp", lease=30, ttl=60)
+        assert isinstance(raised.value.__cause__, redis.exceptions.OutOfMemoryError)
+    assert store.get("new") is None
+    record = store.get("stale")
+    assert record is not None
+    assert (record.state, record.token) == (State.IN_PROGRESS, stale.token)
+    assert store.renew("running", running.token, lease=30)
+    with pytest.raises(StoreError, match="complete failed: OutOfMemoryError"):
+        store.complete("running", running.token, b"r" * (OOM_PAYLOAD_LIMIT + 1), ttl=60)
+    assert store.complete("running", running.token, OOM_MARKER, ttl=60)
+    record = store.get("running")
+    assert record is not None
+    assert (record.state, record.payload) == (State.COMPLETED, OOM_MARKER)
+    replay = store.claim("running", "fp", lease=30, ttl=60)
+    assert isinstance(replay, Existing)
+    assert replay.record.payload == OOM_MARKER
+    assert store.release("failed", failed.token)
+    assert store.get("failed") is None
+    store.close()
