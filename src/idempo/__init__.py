@@ -31,13 +31,14 @@ from ._core.errors import (
     RequestError,
     ResponseNotStoredError,
     StoreError,
+    StoreFullError,
 )
 from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest
 from ._core.keys import parse_key
 from ._core.outcome import mark_outcome_unknown
 from ._core.problem import Problem
 from ._core.records import Acquired, Claim, Existing, Record, State
-from .asgi import IdempotencyMiddleware, authorization_principal
+from .asgi import IdempotencyMiddleware, authorization_principal, default_principal
 from .decorators import idempotent
 from .observe import Observer
 from .stores import Store, store_from_url
@@ -74,6 +75,7 @@ __all__ = [
     "State",
     "Store",
     "StoreError",
+    "StoreFullError",
     "StoredResponse",
     "TooLargeMarker",
     "Unknown",
@@ -81,6 +83,7 @@ __all__ = [
     "canonical_json_body",
     "decide",
     "decode_response",
+    "default_principal",
     "encode_response",
     "fingerprint_request",
     "idempotent",

@@ -25,19 +25,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from ._core.cache import CompletedCache
 from ._core.codec import (
     TooLargeMarker,
     decode_parts,
     encode_app_response,
+    encode_not_stored,
     encode_outcome_unknown,
     encode_too_large,
+    sendable,
 )
-from ._core.decide import Conflict, Mismatch, NotStored, Replay, decide, should_store
+from ._core.decide import Conflict, Mismatch, NotStored, Replay, decide, fallback, should_store
 from ._core.errors import (
     BodyTooLargeError,
     ConfigurationError,
@@ -45,14 +48,23 @@ from ._core.errors import (
     MissingKeyError,
     OutcomeUnknownError,
     RequestError,
+    StoreError,
+    StoreFullError,
 )
-from ._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
+from ._core.fingerprint import (
+    CANONICAL_JSON_MAX_BYTES,
+    canonical_json_body,
+    fingerprint_request,
+    principal_digest,
+    scoped_key,
+)
 from ._core.keys import parse_key
 from ._core.outcome import OutcomeReport
+from ._core.principal import ANONYMOUS_WARNING, authorization_value, user_principal
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
-from ._core.records import Acquired, Claim, State
+from ._core.records import Acquired, Claim, Record, State, new_token
 from .observe import Observer, Outcome, _ObservedStore, tell
-from .stores import Store, store_from_url
+from .stores import Store, store_from_url, takes_token
 
 __all__ = [
     "ASGIApp",
@@ -62,6 +74,7 @@ __all__ = [
     "Scope",
     "Send",
     "authorization_principal",
+    "default_principal",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -83,15 +96,28 @@ _RECORD_RETRY_MAX = 1.0
 
 
 def authorization_principal(scope: Scope) -> bytes:
-    """The default principal: the ``Authorization`` header's value (``b""`` when there is none).
+    """The principal of the request's ``Authorization`` header: its one value, scheme case normalised (``b""``
+    when there is none). Two ``Authorization`` headers are refused with a 400, since the app may believe the one
+    and idempo the other."""
+    return authorization_value(value for name, value in scope["headers"] if name == b"authorization")
 
-    Records are namespaced by a digest of the principal, so two callers with different credentials never see
-    each other's responses. Pass ``principal=`` to use a user id that your auth middleware put in the scope.
+
+def default_principal(scope: Scope) -> bytes:
+    """The default principal: the authenticated user an auth middleware put in ``scope["user"]`` (Starlette's
+    ``AuthenticationMiddleware``, Litestar's auth), else the ``Authorization`` header
+    (:func:`authorization_principal`), else ``b""``, which every anonymous caller shares (the middleware warns
+    once).
+
+    The user comes first so that a caller keeps their namespace when their access token is refreshed between two
+    retries; it is only there if the auth middleware ran before this one (added after it with ``add_middleware``,
+    or listed before it in ``middleware=[...]``).
     """
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            return bytes(value)
-    return b""
+    user = scope.get("user")
+    if user is not None:
+        found = user_principal(user)
+        if found is not None:
+            return found
+    return authorization_principal(scope)
 
 
 class IdempotencyMiddleware:
@@ -110,12 +136,17 @@ class IdempotencyMiddleware:
         methods: the methods that are protected; others pass through untouched.
         require_key: ``True`` to answer 400 to protected requests without a key, or a predicate over the
             request path that says where a key is required.
-        principal: who is asking, from the ASGI scope; records are namespaced by its digest. Defaults to the
-            ``Authorization`` header (:func:`authorization_principal`).
+        principal: who is asking, from the ASGI scope; records are namespaced by its digest, so that one caller
+            never receives another's response. Defaults to the authenticated ``scope["user"]``, else the
+            ``Authorization`` header (:func:`default_principal`). It may raise :class:`~idempo.RequestError` to
+            refuse a request (400).
         fingerprint: a function of ``(scope, body)`` that digests what the request asks for. Defaults to
-            SHA-256 over method, path, raw query string and body.
+            SHA-256 over method, path, raw query string, the body's media type (``Content-Type`` without its
+            parameters) and the body.
         canonical_json: fingerprint JSON bodies in canonical form, so that key order and whitespace do not
             count as a different request. Ignored if *fingerprint* is given.
+        canonical_json_max_bytes: the largest body put in canonical form (64 KiB); larger ones are fingerprinted
+            as sent. Canonicalising holds the event loop (about 2 ms for 64 KiB, a second or more for 10 MiB).
         on_conflict: ``"reject"`` answers 409 while the first request runs; ``"wait"`` waits up to
             ``wait_timeout`` seconds for it to finish and replays its response (409 if it takes longer).
         wait_timeout: the longest wait with ``on_conflict="wait"``.
@@ -153,9 +184,10 @@ class IdempotencyMiddleware:
         header: str = "Idempotency-Key",
         methods: Collection[str] = DEFAULT_METHODS,
         require_key: bool | Callable[[str], bool] = False,
-        principal: Callable[[Scope], str | bytes] = authorization_principal,
+        principal: Callable[[Scope], str | bytes] = default_principal,
         fingerprint: Callable[[Scope, bytes], str] | None = None,
         canonical_json: bool = False,
+        canonical_json_max_bytes: int = CANONICAL_JSON_MAX_BYTES,
         on_conflict: Literal["reject", "wait"] = "reject",
         wait_timeout: float = 30,
         on_store_error: Literal["fail_closed", "fail_open"] = "fail_closed",
@@ -182,14 +214,15 @@ class IdempotencyMiddleware:
         if on_store_error not in ("fail_closed", "fail_open"):
             msg = f"on_store_error must be 'fail_closed' or 'fail_open', not {on_store_error!r}"
             raise ConfigurationError(msg)
-        if max_request_bytes < 0 or max_response_bytes < 0 or retry_after < 0 or wait_timeout < 0:
-            msg = "max_request_bytes, max_response_bytes, retry_after and wait_timeout must not be negative"
+        if min(max_request_bytes, max_response_bytes, retry_after, wait_timeout, canonical_json_max_bytes) < 0:
+            msg = "byte limits, retry_after and wait_timeout must not be negative"
             raise ConfigurationError(msg)
         if cache_size < 0 or cache_ttl < 0:
             msg = f"cache_size and cache_ttl must not be negative (cache_size={cache_size}, cache_ttl={cache_ttl})"
             raise ConfigurationError(msg)
         self.app = app
-        self.store: Store = store_from_url(store) if isinstance(store, str) else store
+        self.unusable: ConfigurationError | None = None  # a bad store URL, answered at start-up (see _unusable_store)
+        self.store: Store = _open_store(self, store) if isinstance(store, str) else store
         self.ttl = ttl
         self.lease = lease
         self.header = header.lower().encode("latin-1")
@@ -198,6 +231,7 @@ class IdempotencyMiddleware:
         self.principal = principal
         self.fingerprint = fingerprint
         self.canonical_json = canonical_json
+        self.canonical_json_max_bytes = canonical_json_max_bytes
         self.on_conflict = on_conflict
         self.wait_timeout = wait_timeout
         self.on_store_error = on_store_error
@@ -212,6 +246,8 @@ class IdempotencyMiddleware:
         # What the requests call: the store itself, or, for an observer, the store's calls timed.
         self._calls: Store = self.store if observer is None else _ObservedStore(self.store, observer)
         self._renewer: _Renewer | None = None
+        self._warned_anonymous = False
+        self._claims_with_token = takes_token(self.store)
         self._background: set[asyncio.Task[None]] = set()  # outcomes still being recorded after a store failure
         self.cache = CompletedCache(cache_size, cache_ttl) if cache_size and cache_ttl else None
 
@@ -219,6 +255,9 @@ class IdempotencyMiddleware:
         if scope["type"] != "http" or scope["method"] not in self.methods:
             if self.observer is not None and scope["type"] == "http":
                 tell(self.observer, "passthrough", scope)
+            elif self.unusable is not None and scope["type"] == "lifespan":
+                await _fail_startup(self.unusable, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         header = self.header
@@ -254,6 +293,70 @@ class IdempotencyMiddleware:
     async def _send_error(self, send: Send, error: RequestError) -> None:
         retry_after = getattr(error, "retry_after", None)
         await _send_problem(send, Problem.from_error(error, base_uri=self.problem_base_uri), retry_after)
+
+
+def _open_store(middleware: IdempotencyMiddleware, url: str) -> Store:
+    """The store of *url*; or, if the URL is bad and the middleware is being built by Starlette or FastAPI for
+    their first request (``app.add_middleware``), a store that fails every call.
+
+    Raising there would not stop the server: Starlette builds its middleware stack lazily, on the first ASGI call,
+    which is the lifespan's, and uvicorn takes an exception in the lifespan for an app without lifespan support;
+    then every request, unkeyed GETs included, would build the stack again and answer 500. Instead the error is
+    logged, the lifespan start-up fails with it (uvicorn exits: "Application startup failed"), and, under a server
+    that runs no lifespan, unkeyed requests pass through while keyed ones get the 503 of an unusable store.
+    """
+    try:
+        return store_from_url(url)
+    except ConfigurationError as exc:
+        caller = sys._getframe(2).f_code.co_name  # 0: here, 1: __init__, 2: who made the middleware
+        if caller != "build_middleware_stack":
+            raise
+        logger.error("idempo: %s", exc)
+        middleware.unusable = exc
+        return _UnusableStore(exc)
+
+
+class _UnusableStore:
+    """Fails every call with the configuration error that made it. Strictly private."""
+
+    def __init__(self, error: ConfigurationError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"<unusable store: {self.error}>"
+
+    def _fail(self) -> NoReturn:
+        raise StoreError(str(self.error)) from self.error
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        self._fail()
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        self._fail()
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        self._fail()
+
+    async def release(self, key: str, token: str) -> bool:
+        self._fail()
+
+    async def get(self, key: str) -> Record | None:
+        self._fail()
+
+    async def delete(self, key: str) -> bool:
+        self._fail()
+
+    async def purge_expired(self) -> int:
+        self._fail()
+
+    async def close(self) -> None:
+        return None
+
+
+async def _fail_startup(error: ConfigurationError, receive: Receive, send: Send) -> None:
+    message = await receive()
+    if message["type"] == "lifespan.startup":
+        await send({"type": "lifespan.startup.failed", "message": f"idempo: {error}"})
 
 
 async def _send_problem(send: Send, problem: Problem, retry_after: int | None = None) -> None:
@@ -405,10 +508,15 @@ class _Exchange:
             await mw._send_error(self.send, BodyTooLargeError(f"the request body is over {limit} bytes"))
             return
         self.body = body
-        if mw.principal is authorization_principal:
-            principal: str | bytes = headers.get(b"authorization", b"")
-        else:
+        try:
             principal = mw.principal(scope)
+        except RequestError as exc:
+            mw._observe("bad_key", scope)
+            await mw._send_error(self.send, exc)
+            return
+        if not principal and not mw._warned_anonymous and mw.principal is default_principal:
+            mw._warned_anonymous = True
+            logger.warning(ANONYMOUS_WARNING)
         self.store_key = store_key = scoped_key(principal_digest(principal), self.key)
         if mw.fingerprint is not None:
             fingerprint = mw.fingerprint(scope, body)
@@ -417,7 +525,8 @@ class _Exchange:
                 scope["method"],
                 scope["path"],
                 scope.get("query_string", b""),
-                canonical_json_body(body) if mw.canonical_json else body,
+                canonical_json_body(body, mw.canonical_json_max_bytes) if mw.canonical_json else body,
+                headers.get(b"content-type", b""),
             )
         self.fingerprint = fingerprint
         cache = mw.cache
@@ -432,10 +541,8 @@ class _Exchange:
                     mw._observe("mismatch", scope)
                     await mw._send_error(self.send, Mismatch().error())
                 return
-        try:
-            claim = await self.store.claim(store_key, fingerprint, lease=mw.lease, ttl=mw.ttl)
-        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-            await self._store_failed(exc)
+        claim = await self._claim()
+        if claim is None:
             return
         if not isinstance(claim, Acquired):
             acquired = await self._answer_existing(claim, fingerprint)
@@ -538,11 +645,30 @@ class _Exchange:
                 return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, _WAIT_POLL_MAX)
-            try:
-                claim = await self.store.claim(self.store_key, fingerprint, lease=mw.lease, ttl=mw.ttl)
-            except Exception as exc:  # noqa: BLE001 - as in run()
-                await self._store_failed(exc)
+            next_claim = await self._claim()
+            if next_claim is None:
                 return None
+            claim = next_claim
+
+    async def _claim(self) -> Claim | None:
+        """Claim the key; ``None`` if the store failed (the client has its 503 then, or the app ran unprotected).
+
+        With a store that takes the caller's token, the token is drawn here, so that a claim whose answer never
+        came (a timeout) can be released if the store made it after all: otherwise it would hold the key, and
+        retries would get 409s, for a whole lease.
+        """
+        mw = self.mw
+        try:
+            if not mw._claims_with_token:
+                return await self.store.claim(self.store_key, self.fingerprint, lease=mw.lease, ttl=mw.ttl)
+            token = new_token()
+            return await self.store.claim(self.store_key, self.fingerprint, lease=mw.lease, ttl=mw.ttl, token=token)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+            if mw._claims_with_token:
+                self.renewed_at = time.monotonic()
+                self._record_in_background(token, None, mw.ttl)  # release it, in case it was made
+            await self._store_failed(exc)
+            return None
 
     async def _replay(self, payload: bytes) -> None:
         try:
@@ -669,43 +795,66 @@ class _Exchange:
             self.renewer.running.discard(self)
         mw = self.mw
         ttl = mw.ttl
-        release = failed or not self.keep
+        payload: bytes | None  # None: release the key
         if self.outcome is not None and self.outcome.unknown:  # it may have happened: never released
-            release = False
             payload = encode_outcome_unknown(self.status)
             ttl = mw.unknown_outcome_ttl
             logger.warning("idempo: the outcome of a request is unknown; its key is kept until resolved or expired")
-        elif release:
-            payload = b""
+        elif failed or not self.keep:
+            payload = None
         elif self.too_large:
             payload = encode_too_large(self.status)
+        elif not sendable(self.status, self.headers, self.size, head=self.scope["method"] == "HEAD"):
+            logger.error("idempo: a response cannot be sent as it is (status %s); it is not stored", self.status)
+            payload = encode_not_stored(self.status, "unsendable")
         else:
             payload = encode_app_response(self.status, self.headers, self.chunks, keep_set_cookie=mw.replay_set_cookie)
         try:
-            await self._apply(token, payload, release=release, ttl=ttl)
+            await self._apply(token, payload, ttl, fall_back=False)  # one store call before the client's last chunk
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
             logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
-            deadline = self.renewed_at + mw.lease  # the lease runs out no later than this (monotonic clock)
-            task = asyncio.get_running_loop().create_task(self._record_later(token, payload, release, ttl, deadline))
-            mw._background.add(task)
-            task.add_done_callback(mw._background.discard)
+            self._record_in_background(token, payload, ttl)
 
-    async def _apply(self, token: str, payload: bytes, *, release: bool, ttl: float) -> None:
+    def _record_in_background(self, token: str, payload: bytes | None, ttl: float) -> None:
+        """Keep trying to record an outcome (*payload* ``None``: release) while the lease lasts."""
         mw = self.mw
-        if release:
-            await self.store.release(self.store_key, token)
-        elif not await self.store.complete(self.store_key, token, payload, ttl=ttl):
-            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
-        elif mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
-            mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
+        deadline = self.renewed_at + mw.lease  # the lease runs out no later than this (monotonic clock)
+        task = asyncio.get_running_loop().create_task(self._record_later(token, payload, ttl, deadline))
+        mw._background.add(task)
+        task.add_done_callback(mw._background.discard)
 
-    async def _record_later(self, token: str, payload: bytes, release: bool, ttl: float, deadline: float) -> None:
+    async def _apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
+        """Release the key (*payload* ``None``) or complete it with *payload*. If the store refuses that for want
+        of room (:class:`~idempo.StoreFullError`), or fails otherwise and *fall_back*, complete it with the
+        :func:`~idempo._core.decide.fallback` instead: the few bytes that say the operation ran."""
+        store = self.store
+        if payload is None:
+            await store.release(self.store_key, token)
+            return
+        try:
+            done = await store.complete(self.store_key, token, payload, ttl=ttl)
+        except Exception as exc:
+            smaller = fallback(payload, self.status) if fall_back or isinstance(exc, StoreFullError) else None
+            if smaller is None:
+                raise
+            logger.error("idempo: could not store a response (%s); storing that the request ran instead", exc)
+            done = await store.complete(self.store_key, token, smaller, ttl=ttl)
+            payload = smaller
+        if not done:
+            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+        elif self.mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
+            self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
+
+    async def _record_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
         delay = _RECORD_RETRY_FIRST
         failure: Exception | None = None
         while time.monotonic() + delay < deadline:
             await asyncio.sleep(delay)
+            # The response itself while there is time for another try (a store that was down keeps it when it comes
+            # back); on the last try before the lease runs out, the marker if the response will not go in.
+            last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
             try:
-                await self._apply(token, payload, release=release, ttl=ttl)
+                await self._apply(token, payload, ttl, fall_back=last)
             except Exception as exc:  # noqa: BLE001 - as in _record
                 failure = exc
                 delay = min(delay * 2, _RECORD_RETRY_MAX)

@@ -75,7 +75,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 from ._core.codec import decode_value, encode_not_stored, encode_outcome_unknown, encode_value
-from ._core.decide import Completions, Conflict, Mismatch, NotStored, Replay, completions, decide
+from ._core.decide import Conflict, Mismatch, NotStored, Replay, decide, fallback
 from ._core.errors import (
     ConfigurationError,
     InProgressError,
@@ -83,6 +83,7 @@ from ._core.errors import (
     KeyReuseError,
     OutcomeUnknownError,
     ResponseNotStoredError,
+    StoreFullError,
 )
 from ._core.outcome import OutcomeReport
 from ._core.records import Acquired, Claim
@@ -399,16 +400,13 @@ class _Spec:
             self.return_type = _return_type(self.fn)
         return f"fn:{self.namespace}:{key}", fingerprint_arguments(arguments)
 
-    def attempts(self, store_key: str, result: Any, report: OutcomeReport) -> Completions:
-        """What to ``complete`` a call's key with, and for how long, in the order to try them: the caller tries
-        each until one is written (:func:`~idempo._core.decide.completions` says why there may be two).
-
-        The framed serialised *result*; or the "outcome unknown" marker if the function reported its outcome
-        unknown (*report*); or, for a result that cannot be serialised, the "not stored" marker.
-        """
+    def outcome(self, store_key: str, result: Any, report: OutcomeReport) -> tuple[bytes, float]:
+        """What to ``complete`` a call's key with, and for how long: the framed serialised *result*; or the
+        "outcome unknown" marker if the function reported its outcome unknown (*report*); or, for a result that
+        cannot be serialised, the "not stored" marker."""
         if report.unknown:
             logger.warning("idempo: the outcome of %r is unknown; its key is kept until resolved or expired", store_key)
-            return completions(encode_outcome_unknown(), 0, self.unknown_outcome_ttl)
+            return encode_outcome_unknown(), self.unknown_outcome_ttl
         try:
             data = self.serializer.dumps(result)
         except (TypeError, ValueError) as exc:
@@ -418,8 +416,8 @@ class _Spec:
                 store_key,
                 exc,
             )
-            return completions(encode_not_stored(0, "unserializable"), 0, self.ttl)
-        return completions(encode_value(data), 0, self.ttl)
+            return encode_not_stored(0, "unserializable"), self.ttl
+        return encode_value(data), self.ttl
 
     def existing(self, claim: Claim, store_key: str, fingerprint: str, deadline: float, delay: float) -> Any:
         """What a call gets from a record it found: the stored value, or an error; ``_WAIT`` to poll again."""
@@ -641,31 +639,29 @@ async def _call_async(
     except BaseException as exc:
         if isinstance(exc, OutcomeUnknownError) or report.unknown:
             report.mark_unknown()
-            await _complete_async(store, store_key, token, spec.attempts(store_key, None, report))
+            await _complete_async(store, store_key, token, *spec.outcome(store_key, None, report))
             raise
         try:
             await store.release(store_key, token)
         except Exception as release_error:  # noqa: BLE001 - the function's own exception matters more
             logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
         raise
-    await _complete_async(store, store_key, token, spec.attempts(store_key, result, report))
+    await _complete_async(store, store_key, token, *spec.outcome(store_key, result, report))
     return result
 
 
-async def _complete_async(store: Store, store_key: str, token: str, attempts: Completions) -> None:
-    """Complete *store_key* with the first of *attempts* the store takes (see :func:`completions`)."""
-    last = len(attempts) - 1
-    for index, (payload, ttl) in enumerate(attempts):
-        try:
-            done = await store.complete(store_key, token, payload, ttl=ttl)
-        except Exception as exc:
-            if index == last:
-                raise
-            logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
-            continue
-        if not done:
-            logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
-        return
+async def _complete_async(store: Store, store_key: str, token: str, payload: bytes, ttl: float) -> None:
+    """Complete *store_key* with *payload*, or, if the store refuses it, with its :func:`fallback`."""
+    try:
+        done = await store.complete(store_key, token, payload, ttl=ttl)
+    except StoreFullError as exc:
+        smaller = fallback(payload, 0)
+        if smaller is None:
+            raise
+        logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
+        done = await store.complete(store_key, token, smaller, ttl=ttl)
+    if not done:
+        logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
 
 
 # Renewal tasks that were stopped during a renewal, kept until it is over (the loop holds tasks only weakly).
@@ -746,31 +742,29 @@ def _call_sync(
     except BaseException as exc:
         if isinstance(exc, OutcomeUnknownError) or report.unknown:
             report.mark_unknown()
-            _complete_sync(store, store_key, token, spec.attempts(store_key, None, report))
+            _complete_sync(store, store_key, token, *spec.outcome(store_key, None, report))
             raise
         try:
             store.release(store_key, token)
         except Exception as release_error:  # noqa: BLE001 - as in _call_async
             logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
         raise
-    _complete_sync(store, store_key, token, spec.attempts(store_key, result, report))
+    _complete_sync(store, store_key, token, *spec.outcome(store_key, result, report))
     return result
 
 
-def _complete_sync(store: SyncStore, store_key: str, token: str, attempts: Completions) -> None:
+def _complete_sync(store: SyncStore, store_key: str, token: str, payload: bytes, ttl: float) -> None:
     """:func:`_complete_async`, blocking."""
-    last = len(attempts) - 1
-    for index, (payload, ttl) in enumerate(attempts):
-        try:
-            done = store.complete(store_key, token, payload, ttl=ttl)
-        except Exception as exc:
-            if index == last:
-                raise
-            logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
-            continue
-        if not done:
-            logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
-        return
+    try:
+        done = store.complete(store_key, token, payload, ttl=ttl)
+    except StoreFullError as exc:
+        smaller = fallback(payload, 0)
+        if smaller is None:
+            raise
+        logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
+        done = store.complete(store_key, token, smaller, ttl=ttl)
+    if not done:
+        logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
 
 
 class _SyncRenewal:

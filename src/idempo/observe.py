@@ -110,8 +110,10 @@ class _ObservedStore:
         except Exception:
             logger.exception("idempo: an observer failed")
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        return await self._timed("claim", lambda: self.store.claim(key, fingerprint, lease=lease, ttl=ttl))
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        if token is None:
+            return await self._timed("claim", lambda: self.store.claim(key, fingerprint, lease=lease, ttl=ttl))
+        return await self._timed("claim", lambda: self.store.claim(key, fingerprint, lease=lease, ttl=ttl, token=token))
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return await self._timed("renew", lambda: self.store.renew(key, token, lease=lease))

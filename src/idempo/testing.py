@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, ClassVar
 
-from ._core.records import Acquired, Claim, Existing, Record, State
-from .stores import ScanningStore, Store, SyncScanningStore, SyncStore
+from ._core.records import Acquired, Claim, Existing, Record, State, new_token
+from .stores import ScanningStore, Store, SyncScanningStore, SyncStore, takes_token
 
 __all__ = ["StoreConformance", "SyncStoreConformance"]
 
@@ -244,6 +244,32 @@ class StoreConformance:
         _require(abs(lease - self.long_lease) <= tolerance, f"lease_expires_at is {lease} s after created_at")
         ttl = record.expires_at - record.created_at
         _require(abs(ttl - self.long_ttl) <= tolerance, f"expires_at is {ttl} s after created_at")
+
+    @_scenario
+    async def test_claim_takes_the_callers_token(self, store: Store) -> None:
+        """A claim given ``token=`` makes that the owner's token, on a fresh key and on a stale one taken over, so
+        that a caller whose claim timed out can release it. (Skipped for a store whose ``claim`` takes no token.)"""
+        if not takes_token(store):
+            import pytest
+
+            pytest.skip(
+                f"{type(store).__name__}.claim takes no token= (the middleware then cannot release a claim "
+                "whose answer it never got)"
+            )
+        key, fingerprint = self.new_key(), _fingerprint()
+        mine = new_token()
+        claim = await store.claim(key, fingerprint, lease=self.long_lease, ttl=self.long_ttl, token=mine)
+        _require(claim == Acquired(mine), f"a claim with token= returned {claim!r}, not Acquired({mine!r})")
+        record = _present(await store.get(key), "get after a claim with token=")
+        self._check_in_progress(record, key, fingerprint, mine, "get after a claim with token=")
+        _require(await store.release(key, mine), "release with the caller's token was refused")
+        stale = self.new_key()
+        await self._claim(store, stale, fingerprint, lease=self.short_lease)
+        await self._wait_past(self.short_lease)
+        again = new_token()
+        claim = await store.claim(stale, fingerprint, lease=self.long_lease, ttl=self.long_ttl, token=again)
+        _require(claim == Acquired(again), f"a takeover with token= returned {claim!r}, not Acquired({again!r})")
+        _require(await store.complete(stale, again, b"done", ttl=self.long_ttl), "complete with that token refused")
 
     @_scenario
     async def test_claim_of_held_key_returns_in_progress_record(self, store: Store) -> None:
@@ -711,8 +737,10 @@ class _ThreadedStore:
     def __init__(self, sync: SyncStore) -> None:
         self.sync = sync
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        return await asyncio.to_thread(self.sync.claim, key, fingerprint, lease=lease, ttl=ttl)
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        if token is None:
+            return await asyncio.to_thread(self.sync.claim, key, fingerprint, lease=lease, ttl=ttl)
+        return await asyncio.to_thread(self.sync.claim, key, fingerprint, lease=lease, ttl=ttl, token=token)
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return await asyncio.to_thread(self.sync.renew, key, token, lease=lease)

@@ -44,6 +44,7 @@ __all__ = [
     "encode_response",
     "encode_too_large",
     "encode_value",
+    "sendable",
     "storable_headers",
 ]
 
@@ -167,6 +168,24 @@ def encode_app_response(
     parts[0] = _HEAD.pack(_RESPONSE, status, len(parts) // 3)
     parts += chunks
     return b"".join(parts)
+
+
+# Statuses whose responses have no body (RFC 9110 sections 15.2, 15.3.5, 15.4.5).
+_BODILESS = frozenset({204, 304})
+
+
+def sendable(status: int, headers: Iterable[tuple[bytes, bytes]], size: int, *, head: bool = False) -> bool:
+    """Whether a server can send this response as it is: no body on a 1xx, 204 or 304, and a ``Content-Length``
+    (if any) that is the body's *size* (a response to HEAD has no body, whatever its ``Content-Length``). A
+    response that is not would fail the same way on every replay, so it is not stored as it is."""
+    if head:
+        return True
+    if size and (status in _BODILESS or status < 200):
+        return False
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return value.strip() == str(size).encode()
+    return True
 
 
 def encode_too_large(status: int) -> bytes:

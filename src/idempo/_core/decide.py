@@ -16,15 +16,14 @@ from .errors import InProgressError, KeyReuseError, OutcomeUnknownError, Respons
 from .records import Record, State
 
 __all__ = [
-    "Completions",
     "Conflict",
     "Decision",
     "Mismatch",
     "NotStored",
     "Replay",
     "Unknown",
-    "completions",
     "decide",
+    "fallback",
     "is_marker",
     "should_store",
 ]
@@ -157,24 +156,20 @@ def should_store(status: int, *, store_server_errors: bool = False) -> bool:
     return status not in RETRYABLE_CLIENT_STATUSES
 
 
-Completions = tuple[tuple[bytes, float], ...]
-"""``(payload, ttl)`` pairs to ``complete`` a key with, in order, each tried only if the one before failed."""
-
-
 def is_marker(payload: bytes) -> bool:
     """Whether *payload* is one of the small markers ("not stored", "outcome unknown") rather than a response or
     a result."""
     return payload[:1] in _MARKERS
 
 
-def completions(payload: bytes, status: int, ttl: float) -> Completions:
-    """What to ``complete`` a key with once its operation ran, in the order to try them.
+def fallback(payload: bytes, status: int) -> bytes | None:
+    """What to ``complete`` a key with, once its operation ran, if the store refused *payload*.
 
-    First the *payload* itself. If the store refuses it (full: Redis at ``maxmemory``, a full disk; or failing),
-    then the "not stored" marker of *status*, a few bytes that a full store still takes where it would not take
-    the response (the built-in stores make sure of that): the operation ran, and a retry must learn it (a 410)
-    rather than run it a second time. A marker is tried alone: there is nothing smaller to fall back to.
+    The "not stored" marker of *status*: a few bytes, which a full store still takes where it would not take the
+    response (Redis at ``maxmemory``, a full disk: the built-in stores make sure of it), so that a retry learns that
+    the operation ran (a 410) rather than run it a second time. ``None`` if *payload* is a marker already: there is
+    nothing smaller to fall back to.
     """
     if is_marker(payload):
-        return ((payload, ttl),)
-    return ((payload, ttl), (encode_not_stored(status, "store_refused"), ttl))
+        return None
+    return encode_not_stored(status, "store_refused")

@@ -6,6 +6,7 @@ The tree::
       x ConfigurationError      bad URL, unknown scheme, invalid option (raised at start-up)
         + MissingDependency     an extra isn't installed; also an ImportError
       x StoreError              the backend failed or timed out; ``__cause__`` is the driver's exception
+        + StoreFullError        the backend refused a write for want of room (Redis at maxmemory, a full disk)
       x RequestError            the client's fault; ``.status``, ``.title``, ``.slug`` -> problem+json
         + InvalidKeyError       400  the key is empty, too long or not visible ASCII
         + MissingKeyError       400  a key is required here and none was sent
@@ -36,6 +37,7 @@ __all__ = [
     "RequestError",
     "ResponseNotStoredError",
     "StoreError",
+    "StoreFullError",
 ]
 
 
@@ -55,6 +57,14 @@ class StoreError(IdempoError):
     """The store failed or timed out. The driver's own exception is ``__cause__``.
 
     The middleware answers 503 (or, with ``on_store_error="fail_open"``, runs the app unprotected).
+    """
+
+
+class StoreFullError(StoreError):
+    """The store refused a write for want of room: Redis at ``maxmemory`` under ``noeviction``, a full disk, a
+    memory store at its bound. The store is up: a smaller write may still land, so after an operation ran, the
+    middleware and the decorator complete its key with the few bytes of the "not stored" marker instead of its
+    response, and a retry gets a 410 rather than running it again.
     """
 
 

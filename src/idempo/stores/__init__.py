@@ -16,6 +16,7 @@ capability, not part of :class:`Store`, so that a user's own store need not offe
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any, Final, Protocol, runtime_checkable
@@ -37,6 +38,7 @@ __all__ = [
     "require",
     "store_from_url",
     "sync_store_from_url",
+    "takes_token",
 ]
 
 
@@ -54,8 +56,12 @@ class Store(Protocol):
     against your own implementation to prove it.
     """
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """Atomically take *key* for *lease* seconds, unless a live record is there.
+
+        *token*, if given, is the fencing token the new owner gets (a fresh :func:`~idempo._core.records.new_token`
+        the caller drew, so that it can release a claim whose answer it never received, e.g. because the call
+        timed out after the store had made it); else the store draws one.
 
         Returns:
             ``Acquired(token)`` if the key was absent, expired, or in progress with its lease run out (taken
@@ -98,6 +104,16 @@ class Store(Protocol):
         ...
 
 
+def takes_token(store: Store | SyncStore) -> bool:
+    """Whether *store*'s ``claim`` takes the caller's ``token=`` (every built-in store does; a store written
+    before it was part of the protocol may not, and then draws its own)."""
+    try:
+        parameters = inspect.signature(store.claim).parameters
+    except (TypeError, ValueError):
+        return False
+    return "token" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 _REDIS = "idempo.stores.redis:RedisStore"
 _POSTGRES = "idempo.stores.postgres:PostgresStore"
 
@@ -116,7 +132,7 @@ class SyncStore(Protocol):
     ``inspect.iscoroutinefunction(store.claim)`` to tell them apart.)
     """
 
-    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`Store.claim`."""
         ...
 

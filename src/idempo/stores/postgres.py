@@ -426,8 +426,8 @@ class _PostgresBase:
         for statement in self._sql.create:
             yield _Step("creating the table", statement, None)
 
-    def _claim_plan(self, key: str, fingerprint: str, lease: float, ttl: float) -> _Plan[Claim]:
-        token = new_token()
+    def _claim_plan(self, key: str, fingerprint: str, lease: float, ttl: float, token: str | None) -> _Plan[Claim]:
+        token = token or new_token()
         for _ in range(_CLAIM_ATTEMPTS):
             params = self._params(key=key, fingerprint=fingerprint, token=token, lease=float(lease), ttl=float(ttl))
             _, row = yield _Step("claim", self._sql.claim, params, rows=True)
@@ -653,9 +653,9 @@ class PostgresStore(_PostgresBase):
 
     # -- the Store protocol ---------------------------------------------------------------------------------
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        return await self._run(self._claim_plan(key, fingerprint, lease, ttl))
+        return await self._run(self._claim_plan(key, fingerprint, lease, ttl, token))
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
@@ -920,9 +920,9 @@ class SyncPostgresStore(_PostgresBase):
 
     # -- the SyncStore protocol -----------------------------------------------------------------------------
 
-    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        return self._run(self._claim_plan(key, fingerprint, lease, ttl))
+        return self._run(self._claim_plan(key, fingerprint, lease, ttl, token))
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
