@@ -119,8 +119,8 @@ class DelegatingStore:
     def __init__(self, inner: Store) -> None:
         self.inner = inner
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         return await self.inner.renew(key, token, lease=lease)
@@ -156,8 +156,8 @@ class ClaimSpy(MemoryStore):
         """An event set once *count* claims have been answered."""
         return self.claimed.setdefault(count, asyncio.Event())
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        result = await super().claim(key, fingerprint, lease=lease, ttl=ttl)
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        result = await super().claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
         self.claims += 1
         self.after(self.claims).set()
         return result
@@ -172,8 +172,8 @@ class RenewSpy(MemoryStore):
         self.renewed = asyncio.Condition()
         self.tokens: list[str] = []
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        result = await super().claim(key, fingerprint, lease=lease, ttl=ttl)
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        result = await super().claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
         if isinstance(result, Acquired):
             self.tokens.append(result.token)
         return result
@@ -201,9 +201,9 @@ class RoundTripStore(MemoryStore):
         for _ in range(self.turns):
             await asyncio.sleep(0)
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         await self._round_trip()
-        return await super().claim(key, fingerprint, lease=lease, ttl=ttl)
+        return await super().claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         await self._round_trip()
