@@ -1,11 +1,13 @@
-"""``idempo keys``: list, show, delete and purge the records of a real store (SQLite, Redis, PostgreSQL), written
-by the real middleware, decorator and store; through click's CliRunner, and as the installed ``idempo`` script."""
+"""``idempo keys``: list, show, delete, resolve and purge the records of a real store (SQLite, Redis, PostgreSQL),
+written by the real middleware, decorator and store; through click's CliRunner, and as the installed ``idempo``
+script. Whatever comes from the store reaches the terminal with its control characters escaped."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,13 +21,24 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from idempo import Acquired, IdempotencyMiddleware, idempotent
+from idempo import (
+    Acquired,
+    Claim,
+    IdempotencyMiddleware,
+    OutcomeUnknownError,
+    authorization_principal,
+    encode_response,
+    idempotent,
+    mark_outcome_unknown,
+)
 from idempo._cli import keys as keys_module
 from idempo._cli._app import cli
+from idempo._core.errors import StoreError
 from idempo._core.fingerprint import principal_digest
 from idempo.stores import SyncScanningStore, SyncStore, store_from_url, sync_store_from_url
 from idempo.stores.postgres import PostgresStore
@@ -33,7 +46,13 @@ from idempo.stores.sqlite import SQLiteStore, SyncSQLiteStore
 
 from .redis_cluster import free_port
 
-ALICE, BOB = principal_digest(b"Bearer alice"), principal_digest(b"Bearer bob")
+
+def _digest(authorization: bytes) -> str:
+    """The principal digest the middleware files a caller's records under, by the middleware's own rule."""
+    return principal_digest(authorization_principal({"type": "http", "headers": [(b"authorization", authorization)]}))
+
+
+ALICE, BOB = _digest(b"Bearer alice"), _digest(b"Bearer bob")
 BINARY = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
 
 
@@ -130,9 +149,11 @@ def populated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Popula
             conn.execute(psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(psycopg.sql.Identifier(table)))
 
 
-def keys(*args: str, store: str | None = None, input: str | None = None) -> Result:
+def keys(*args: str, store: str | None = None, input: str | None = None, color: bool = False) -> Result:
+    """Run ``idempo keys``. With *color*, click keeps escape sequences in what it prints, as it does at a terminal
+    (to anything else it strips the ANSI ones on its own)."""
     argv = ["keys", *args] + (["--store", store] if store is not None else [])
-    return CliRunner().invoke(cli, argv, input=input, catch_exceptions=False)
+    return CliRunner().invoke(cli, argv, input=input, catch_exceptions=False, color=color)
 
 
 # -- list ----------------------------------------------------------------------------------------------------------
@@ -280,18 +301,332 @@ async def test_a_response_too_large_to_keep_and_a_payload_of_another_kind(tmp_pa
     assert isinstance(claim, Acquired)
     assert await store.complete("someone-else's", claim.token, b"\xffnot a response", ttl=600)
     await store.close()
-    table = keys("list", store=url).output.splitlines()
-    assert table[1].split()[:4] == ["big", principal_digest(b"")[:8], "completed", "201*"]
-    assert table[2].split()[:4] == ["someone-else's", "-", "completed", "?"]
+    table = [re.split(r"\s{2,}", line) for line in keys("list", store=url).output.splitlines()]
+    assert table[1][:4] == ["big", principal_digest(b"")[:8], "completed, response not stored (too_large)", "201*"]
+    assert table[2][:4] == ["someone-else's", "-", "completed", "?"]
     big = keys("show", "big", "--body", store=url)
     assert big.exit_code == 0, big.output
-    assert "status:       201\nbody:         not kept (the response was too large to store)" in big.output
+    assert "status:       201\nbody:         not kept (too_large); retries get a 410 response-not-stored" in big.output
     assert big.output.endswith("not a replay\n")  # and no body after it
     odd = keys("show", "someone-else's", "--body", "--json", store=url)
     shown = json.loads(odd.output)
     assert (shown["kind"], shown["status"], shown["body_base64"]) == ("other", None, "/25vdCBhIHJlc3BvbnNl")
     text = keys("show", "someone-else's", store=url).output
     assert "payload:      not a stored response (unknown stored response format b'\\xff'); 15 bytes" in text
+
+
+# -- outcome unknown, and resolving it ------------------------------------------------------------------------------
+
+
+class Uncertain:
+    """Payments behind the real middleware, on the store *url*, whose provider call may time out after the charge was
+    sent. ``/pay`` raises ``OutcomeUnknownError`` (the middleware answers 503) while ``self.provider_down``; ``/gw``
+    calls ``mark_outcome_unknown()`` and answers 504, as a gateway does; ``/big`` answers more than the middleware
+    keeps. ``self.runs`` counts the charges each path made."""
+
+    def __init__(self, url: str) -> None:
+        self.runs = {"/pay": 0, "/gw": 0, "/big": 0}
+        self.provider_down = True
+        self.store = store_from_url(url)
+        routes = [Route(path, self.handle, methods=["POST"]) for path in self.runs]
+        # Inside Starlette's error handling, as add_middleware puts it: the middleware sees OutcomeUnknownError.
+        middleware = [Middleware(IdempotencyMiddleware, store=self.store, max_response_bytes=256)]
+        self.app = Starlette(routes=routes, middleware=middleware)
+
+    async def handle(self, request: Request) -> Response:
+        self.runs[request.url.path] += 1
+        if request.url.path == "/big":
+            return JSONResponse({"receipt": "x" * 1000}, 201)
+        if not self.provider_down:
+            return JSONResponse({"id": "ch_1"}, 201)
+        if request.url.path == "/pay":
+            raise OutcomeUnknownError("the payment provider did not answer in time")
+        mark_outcome_unknown()
+        return JSONResponse({"detail": "the provider did not answer in time"}, 504)
+
+    async def post(self, path: str, key: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url="http://test") as client:
+            return await client.post(
+                path, json={"amount": 1}, headers={"Authorization": "Bearer alice", "Idempotency-Key": key}
+            )
+
+    async def populate(self) -> None:
+        """alice's ``pay-1`` (outcome unknown, first answered 503), ``pay-2`` (first answered 504), ``big-1``
+        (completed, its response not stored: too large)."""
+        assert (await self.post("/pay", "pay-1")).status_code == 503
+        assert (await self.post("/gw", "pay-2")).status_code == 504
+        assert (await self.post("/big", "big-1")).status_code == 201
+
+
+async def test_list_and_show_the_states_of_unknown_outcomes_and_responses_not_stored(populated: Populated) -> None:
+    uncertain = Uncertain(populated.url)
+    await uncertain.populate()
+    await uncertain.store.close()
+    table = keys("list", "--principal", ALICE, store=populated.url)
+    assert table.exit_code == 0, table.output
+    rows = {cells[0]: cells[2:4] for cells in (re.split(r"\s{2,}", line) for line in table.output.splitlines()[1:])}
+    assert rows["pay-1"] == ["outcome unknown (first answered 503)", "-"]
+    assert rows["pay-2"] == ["outcome unknown (first answered 504)", "-"]
+    assert rows["big-1"] == ["completed, response not stored (too_large)", "201*"]
+    assert rows["order-1"] == ["completed", "201"]
+
+    listed = {
+        item["key"]: item
+        for item in json.loads(keys("list", "--json", "--principal", ALICE, store=populated.url).output)
+    }
+    unknown, big, done = listed["pay-2"], listed["big-1"], listed["order-1"]
+    assert (unknown["state"], unknown["state_text"], unknown["status"], unknown["first_status"]) == (
+        "outcome_unknown", "outcome unknown (first answered 504)", None, 504,
+    )  # fmt: skip
+    assert unknown["not_stored_reason"] is None
+    assert (big["state"], big["state_text"], big["status"], big["not_stored_reason"], big["first_status"]) == (
+        "completed", "completed, response not stored (too_large)", 201, "too_large", None,
+    )  # fmt: skip
+    assert (done["state"], done["state_text"], done["not_stored_reason"]) == ("completed", "completed", None)
+
+    shown = keys("show", "pay-2", "--body", store=populated.url)
+    assert shown.exit_code == 0, shown.output
+    assert "state:        outcome unknown (first answered 504)\n" in shown.output
+    assert "retries get:  503 outcome-unknown, nothing runs, until the record expires or is resolved" in shown.output
+    assert "status:" not in shown.output
+    as_json = json.loads(keys("show", "pay-1", "--json", store=populated.url).output)
+    assert (as_json["state"], as_json["first_status"], as_json["too_large"]) == ("outcome_unknown", 503, False)
+
+
+async def test_resolve_ran_makes_every_retry_a_410_and_nothing_runs_again(populated: Populated) -> None:
+    uncertain = Uncertain(populated.url)
+    await uncertain.populate()
+    before = sync_store_from_url(populated.url)
+    original = before.get(f"{ALICE}:pay-2")
+    before.close()
+    assert original is not None
+
+    result = keys("resolve", "pay-2", "--principal", ALICE, "--ran", "--status", "201", "--yes", store=populated.url)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"resolved {ALICE}:pay-2: ran; retries get 410 response-not-stored until ")
+
+    uncertain.provider_down = False  # would the operation run again, it would succeed: it must not run
+    for _ in range(2):
+        retry = await uncertain.post("/gw", "pay-2")
+        assert retry.status_code == 410, retry.text
+        document = retry.json()
+        assert document["type"].endswith("response-not-stored")
+        assert (document["original_status"], document["reason"]) == (201, "operator")
+    assert uncertain.runs["/gw"] == 1
+    await uncertain.store.close()
+
+    shown = json.loads(keys("show", "pay-2", "--json", store=populated.url).output)
+    assert (shown["state"], shown["state_text"], shown["status"]) == (
+        "completed", "completed, response not stored (operator)", 201,
+    )  # fmt: skip
+    assert shown["expires_at"] == pytest.approx(original.expires_at, abs=5)  # the record's expiry is kept
+    assert shown["fingerprint"] == original.fingerprint
+
+    again = keys("resolve", "pay-2", "--ran", "--yes", store=populated.url)
+    assert again.exit_code == 1  # no longer of unknown outcome
+    assert "is completed, response not stored (operator), not of unknown outcome; --force" in again.output
+
+
+async def test_resolve_ran_with_a_ttl(populated: Populated) -> None:
+    uncertain = Uncertain(populated.url)
+    await uncertain.populate()
+    await uncertain.store.close()
+    result = keys("resolve", "pay-1", "--ran", "--ttl", "90", "-y", store=populated.url)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(keys("show", "pay-1", "--json", store=populated.url).output)
+    assert (shown["status"], shown["not_stored_reason"]) == (200, "operator")  # --status defaults to 200
+    assert 80 < shown["expires_in_seconds"] <= 90
+
+
+async def test_resolve_not_run_deletes_the_record_and_the_next_retry_runs(populated: Populated) -> None:
+    uncertain = Uncertain(populated.url)
+    await uncertain.populate()
+    refused = keys("resolve", "pay-1", "--not-run", store=populated.url, input="n\n")
+    assert refused.exit_code == 1
+    assert "Resolve" in refused.output
+    assert "Aborted" in refused.output
+    assert (await uncertain.post("/pay", "pay-1")).status_code == 503  # still unknown: nothing was changed
+
+    result = keys("resolve", "pay-1", "--not-run", store=populated.url, input="y\n")
+    assert result.exit_code == 0, result.output
+    assert f"resolved {ALICE}:pay-1: not run; the record is deleted" in result.output
+    assert keys("show", "pay-1", store=populated.url).exit_code == 1
+
+    uncertain.provider_down = False
+    retry = await uncertain.post("/pay", "pay-1")
+    assert (retry.status_code, retry.json()) == (201, {"id": "ch_1"})
+    assert uncertain.runs["/pay"] == 2  # it did not happen the first time, so it ran now
+    assert (await uncertain.post("/pay", "pay-1")).headers["idempotent-replayed"] == "true"
+    assert uncertain.runs["/pay"] == 2
+    await uncertain.store.close()
+
+
+def test_resolve_refuses_what_is_not_of_unknown_outcome_unless_forced(populated: Populated) -> None:
+    for key, state in ((f"{ALICE}:order-2", "completed"), (f"{ALICE}:pending", "in progress")):
+        for verdict in ("--ran", "--not-run"):
+            result = keys("resolve", key, verdict, "--yes", store=populated.url)
+            assert result.exit_code == 1, result.output
+            assert (
+                result.output
+                == f"Error: {key!r} is {state}, not of unknown outcome; --force resolves it all the same\n"
+            )
+    assert json.loads(keys("show", "order-2", "--json", store=populated.url).output)["status"] == 201  # untouched
+    forced = keys("resolve", "order-2", "--ran", "--status", "202", "--force", "--yes", store=populated.url)
+    assert forced.exit_code == 0, forced.output
+    shown = json.loads(keys("show", "order-2", "--json", store=populated.url).output)
+    assert (shown["status"], shown["not_stored_reason"]) == (202, "operator")
+    deleted = keys("resolve", "pending", "--not-run", "--force", "--yes", store=populated.url)
+    assert deleted.exit_code == 0, deleted.output
+    assert keys("show", "pending", store=populated.url).exit_code == 1
+
+
+def test_resolve_usage_errors(tmp_path: Path) -> None:
+    url = _empty_sqlite(tmp_path / "u.db")
+    for args in ([], ["--ran", "--not-run"], ["--not-run", "--status", "200"], ["--not-run", "--ttl", "5"]):
+        result = keys("resolve", "k", *args, store=url)
+        assert result.exit_code == 2, args
+        assert "Traceback" not in result.output
+    assert "exactly one of --ran" in keys("resolve", "k", store=url).output
+    for args in (["--ran", "--status", "99"], ["--ran", "--ttl", "0"]):
+        assert keys("resolve", "k", *args, store=url).exit_code == 2, args
+    missing = keys("resolve", "k", "--ran", "--yes", store=url)
+    assert (missing.exit_code, missing.output) == (1, "Error: no record under key 'k'\n")
+
+
+class _RacedStore:
+    """A real sync store in which a request claims the key right after ``resolve`` deletes it: the one round trip
+    in which ``resolve --ran`` cannot keep the key."""
+
+    def __init__(self, url: str) -> None:
+        inner = sync_store_from_url(url)
+        assert isinstance(inner, SyncScanningStore)
+        self.inner = inner
+        self.raced: list[Claim] = []
+        self.get, self.claim, self.scan, self.close = inner.get, inner.claim, inner.scan, inner.close
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        return self.inner.complete(key, token, payload, ttl=ttl)
+
+    def delete(self, key: str) -> bool:
+        deleted = self.inner.delete(key)
+        self.raced.append(self.inner.claim(key, "f" * 64, lease=60, ttl=600))
+        return deleted
+
+
+async def test_resolve_ran_says_so_when_a_request_takes_the_key_in_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    uncertain = Uncertain(url)
+    await uncertain.populate()
+    await uncertain.store.close()
+    raced: list[_RacedStore] = []
+
+    def open_raced(store_url: str) -> _RacedStore:
+        raced.append(_RacedStore(store_url))
+        return raced[-1]
+
+    monkeypatch.setattr(keys_module, "sync_store_from_url", open_raced)
+    result = keys("resolve", f"{ALICE}:pay-2", "--ran", "--yes", store=url)
+    assert result.exit_code == 1
+    assert "arrived between this command's delete and its claim, and took the key (now in progress)" in result.output
+    assert "nothing was written" in result.output
+    assert isinstance(raced[0].raced[0], Acquired)
+    monkeypatch.undo()
+    shown = json.loads(keys("show", "pay-2", "--json", store=url).output)
+    assert (shown["state"], shown["fingerprint"]) == ("in_progress", "f" * 64)  # the request's claim, untouched
+
+
+class _CompleteFails(_RacedStore):
+    """A real sync store whose ``complete`` fails, as a store that goes away between two round trips does."""
+
+    def delete(self, key: str) -> bool:
+        return self.inner.delete(key)
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        raise StoreError("SQLite store 'race.db': complete failed: OperationalError: disk I/O error")
+
+
+async def test_resolve_ran_says_where_it_left_a_key_whose_complete_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    uncertain = Uncertain(url)
+    await uncertain.populate()
+    monkeypatch.setattr(keys_module, "sync_store_from_url", _CompleteFails)
+    result = keys("resolve", f"{ALICE}:pay-2", "--ran", "--yes", store=url)
+    assert result.exit_code == 1
+    assert result.output.startswith(
+        "Error: SQLite store 'race.db': complete failed: OperationalError: disk I/O error: "
+    )
+    assert "is claimed (in progress) for 60 s but not resolved; run this command again with --force" in result.output
+    monkeypatch.undo()
+    retry = await uncertain.post("/gw", "pay-2")
+    assert retry.status_code == 409  # held: not run again meanwhile
+    assert uncertain.runs["/gw"] == 1
+    forced = keys("resolve", f"{ALICE}:pay-2", "--ran", "--force", "--yes", store=url)
+    assert forced.exit_code == 0, forced.output
+    assert (await uncertain.post("/gw", "pay-2")).status_code == 410
+    assert uncertain.runs["/gw"] == 1
+    await uncertain.store.close()
+
+
+# -- escaping what the store holds ----------------------------------------------------------------------------------
+
+_HOSTILE_KEY = "evil\x1b]0;owned\x07\u202egnp.exe"
+_HOSTILE_BODY = "hello\x1b[2J\x1b[31mred\x9b31m\u202eevil\x7f\r\n\tindented\n".encode()
+# Everything a terminal could act on, as _safe escapes it; in a body shown as text, \n and \t stay.
+_RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _write_hostile(url: str) -> None:
+    """A response whose key, header value and body carry terminal escapes, and a decorator's record whose key does:
+    written on the store itself, as any code sharing the store could (the middleware refuses such keys)."""
+    store = sync_store_from_url(url)
+    response = encode_response(
+        200, [(b"content-type", b"text/plain"), (b"x-note", b"\x1b[8mhidden\x9b\xff")], _HOSTILE_BODY
+    )
+    for key, payload in ((f"{ALICE}:{_HOSTILE_KEY}", response), ("fn:ns\u202e:k\x1b[5m", b"\x04" + b'"x"')):
+        claim = store.claim(key, "f" * 64, lease=60, ttl=600)
+        assert isinstance(claim, Acquired)
+        assert store.complete(key, claim.token, payload, ttl=600)
+    store.close()
+
+
+def test_nothing_from_the_store_reaches_the_terminal_raw(populated: Populated) -> None:
+    _write_hostile(populated.url)
+    outputs = {
+        "list": keys("list", store=populated.url, color=True),
+        "show": keys("show", f"{ALICE}:{_HOSTILE_KEY}", store=populated.url, color=True),
+        "body": keys("show", f"{ALICE}:{_HOSTILE_KEY}", "--body", store=populated.url, color=True),
+        "json": keys("show", f"{ALICE}:{_HOSTILE_KEY}", "--body", "--json", store=populated.url, color=True),
+        "fn": keys("show", "fn:ns\u202e:k\x1b[5m", "--body", store=populated.url, color=True),
+        "delete": keys("delete", f"{ALICE}:{_HOSTILE_KEY}", store=populated.url, input="y\n", color=True),
+    }
+    for name, result in outputs.items():
+        assert result.exit_code == 0, (name, result.output)
+        assert not _RAW.search(result.output), (name, result.output)
+        lines = result.output.splitlines()
+        assert not any("\t" in line for line in lines if not line.startswith("\tindented")), (name, result.output)
+    assert "evil\\x1b]0;owned\\x07\\u202egnp.exe" in outputs["list"].output
+    assert "  x-note: \\x1b[8mhidden\\x9b\xff" in outputs["show"].output  # \xff is ÿ in latin-1: printable
+    assert outputs["body"].output.endswith("hello\\x1b[2J\\x1b[31mred\\x9b31m\\u202eevil\\x7f\\x0d\n\tindented\n\n")
+    assert json.loads(outputs["json"].output)["body"] == _HOSTILE_BODY.decode()  # JSON escapes; parsed back, exact
+    assert "function:     ns\\u202e (an @idempotent function's result)" in outputs["fn"].output
+    assert "key:          k\\x1b[5m" in outputs["fn"].output
+    assert f"Delete '{ALICE}:evil\\\\x1b]0;owned" in outputs["delete"].output  # the prompt, inside a repr
+    assert f"deleted {ALICE}:evil\\x1b]0;owned\\x07\\u202egnp.exe\n" in outputs["delete"].output
+
+
+def test_the_escaping_itself() -> None:
+    safe = keys_module._safe
+    assert safe("a\x1b[31mb") == "a\\x1b[31mb"
+    assert safe("\x00\x07\x08\t\n\r\x7f\x80\x9b\x9f") == "\\x00\\x07\\x08\\x09\\x0a\\x0d\\x7f\\x80\\x9b\\x9f"
+    assert safe("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u2028\u2029") == (
+        "\\u202a\\u202b\\u202c\\u202d\\u202e\\u2066\\u2067\\u2068\\u2069\\u200e\\u200f\\u061c\\u2028\\u2029"
+    )
+    assert safe("line\n\tnext\r", multiline=True) == "line\n\tnext\\x0d"
+    assert safe("plain ASCII, é, 日本, emoji 👍, \\ and \xa0") == "plain ASCII, é, 日本, emoji 👍, \\ and \xa0"
 
 
 # -- delete and purge ----------------------------------------------------------------------------------------------
@@ -406,7 +741,14 @@ def test_a_store_without_scan_cannot_list(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_help_everywhere() -> None:
-    for args in (["keys"], ["keys", "list"], ["keys", "show"], ["keys", "delete"], ["keys", "purge"]):
+    for args in (
+        ["keys"],
+        ["keys", "list"],
+        ["keys", "show"],
+        ["keys", "delete"],
+        ["keys", "resolve"],
+        ["keys", "purge"],
+    ):
         result = CliRunner().invoke(cli, [*args, "--help"])
         assert result.exit_code == 0, args
         assert "Usage: " in result.output
