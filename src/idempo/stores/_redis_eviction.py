@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
@@ -96,7 +96,9 @@ class Reading:
         return self.policy is not None and self.policy != _SAFE_POLICY and bool(self.maxmemory)
 
 
-def readings_plan(nodes: Sequence[Any], name: Any) -> Generator[ConfigGet | InfoMemory, Any, list[Reading]]:
+def readings_plan(
+    nodes: Sequence[Any], name: Callable[[Any], str]
+) -> Generator[ConfigGet | InfoMemory, Any, list[Reading]]:
     """Read the policy of each of *nodes* (``[None]`` for one server); *name* gives a node's name for messages.
     Its value is one :class:`Reading` per node."""
     readings = []

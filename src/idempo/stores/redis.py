@@ -26,9 +26,9 @@ At maxmemory (``noeviction``). Redis refuses a script's first write that may gro
 write is its ``HSET``) fails: nothing new starts. A claim that finds a record, ``get``, ``release`` and ``delete``
 (``DEL`` frees memory) still work. ``renew``, and ``complete`` with a payload of at most
 :data:`OOM_PAYLOAD_LIMIT` bytes (the middleware's "response not stored" marker), run a variant of their script
-headed by ``#!lua flags=allow-oom`` (Redis 7), which may write anyway: each overwrites or replaces fields of the
-record (the token it clears is longer than such a payload), so the record barely grows, and an operation that ran
-is recorded. A larger ``complete`` fails, so that its caller falls back to the marker. A server without script flags
+headed by ``#!lua flags=allow-oom`` (Redis 7), which may write anyway: each overwrites fields of the record (a
+completion also clears its 32-byte token), so the record grows by a few dozen bytes at most, and an operation that
+ran is recorded. A larger ``complete`` fails, so that its caller falls back to the marker. A server without script flags
 (Redis 6) cannot compile a shebang: the store then runs the plain scripts on it, and at maxmemory those fail too.
 
 Failures are bounded. Every socket read waits at most ``socket_timeout`` seconds and every connect at most
@@ -104,8 +104,9 @@ _ALLOW_OOM = "#!lua flags=allow-oom\n"
 _NO_FLAGS = "Error compiling script"  # what a server without script flags (Redis 6) answers to a shebang
 OOM_PAYLOAD_LIMIT = 64
 """A ``complete`` whose payload is at most this many bytes is written even when the server is at ``maxmemory``
-(``noeviction``): the record then grows by less than the token it loses, and keeps Redis's compact hash encoding
-(``hash-max-listpack-value`` is 64 by default). Larger payloads fail there, so that their caller records a marker."""
+(``noeviction``): the record then grows by a few dozen bytes at most (it loses its 32-byte token), and keeps
+Redis's compact hash encoding (``hash-max-listpack-value`` is 64 by default). Larger payloads fail there, so that
+their caller records a marker instead."""
 _FIELDS = ("state", "fingerprint", "token", "created_at", "lease_expires_at", "expires_at", "payload")
 _STATES = {b"in_progress": State.IN_PROGRESS, b"completed": State.COMPLETED}
 _URL_OPTIONS = (
@@ -697,9 +698,8 @@ class RedisStore:
 
     def sync(self) -> SyncRedisStore:
         """The blocking twin of this store (for the decorator on sync functions): a :class:`SyncRedisStore` on the
-        same server, with the same options, prefix and eviction mode, and connections of its own (and eviction
-        checks of its own). The same twin every time;
-        :meth:`close` closes its connections too.
+        same server, with the same options, prefix and eviction mode, and connections (and eviction checks) of its
+        own. The same twin every time; :meth:`close` closes its connections too.
 
         Raises:
             ConfigurationError: the store wraps a client of yours (or a factory of yours): make a
