@@ -7,7 +7,8 @@ reused for another amount (422), and a malformed key (400).
 ``python examples/demo.py --serve`` serves the same app with uvicorn on http://127.0.0.1:8000 so that you can
 try it with curl (``idempo demo``, i.e. ``make demo``, serves a web page to try it in a browser)::
 
-    curl -i -X POST localhost:8000/charges -H 'Idempotency-Key: order-1' -H 'content-type: application/json' \\
+    KEY=$(python -c 'import uuid; print(uuid.uuid4())')   # a random key, once per operation
+    curl -i -X POST localhost:8000/charges -H "Idempotency-Key: $KEY" -H 'content-type: application/json' \\
          -d '{"amount": 1000}'
 """
 
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import tempfile
+import uuid
 from pathlib import Path
 
 import httpx
@@ -75,10 +77,11 @@ async def walkthrough(db: Path) -> None:
     app = create_app(store, slow=hold, entered=entered)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
-        key = {"Idempotency-Key": "order-1042"}
+        first_key = str(uuid.uuid4())  # keys are random: a guessable one is someone else's to guess
+        key = {"Idempotency-Key": first_key}
         hold.set()
         _show(
-            "1. POST /charges with Idempotency-Key: order-1042",
+            f"1. POST /charges with Idempotency-Key: {first_key}",
             await client.post("/charges", json={"amount": 1000}, headers=key),
         )
         _show(
@@ -88,7 +91,7 @@ async def walkthrough(db: Path) -> None:
 
         hold.clear()
         entered.clear()
-        click = {"Idempotency-Key": "order-1043"}
+        click = {"Idempotency-Key": str(uuid.uuid4())}
         first = asyncio.create_task(client.post("/charges", json={"amount": 500}, headers=click))
         await entered.wait()  # the first click is in the handler, waiting for `hold`
         _show(
@@ -99,7 +102,7 @@ async def walkthrough(db: Path) -> None:
         _show("   ... and the first click, once it finishes", await first)
 
         _show(
-            "4. key order-1042 reused for another amount",
+            "4. the first key reused for another amount",
             await client.post("/charges", json={"amount": 9999}, headers=key),
         )
         _show(

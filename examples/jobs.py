@@ -10,7 +10,8 @@ Run it against a local Redis (database 15 by default; ``--redis-url`` or ``JOBS_
     python examples/jobs.py worker           # a Celery worker (solo pool) on the "charges" queue
     python examples/jobs.py serve            # the API under uvicorn on http://127.0.0.1:8001
 
-    curl -i -X POST localhost:8001/charges -H 'Idempotency-Key: order-1' -H 'X-User: alice' \\
+    KEY=$(python -c 'import uuid; print(uuid.uuid4())')   # a random key, once per operation
+curl -i -X POST localhost:8001/charges -H "Idempotency-Key: $KEY" -H 'X-User: alice' \\
          -H 'content-type: application/json' -d '{"order_id": "o-1", "amount": 1000}'
 """
 
