@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,6 +30,8 @@ from starlette.types import ASGIApp
 
 from idempo import IdempotencyMiddleware, MemoryStore, OutcomeUnknownError, mark_outcome_unknown
 from idempo.client import DEFAULT_RETRY_STATUSES, AsyncIdempotencyTransport, IdempotencyTransport, is_outcome_unknown
+
+from .proxy_support import Upstream, run_proxy
 
 URL = "http://test/charges"
 Outcome = httpx.Response | Exception
@@ -900,3 +903,51 @@ def test_sync_transport_over_a_real_server_stops_at_the_503_outcome_unknown(
     assert is_outcome_unknown(again), again.text
     assert runs == [response.request.headers["Idempotency-Key"]]  # once, for two calls and three attempts
     assert len(sleeps) == 1  # after the 504 only
+
+
+# --- against a real idempo proxy: its upstream times out -----------------------------------------------------------
+
+
+def test_through_idempo_proxy_an_upstream_timeout_is_retried_once_and_the_charge_runs_once(tmp_path: Path) -> None:
+    """``idempo proxy`` and its upstream as processes of their own, over TCP. The upstream holds the charge past the
+    proxy's ``--upstream-timeout``: the proxy answers 504 and keeps the key (the charge may have been made); the
+    transport retries the 504 with the same key, gets the 503 outcome-unknown, and stops there."""
+    upstream = Upstream(tmp_path / "upstream")
+    upstream.directory.mkdir()
+    upstream.start()
+    try:
+        args = ["--upstream", upstream.url, "--store", f"sqlite:///{tmp_path / 'proxy.db'}"]
+        args += ["--upstream-timeout", "0.5"]
+        args += ["--unknown-outcome-ttl", "20"]  # a Retry-After within the transport's 30 s: it would retry it
+        with run_proxy(tmp_path / "proxy", args) as proxy:
+            sent: list[str] = []
+
+            class Recording(httpx.BaseTransport):
+                def __init__(self) -> None:
+                    self.inner = httpx.HTTPTransport()
+
+                def handle_request(self, request: httpx.Request) -> httpx.Response:
+                    sent.append(request.headers["Idempotency-Key"])
+                    return self.inner.handle_request(request)
+
+                def close(self) -> None:
+                    self.inner.close()
+
+            sleeps: list[float] = []
+            transport = IdempotencyTransport(transport=Recording(), sleep=sleeps.append, attempts=5)
+            with httpx.Client(transport=transport, base_url=proxy.url, timeout=30) as http:
+                response = http.post("/op/charge?hold=1", json={"amount": 100})
+                attempts = len(sent)
+                upstream.release("charge")  # the upstream finishes the first attempt, as a slow one would
+                again = http.post("/op/charge?hold=1", json={"amount": 100}, headers={"Idempotency-Key": sent[0]})
+    finally:
+        upstream.release("charge")
+        upstream.stop()
+
+    assert is_outcome_unknown(response), response.text
+    assert 1 <= int(response.headers["Retry-After"]) <= 20
+    assert attempts == 2  # the 504, then the 503 outcome-unknown: no third attempt
+    assert sent == [sent[0]] * 3  # and the later call, with the same key
+    assert len(sleeps) == 1
+    assert is_outcome_unknown(again), again.text  # still kept, even after the upstream finished
+    assert upstream.count("charge") == 1
