@@ -44,6 +44,7 @@ from idempo import (
     State,
     Store,
     StoreError,
+    StoreFullError,
     store_from_url,
 )
 from idempo.stores import ScanningStore, SyncScanningStore, parse_store_url
@@ -927,7 +928,7 @@ async def test_a_full_server_starts_nothing_new_but_records_what_ran(private_red
     with private_redis.client() as admin:
         admin.script_flush()
     for key in ("new", "stale"):
-        with pytest.raises(StoreError, match="claim failed: OutOfMemoryError") as raised:
+        with pytest.raises(StoreFullError, match="claim failed: OutOfMemoryError") as raised:
             await store.claim(key, "fp", lease=30, ttl=60)
         assert isinstance(raised.value.__cause__, redis.exceptions.OutOfMemoryError)
     assert await store.get("new") is None
@@ -936,7 +937,7 @@ async def test_a_full_server_starts_nothing_new_but_records_what_ran(private_red
     assert (record.state, record.token) == (State.IN_PROGRESS, stale.token)  # untouched
     assert await store.renew("running", running.token, lease=30)
     large = b"r" * (redis_module.OOM_PAYLOAD_LIMIT + 1)
-    with pytest.raises(StoreError, match="complete failed: OutOfMemoryError"):
+    with pytest.raises(StoreFullError, match="complete failed: OutOfMemoryError"):
         await store.complete("running", running.token, large, ttl=60)
     assert await store.complete("running", running.token, OOM_MARKER, ttl=60)
     record = await store.get("running")
@@ -971,6 +972,36 @@ async def test_a_server_without_script_flags_gets_the_plain_scripts(
     other = await store.claim("other", "fp", lease=30, ttl=60)
     assert isinstance(other, Acquired)
     fill_up(private_redis)
-    with pytest.raises(StoreError, match="complete failed: OutOfMemoryError"):
+    with pytest.raises(StoreFullError, match="complete failed: OutOfMemoryError"):
         await store.complete("other", other.token, OOM_MARKER, ttl=60)
+    await store.close()
+
+
+async def test_the_middleware_on_a_server_that_fills_up_during_a_request(private_redis: RedisServer) -> None:
+    """The server fills up while a request runs: its response cannot be stored, so the middleware records the
+    "not stored" marker and the retry gets a 410 instead of a second run; a new key gets a 503, and runs nothing."""
+    calls = 0
+
+    async def pay(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        if request.headers["idempotency-key"] == "first":
+            fill_up(private_redis)
+        return JSONResponse({"paid": calls, "receipt": "r" * 500})
+
+    store = open_url(private_redis.url)
+    app = Starlette(
+        routes=[Route("/pay", pay, methods=["POST"])],
+        middleware=[Middleware(IdempotencyMiddleware, store=store)],
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        first = await client.post("/pay", json={}, headers={"Idempotency-Key": "first"})
+        retry = await client.post("/pay", json={}, headers={"Idempotency-Key": "first"})
+        other = await client.post("/pay", json={}, headers={"Idempotency-Key": "other"})
+    assert (first.status_code, first.json()["paid"]) == (200, 1)
+    assert retry.status_code == 410
+    assert retry.headers["content-type"] == "application/problem+json"
+    assert retry.json()["type"].endswith("response-not-stored")
+    assert other.status_code == 503
+    assert calls == 1
     await store.close()

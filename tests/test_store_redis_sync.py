@@ -23,7 +23,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.connection import SSLConnection
 
-from idempo import Acquired, ConfigurationError, Existing, State, StoreError, store_from_url
+from idempo import Acquired, ConfigurationError, Existing, State, StoreError, StoreFullError, store_from_url
 from idempo.stores import SyncStore, parse_store_url, sync_store_from_url
 from idempo.stores import _redis_eviction as eviction_module
 from idempo.stores.redis import OOM_PAYLOAD_LIMIT, RedisStore, SyncRedisStore
@@ -590,7 +590,7 @@ def test_a_full_server_starts_nothing_new_but_records_what_ran(private_redis: Re
     with private_redis.client() as admin:
         admin.script_flush()
     for key in ("new", "stale"):
-        with pytest.raises(StoreError, match="claim failed: OutOfMemoryError") as raised:
+        with pytest.raises(StoreFullError, match="claim failed: OutOfMemoryError") as raised:
             store.claim(key, "fp", lease=30, ttl=60)
         assert isinstance(raised.value.__cause__, redis.exceptions.OutOfMemoryError)
     assert store.get("new") is None
@@ -598,7 +598,7 @@ def test_a_full_server_starts_nothing_new_but_records_what_ran(private_redis: Re
     assert record is not None
     assert (record.state, record.token) == (State.IN_PROGRESS, stale.token)
     assert store.renew("running", running.token, lease=30)
-    with pytest.raises(StoreError, match="complete failed: OutOfMemoryError"):
+    with pytest.raises(StoreFullError, match="complete failed: OutOfMemoryError"):
         store.complete("running", running.token, b"r" * (OOM_PAYLOAD_LIMIT + 1), ttl=60)
     assert store.complete("running", running.token, OOM_MARKER, ttl=60)
     record = store.get("running")

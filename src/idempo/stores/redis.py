@@ -22,14 +22,15 @@ Eviction. Under a ``maxmemory-policy`` that evicts, Redis drops records silently
 run again, so a store reads the policy of its server (of every primary of a cluster) before its first claim and
 then from time to time, and by default refuses to claim while it evicts (``eviction=``; see ``._redis_eviction``).
 
-At maxmemory (``noeviction``). Redis refuses a script's first write that may grow memory, so a claim (whose first
-write is its ``HSET``) fails: nothing new starts. A claim that finds a record, ``get``, ``release`` and ``delete``
-(``DEL`` frees memory) still work. ``renew``, and ``complete`` with a payload of at most
-:data:`OOM_PAYLOAD_LIMIT` bytes (the middleware's "response not stored" marker), run a variant of their script
-headed by ``#!lua flags=allow-oom`` (Redis 7), which may write anyway: each overwrites fields of the record (a
-completion also clears its 32-byte token), so the record grows by a few dozen bytes at most, and an operation that
-ran is recorded. A larger ``complete`` fails, so that its caller falls back to the marker. A server without script flags
-(Redis 6) cannot compile a shebang: the store then runs the plain scripts on it, and at maxmemory those fail too.
+At maxmemory (``noeviction``). Redis refuses a script's first write that may grow memory (``OOM``, raised as
+:class:`~idempo.StoreFullError`), so a claim (whose first write is its ``HSET``) fails: nothing new starts. A claim
+that finds a record, ``get``, ``release`` and ``delete`` (``DEL`` frees memory) still work. ``renew``, and
+``complete`` with a payload of at most :data:`OOM_PAYLOAD_LIMIT` bytes (the middleware's "response not stored"
+marker), run a variant of their script headed by ``#!lua flags=allow-oom`` (Redis 7), which may write anyway: each
+overwrites fields of the record (a completion also clears its 32-byte token), so the record grows by a few dozen
+bytes at most, and an operation that ran is recorded. A larger ``complete`` fails, so that its caller falls back to
+the marker. A server without script flags (Redis 6) cannot compile a shebang: the store then runs the plain scripts
+on it, and at maxmemory those fail too.
 
 Failures are bounded. Every socket read waits at most ``socket_timeout`` seconds and every connect at most
 ``socket_connect_timeout``; a command is retried once, and only after a connection error (e.g. a pooled connection
@@ -63,7 +64,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeAlias, TypeVar
 from urllib.parse import unquote
 
-from .._core.errors import ConfigurationError, StoreError
+from .._core.errors import ConfigurationError, StoreError, StoreFullError
 from .._core.records import Acquired, Claim, Existing, Record, State, new_token
 from . import require
 from ._redis_eviction import (
@@ -398,6 +399,15 @@ def _refuse_the_other_api(client: object, *, sync: bool) -> None:
     if not sync and isinstance(client, redis.Redis | redis.RedisCluster):
         msg = f"{type(client).__name__} is redis-py's sync client: use SyncRedisStore, or redis.asyncio's client"
         raise ConfigurationError(msg)
+
+
+def _store_error(where: str, operation: str, exc: Exception) -> StoreError:
+    """The error a store raises for redis-py's *exc*: :class:`~idempo.StoreFullError` when the server refused a
+    write at ``maxmemory`` (a smaller one may still land), else :class:`~idempo.StoreError`."""
+    from redis.exceptions import OutOfMemoryError
+
+    kind = StoreFullError if isinstance(exc, OutOfMemoryError) else StoreError
+    return kind(f"Redis store {where}: {operation} failed: {type(exc).__name__}: {exc}")
 
 
 def _errors() -> tuple[type[Exception], ...]:
@@ -746,7 +756,7 @@ class RedisStore:
         return bound
 
     def _error(self, operation: str, exc: Exception) -> StoreError:
-        return StoreError(f"Redis store {self._where}: {operation} failed: {type(exc).__name__}: {exc}")
+        return _store_error(self._where, operation, exc)
 
     # -- the Store protocol -------------------------------------------------------------------------------------
 
@@ -944,7 +954,7 @@ class SyncRedisStore:
             return bound
 
     def _error(self, operation: str, exc: Exception) -> StoreError:
-        return StoreError(f"Redis store {self._where}: {operation} failed: {type(exc).__name__}: {exc}")
+        return _store_error(self._where, operation, exc)
 
     def _run(self, op: _Op[_T]) -> _T:
         """Run *op*; what its reply means."""
