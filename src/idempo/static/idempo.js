@@ -208,7 +208,7 @@ export async function readProblem(response) {
   if (!isProblemType(response.headers.get("Content-Type"))) return null;
   try {
     const document = await response.clone().json();
-    return document !== null && typeof document === "object" && !Array.isArray(document) ? document : null;
+    return isObject(document) ? document : null;
   } catch {
     return null; // not JSON, or the body failed: not a problem document we can read
   }
