@@ -23,6 +23,7 @@ problem until the record expires (``unknown_outcome_ttl``) or an operator resolv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sys
@@ -776,6 +777,9 @@ class _Exchange:
             self.keep = should_store(status, store_server_errors=self.mw.store_server_errors)
             if self.keep:
                 self.headers = message.get("headers", ())
+            elif status == 500 and self.outcome is not None and self.outcome.unknown and not self.client_gone:
+                await self._answer_unknown()
+                return
         if self.client_gone:
             return
         try:
@@ -783,6 +787,18 @@ class _Exchange:
         except OSError:
             # The client went away. Keep going: the response is still recorded for its retry.
             self.client_gone = True
+
+    async def _answer_unknown(self) -> None:
+        """Answer the 503 ``outcome-unknown`` problem instead of the 500 a framework made of an
+        ``OutcomeUnknownError`` before the middleware could see it (Starlette's ``ServerErrorMiddleware``, when the
+        middleware wraps the whole app): a client told 500 would think the operation failed, and try again under a
+        new key. The app's own 500 goes nowhere."""
+        self.status = OutcomeUnknownError.status
+        retry_after = math.ceil(self.mw.unknown_outcome_ttl)
+        error = OutcomeUnknownError.recorded("the outcome of this operation is unknown", retry_after=retry_after)
+        with contextlib.suppress(OSError):  # a client gone already: the outcome is still recorded
+            await self.mw._send_error(self.send, error)
+        self.client_gone = True  # what the app sends next is not the client's
 
     async def _record(self, *, failed: bool) -> None:
         """Complete or release the claim, once. If the store fails, keep trying in the background while our lease
