@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 STARTUP_DEADLINE = 30.0
 SHUTDOWN_GRACE = 10.0
 _LISTENING = re.compile(r"idempo proxy: listening on (http://\S+)")
+_ADMIN = re.compile(r"; admin (http://[^/\s]+)")
 
 
 def _poll_http(url: str, process: subprocess.Popen[bytes], log: Path, what: str) -> None:
@@ -41,11 +43,13 @@ def _poll_http(url: str, process: subprocess.Popen[bytes], log: Path, what: str)
 
 @dataclass
 class Upstream:
-    """``tests.proxy_upstream`` under uvicorn, which can be killed and started again on the same port."""
+    """``tests.proxy_upstream`` under uvicorn, which can be killed and started again on the same port; or, *closing*,
+    its raw server that reads each request and closes the connection without answering."""
 
     directory: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    closing: bool = False
 
     @property
     def url(self) -> str:
@@ -58,9 +62,12 @@ class Upstream:
     def start(self) -> None:
         """Start it (again) and wait until it answers."""
         env = {**os.environ, "IDEMPO_PROXY_UPSTREAM_DIR": str(self.directory), "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "uvicorn", "tests.proxy_upstream:create_app", "--factory"]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--no-access-log", "--log-level", "warning"]
-        command += ["--timeout-graceful-shutdown", "1"]
+        if self.closing:
+            command = [sys.executable, "-m", "tests.proxy_upstream", "closing", str(self.port)]
+        else:
+            command = [sys.executable, "-m", "uvicorn", "tests.proxy_upstream:create_app", "--factory"]
+            command += ["--host", "127.0.0.1", "--port", str(self.port), "--no-access-log", "--log-level", "warning"]
+            command += ["--timeout-graceful-shutdown", "1"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -89,6 +96,17 @@ class Upstream:
     def started(self, name: str) -> bool:
         return (self.directory / f"{name}.started").exists()
 
+    def done(self, name: str) -> bool:
+        """Whether a held request of *name* has finished on the upstream (after its release)."""
+        return (self.directory / f"{name}.done").exists()
+
+    def hits(self) -> list[str]:
+        """``METHOD TARGET`` of every request that reached it, but its health checks."""
+        try:
+            return (self.directory / "hits").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
     def release(self, name: str) -> None:
         (self.directory / f"{name}.release").touch()
 
@@ -100,6 +118,7 @@ class Proxy:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    admin_url: str | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -138,8 +157,71 @@ def run_proxy(
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the proxy did not start (exit {process.poll()}):\n{log_path.read_text()}")
             time.sleep(0.02)  # the line another process prints: nothing to wait on but a poll
-        proxy = Proxy(match[1], process, log_path)
-        _poll_http(proxy.url + prefix + "healthz", process, log_path, "the proxy")
+        admin = _ADMIN.search(log_path.read_text(errors="replace"))
+        proxy = Proxy(match[1], process, log_path, admin[1] if admin else None)
+        _poll_http((proxy.admin_url or proxy.url) + prefix + "healthz", process, log_path, "the proxy")
         yield proxy
     finally:
         stop_process_group(process)
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    """What came back on a raw connection: the status, headers (lower-case names), body, and whether the server
+    closed the connection after it."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    closed: bool
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def address(url: str) -> tuple[str, int]:
+    """``("127.0.0.1", 8080)`` of ``http://127.0.0.1:8080``."""
+    host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+    return host, int(port)
+
+
+def read_response(sock: socket.socket, *, closing: bool = False) -> RawResponse:
+    """Read one response (framed by Content-Length, or by the end of the connection) from *sock*; *closing*: see
+    also whether the server closes the connection after it (waiting up to 5 s for it to)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"the connection closed before a whole response head: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "-1"))
+    closed = False
+    while length < 0 or len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            closed = True
+            break
+        body += chunk
+    if closing and not closed:  # is the connection closed after the response? A closed one reads b"" at once.
+        previous = sock.gettimeout()
+        sock.settimeout(5.0)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        finally:
+            sock.settimeout(previous)
+    return RawResponse(int(status_line.split(" ")[1]), headers, body, closed)
+
+
+def send_raw(url: str, data: bytes, *, closing: bool = False, timeout: float = 15.0) -> RawResponse:
+    """Send *data* as is on a new connection to *url* and read the response (see :func:`read_response`)."""
+    with socket.create_connection(address(url), timeout=timeout) as sock:
+        sock.sendall(data)
+        return read_response(sock, closing=closing)

@@ -84,6 +84,21 @@ async def proxied(make: Callable[..., Any]) -> AsyncIterator[Proxied]:
     await p.app.aclose()
 
 
+CLIENT_FORWARDING = {
+    "X-Forwarded-For": "198.51.100.1, 198.51.100.2",
+    "X-Forwarded-Proto": "https",
+    "X-Forwarded-Host": "shop.example",
+    "X-Forwarded-Port": "443",
+    "X-Forwarded-Prefix": "/admin",
+    "X-Forwarded-Server": "edge-1",
+    "Forwarded": "for=198.51.100.1;proto=https",
+    "X-Real-IP": "198.51.100.1",
+    "True-Client-IP": "198.51.100.1",
+    "X-Original-URL": "/admin/delete",
+}
+"""Forwarding headers a client may send about itself (or a proxy in front, when it is trusted)."""
+
+
 def header_names(request: httpx.Request) -> list[str]:
     return [name.decode().lower() for name, _ in request.headers.raw]
 
@@ -107,8 +122,7 @@ async def test_the_request_is_forwarded_with_hop_by_hop_headers_dropped_and_forw
             "Proxy-Authorization": "Basic eA==",
             "Proxy-Connection": "keep-alive",
             "Expect": "100-continue",
-            "X-Forwarded-For": "198.51.100.1, 198.51.100.2",
-            "X-Forwarded-Host": "evil.example",
+            **CLIENT_FORWARDING,
             "Authorization": "Bearer t",
             "Accept-Encoding": "br",
         },
@@ -120,9 +134,13 @@ async def test_the_request_is_forwarded_with_hop_by_hop_headers_dropped_and_forw
     for hop in [*(name.decode() for name in HOP_BY_HOP), "x-secret-hop", "expect"]:
         assert hop not in names, hop
     assert sent.headers["host"] == "proxy.example:8080"
-    assert sent.headers["x-forwarded-for"] == "198.51.100.1, 198.51.100.2, 192.0.2.10"
+    # The client's claims about itself are dropped; what this hop knows is set.
+    for claimed in CLIENT_FORWARDING:
+        if claimed.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"):
+            assert claimed.lower() not in names, claimed
+    assert sent.headers["x-forwarded-for"] == "192.0.2.10"
     assert sent.headers["x-forwarded-proto"] == "http"
-    assert sent.headers["x-forwarded-host"] == "proxy.example:8080"  # not the client's claim
+    assert sent.headers["x-forwarded-host"] == "proxy.example:8080"
     assert sent.headers["authorization"] == "Bearer t"
     assert sent.headers["accept-encoding"] == "br"  # the client's, as sent
     assert "user-agent" not in names  # httpx adds nothing of its own
@@ -137,15 +155,19 @@ async def test_no_accept_encoding_is_added(proxied: Proxied) -> None:
 async def test_host_header_upstream_and_trusted_forwarding_headers(make: Callable[..., Any]) -> None:
     proxied: Proxied = await make(host_header="upstream", trust_forwarded=True)
     try:
-        await proxied.client.get("/", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "shop.example"})
+        await proxied.client.get("/", headers=CLIENT_FORWARDING)
         await proxied.client.get("/")
     finally:
         await proxied.client.aclose()
         await proxied.app.aclose()
     trusted, plain = proxied.upstream.requests
     assert trusted.headers["host"] == plain.headers["host"] == "upstream.internal:8000"
+    assert trusted.headers["x-forwarded-for"] == "198.51.100.1, 198.51.100.2, 192.0.2.10"  # appended to
     assert trusted.headers["x-forwarded-proto"] == "https"
     assert trusted.headers["x-forwarded-host"] == "shop.example"
+    for name, value in CLIENT_FORWARDING.items():  # the rest kept as the proxy in front set them
+        if not name.lower().startswith(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")):
+            assert trusted.headers[name] == value, name
     assert plain.headers["x-forwarded-proto"] == "http"
     assert plain.headers["x-forwarded-host"] == "proxy.example:8080"
 
@@ -190,20 +212,47 @@ def metric(app: ProxyApp, name: str, **labels: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize(
-    ("error", "status", "reason"),
-    [
-        (httpx.ConnectError("refused"), 502, "unreachable"),
-        (httpx.RemoteProtocolError("server disconnected"), 502, "unreachable"),
-        (httpx.ReadTimeout("slow"), 504, "timeout"),
-        (httpx.ConnectTimeout("slow"), 504, "timeout"),
-    ],
-)
-async def test_an_upstream_failure_is_a_problem_document_and_releases_the_key(
-    proxied: Proxied, error: Exception, status: int, reason: str
+# Failures that prove the request never left (the key is released: a retry runs), and those after which the upstream
+# may have it (the outcome is unknown: the key is kept, and retries get 503 outcome-unknown).
+NEVER_SENT: dict[type[httpx.TransportError], tuple[int, str]] = {
+    httpx.ConnectError: (502, "unreachable"),
+    httpx.ConnectTimeout: (504, "timeout"),
+    httpx.PoolTimeout: (504, "timeout"),
+    httpx.UnsupportedProtocol: (502, "unreachable"),
+}
+MAY_HAVE_LEFT: dict[type[httpx.TransportError], tuple[int, str]] = {
+    httpx.ReadTimeout: (504, "timeout"),
+    httpx.WriteTimeout: (504, "timeout"),
+    httpx.ReadError: (502, "unreachable"),
+    httpx.WriteError: (502, "unreachable"),
+    httpx.CloseError: (502, "unreachable"),
+    httpx.RemoteProtocolError: (502, "unreachable"),
+    httpx.LocalProtocolError: (502, "unreachable"),
+    httpx.ProxyError: (502, "unreachable"),
+}
+
+
+def _subclasses(cls: type[httpx.TransportError]) -> set[type[httpx.TransportError]]:
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub, *_subclasses(sub)}
+    return found
+
+
+def test_every_transport_error_of_httpx_is_classified() -> None:
+    """A new exception class in httpx must be sorted into "never sent" or "may have left" here (and in _forward)."""
+    concrete = {cls for cls in _subclasses(httpx.TransportError) if not cls.__subclasses__()}
+    assert concrete == set(NEVER_SENT) | set(MAY_HAVE_LEFT)
+
+
+@pytest.mark.parametrize(("error", "expected"), NEVER_SENT.items(), ids=lambda v: getattr(v, "__name__", ""))
+async def test_a_request_that_never_left_is_a_problem_document_and_releases_the_key(
+    proxied: Proxied, error: type[httpx.TransportError], expected: tuple[int, str]
 ) -> None:
+    status, reason = expected
+
     def fail(request: httpx.Request) -> httpx.Response:
-        raise error
+        raise error("no connection")
 
     proxied.upstream.answer = fail
     headers = {"Idempotency-Key": "k1"}
@@ -221,7 +270,36 @@ async def test_an_upstream_failure_is_a_problem_document_and_releases_the_key(
     assert len(proxied.upstream.requests) == 2
 
 
-async def test_an_upstream_that_breaks_mid_body_aborts_the_response_and_releases_the_key(proxied: Proxied) -> None:
+@pytest.mark.parametrize(("error", "expected"), MAY_HAVE_LEFT.items(), ids=lambda v: getattr(v, "__name__", ""))
+async def test_a_request_that_may_have_reached_the_upstream_keeps_the_key_as_outcome_unknown(
+    make: Callable[..., Any], error: type[httpx.TransportError], expected: tuple[int, str]
+) -> None:
+    status, reason = expected
+    proxied: Proxied = await make(unknown_outcome_ttl=90)
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error("after the request was sent")
+
+    proxied.upstream.answer = fail
+    headers = {"Idempotency-Key": "k1"}
+    try:
+        response = await proxied.client.post("/pay", content=b"x", headers=headers)
+        assert response.status_code == status  # what the client gets is unchanged
+        assert response.json()["type"].endswith("upstream-timeout" if status == 504 else "upstream-unavailable")
+        assert "outcome is unknown" in response.json()["detail"]
+        assert metric(proxied.app, "idempo_proxy_upstream_errors_total", reason=reason) == 1
+        proxied.upstream.answer = None  # the upstream answers again: the retry still must not run the operation
+        retry = await proxied.client.post("/pay", content=b"x", headers=headers)
+    finally:
+        await proxied.client.aclose()
+        await proxied.app.aclose()
+    assert retry.status_code == 503
+    assert retry.json()["type"].endswith("outcome-unknown")
+    assert 0 < int(retry.headers["retry-after"]) <= 90
+    assert len(proxied.upstream.requests) == 1
+
+
+async def test_an_upstream_that_breaks_mid_body_aborts_the_response_and_keeps_the_key(proxied: Proxied) -> None:
     class Broken(httpx.AsyncByteStream):
         async def __aiter__(self) -> AsyncIterator[bytes]:
             yield b"partial"
@@ -233,8 +311,9 @@ async def test_an_upstream_that_breaks_mid_body_aborts_the_response_and_releases
     assert metric(proxied.app, "idempo_proxy_upstream_errors_total", reason="broken") == 1
     proxied.upstream.answer = None
     retry = await proxied.client.post("/pay", headers={"Idempotency-Key": "k2"})
-    assert retry.status_code == 201
-    assert "idempotent-replayed" not in retry.headers
+    assert retry.status_code == 503  # it ran; what it answered is lost: never run again
+    assert retry.json()["type"].endswith("outcome-unknown")
+    assert len(proxied.upstream.requests) == 1
 
 
 async def test_a_client_that_leaves_while_its_body_streams_gets_nothing_and_breaks_nothing(proxied: Proxied) -> None:
@@ -263,7 +342,7 @@ async def test_a_client_that_leaves_while_its_body_streams_gets_nothing_and_brea
 
 
 class DownStore(MemoryStore):
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Any:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, **options: Any) -> Any:
         raise StoreError("down")
 
 

@@ -316,7 +316,7 @@ async def test_forwarding_headers(proxy: Proxy, upstream: Upstream) -> None:
     assert headers["x-kept"] == ["yes"]
     host = proxy.url.removeprefix("http://")
     assert headers["host"] == [host]  # the client's Host, by default
-    assert headers["x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]  # appended
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]  # the peer's, not the client's claim
     assert headers["x-forwarded-proto"] == ["http"]  # this hop's, not the client's claim
     assert headers["x-forwarded-host"] == [host]
     assert seen["query"] == "a=1&b=%20"
@@ -451,26 +451,6 @@ async def test_a_dead_upstream_is_502_and_a_retry_after_it_restarts_runs_once(pr
     assert first.status_code == 201
     assert again.headers["idempotent-replayed"] == "true"
     assert upstream.count(op) == 1
-
-
-async def test_a_slow_upstream_is_504_and_the_key_is_released(
-    tmp_path: Path, upstream: Upstream, redis_url: str, redis_prefix: str
-) -> None:
-    args = ["--upstream", upstream.url, "--store", _store(redis_url, redis_prefix + "c:"), "--upstream-timeout", "2"]
-    op, headers = name(), key()
-    with run_proxy(tmp_path, args) as slow:
-        async with httpx.AsyncClient(base_url=slow.url, timeout=30) as http:
-            try:
-                document = assert_problem(await http.post(f"/op/{op}?hold=1", headers=headers), 504)
-                assert document["title"] == "Upstream timed out"
-            finally:
-                upstream.release(op)
-            # A 504 is a 5xx: the key was released, and the retry runs again (the upstream ran it twice: what a
-            # too-short --upstream-timeout costs; see docs/proxy.md).
-            retry = await http.post(f"/op/{op}?hold=1", headers=headers)
-    assert retry.status_code == 201
-    assert "idempotent-replayed" not in retry.headers
-    assert upstream.count(op) == 2
 
 
 async def test_a_store_that_is_down_is_503_and_nothing_runs(tmp_path: Path, upstream: Upstream) -> None:

@@ -81,12 +81,13 @@ def command(config_file: str | None, check: bool, **flags: Any) -> None:
         from idempo.proxy._serve import check as check_config
 
         check_config(config)
-        sock = bind(config)
+        sockets = bind(config)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        serve(config, sock)
+        serve(config, sockets)
     except KeyboardInterrupt:
         pass
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()

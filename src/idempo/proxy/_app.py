@@ -1,10 +1,12 @@
 """The proxy as one ASGI application: its own endpoints, access logs and metrics around
 ``IdempotencyMiddleware(ForwardingApp)``. Strictly private; :func:`idempo.proxy.create_app` is the public way in.
 
-Each request goes one of two ways. Under the proxy's prefix (``/_idempo/`` by default), ``healthz`` and ``metrics``
-are answered here and never reach the middleware nor the upstream (other paths under the prefix are forwarded like
-any). Every other request goes through the middleware to the forwarding app; its status, the middleware's outcome
-(learnt from the observer hook) and its duration make one JSON line on stderr.
+Each request goes one of two ways. The proxy's own endpoints, ``healthz`` and ``metrics`` under its prefix
+(``/_idempo/`` by default), are answered here and never reach the middleware nor the upstream: on the public listener,
+or, with ``admin_listen``, only on that second listener (which answers nothing else, and is told apart by the local
+address of the connection, ``scope["server"]``). Every other request is checked (``._intake``: its target, its
+framing; ``OPTIONS *`` is answered here), then goes through the middleware to the forwarding app; its status, the
+middleware's outcome (learnt from the observer hook) and its duration make one JSON line on stderr.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any, Final
 
 import httpx
 
+from .._core.problem import Problem
 from ..asgi import IdempotencyMiddleware, Message, Receive, Scope, Send, authorization_principal
 from ..observe import Outcome, StoreOperation
 from ..stores import Store, store_from_url
-from ._config import CONFIG_ENV, ProxyConfig
-from ._forward import ForwardingApp
+from ._config import CONFIG_ENV, ProxyConfig, parse_listen
+from ._forward import UPSTREAM_URL, ForwardingApp
+from ._intake import OVER_BUDGET, BodyBudget, KeyedBody, Refusal, framing_refusal, request_target
 
 __all__ = ["ProxyApp", "app_from_environment", "create_app"]
 
@@ -71,7 +75,7 @@ class ProxyApp:
         store: Store | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         from ..metrics import PrometheusObserver
 
@@ -102,6 +106,13 @@ class ProxyApp:
         )
         for reason in ("unreachable", "timeout", "broken"):
             self.upstream_errors.labels(reason)
+        buffered = Gauge(
+            "buffered_bytes",
+            "Bytes of keyed request bodies held in memory (buffered, then forwarded)",
+            namespace="idempo_proxy",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.forward = ForwardingApp(config, transport=transport, observe=self._upstream_observed)
         principal = authorization_principal
         if config.principal_header.lower() != "authorization":
@@ -122,6 +133,7 @@ class ProxyApp:
             retry_after=config.retry_after,
             max_request_bytes=config.max_request_bytes,
             max_response_bytes=config.max_response_bytes,
+            unknown_outcome_ttl=config.unknown_outcome_ttl,
             store_server_errors=config.store_server_errors,
             replay_set_cookie=config.replay_set_cookie,
             problem_base_uri=config.problem_base_uri,
@@ -131,6 +143,10 @@ class ProxyApp:
         )
         self.healthz_path = config.prefix + "healthz"
         self.metrics_path = config.prefix + "metrics"
+        self.admin_port = parse_listen(config.admin_listen)[1] if config.admin_listen else None
+        self.methods = frozenset(config.methods)
+        self.key_header = config.header.lower().encode("latin-1")
+        self.budget = BodyBudget(config.max_buffered_bytes, buffered)
         self.access_log = config.access_log
         if config.access_log and not access_logger.handlers:
             access_logger.addHandler(_access_handler())
@@ -156,10 +172,12 @@ class ProxyApp:
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
-            if path == self.healthz_path or path == self.metrics_path:
+            if self.admin_port is not None and _local_port(scope) == self.admin_port:
+                await self._admin(scope, send, path)
+            elif self.admin_port is None and (path == self.healthz_path or path == self.metrics_path):
                 await self._own(scope, send, path)
-                return
-            await self._forward(scope, receive, send)
+            else:
+                await self._forward(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":  # not proxied: refuse the handshake (the server answers 403)
@@ -177,7 +195,7 @@ class ProxyApp:
 
         error: BaseException | None = None
         try:
-            await self.middleware(scope, receive, send_and_note)
+            await self._handle(scope, receive, send_and_note)
         except BaseException as exc:
             error = exc
             raise
@@ -197,6 +215,73 @@ class ProxyApp:
                 if error is not None:
                     record["error"] = type(error).__name__
                 access_logger.info(json.dumps(record, separators=(",", ":")))
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the request, then hand it to the middleware (with a deadline and a budget for a keyed body)."""
+        if scope["method"] == "OPTIONS" and (scope.get("raw_path") or scope["path"].encode("latin-1")) == b"*":
+            # The asterisk-form asks about the server, not a resource (RFC 9110 section 9.3.7): this server is the
+            # proxy, which answers it as Go's net/http does (200, no body), rather than make it a path upstream.
+            scope[_OUTCOME] = "proxy"
+            empty = [(b"content-length", b"0"), (b"cache-control", b"no-store")]
+            await send({"type": "http.response.start", "status": 200, "headers": empty})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        target = request_target(scope)
+        if isinstance(target, Refusal):
+            await self._refuse(scope, send, target)
+            return
+        try:
+            scope[UPSTREAM_URL] = self.forward.url(target)
+        except (httpx.InvalidURL, UnicodeDecodeError):
+            await self._refuse(scope, send, Refusal(400, "invalid-target", "Request target not accepted", _BAD_URL))
+            return
+        headers = dict(scope["headers"])
+        refusal = framing_refusal(headers)
+        if refusal is not None:
+            await self._refuse(scope, send, refusal)
+            return
+        if scope["method"] not in self.methods or self.key_header not in headers:
+            await self.middleware(scope, receive, send)
+            return
+        # A keyed request: the middleware buffers its body, within a deadline and the process's budget.
+        declared = headers.get(b"content-length", b"")
+        upfront = int(declared) if declared.isdigit() and int(declared) <= self.config.max_request_bytes else 0
+        if upfront and not self.budget.take(upfront):
+            await self._refuse(scope, send, OVER_BUDGET)
+            return
+        body = KeyedBody(receive, self.budget, self.config.body_timeout, upfront)
+        responded = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal responded
+            responded = True
+            await send(message)
+
+        try:
+            await self.middleware(scope, body, send_and_note)
+        finally:
+            body.close()
+        if body.refusal is not None and not responded:
+            await self._refuse(scope, send, body.refusal)
+
+    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+        """Answer a request the proxy does not forward, and close the connection (its body may be unread)."""
+        scope[_OUTCOME] = "refused"
+        problem = Problem(self.config.problem_base_uri + refusal.slug, refusal.title, refusal.status, refusal.detail)
+        status, headers, body = problem.render(retry_after=self.config.retry_after if refusal.status == 503 else None)
+        headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _admin(self, scope: Scope, send: Send, path: str) -> None:
+        """A request to the admin listener: the proxy's own endpoints, and a 404 for anything else."""
+        if path == self.healthz_path or path == self.metrics_path:
+            await self._own(scope, send, path)
+            return
+        body = b'{"detail":"not found: this listener serves only the proxy\'s own endpoints"}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 404, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _own(self, scope: Scope, send: Send, path: str) -> None:
         if scope["method"] not in ("GET", "HEAD"):
@@ -226,6 +311,14 @@ class ProxyApp:
                     return
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+_BAD_URL: Final = "the request target holds characters a URL cannot (a '#', or bytes that are not ASCII)"
+
+
+def _local_port(scope: Scope) -> int | None:
+    server = scope.get("server")
+    return int(server[1]) if server and server[1] is not None else None
 
 
 def _header_principal(header: str) -> Any:

@@ -75,12 +75,15 @@ class ProxyConfig:
     listen: str = "127.0.0.1:8080"
     workers: int = 1
     prefix: str = "/_idempo/"
+    admin_listen: str = ""
     # Forwarding.
     host_header: Literal["client", "upstream"] = "client"
     trust_forwarded: bool = False
     connect_timeout: float = 5.0
     upstream_timeout: float = 60.0
     max_connections: int = 100
+    body_timeout: float = 60.0
+    max_buffered_bytes: int = 128 * 1024 * 1024
     # Logs.
     access_log: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -99,6 +102,7 @@ class ProxyConfig:
     retry_after: int = 1
     max_request_bytes: int = 10 * 1024 * 1024
     max_response_bytes: int = 10 * 1024 * 1024
+    unknown_outcome_ttl: float | None = None
     store_server_errors: bool = False
     replay_set_cookie: bool = False
     problem_base_uri: str = DEFAULT_PROBLEM_BASE
@@ -142,17 +146,39 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("workers", "int", "Worker processes (default 1).", metavar="N"),
     Option("prefix", "str", "Path prefix of the proxy's own endpoints (default /_idempo/).", metavar="PATH"),
     Option(
+        "admin_listen",
+        "str",
+        "Serve the proxy's own endpoints on this HOST:PORT only, never on the public listener (default: off).",
+        metavar="ADDR",
+    ),
+    Option(
         "host_header",
         "choice",
         "Host sent upstream: the client's (default) or the upstream URL's.",
         ("client", "upstream"),
     ),
-    Option("trust_forwarded", "bool", "Keep X-Forwarded-Proto/-Host sent by a proxy in front instead of setting them."),
+    Option(
+        "trust_forwarded",
+        "bool",
+        "Keep the Forwarded/X-Forwarded-*/X-Real-IP headers a proxy in front set, instead of dropping them.",
+    ),
     Option("connect_timeout", "float", "Seconds to connect to the upstream (default 5).", metavar="S"),
     Option(
         "upstream_timeout", "float", "Seconds the upstream may take to send or accept data (default 60).", metavar="S"
     ),
     Option("max_connections", "int", "Connections kept open to the upstream, per worker (default 100).", metavar="N"),
+    Option(
+        "body_timeout",
+        "float",
+        "Seconds a keyed request's body may take to arrive (default 60); 408 after.",
+        metavar="S",
+    ),
+    Option(
+        "max_buffered_bytes",
+        "bytes",
+        "Keyed request bodies held in memory at once, per worker (default 128MiB); 503 above.",
+        metavar="SIZE",
+    ),
     Option("access_log", "bool", "One JSON line per request on stderr (default on)."),
     Option("log_level", "choice", "Level of the server's own logs.", ("critical", "error", "warning", "info", "debug")),
     Option("ttl", "float", "Seconds a completed response is kept and replayed (default 86400).", metavar="S"),
@@ -181,6 +207,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("retry_after", "int", "Retry-After seconds of a 503, and the longest of a 409 (default 1).", metavar="S"),
     Option("max_request_bytes", "bytes", "Largest keyed request body (default 10MiB); 413 above.", metavar="SIZE"),
     Option("max_response_bytes", "bytes", "Largest response recorded (default 10MiB).", metavar="SIZE"),
+    Option(
+        "unknown_outcome_ttl",
+        "float",
+        "Seconds a key whose outcome is unknown (upstream timed out or broke after the request was sent) answers "
+        "503 outcome-unknown (default: ttl).",
+        metavar="S",
+    ),
     Option("store_server_errors", "bool", "Store and replay 5xx responses (as Stripe does)."),
     Option("replay_set_cookie", "bool", "Replay Set-Cookie headers too."),
     Option("problem_base_uri", "str", "Prefix of the type URI of problem documents.", metavar="URI"),
@@ -374,12 +407,14 @@ _CHECKS: Final[tuple[tuple[str, Callable[[Any], bool], str], ...]] = (
     ("connect_timeout", lambda v: v > 0, "must be positive"),
     ("upstream_timeout", lambda v: v > 0, "must be positive"),
     ("max_connections", lambda v: v >= 1, "must be at least 1"),
+    ("body_timeout", lambda v: v > 0, "must be positive"),
     ("ttl", lambda v: v > 0, "must be positive"),
     ("lease", lambda v: v > 0, "must be positive"),
     ("wait_timeout", lambda v: v >= 0, "must not be negative"),
     ("retry_after", lambda v: v >= 0, "must not be negative"),
     ("max_request_bytes", lambda v: v >= 0, "must not be negative"),
     ("max_response_bytes", lambda v: v >= 0, "must not be negative"),
+    ("unknown_outcome_ttl", lambda v: v is None or v > 0, "must be positive"),
     ("cache_size", lambda v: v >= 0, "must not be negative"),
     ("cache_ttl", lambda v: v >= 0, "must not be negative"),
     ("header", lambda v: bool(v) and v.isascii() and " " not in v, "must be a header name"),
@@ -411,7 +446,18 @@ def _validate(config: ProxyConfig) -> None:
     if not config.prefix.startswith("/") or not config.prefix.endswith("/") or config.prefix == "/":
         msg = f"prefix={config.prefix!r}: expected a path that starts and ends with '/', e.g. /_idempo/"
         raise ConfigurationError(msg)
-    parse_listen(config.listen)
+    _, port = parse_listen(config.listen)
+    if config.admin_listen:
+        _, admin_port = parse_listen(config.admin_listen)
+        if admin_port == port != 0:
+            msg = f"admin_listen={config.admin_listen!r}: needs a port of its own, not the listen port {port}"
+            raise ConfigurationError(msg)
+    if config.max_buffered_bytes < config.max_request_bytes:
+        msg = (
+            f"max_buffered_bytes={config.max_buffered_bytes}: must be at least max_request_bytes "
+            f"({config.max_request_bytes}), or no body of the largest size accepted could ever be buffered"
+        )
+        raise ConfigurationError(msg)
     object.__setattr__(config, "methods", tuple(m.upper() for m in config.methods))
     object.__setattr__(config, "require_key_paths", tuple(config.require_key_paths))
 

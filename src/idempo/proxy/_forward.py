@@ -1,14 +1,21 @@
 """The forwarding app: an ASGI application that sends each request on to the upstream with httpx, and streams the
 upstream's response back. It knows nothing of idempotency; the middleware wraps it. Strictly private.
 
-Theory of operation. The request line and headers are rewritten (hop-by-hop headers dropped, ``Host`` and the
-``X-Forwarded-*`` headers set), and the body is streamed to the upstream as the client sends it (a keyed request's
-body arrives in one piece, buffered by the middleware). Once the upstream's status and headers arrive they are sent on
-(hop-by-hop headers dropped), then its body, chunk by chunk, as raw bytes: never decoded nor decompressed, so a
-``Content-Encoding`` and a ``Content-Length`` stay true. An upstream that cannot be reached, or breaks before its
-status line, is a 502 problem document; one that takes too long, a 504. An upstream that breaks in the middle of its
-body cannot be reported (the status is sent already): the exception propagates, the server aborts the connection, and
-the middleware releases the key, so that a retry runs again.
+Theory of operation. The upstream URL is built structurally, from the configured upstream's scheme, host, port and
+base path and the request's target as ``ProxyApp`` checked it (``UPSTREAM_URL`` in the scope): never by joining
+strings, so that no target can name another host. The headers are rewritten (hop-by-hop headers dropped, ``Host``
+and the forwarding headers set, ``Content-Length`` the length of the body actually sent), and the body is streamed to
+the upstream as the client sends it (a keyed request's body arrives in one piece, buffered by the middleware). Once
+the upstream's status and headers arrive they are sent on (hop-by-hop headers dropped), then its body, chunk by
+chunk, as raw bytes: never decoded nor decompressed, so a ``Content-Encoding`` and a ``Content-Length`` stay true.
+
+Failures, and what they mean for the key. A request that provably never left (no connection could be made, or none
+was free in the pool) is a 502 or 504 problem, and the middleware releases the key: a retry runs. Once the request
+may have reached the upstream (it timed out waiting for the answer, the connection broke while the request was
+being written or the answer read, the answer broke off in its body, or the exchange was cancelled), the operation
+may have taken effect: the outcome is marked unknown (:func:`~idempo.mark_outcome_unknown`), so that the middleware
+keeps the key and answers retries 503 ``outcome-unknown`` instead of running the operation a second time. The client
+still gets the 504 or 502 (or, if the response had started, a connection aborted by the server).
 
 Requests go straight to httpx's transport (``httpx.AsyncHTTPTransport``: the connection pool an ``AsyncClient``
 sends through), built by hand. What the client would add on top is what a proxy must not do: default headers
@@ -24,16 +31,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Final
-from urllib.parse import quote, urlsplit
 
 import httpx
 
+from .._core.outcome import mark_outcome_unknown
 from .._core.problem import Problem
 from ..asgi import Message, Receive, Scope, Send
 from ._config import ProxyConfig
 from ._network import http_transport
 
-__all__ = ["HOP_BY_HOP", "ForwardingApp", "UpstreamObserver"]
+__all__ = ["FORWARDING_HEADERS", "HOP_BY_HOP", "UPSTREAM_URL", "ForwardingApp", "UpstreamObserver"]
 
 logger = logging.getLogger("idempo.proxy")
 
@@ -53,11 +60,39 @@ HOP_BY_HOP: Final = frozenset(
 """Headers that concern one connection, never forwarded either way (RFC 9110 section 7.6.1); the ones that a
 ``Connection`` header names are dropped too, and so is ``Expect`` (the server in front answers ``100 Continue``)."""
 
-_DROPPED_REQUEST: Final = HOP_BY_HOP | {b"host", b"expect"}
+FORWARDING_HEADERS: Final = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"front-end-https",
+        b"x-url-scheme",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-original-forwarded-for",
+    }
+)
+"""Headers by which a proxy in front tells who the client is or what it asked for. Without ``trust_forwarded`` the
+client's own are dropped, as is every ``X-Forwarded-*`` header, and the proxy sets ``X-Forwarded-For``,
+``-Proto`` and ``-Host`` from what it knows."""
+
+UPSTREAM_URL: Final = "idempo.proxy.upstream_url"
+"""The scope key under which ``ProxyApp`` leaves the upstream URL it built from the checked request target."""
+
+_DROPPED_REQUEST: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length"}
 _POOL_SHARDS: Final = 8
 _FORWARDED_FOR: Final = b"x-forwarded-for"
 _FORWARDED_PROTO: Final = b"x-forwarded-proto"
 _FORWARDED_HOST: Final = b"x-forwarded-host"
+_X_FORWARDED: Final = b"x-forwarded-"
+# Failures that prove the request never left: no connection was made, or none was free. Every other failure of an
+# exchange may come after the upstream got (some of) the request.
+_NEVER_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 UpstreamObserver = Callable[[float | None, str | None], None]
 """Told of each upstream exchange: ``(seconds until the response headers, None)`` or ``(None, reason)`` with reason
@@ -93,9 +128,13 @@ class ForwardingApp:
         transport: httpx.AsyncBaseTransport | None = None,
         observe: UpstreamObserver | None = None,
     ) -> None:
-        parts = urlsplit(config.upstream)
-        self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        self.upstream_host = parts.netloc.encode("ascii")
+        upstream = httpx.URL(config.upstream)
+        self.scheme = upstream.scheme
+        self.host = upstream.host
+        self.port = upstream.port
+        self.base_path = upstream.raw_path.rstrip(b"/")
+        self.base = config.upstream.rstrip("/")  # for logs
+        self.upstream_host = upstream.netloc
         self.preserve_host = config.host_header == "client"
         self.trust_forwarded = config.trust_forwarded
         self.problem_base = config.problem_base_uri
@@ -112,7 +151,7 @@ class ForwardingApp:
             shards = min(_POOL_SHARDS, config.max_connections)
             size = -(-config.max_connections // shards)
             limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            plain_http = parts.scheme == "http"
+            plain_http = self.scheme == "http"
             self.transports = [http_transport(limits, plain_http=plain_http) for _ in range(shards)]
         self._turn = itertools.cycle(self.transports)
 
@@ -121,43 +160,61 @@ class ForwardingApp:
         for transport in self.transports:
             await transport.aclose()
 
-    def _url(self, scope: Scope) -> str:
-        raw_path = scope.get("raw_path")
-        path = raw_path.decode("latin-1") if raw_path else quote(scope["path"], safe="/:@!$&'()*+,;=-._~%")
-        query = scope.get("query_string", b"")
-        return self.base + path + ("?" + query.decode("latin-1") if query else "")
+    def url(self, target: bytes) -> httpx.URL:
+        """The upstream URL for a request *target* (an origin-form path and query, checked): the upstream's scheme,
+        host and port, and its base path followed by the target.
 
-    def _request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        Raises:
+            httpx.InvalidURL: the target holds what a URL cannot (a ``#``).
+            UnicodeDecodeError: the target is not ASCII.
+        """
+        return httpx.URL(scheme=self.scheme, host=self.host, port=self.port, raw_path=self.base_path + target)
+
+    def _request_headers(self, scope: Scope, body: bytes | None) -> list[tuple[bytes, bytes]]:
+        """The headers sent upstream; *body* is the whole body when it is known, ``None`` when it streams."""
         incoming: list[tuple[bytes, bytes]] = scope["headers"]
         dropped = _DROPPED_REQUEST | _connection_tokens(incoming)
+        trust = self.trust_forwarded
         headers: list[tuple[bytes, bytes]] = []
-        host = b""
+        host = content_length = b""
         forwarded_for: list[bytes] = []
         proto = forwarded_host = b""
         for name, value in incoming:
             if name == b"host":
                 host = value
-            elif name == _FORWARDED_FOR:
-                forwarded_for.append(value)
-                continue
-            elif name == _FORWARDED_PROTO:
-                proto = proto or value
-                continue
-            elif name == _FORWARDED_HOST:
-                forwarded_host = forwarded_host or value
-                continue
+            elif name == b"content-length":
+                content_length = value
+            elif name.startswith(_X_FORWARDED) or name in FORWARDING_HEADERS:
+                if not trust:
+                    continue  # the client's claim about itself: replaced by what this hop knows
+                if name == _FORWARDED_FOR:
+                    forwarded_for.append(value)
+                    continue
+                if name == _FORWARDED_PROTO:
+                    proto = proto or value
+                    continue
+                if name == _FORWARDED_HOST:
+                    forwarded_host = forwarded_host or value
+                    continue
             if name not in dropped:
                 headers.append((name, value))
+        # The length of the body actually sent: of a whole body, counted; of a streamed one, the client's, by which
+        # the server framed it (a Transfer-Encoding beside it was refused before).
+        if body is not None:
+            if body or content_length:
+                headers.append((b"content-length", str(len(body)).encode("ascii")))
+        elif content_length:
+            headers.append((b"content-length", content_length))
         headers.append((b"host", host if self.preserve_host and host else self.upstream_host))
         client = scope.get("client")
         if client:
             forwarded_for.append(str(client[0]).encode("latin-1"))
         if forwarded_for:
             headers.append((_FORWARDED_FOR, b", ".join(forwarded_for)))
-        if not (self.trust_forwarded and proto):
+        if not proto:
             proto = scope.get("scheme", "http").encode("latin-1")
         headers.append((_FORWARDED_PROTO, proto))
-        if not (self.trust_forwarded and forwarded_host):
+        if not forwarded_host:
             forwarded_host = host
         if forwarded_host:
             headers.append((_FORWARDED_HOST, forwarded_host))
@@ -172,12 +229,13 @@ class ForwardingApp:
         body: bytes | AsyncIterator[bytes]
         if first.get("more_body", False):
             body = _stream_body(first.get("body", b""), receive)
+            whole = None
         else:
-            body = first.get("body", b"")
+            body = whole = first.get("body", b"")
         request = httpx.Request(
             scope["method"],
-            self._url(scope),
-            headers=self._request_headers(scope),
+            scope[UPSTREAM_URL],
+            headers=self._request_headers(scope, whole),
             content=body,
             extensions={"timeout": self.timeout},
         )
@@ -186,20 +244,41 @@ class ForwardingApp:
             response = await next(self._turn).handle_async_request(request)
         except _ClientGone:
             return  # nobody to answer
-        except httpx.TimeoutException as exc:
-            self._tell(None, "timeout")
-            await self._fail(send, 504, "Upstream timed out", f"the upstream did not answer in time ({_name(exc)})")
-            return
-        except httpx.TransportError as exc:
+        except _NEVER_SENT as exc:  # the request never left: the key is released, and a retry runs
+            if isinstance(exc, httpx.TimeoutException):
+                self._tell(None, "timeout")
+                await self._fail(
+                    send, 504, "Upstream timed out", f"no connection to the upstream in time ({_name(exc)})"
+                )
+                return
             self._tell(None, "unreachable")
             logger.warning("idempo proxy: upstream %s failed: %s: %s", self.base, _name(exc), exc)
             await self._fail(send, 502, "Upstream unavailable", f"the upstream could not be reached ({_name(exc)})")
             return
+        except httpx.TransportError as exc:
+            mark_outcome_unknown()  # the upstream may have the request: its outcome is unknown, not "did not happen"
+            unknown = "the request may have reached it, so its outcome is unknown"
+            if isinstance(exc, httpx.TimeoutException):
+                self._tell(None, "timeout")
+                await self._fail(send, 504, "Upstream timed out", f"the upstream did not answer in time; {unknown}")
+                return
+            self._tell(None, "unreachable")
+            logger.warning("idempo proxy: upstream %s failed mid-exchange: %s: %s", self.base, _name(exc), exc)
+            await self._fail(
+                send, 502, "Upstream unavailable", f"the upstream connection broke ({_name(exc)}); {unknown}"
+            )
+            return
+        except BaseException:
+            mark_outcome_unknown()  # cancelled while the upstream may hold the request
+            raise
         self._tell(time.perf_counter() - started, None)
         try:
             await self._relay(response, send)
-        except httpx.TransportError:
-            self._tell(None, "broken")
+        except BaseException as exc:
+            # The upstream answered, but its response could not be passed on whole: what happened is not known.
+            mark_outcome_unknown()
+            if isinstance(exc, httpx.TransportError):
+                self._tell(None, "broken")
             raise
         finally:
             await response.aclose()

@@ -1,9 +1,10 @@
 """Running the proxy under uvicorn, in one process or N worker processes. Strictly private.
 
 The command resolves its configuration once, checks it (the store URL opens, the extras are installed), binds the
-listening socket itself (so that a port in use is one clear line, and port 0 gets a port the command can print), then
-hands the socket to uvicorn: to its server in this process, or to its supervisor, which starts N workers that each
-import :func:`~idempo.proxy._app.app_from_environment` and read the configuration from the environment.
+listening sockets itself (so that a port in use is one clear line, and port 0 gets a port the command can print: the
+public one, and the admin one of ``admin_listen`` if set), then hands the sockets to uvicorn: to its server in this
+process, or to its supervisor, which starts N workers that each import
+:func:`~idempo.proxy._app.app_from_environment` and read the configuration from the environment.
 
 With several workers, metrics go through prometheus_client's multiprocess mode: a fresh temporary directory in
 ``PROMETHEUS_MULTIPROC_DIR`` (unless one is set already) that every worker writes its values to and reads everyone's
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 
 from .._core.errors import ConfigurationError
 from ..stores import redact, store_from_url
-from ._config import CONFIG_ENV, ProxyConfig
+from ._config import CONFIG_ENV, ProxyConfig, parse_listen, replace
 
 __all__ = ["bind", "check", "serve"]
 
@@ -52,17 +53,29 @@ def check(config: ProxyConfig) -> None:
     asyncio.run(store.close())
 
 
-def bind(config: ProxyConfig) -> socket.socket:
-    """The listening socket, bound (``SO_REUSEADDR``, inheritable by the workers).
+def bind(config: ProxyConfig) -> list[socket.socket]:
+    """The listening sockets, bound (``SO_REUSEADDR``, inheritable by the workers): ``listen``'s, then
+    ``admin_listen``'s if it is set.
 
     Raises:
-        ConfigurationError: the address is in use, not ours, or not resolvable.
+        ConfigurationError: an address is in use, not ours, or not resolvable.
     """
-    host, port = config.host_port
+    sockets = [_bind(config.listen)]
+    if config.admin_listen:
+        try:
+            sockets.append(_bind(config.admin_listen))
+        except ConfigurationError:
+            sockets[0].close()
+            raise
+    return sockets
+
+
+def _bind(listen: str) -> socket.socket:
+    host, port = parse_listen(listen)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        msg = f"cannot listen on {config.listen}: {exc.strerror}"
+        msg = f"cannot listen on {listen}: {exc.strerror}"
         raise ConfigurationError(msg) from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
@@ -72,14 +85,20 @@ def bind(config: ProxyConfig) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            msg = f"cannot listen on {config.listen}: the address is already in use (another process has the port)"
+            msg = f"cannot listen on {listen}: the address is already in use (another process has the port)"
         elif exc.errno in (errno.EACCES, errno.EPERM):
-            msg = f"cannot listen on {config.listen}: permission denied (ports below 1024 need privileges)"
+            msg = f"cannot listen on {listen}: permission denied (ports below 1024 need privileges)"
         else:
-            msg = f"cannot listen on {config.listen}: {exc.strerror or exc}"
+            msg = f"cannot listen on {listen}: {exc.strerror or exc}"
         raise ConfigurationError(msg) from None
     sock.set_inheritable(True)
     return sock
+
+
+def _address(sock: socket.socket) -> str:
+    """``HOST:PORT`` of a bound socket (its port, if it was 0, the one it got)."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @contextlib.contextmanager
@@ -96,18 +115,21 @@ def _multiprocess_dir(workers: int) -> Iterator[None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def serve(config: ProxyConfig, sock: socket.socket) -> None:
-    """Serve *config* on *sock* until interrupted (SIGINT or SIGTERM)."""
+def serve(config: ProxyConfig, sockets: list[socket.socket]) -> None:
+    """Serve *config* on *sockets* (from :func:`bind`) until interrupted (SIGINT or SIGTERM)."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    admin = ""
+    if config.admin_listen:  # the workers tell the admin listener by its port: the one it got, if it was 0
+        config = replace(config, admin_listen=_address(sockets[1]))
+        admin = f"admin http://{config.admin_listen}{config.prefix}healthz and metrics"
     os.environ[CONFIG_ENV] = config.to_json()
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
+    public = f"http://{_address(sockets[0])}"
     print(
-        f"idempo proxy: listening on http://{shown}:{port} -> {config.upstream} "
+        f"idempo proxy: listening on {public} -> {config.upstream} "
         f"(store {redact(config.store)}, {config.workers} worker{'s' if config.workers > 1 else ''}; "
-        f"{config.prefix}healthz, {config.prefix}metrics)",
+        f"{admin or f'{config.prefix}healthz, {config.prefix}metrics'})",
         file=sys.stderr,
         flush=True,
     )
@@ -126,9 +148,9 @@ def serve(config: ProxyConfig, sock: socket.socket) -> None:
             timeout_graceful_shutdown=10,
         )
         if config.workers > 1:
-            Multiprocess(uv_config, sockets=[sock]).run()
+            Multiprocess(uv_config, sockets=sockets).run()
         else:
             server = uvicorn.Server(uv_config)
-            server.run(sockets=[sock])
+            server.run(sockets=sockets)
             if not server.started:
                 raise SystemExit(3)
