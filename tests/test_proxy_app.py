@@ -6,6 +6,7 @@ metrics, with the upstream an ``httpx.MockTransport`` that records what it was s
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from idempo import IdempotencyMiddleware, MemoryStore, StoreError
 from idempo.metrics import PrometheusObserver
 from idempo.proxy import HOP_BY_HOP, ProxyApp, ProxyConfig, create_app
+from idempo.proxy._intake import Refusal, request_target
 
 UPSTREAM = "http://upstream.internal:8000/base"
 PROBLEM = "application/problem+json"
@@ -314,6 +316,69 @@ async def test_an_upstream_that_breaks_mid_body_aborts_the_response_and_keeps_th
     assert retry.status_code == 503  # it ran; what it answered is lost: never run again
     assert retry.json()["type"].endswith("outcome-unknown")
     assert len(proxied.upstream.requests) == 1
+
+
+async def test_an_exchange_cancelled_while_the_upstream_holds_it_keeps_the_key(upstream: Upstream) -> None:
+    entered = asyncio.Event()
+
+    async def hold(request: httpx.Request) -> httpx.Response:
+        entered.set()
+        await asyncio.Event().wait()  # the upstream never answers
+        raise AssertionError("unreachable")
+
+    app = create_app(ProxyConfig(upstream=UPSTREAM, store="memory://"), transport=httpx.MockTransport(hold))
+    scope = {
+        "type": "http", "method": "POST", "path": "/pay", "raw_path": b"/pay", "query_string": b"",
+        "headers": [(b"host", b"proxy"), (b"idempotency-key", b"k"), (b"content-length", b"1")],
+        "scheme": "http", "client": None, "server": ("127.0.0.1", 8080),
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": b"x", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    task = asyncio.create_task(app(scope, receive, send))
+    await entered.wait()
+    task.cancel()  # a server shutting down, say: the upstream may have the request
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+        retry = await client.post("/pay", content=b"x", headers={"Idempotency-Key": "k"})
+    await app.aclose()
+    assert retry.status_code == 503
+    assert retry.json()["type"].endswith("outcome-unknown")
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [
+        ({"raw_path": b"/a/b", "query_string": b"x=1"}, b"/a/b?x=1"),
+        ({"raw_path": b"/a%2Fb/%2e%2e%2e/.well-known"}, b"/a%2Fb/%2e%2e%2e/.well-known"),
+        ({"raw_path": b"//host/x"}, b"//host/x"),
+        ({"path": "/a b/50%", "raw_path": None}, b"/a%20b/50%25"),  # a server that gives no raw_path
+        ({"raw_path": b"@host:1/x"}, 400),
+        ({"raw_path": b"http://host/x"}, 400),
+        ({"raw_path": b"*"}, 400),
+        ({"raw_path": b"host:443"}, 400),
+        ({"raw_path": b"/a/./b"}, 400),
+        ({"raw_path": b"/a/.."}, 400),
+        ({"raw_path": b"/a/%2E%2e/b"}, 400),
+        ({"raw_path": b"/a/.;x/b"}, 400),
+        ({"raw_path": b"/a\\..\\b"}, 400),
+        ({"path": "/a/../b", "raw_path": None}, 400),
+    ],
+)
+def test_request_target(scope: dict[str, Any], expected: bytes | int) -> None:
+    """Only origin-form paths without dot segments are targets; the rest is refused, with a 400."""
+    target = request_target({"path": "/", "query_string": b"", **scope})
+    if isinstance(expected, int):
+        assert isinstance(target, Refusal)
+        assert target.status == expected
+    else:
+        assert target == expected
 
 
 async def test_a_client_that_leaves_while_its_body_streams_gets_nothing_and_breaks_nothing(proxied: Proxied) -> None:
