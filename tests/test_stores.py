@@ -194,63 +194,7 @@ async def test_sqlite_purge_deletes_the_rows(tmp_path: Path) -> None:
     conn.close()
 
 
-# -- MemoryStore -----------------------------------------------------------------------------------------------
-
-
-async def fill(store: Store, keys: list[str], *, ttl: float = 1000, complete: bool = True) -> None:
-    for key in keys:
-        token = token_of(await store.claim(key, "fp", lease=10, ttl=ttl))
-        if complete:
-            assert await store.complete(key, token, key.encode(), ttl=ttl)
-
-
-async def live_keys(store: Store, keys: list[str]) -> list[str]:
-    return [key for key in keys if await store.get(key) is not None]
-
-
-async def test_memory_store_evicts_oldest_completed_at_max_entries() -> None:
-    store = MemoryStore(max_entries=10, clock=FakeClock())
-    keys = [f"k{i}" for i in range(10)]
-    await fill(store, keys)
-    await fill(store, ["new"])
-    assert await live_keys(store, [*keys, "new"]) == [*keys[1:], "new"]
-
-
-async def test_memory_store_never_holds_more_than_max_entries() -> None:
-    store = MemoryStore(max_entries=10, clock=FakeClock())
-    keys = [f"k{i}" for i in range(60)]
-    for key in keys:
-        await fill(store, [key])
-        assert len(await live_keys(store, keys)) <= 10
-    assert keys[-1] in await live_keys(store, keys)
-
-
-async def test_memory_store_evicts_expired_records_first() -> None:
-    clock = FakeClock()
-    store = MemoryStore(max_entries=10, clock=clock)
-    await fill(store, [f"old{i}" for i in range(5)], ttl=10)
-    kept = [f"kept{i}" for i in range(5)]
-    await fill(store, kept, ttl=1000)
-    clock.now += 10
-    await fill(store, ["new"])
-    assert await live_keys(store, [*kept, "new"]) == [*kept, "new"]
-
-
-async def test_memory_store_keeps_in_progress_records_when_evicting() -> None:
-    store = MemoryStore(max_entries=10, clock=FakeClock())
-    running = [f"running{i}" for i in range(5)]
-    await fill(store, running, complete=False)
-    done = [f"done{i}" for i in range(5)]
-    await fill(store, done)
-    await fill(store, ["new"])
-    assert await live_keys(store, running) == running
-    assert await live_keys(store, [*done, "new"]) == [*done[1:], "new"]
-
-
-@pytest.mark.parametrize("max_entries", [0, -1])
-def test_memory_store_rejects_max_entries_below_one(max_entries: int) -> None:
-    with pytest.raises(ConfigurationError, match="max_entries"):
-        MemoryStore(max_entries=max_entries)
+# The memory store's own promises (its bounds, its refusals, the check for other workers): test_store_memory.py.
 
 
 # -- SQLiteStore: several processes, several objects, fork -----------------------------------------------------
@@ -516,20 +460,6 @@ async def test_memory_url() -> None:
     assert isinstance(store, MemoryStore)
     assert isinstance(await store.claim("k", "fp", lease=60, ttl=60), Acquired)
     await store.close()
-
-
-async def test_memory_url_max_entries() -> None:
-    store = store_from_url("memory://?max_entries=3")
-    keys = [f"k{i}" for i in range(6)]
-    await fill(store, keys)
-    assert await live_keys(store, keys) == keys[3:]
-
-
-async def test_url_options_yield_to_keyword_options() -> None:
-    store = store_from_url("memory://?max_entries=3", max_entries=100)
-    keys = [f"k{i}" for i in range(6)]
-    await fill(store, keys)
-    assert await live_keys(store, keys) == keys
 
 
 async def test_relative_sqlite_url_is_relative_to_the_working_directory(
