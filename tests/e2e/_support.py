@@ -153,13 +153,13 @@ def free_port() -> int:
         return port
 
 
-def _wait_until_serving(server: Server) -> None:
+def _wait_until_serving(server: Server, workers: int) -> None:
     deadline = time.monotonic() + STARTUP_DEADLINE
     with httpx.Client(base_url=server.base_url, timeout=2.0) as client:
         while True:
             if server.process.poll() is not None:
                 raise AssertionError(f"uvicorn exited with {server.process.returncode}:\n{server.log()}")
-            if len(server.worker_pids()) >= WORKERS:
+            if len(server.worker_pids()) >= workers:
                 try:
                     if client.get("/health").status_code == 200:
                         return
@@ -185,10 +185,17 @@ def stop_process_group(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def run_server(
-    directory: Path, *, lease: float, store_url: str | None = None, short_lease: float = 2.0
+    directory: Path,
+    *,
+    lease: float,
+    store_url: str | None = None,
+    short_lease: float = 2.0,
+    workers: int = WORKERS,
+    reload_dir: Path | None = None,
 ) -> Iterator[Server]:
-    """Start ``uvicorn --workers 4`` on a free port of 127.0.0.1, and stop it on exit. Its workers share the store
-    at *store_url*, or by default a fresh SQLite file in *directory*."""
+    """Start ``uvicorn --workers 4`` (or *workers*) on a free port of 127.0.0.1, and stop it on exit. Its workers
+    share the store at *store_url*, or by default a fresh SQLite file in *directory*. With *reload_dir*, run
+    ``uvicorn --reload --reload-dir <reload_dir>`` instead: one server process, the child of a reloader."""
     side_dir = directory / "side"
     side_dir.mkdir()
     db_path = directory / "idempo.db"
@@ -211,8 +218,7 @@ def run_server(
         "uvicorn",
         "tests.e2e.app:create_app",
         "--factory",
-        "--workers",
-        str(WORKERS),
+        *(["--workers", str(workers)] if reload_dir is None else ["--reload", "--reload-dir", str(reload_dir)]),
         "--host",
         "127.0.0.1",
         "--port",
@@ -233,7 +239,7 @@ def run_server(
         )
     server = Server(f"http://127.0.0.1:{port}", side_dir, db_path, lease, process, log_path, store_url, short_lease)
     try:
-        _wait_until_serving(server)
+        _wait_until_serving(server, workers if reload_dir is None else 1)
         yield server
     finally:
         for hold in side_dir.glob("*.hold"):
