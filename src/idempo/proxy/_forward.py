@@ -86,6 +86,10 @@ UPSTREAM_URL: Final = "idempo.proxy.upstream_url"
 
 _DROPPED_REQUEST: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length"}
 _POOL_SHARDS: Final = 8
+# Idle connections are dropped after 4 s: before the upstream drops them itself (uvicorn's and Node's servers after
+# 5 s). A request written onto a connection the upstream is closing at that instant may or may not have been read,
+# and would have an unknown outcome: better the proxy never reuses a connection so close to its end.
+_KEEPALIVE_EXPIRY: Final = 4.0
 _FORWARDED_FOR: Final = b"x-forwarded-for"
 _FORWARDED_PROTO: Final = b"x-forwarded-proto"
 _FORWARDED_HOST: Final = b"x-forwarded-host"
@@ -150,7 +154,9 @@ class ForwardingApp:
             # few dozen are in flight; requests take the pools in turn.
             shards = min(_POOL_SHARDS, config.max_connections)
             size = -(-config.max_connections // shards)
-            limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+            limits = httpx.Limits(
+                max_connections=size, max_keepalive_connections=size, keepalive_expiry=_KEEPALIVE_EXPIRY
+            )
             plain_http = self.scheme == "http"
             self.transports = [http_transport(limits, plain_http=plain_http) for _ in range(shards)]
         self._turn = itertools.cycle(self.transports)
