@@ -3,26 +3,43 @@
 Theory of operation: one SQLite file may be shared by several worker processes of one machine. The database is
 in WAL mode, so readers never wait for the writer; every write is a single statement in autocommit, or, for a
 claim that may take a key over, an ``IMMEDIATE`` transaction (the write lock is taken first, so two processes
-can never both see the key free); a busy timeout makes a writer wait for the lock instead of failing. A replay
-is a plain read: completed records never change until they expire.
+can never both see the key free). A replay is a plain read: completed records never change until they expire.
+
+Waiting for a lock. No statement ever waits inside SQLite (every connection's busy timeout is zero): a statement
+that finds the write lock taken fails at once with ``SQLITE_BUSY``, having done nothing, and the operation is tried
+again after a pause (1 ms, 2 ms, 5 ms ... 100 ms, SQLite's own busy handler's steps), until its deadline: *busy_timeout*
+after the operation was called, whatever happened to it meanwhile. So each operation gets its answer within its own
+bound, and operations that wait for the lock hold up nothing else: a wait is a timer, not a thread blocked in
+SQLite (with one thread blocked per wait, the n-th operation of a queue got its error after n busy timeouts).
 
 What runs where. Waiting must never happen on the event loop: not for another process's lock, not for an
-fsync. Each store has a thread of its own with its own connection (busy timeout set), where the schema is made
-and where anything that may wait runs. But handing a statement to a thread and back costs far more than the
-statement itself (a thread wake-up each way: 100-300 µs on small virtual machines, against 10-60 µs for a read
-or a WAL append). So, by default (``inline=True``), each operation is first tried on the event loop's thread
-through a second connection whose busy timeout is zero: it either finishes at once or fails with
-``SQLITE_BUSY`` without waiting, and only then is it handed to the store's thread, which waits for the lock.
-That connection never checkpoints (``wal_autocheckpoint=0``); the store's thread does, every 1000 writes, so
-the fsync of a checkpoint never happens on the loop either. With ``synchronous="FULL"`` every commit fsyncs,
-so everything runs on the thread; ``inline=False`` asks for that too, e.g. on a slow or network file system.
+fsync. Each store has a thread of its own with its own connection, where the schema is made and where anything
+that may wait for the disk runs. But handing a statement to a thread and back costs far more than the statement
+itself (a thread wake-up each way: 100-300 µs on small virtual machines, against 10-60 µs for a read or a WAL
+append). So, by default (``inline=True``), each operation runs on the event loop's thread through a second
+connection; it either finishes at once or fails with ``SQLITE_BUSY`` without waiting, and its pauses are timers on
+the loop. That connection never checkpoints (the fsyncs of a checkpoint happen on the store's thread). With
+``synchronous="FULL"`` every commit fsyncs, so every statement runs on the thread; ``inline=False`` asks for that
+too, e.g. on a slow or network file system. An operation that waited on the thread's queue past its deadline fails
+without being run.
+
+Checkpoints, and a bounded WAL. SQLite's automatic checkpoint is PASSIVE: it copies what it can without stopping
+writers, and the WAL is rewound to its start only when a checkpoint has caught up with every write. Under sustained
+load the loop (or the other threads of a sync store) kept writing while the store's thread checkpointed, so no
+checkpoint ever caught up and the WAL grew without bound (35 KB a request). So each store, in each process,
+checkpoints every ``_CHECKPOINT_EVERY`` operations, in two steps: a PASSIVE checkpoint, which does the bulk of the
+copying beside the writers; then, with the store's own operations held back (on the async store they queue on its
+thread, behind the checkpoint; on the sync store they wait for it), a RESTART checkpoint, which takes the write lock,
+copies the few pages written meanwhile and waits for readers to leave the WAL, so that the next write starts it
+again from the beginning. ``journal_size_limit`` then cuts the file back after a burst. The WAL file is kept, not
+truncated: a file reused from its start needs no new disk space, so a full disk still takes small writes.
 
 The store notices a ``fork`` and opens fresh connections and a fresh thread in the child.
 
 :class:`SyncSQLiteStore`, the blocking twin (``SQLiteStore.sync()``, ``sync_store_from_url``), runs the same
-operations, over the same connection setup, on the caller's thread: it keeps a pool of connections (busy timeout
-set), and each operation takes one that no other thread is using, so threads never share a connection, and only
-wait for each other where SQLite makes them (the write lock, for at most the busy timeout).
+operations, over the same connection setup, on the caller's thread, pausing between attempts with the same steps
+and the same deadline: it keeps a pool of connections, and each operation takes one that no other thread is using,
+so threads never share a connection.
 """
 
 from __future__ import annotations
@@ -35,7 +52,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -70,7 +87,12 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
     os.register_at_fork(after_in_child=_new_fork_lock)
 
 
-_CHECKPOINT_EVERY = 1000
+_CHECKPOINT_EVERY = 1000  # operations of one store, in one process, between two checkpoints
+_CHECKPOINT_WAIT_MS = 100  # how long a RESTART checkpoint waits for the write lock and for readers
+_JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes of WAL file kept after it is rewound
+# Seconds between two attempts of an operation that found the database locked: the steps of SQLite's own busy
+# handler (sqliteDefaultBusyCallback), then 100 ms until the operation's deadline.
+_PAUSES = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
 _SCAN_PAGE = 100  # records per statement of a scan (payloads included: each may be large)
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
@@ -82,14 +104,62 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)  # pragma: no cover - Python builds without error codes
 
 
-def _checkpoint(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+class _Busy(Exception):
+    """An attempt that did nothing, because the database was locked (*cause*), or because the operation's deadline
+    passed before its turn came (*cause* ``None``); the operation may be tried again until its deadline. Strictly
+    private: it never leaves the store."""
+
+    def __init__(self, cause: sqlite3.Error | None) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
-def _log_failure(future: Future[None]) -> None:
-    exc = future.exception()
-    if exc is not None:
-        logger.warning("idempo: SQLite checkpoint failed: %s", exc)
+class _Checkpoints:
+    """The checkpoints of one store in one process (see the module's docstring): counted operations, and the gate
+    that holds the store's operations back while a RESTART checkpoint runs. Strictly private."""
+
+    def __init__(self, path: str, opened: threading.Condition | None = None) -> None:
+        self.path = path
+        self.count = 0  # operations since the last checkpoint (a race between threads may lose one: harmless)
+        self.running = False
+        self.closed = False  # the gate: while True, the store's operations wait for the checkpoint
+        self.opened = threading.Condition(threading.Lock()) if opened is None else opened  # notified as it opens
+
+    def due(self) -> bool:
+        """Count one operation. ``True`` when a checkpoint is due: the caller must then :meth:`run` it."""
+        self.count += 1
+        if self.count < _CHECKPOINT_EVERY:
+            return False
+        with self.opened:
+            if self.running:
+                return False
+            self.running = True
+            self.count = 0
+        return True
+
+    def run(self, conn: sqlite3.Connection | None) -> None:
+        """The checkpoint :meth:`due` asked for, on *conn* (``None``: the store was closed meanwhile). Never raises:
+        the operation that made it due has taken effect."""
+        try:
+            if conn is not None:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                with self.opened:
+                    self.closed = True
+                conn.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_WAIT_MS}")
+                try:
+                    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    conn.execute("PRAGMA busy_timeout = 0")
+                if busy:
+                    logger.debug(
+                        "idempo: SQLite store %r: checkpoint %d/%d frames, WAL not rewound", self.path, copied, frames
+                    )
+        except sqlite3.Error as exc:
+            logger.warning("idempo: SQLite store %r: checkpoint failed: %s", self.path, exc)
+        finally:
+            with self.opened:
+                self.closed = self.running = False
+                self.opened.notify_all()
 
 
 class _SQLiteBase:
@@ -161,7 +231,8 @@ class _SQLiteBase:
         return path
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+        """A connection of the store's own, set up, the schema made. Its busy timeout is zero: see :meth:`_pause`."""
+        conn = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
             self._prepare(conn)
         except BaseException:  # e.g. the file is not a database: do not leave the connection to the collector
@@ -170,19 +241,10 @@ class _SQLiteBase:
         return conn
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        deadline = time.monotonic() + self._busy_timeout
-        while True:
-            # Switching to WAL needs a moment of exclusive access, which another process starting at the same
-            # time may hold; SQLite does not always wait for it on its own.
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-                break
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        self._configure(conn)
+        # Switching to WAL needs a moment of exclusive access, which another process starting at the same time may
+        # hold: then this fails with SQLITE_BUSY, and the operation that is opening the connection tries again.
+        conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self._table} ("
             " key TEXT PRIMARY KEY,"
@@ -197,12 +259,43 @@ class _SQLiteBase:
         )
         conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_expires_at ON {self._table} (expires_at)")
 
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        """What every connection of a store sets: no waiting inside SQLite, the durability asked for, checkpoints
+        left to :class:`_Checkpoints`, and the WAL file cut back after a burst."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+
     def _error(self, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}")
 
+    def _failure(self, exc: sqlite3.Error) -> Exception:
+        """What a failed statement raises: :class:`_Busy` when it found the database locked (it did nothing, and
+        may be tried again), else the :class:`StoreError` the caller gets."""
+        return _Busy(exc) if _is_busy(exc) else self._error(exc)
+
+    def _pause(self, deadline: float, tries: int, cause: sqlite3.Error | None) -> float:
+        """Seconds to wait before the next attempt of an operation that found the database locked (*cause*, the
+        last ``SQLITE_BUSY``; ``None`` if it never got its turn).
+
+        Raises:
+            StoreError: the operation's deadline has passed.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if cause is None:
+                msg = f"SQLite store {self._path!r}: not run: busy_timeout={self._busy_timeout:g} s ran out in a queue"
+            else:
+                msg = f"SQLite store {self._path!r}: {type(cause).__name__}: {cause} (for {self._busy_timeout:g} s)"
+            raise StoreError(msg) from cause
+        return min(_PAUSES[min(tries, len(_PAUSES) - 1)], remaining)
+
     # -- the operations: plain functions of a connection, run by either store -------------------------------
 
-    def _claim(self, conn: sqlite3.Connection, key: str, fingerprint: str, lease: float, ttl: float) -> Claim:
+    def _claim(
+        self, conn: sqlite3.Connection, key: str, fingerprint: str, lease: float, ttl: float, token: str | None = None
+    ) -> Claim:
         now = self._clock()
         # A live record seen by a plain read is a safe answer: completed records never change, and an
         # in-progress one was in progress at the moment of the read.
@@ -216,7 +309,8 @@ class _SQLiteBase:
             if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
                 result: Claim = Existing(record_from_row(row))
             else:
-                token = new_token()
+                if token is None:
+                    token = new_token()
                 conn.execute(self._sql_claim_write, (key, fingerprint, token, now, now + lease, now + ttl))
                 result = Acquired(token)
             conn.execute("COMMIT")
@@ -274,13 +368,15 @@ class SQLiteStore(_SQLiteBase):
     Args:
         path: the database file (created if missing; its directory must exist), or ``":memory:"``.
         table: the table's name; created on first use.
-        busy_timeout: seconds a write waits for another process's lock before the store reports an error.
+        busy_timeout: the most seconds an operation takes, counted from its call, waits for another
+            connection's write lock included, before it fails with :class:`~idempo.StoreError` (the middleware's
+            503). ``0``: no waiting for a lock, one attempt each.
         synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (the default) survives a crash of the
             process; ``"FULL"`` also survives a power loss, at the cost of an fsync per write.
         clock: seconds since the epoch. Every process sharing the file must use the same clock.
-        inline: run statements that cannot wait (a read, a write that finds the database unlocked) on the
-            calling thread, and hand only those that would wait to the store's thread. ``False`` runs every
-            statement on the store's thread. Ignored (always ``False``) with ``synchronous`` FULL or EXTRA.
+        inline: run statements on the calling thread (none of them waits: see the module's docstring), and only
+            the checkpoints on the store's thread. ``False`` runs every statement on the store's thread. Ignored
+            (always ``False``) with ``synchronous`` FULL or EXTRA.
     """
 
     def __init__(
@@ -302,7 +398,7 @@ class SQLiteStore(_SQLiteBase):
         self._inline = inline and self._synchronous in ("OFF", "NORMAL") and self._path != ":memory:"
         self._inline_conn: sqlite3.Connection | None = None
         self._inline_lock = threading.Lock()
-        self._inline_writes = 0
+        self._checkpoints = _Checkpoints(self._path)
         self._sync_twin: SyncSQLiteStore | None = None
 
     @classmethod
@@ -347,59 +443,68 @@ class SQLiteStore(_SQLiteBase):
                     self._conn = None
                     self._inline_conn = None
                     self._inline_lock = threading.Lock()  # another thread of the parent may have held it
+                    self._checkpoints = _Checkpoints(self._path)
                     self._pid = pid
         assert self._executor is not None
         return self._executor
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = self._connect()
-        return self._conn
-
-    def _call(self, operation: Callable[..., T], *args: Any) -> T:
+    def _on_thread(self, deadline: float, operation: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._busy_timeout and time.monotonic() > deadline:
+            raise _Busy(None)  # its time ran out in the queue: fail it without running it
         try:
-            return operation(self._connection(), *args)
+            if self._conn is None:
+                self._conn = self._connect()
+            return operation(self._conn, *args)
         except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+            raise self._failure(exc) from exc
+
+    def _checkpoint(self, checkpoints: _Checkpoints) -> None:
+        checkpoints.run(self._conn)
 
     async def _run(self, operation: Callable[..., T], *args: Any, inline: bool = True) -> T:
+        deadline = time.monotonic() + self._busy_timeout
         executor = self._executor_for_this_process()
-        conn = self._inline_conn if inline else None
-        # One connection runs one transaction at a time: if another thread (another event loop) is using it,
-        # let the store's thread, which runs one operation at a time, take this one.
-        if conn is not None and self._inline_lock.acquire(blocking=False):
+        checkpoints = self._checkpoints
+        tries, cause = 0, None
+        while True:
+            # While a checkpoint restarts the WAL, operations queue on the thread behind it.
+            conn = self._inline_conn if inline and not checkpoints.closed else None
             try:
-                result = operation(conn, *args)
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
-                    raise self._error(exc) from exc
-                # Another connection holds the lock: wait for it on the store's thread, not here.
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
-            else:
-                self._inline_writes += 1
-                if self._inline_writes >= _CHECKPOINT_EVERY:
-                    self._inline_writes = 0
-                    executor.submit(self._call, _checkpoint).add_done_callback(_log_failure)
-                return result
-            finally:
-                self._inline_lock.release()
-        result = await asyncio.get_running_loop().run_in_executor(executor, self._call, operation, *args)
-        if self._inline and self._inline_conn is None and self._conn is not None:
-            # The store's thread has made the schema; now the loop's own connection can be opened.
-            try:
-                self._inline_conn = self._connect_inline()
-            except sqlite3.Error as exc:
-                # Only an optimisation, and *operation* has already taken effect: never report it as failed.
-                logger.warning("idempo: SQLite store %r stays on its thread: %s", self._path, exc)
-        return result
+                # One connection runs one transaction at a time: if another thread (another event loop) is using
+                # it, let the store's thread, which runs one operation at a time, take this one.
+                if conn is not None and self._inline_lock.acquire(blocking=False):
+                    try:
+                        result = operation(conn, *args)
+                    except sqlite3.Error as exc:
+                        raise self._failure(exc) from exc
+                    finally:
+                        self._inline_lock.release()
+                else:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(executor, self._on_thread, deadline, operation, args)
+                    if self._inline and self._inline_conn is None and self._conn is not None:
+                        self._open_inline_connection()
+            except _Busy as busy:
+                cause = busy.cause or cause
+                await asyncio.sleep(self._pause(deadline, tries, cause))
+                tries += 1
+                continue
+            if checkpoints.due():
+                executor.submit(self._checkpoint, checkpoints)
+            return result
+
+    def _open_inline_connection(self) -> None:
+        # The store's thread has made the schema; now the loop's own connection can be opened.
+        try:
+            self._inline_conn = self._connect_inline()
+        except sqlite3.Error as exc:
+            # Only an optimisation, and the operation has already taken effect: never report it as failed.
+            logger.warning("idempo: SQLite store %r stays on its thread: %s", self._path, exc)
 
     def _connect_inline(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA busy_timeout = 0")
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._configure(conn)
         except BaseException:
             conn.close()
             raise
@@ -407,9 +512,9 @@ class SQLiteStore(_SQLiteBase):
 
     # -- the Store protocol ---------------------------------------------------------------------------------
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        return await self._run(self._claim, key, fingerprint, lease, ttl)
+        return await self._run(self._claim, key, fingerprint, lease, ttl, token)
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
@@ -469,13 +574,18 @@ class _Pool:
     """The connections of one :class:`SyncSQLiteStore` in one process: idle ones wait in ``idle``; a connection is
     used by one thread at a time, taken out of ``idle`` for one operation and put back after it."""
 
-    def __init__(self, pid: int, size: int | None) -> None:
+    def __init__(self, pid: int, size: int | None, path: str) -> None:
         self.pid = pid
         self.size = size  # the most connections open at once; None for no limit
         self.opened = 0
         self.idle: list[sqlite3.Connection] = []
         self.ready = threading.Condition(threading.Lock())
         self.closed = False
+        self.checkpoints = _Checkpoints(path, self.ready)
+
+    def available(self) -> bool:
+        """Whether an operation may take a connection now (call it holding ``ready``)."""
+        return not self.checkpoints.closed and (bool(self.idle) or self.size is None or self.opened < self.size)
 
 
 class SyncSQLiteStore(_SQLiteBase):
@@ -506,7 +616,7 @@ class SyncSQLiteStore(_SQLiteBase):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(path, table=table, busy_timeout=busy_timeout, synchronous=synchronous, clock=clock)
-        self._pool = _Pool(-1, None)
+        self._pool = _Pool(-1, None, self._path)
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
@@ -530,18 +640,15 @@ class SyncSQLiteStore(_SQLiteBase):
                     if pool.pid != -1:
                         # Not under pool.ready: a thread of the parent may have held it at the fork.
                         _INHERITED_CONNECTIONS.extend(pool.idle)
-                    pool = self._pool = _Pool(pid, 1 if self._path == ":memory:" else None)
+                    pool = self._pool = _Pool(pid, 1 if self._path == ":memory:" else None, self._path)
         return pool
 
-    def _checkout(self) -> tuple[_Pool, sqlite3.Connection]:
+    def _checkout(self, deadline: float) -> tuple[_Pool, sqlite3.Connection]:
         pool = self._pool_of_this_process()
         with pool.ready:
-            size = pool.size
-            if size is not None and not pool.ready.wait_for(
-                lambda: pool.idle or pool.opened < size, timeout=self._busy_timeout
-            ):
-                msg = f"SQLite store {self._path!r}: its connection stayed busy for {self._busy_timeout} s"
-                raise StoreError(msg)
+            # Wait, until the deadline, for the single connection of ":memory:", or for a checkpoint.
+            if not pool.available() and not pool.ready.wait_for(pool.available, timeout=deadline - time.monotonic()):
+                raise _Busy(None)
             if pool.idle:
                 return pool, pool.idle.pop()
             pool.opened += 1
@@ -550,8 +657,9 @@ class SyncSQLiteStore(_SQLiteBase):
         except BaseException as exc:
             with pool.ready:
                 pool.opened -= 1
+                pool.ready.notify()
             if isinstance(exc, sqlite3.Error):
-                raise self._error(exc) from exc
+                raise self._failure(exc) from exc
             raise
 
     def _checkin(self, pool: _Pool, conn: sqlite3.Connection) -> None:
@@ -565,19 +673,34 @@ class SyncSQLiteStore(_SQLiteBase):
         conn.close()  # the store was closed meanwhile, or the operation was interrupted inside a transaction
 
     def _run(self, operation: Callable[..., T], *args: Any) -> T:
-        pool, conn = self._checkout()
+        deadline = time.monotonic() + self._busy_timeout
+        tries, cause = 0, None
+        while True:
+            try:
+                return self._attempt(deadline, operation, args)
+            except _Busy as busy:
+                cause = busy.cause or cause
+                time.sleep(self._pause(deadline, tries, cause))
+                tries += 1
+
+    def _attempt(self, deadline: float, operation: Callable[..., T], args: tuple[Any, ...]) -> T:
+        pool, conn = self._checkout(deadline)
         try:
-            return operation(conn, *args)
-        except sqlite3.Error as exc:
-            raise self._error(exc) from exc
+            try:
+                result = operation(conn, *args)
+            except sqlite3.Error as exc:
+                raise self._failure(exc) from exc
+            if pool.checkpoints.due():  # this thread checkpoints, as SQLite's own automatic checkpoint would
+                pool.checkpoints.run(conn)
+            return result
         finally:
             self._checkin(pool, conn)
 
     # -- the SyncStore protocol -----------------------------------------------------------------------------
 
-    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        return self._run(self._claim, key, fingerprint, lease, ttl)
+        return self._run(self._claim, key, fingerprint, lease, ttl, token)
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
@@ -615,7 +738,7 @@ class SyncSQLiteStore(_SQLiteBase):
         pool = self._pool_of_this_process()
         with _FORK_LOCK:
             if self._pool is pool:
-                self._pool = _Pool(-1, None)
+                self._pool = _Pool(-1, None, self._path)
         with pool.ready:
             pool.closed = True
             idle, pool.idle = pool.idle, []
