@@ -167,6 +167,19 @@ async def test_an_operation_that_gets_the_lock_before_its_deadline_succeeds(tmp_
     await store.close()
 
 
+async def test_an_operation_cancelled_while_it_waits_for_the_lock_never_runs(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = SQLiteStore(path, busy_timeout=30)
+    await store.get("warm-up")
+    with _write_lock_held(path) as holder:
+        with pytest.raises(TimeoutError):  # the caller's own timeout, far shorter than busy_timeout
+            await asyncio.wait_for(store.claim("k", "fp", lease=60, ttl=60), timeout=0.3)
+        await asyncio.to_thread(holder.release)
+    await store.purge_expired()  # on the store's thread: behind anything still queued there
+    assert await store.get("k") is None
+    await store.close()
+
+
 # -- the WAL under sustained load --------------------------------------------------------------------------------
 
 # What the docs promise (docs/stores.md): each store checkpoints every 1000 operations and the WAL starts again from
