@@ -594,14 +594,15 @@ class SyncSQLiteStore(_SQLiteBase):
 
     Safe to share between threads: each operation runs on the calling thread over a connection no other thread is
     using at the time (connections are pooled; a pool holds at most as many as ran at once). Threads wait for each
-    other only where SQLite makes them, a writer for the write lock, for at most *busy_timeout*. For ``":memory:"``
+    other only for the write lock, and while a checkpoint restarts the WAL, within *busy_timeout*. For ``":memory:"``
     the store has a single connection (each one would be a database of its own), and threads take turns on it.
     After a ``fork`` the child opens connections of its own.
 
     Args:
         path: the database file (created if missing; its directory must exist), or ``":memory:"``.
         table: the table's name; created on first use.
-        busy_timeout: seconds an operation waits for a lock before the store reports an error.
+        busy_timeout: the most seconds an operation takes, counted from its call, waits included, before it fails
+            with :class:`~idempo.StoreError` (see :class:`SQLiteStore`).
         synchronous: SQLite's ``synchronous`` setting (see :class:`SQLiteStore`).
         clock: seconds since the epoch. Every process sharing the file must use the same clock.
     """
