@@ -136,6 +136,11 @@ cache_ttl = 5
         ('upstream = "http://x:1"\nlisten = "8080"\n', "expected HOST:PORT"),
         ('upstream = "http://x:1"\nprefix = "/"\n', "prefix='/'"),
         ('upstream = "http://x:1"\nmax_request_bytes = "lots"\n', "not a size: 'lots'"),
+        ('upstream = "http://x:1"\nunknown_outcome_ttl = 0\n', "unknown_outcome_ttl=0.0: must be positive"),
+        ('upstream = "http://x:1"\nbody_timeout = 0\n', "body_timeout=0.0: must be positive"),
+        ('upstream = "http://x:1"\nmax_buffered_bytes = "1MiB"\n', "must be at least max_request_bytes"),
+        ('upstream = "http://x:1"\nadmin_listen = "9100"\n', "expected HOST:PORT"),
+        ('upstream = "http://x:1"\nlisten = ":9100"\nadmin_listen = "127.0.0.1:9100"\n', "needs a port of its own"),
     ],
 )
 def test_a_bad_file_says_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
@@ -180,6 +185,22 @@ def test_require_key_paths_are_globs_or_prefixes() -> None:
     assert config.requires_key("/payments/1/refund")
     assert not config.requires_key("/users")
     assert ProxyConfig(upstream=UPSTREAM, require_key=True).requires_key("/users")
+
+
+def test_the_new_options_from_each_source(tmp_path: Path) -> None:
+    defaults = load_config(flags={"upstream": UPSTREAM}, environ={})
+    assert defaults.unknown_outcome_ttl is None  # the middleware's default: ttl
+    assert defaults.body_timeout == 60
+    assert defaults.max_buffered_bytes == 128 * 1024 * 1024
+    assert defaults.admin_listen == ""
+    path = write(tmp_path, 'upstream = "http://x:1"\nunknown_outcome_ttl = 600\nmax_buffered_bytes = "64MiB"\n')
+    environ = {"IDEMPO_PROXY_BODY_TIMEOUT": "7.5", "IDEMPO_PROXY_ADMIN_LISTEN": "127.0.0.1:9100"}
+    config = load_config(config_file=path, environ=environ, flags={"unknown_outcome_ttl": "900"})
+    assert config.unknown_outcome_ttl == 900
+    assert config.max_buffered_bytes == 64 * 1024 * 1024
+    assert config.body_timeout == 7.5
+    assert config.admin_listen == "127.0.0.1:9100"
+    assert ProxyConfig.from_json(config.to_json()) == config
 
 
 def test_the_configuration_survives_the_trip_to_the_workers() -> None:
@@ -237,6 +258,16 @@ def test_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         result = run("--upstream", UPSTREAM, "--store", f"sqlite:///{tmp_path}/x.db", "--listen", f"127.0.0.1:{port}")
     assert_clean_error(result, "already in use")
+
+
+def test_an_admin_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--upstream", UPSTREAM, "--store", f"sqlite:///{tmp_path}/x.db", "--listen", "127.0.0.1:0",
+                     "--admin-listen", f"127.0.0.1:{port}")  # fmt: skip
+    assert_clean_error(result, f"cannot listen on 127.0.0.1:{port}: the address is already in use")
 
 
 def test_a_bad_config_file_is_one_clear_line(tmp_path: Path) -> None:
