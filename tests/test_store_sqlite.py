@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from idempo import Acquired, SQLiteStore, State, StoreError
+from idempo import Acquired, IdempotencyMiddleware, SQLiteStore, State, StoreError, StoreFullError
 from idempo.stores.sqlite import SyncSQLiteStore
 
 from .conftest import IN_CI
 from .stores_support import record_of, token_of
+from .test_middleware_support import CountingApp, client_for, problem_of
 
 # -- another process holds the write lock ------------------------------------------------------------------------
 
@@ -301,7 +302,7 @@ async def test_a_small_complete_fits_where_a_large_one_does_not(tiny_disk: Path)
     store = SQLiteStore(tiny_disk / "full.db")
     token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
     _fill(tiny_disk, leave=64 * 1024)
-    with pytest.raises(StoreError, match="full") as raised:
+    with pytest.raises(StoreFullError, match="full") as raised:
         await store.complete("k", token, b"x" * (1 << 20), ttl=60)
     _assert_full(raised.value)
     assert await store.complete("k", token, MARKER, ttl=60)  # the middleware's fallback
@@ -314,7 +315,7 @@ def test_sync_store_small_complete_fits_where_a_large_one_does_not(tiny_disk: Pa
     store = SyncSQLiteStore(tiny_disk / "full.db")
     token = token_of(store.claim("k", "fp", lease=60, ttl=60))
     _fill(tiny_disk, leave=64 * 1024)
-    with pytest.raises(StoreError, match="full") as raised:
+    with pytest.raises(StoreFullError, match="full") as raised:
         store.complete("k", token, b"x" * (1 << 20), ttl=60)
     _assert_full(raised.value)
     assert store.complete("k", token, MARKER, ttl=60)
@@ -334,12 +335,40 @@ async def test_a_rewound_wal_takes_small_writes_on_a_disk_with_no_byte_free(tiny
     token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
     wal = _wal_size(path)
     _fill(tiny_disk, leave=0)
-    with pytest.raises(StoreError, match="full") as raised:
+    with pytest.raises(StoreFullError, match="full") as raised:
         await store.complete("k", token, b"x" * (wal + (1 << 20)), ttl=60)  # more than the whole WAL file
     _assert_full(raised.value)
     assert await store.complete("k", token, MARKER, ttl=60)
     record = record_of(await store.claim("k", "fp", lease=60, ttl=60))
     assert (record.state, record.payload) == (State.COMPLETED, MARKER)
+    await store.close()
+
+
+async def test_the_middleware_on_a_full_disk_records_the_marker_and_never_runs_twice(tiny_disk: Path) -> None:
+    """Issue 12, item 6: the claim lands, the disk fills while the app runs, the 1 MiB response does not fit:
+    the client still gets it, the key is completed with the few-byte marker, and retries get a 410."""
+    store = SQLiteStore(tiny_disk / "full.db")
+    filled = asyncio.Event()
+
+    class FillingApp(CountingApp):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            _fill(tiny_disk, leave=64 * 1024)  # the disk fills while the operation runs
+            filled.set()
+            await super().__call__(scope, receive, send)
+
+    app = FillingApp(status=201, chunks=[b"x" * (1 << 20)])
+    async with client_for(IdempotencyMiddleware(app, store=store, max_response_bytes=4 << 20)) as client:
+        first = await client.post("/exports", content=b"{}", headers={"Idempotency-Key": "full-1"})
+        retries = [
+            await client.post("/exports", content=b"{}", headers={"Idempotency-Key": "full-1"}) for _ in range(2)
+        ]
+    assert filled.is_set()
+    assert first.status_code == 201
+    assert len(first.content) == 1 << 20
+    for retry in retries:
+        document = problem_of(retry, 410, "response-not-stored")
+        assert (document["reason"], document["original_status"]) == ("store_refused", 201)
+    assert app.calls == 1
     await store.close()
 
 

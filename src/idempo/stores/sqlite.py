@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from .._core.errors import ConfigurationError, StoreError
+from .._core.errors import ConfigurationError, StoreError, StoreFullError
 from .._core.records import Acquired, Claim, Existing, Record, new_token
 from ._rows import COMPLETED, IN_PROGRESS, record_from_row
 from ._scan import Page, keyset_plan, prefix_end, run_plan, run_plan_async
@@ -268,7 +268,9 @@ class _SQLiteBase:
         conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
 
     def _error(self, exc: sqlite3.Error) -> StoreError:
-        return StoreError(f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}")
+        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL  # the disk (or the file's limit)
+        kind = StoreFullError if full else StoreError
+        return kind(f"SQLite store {self._path!r}: {type(exc).__name__}: {exc}")
 
     def _failure(self, exc: sqlite3.Error) -> Exception:
         """What a failed statement raises: :class:`_Busy` when it found the database locked (it did nothing, and
