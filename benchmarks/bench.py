@@ -250,10 +250,12 @@ class CountingStore:
     def reset(self) -> None:
         self.calls = dict.fromkeys(STORE_METHODS, 0)
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> idempo.Claim:
+    async def claim(
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None
+    ) -> idempo.Claim:
         self.calls["claim"] += 1
         self.last_claim = key, fingerprint
-        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
+        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         self.calls["renew"] += 1

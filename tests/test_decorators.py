@@ -353,12 +353,12 @@ def test_an_unserializable_result_is_kept_done_and_a_repeat_raises_instead_of_ru
 
 
 class _BrokenStore(MemoryStore):
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         raise StoreError("the store is down")
 
 
 class _BrokenSyncStore(SyncMemoryStore):
-    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         raise StoreError("the store is down")
 
 
@@ -393,8 +393,8 @@ class _WatchedStore(DelegatingStore):
         self.renewed = asyncio.Event()
         self.conflict_seen = asyncio.Event()
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        claim = await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        claim = await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
         if isinstance(claim, Existing) and claim.record.state is State.IN_PROGRESS:
             self.conflict_seen.set()
         return claim
@@ -417,8 +417,8 @@ class _WatchedSyncStore:
         self.renewed = threading.Event()
         self.conflict_seen = threading.Event()
 
-    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
-        claim = self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
+    def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        claim = self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
         if isinstance(claim, Existing) and claim.record.state is State.IN_PROGRESS:
             self.conflict_seen.set()
         return claim

@@ -238,9 +238,9 @@ class FailingStore:
                 msg = f"backend unreachable during {operation}"
                 raise StoreError(msg) from exc
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         self._check("claim")
-        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl)
+        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         self._check("renew")
