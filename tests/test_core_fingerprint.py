@@ -121,3 +121,30 @@ def test_principal_digest() -> None:
 
 def test_scoped_key() -> None:
     assert scoped_key(principal_digest(b""), "k:1") == principal_digest(b"") + ":k:1"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        pytest.param(b"application/json", b"application/json; charset=utf-8", True, id="parameters do not count"),
+        pytest.param(b"application/json", b"Application/JSON", True, id="case does not count"),
+        pytest.param(b"application/json", b" application/json ", True, id="spaces do not count"),
+        pytest.param(b"application/json", b"application/x-www-form-urlencoded", False, id="another media type"),
+        pytest.param(b"application/json", b"", False, id="none"),
+        pytest.param(b"text/plain", b"text/plain;a=1", True, id="parameter without space"),
+    ],
+)
+def test_the_media_type_counts_and_its_parameters_do_not(first: bytes, second: bytes, same: bool) -> None:
+    one = fingerprint_request(*BASE, first)
+    other = fingerprint_request(*BASE, second)
+    assert (one == other) is same
+
+
+def test_the_media_type_is_length_prefixed_too() -> None:
+    assert fingerprint_request("POST", "/a", b"", b"xy", b"") != fingerprint_request("POST", "/a", b"", b"y", b"x")
+
+
+def test_canonical_json_stops_at_its_bound() -> None:
+    document = b'{"b": 1, "a": 2}'
+    assert canonical_json_body(document) == b'{"a":2,"b":1}'
+    assert canonical_json_body(document, max_bytes=len(document) - 1) == document

@@ -303,7 +303,7 @@ async def stale_owner_cannot_overwrite_the_new_owner(server: Server, store: Stor
     hold = server.side_dir / f"{name}.hold"
     scoped = store_key(key)
     # The same request as the one the client then sends through the workers (a different one would be a 422).
-    fingerprint = fingerprint_request("POST", path, b"", BODY)
+    fingerprint = fingerprint_request("POST", path, b"", BODY, b"application/json")
     claimed = await store.claim(scoped, fingerprint, lease=stale_lease, ttl=600)
     assert isinstance(claimed, Acquired), claimed
     stale_token = claimed.token
