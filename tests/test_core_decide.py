@@ -10,12 +10,16 @@ from idempo import (
     InProgressError,
     KeyReuseError,
     Mismatch,
+    NotStored,
     Record,
     Replay,
     State,
+    Unknown,
     decide,
     should_store,
 )
+from idempo._core.codec import encode_not_stored, encode_outcome_unknown, encode_too_large
+from idempo._core.decide import fallback
 
 NOW = 1_000_000.0
 
@@ -39,6 +43,23 @@ def record(state: State, fingerprint: str = "fp", *, lease_left: float = 30, pay
         pytest.param(record(State.COMPLETED, payload=None), "other", Mismatch(), id="completed without payload, other"),
         pytest.param(record(State.COMPLETED, "", payload=b"x"), "", Replay(b"x"), id="empty fingerprints, same"),
         pytest.param(record(State.COMPLETED, "FP", payload=b"x"), "fp", Mismatch(), id="fingerprint case matters"),
+        pytest.param(
+            record(State.COMPLETED, payload=encode_too_large(201)), "fp", NotStored(201, "too_large"), id="too large"
+        ),
+        pytest.param(
+            record(State.COMPLETED, payload=encode_not_stored(200, "store_refused")),
+            "fp",
+            NotStored(200, "store_refused"),
+            id="store full",
+        ),
+        pytest.param(
+            record(State.COMPLETED, payload=encode_outcome_unknown(504)), "fp", Unknown(86400), id="outcome unknown"
+        ),
+        pytest.param(
+            record(State.COMPLETED, payload=encode_outcome_unknown(504)), "other", Mismatch(), id="unknown, other"
+        ),
+        pytest.param(record(State.COMPLETED, payload=b"\x02\x00"), "fp", NotStored(0, "unreadable"), id="torn marker"),
+        pytest.param(record(State.COMPLETED, payload=b"\x03"), "fp", NotStored(0, "unreadable"), id="torn unknown"),
     ],
 )
 def test_decide(stored: Record, fingerprint: str, expected: Decision) -> None:
@@ -110,3 +131,26 @@ def test_should_store(status: int, stored: bool, stored_with_server_errors: bool
     assert should_store(status) is stored
     assert should_store(status, store_server_errors=False) is stored
     assert should_store(status, store_server_errors=True) is stored_with_server_errors
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        pytest.param(b"\x01\x00\xc8\x00\x00body", encode_not_stored(201, "store_refused"), id="a response"),
+        pytest.param(b"\x04result", encode_not_stored(201, "store_refused"), id="a decorated function's result"),
+        pytest.param(encode_too_large(201), None, id="a marker already"),
+        pytest.param(encode_outcome_unknown(504), None, id="the unknown marker"),
+    ],
+)
+def test_fallback_is_the_not_stored_marker_unless_there_is_nothing_smaller(
+    payload: bytes, expected: bytes | None
+) -> None:
+    assert fallback(payload, 201) == expected
+
+
+def test_an_unknown_outcome_asks_to_come_back_when_the_record_expires() -> None:
+    stored = Record("k", State.COMPLETED, "fp", "", NOW - 5, NOW, NOW + 90.2, encode_outcome_unknown(504))
+    decision = decide(stored, "fp", now=NOW)
+    assert decision == Unknown(91)
+    error = decision.error()
+    assert (error.status, error.slug, error.retry_after) == (503, "outcome-unknown", 91)
