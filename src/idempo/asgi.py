@@ -28,18 +28,18 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMapping, Sequence
 from typing import Any, Literal, NoReturn
 
 from ._core.cache import CompletedCache
 from ._core.codec import (
     TooLargeMarker,
+    UnsendableResponse,
     decode_parts,
     encode_app_response,
     encode_not_stored,
     encode_outcome_unknown,
     encode_too_large,
-    sendable,
 )
 from ._core.decide import Conflict, Mismatch, NotStored, Replay, decide, fallback, should_store
 from ._core.errors import (
@@ -61,7 +61,7 @@ from ._core.fingerprint import (
 )
 from ._core.keys import parse_key
 from ._core.outcome import OutcomeReport
-from ._core.principal import ANONYMOUS_WARNING, authorization_value, user_principal
+from ._core.principal import ANONYMOUS_WARNING, authorization_value, principal_of
 from ._core.problem import DEFAULT_PROBLEM_BASE, Problem
 from ._core.records import Acquired, Claim, Record, State, new_token
 from .observe import Observer, Outcome, _ObservedStore, tell
@@ -100,7 +100,7 @@ def authorization_principal(scope: Scope) -> bytes:
     """The principal of the request's ``Authorization`` header: its one value, scheme case normalised (``b""``
     when there is none). Two ``Authorization`` headers are refused with a 400, since the app may believe the one
     and idempo the other."""
-    return authorization_value(value for name, value in scope["headers"] if name == b"authorization")
+    return authorization_value([value for name, value in scope["headers"] if name == b"authorization"])
 
 
 def default_principal(scope: Scope) -> bytes:
@@ -113,12 +113,7 @@ def default_principal(scope: Scope) -> bytes:
     retries; it is only there if the auth middleware ran before this one (added after it with ``add_middleware``,
     or listed before it in ``middleware=[...]``).
     """
-    user = scope.get("user")
-    if user is not None:
-        found = user_principal(user)
-        if found is not None:
-            return found
-    return authorization_principal(scope)
+    return principal_of(scope.get("user"), [value for name, value in scope["headers"] if name == b"authorization"])
 
 
 class IdempotencyMiddleware:
@@ -222,7 +217,7 @@ class IdempotencyMiddleware:
             msg = f"cache_size and cache_ttl must not be negative (cache_size={cache_size}, cache_ttl={cache_ttl})"
             raise ConfigurationError(msg)
         self.app = app
-        self.unusable: ConfigurationError | None = None  # a bad store URL, answered at start-up (see _unusable_store)
+        self.unusable: ConfigurationError | None = None  # a bad store URL, answered at start-up (see _open_store)
         self.store: Store = _open_store(self, store) if isinstance(store, str) else store
         self.ttl = ttl
         self.lease = lease
@@ -510,7 +505,16 @@ class _Exchange:
             return
         self.body = body
         try:
-            principal = mw.principal(scope)
+            if mw.principal is default_principal:  # its rule, with the headers dict made above when it can serve
+                raw_headers = scope["headers"]
+                if len(headers) == len(raw_headers):  # no header name twice: the dict has the only Authorization
+                    found = headers.get(b"authorization")
+                    authorization: Sequence[bytes] = () if found is None else (found,)
+                else:
+                    authorization = [value for name, value in raw_headers if name == b"authorization"]
+                principal: str | bytes = principal_of(scope.get("user"), authorization)
+            else:
+                principal = mw.principal(scope)
         except RequestError as exc:
             mw._observe("bad_key", scope)
             await mw._send_error(self.send, exc)
@@ -542,8 +546,11 @@ class _Exchange:
                     mw._observe("mismatch", scope)
                     await mw._send_error(self.send, Mismatch().error())
                 return
-        claim = await self._claim()
-        if claim is None:
+        token = new_token() if mw._claims_with_token else None
+        try:
+            claim = await self._claim(token)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+            await self._claim_failed(exc, token)
             return
         if not isinstance(claim, Acquired):
             acquired = await self._answer_existing(claim, fingerprint)
@@ -646,30 +653,30 @@ class _Exchange:
                 return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, _WAIT_POLL_MAX)
-            next_claim = await self._claim()
-            if next_claim is None:
+            token = new_token() if mw._claims_with_token else None
+            try:
+                claim = await self._claim(token)
+            except Exception as exc:  # noqa: BLE001 - as in run()
+                await self._claim_failed(exc, token)
                 return None
-            claim = next_claim
 
-    async def _claim(self) -> Claim | None:
-        """Claim the key; ``None`` if the store failed (the client has its 503 then, or the app ran unprotected).
+    def _claim(self, token: str | None) -> Awaitable[Claim]:
+        """The store's claim of the key (not a coroutine of its own: one frame less on every request).
 
-        With a store that takes the caller's token, the token is drawn here, so that a claim whose answer never
+        With a store that takes the caller's *token*, it is drawn by the caller, so that a claim whose answer never
         came (a timeout) can be released if the store made it after all: otherwise it would hold the key, and
         retries would get 409s, for a whole lease.
         """
         mw = self.mw
-        try:
-            if not mw._claims_with_token:
-                return await self.store.claim(self.store_key, self.fingerprint, lease=mw.lease, ttl=mw.ttl)
-            token = new_token()
-            return await self.store.claim(self.store_key, self.fingerprint, lease=mw.lease, ttl=mw.ttl, token=token)
-        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-            if mw._claims_with_token:
-                self.renewed_at = time.monotonic()
-                self._record_in_background(token, None, mw.ttl)  # release it, in case it was made
-            await self._store_failed(exc)
-            return None
+        if token is None:
+            return self.store.claim(self.store_key, self.fingerprint, lease=mw.lease, ttl=mw.ttl)
+        return self.store.claim(self.store_key, self.fingerprint, lease=mw.lease, ttl=mw.ttl, token=token)
+
+    async def _claim_failed(self, exc: Exception, token: str | None) -> None:
+        if token is not None:
+            self.renewed_at = time.monotonic()
+            self._record_in_background(token, None, self.mw.ttl)  # release it, in case it was made
+        await self._store_failed(exc)
 
     async def _replay(self, payload: bytes) -> None:
         try:
@@ -820,11 +827,19 @@ class _Exchange:
             payload = None
         elif self.too_large:
             payload = encode_too_large(self.status)
-        elif not sendable(self.status, self.headers, self.size, head=self.scope["method"] == "HEAD"):
-            logger.error("idempo: a response cannot be sent as it is (status %s); it is not stored", self.status)
-            payload = encode_not_stored(self.status, "unsendable")
         else:
-            payload = encode_app_response(self.status, self.headers, self.chunks, keep_set_cookie=mw.replay_set_cookie)
+            try:
+                payload = encode_app_response(
+                    self.status,
+                    self.headers,
+                    self.chunks,
+                    keep_set_cookie=mw.replay_set_cookie,
+                    size=self.size,
+                    head=self.scope["method"] == "HEAD",
+                )
+            except UnsendableResponse as exc:
+                logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", exc)
+                payload = encode_not_stored(self.status, "unsendable")
         try:
             await self._apply(token, payload, ttl, fall_back=False)  # one store call before the client's last chunk
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem

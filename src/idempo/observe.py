@@ -44,7 +44,8 @@ Outcome = Literal[
 - ``replayed``: a stored response was sent (or the 410 of one too large to store); the app did not run.
 - ``conflict``: 409, the key's first request is still running (after waiting, with ``on_conflict="wait"``).
 - ``mismatch``: 422, the key was used for another request.
-- ``bad_key``: 400, a malformed key, or a missing one where a key is required.
+- ``bad_key``: 400, a malformed key, a missing one where a key is required, or a request the principal refuses
+  (two ``Authorization`` headers).
 - ``too_large``: 413, a request body over ``max_request_bytes``.
 - ``store_error``: the store failed on the claim: 503, or the app ran unprotected with ``on_store_error="fail_open"``.
 - ``outcome_unknown``: 503 ``outcome-unknown``, the key's first request may or may not have taken effect; the app
