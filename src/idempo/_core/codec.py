@@ -44,7 +44,7 @@ __all__ = [
     "encode_response",
     "encode_too_large",
     "encode_value",
-    "sendable",
+    "UnsendableResponse",
     "storable_headers",
 ]
 
@@ -96,6 +96,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 
 _DROPPED_KEEPING_COOKIES = HOP_BY_HOP_HEADERS
 _DROPPED = HOP_BY_HOP_HEADERS | {b"set-cookie"}
+# Statuses whose responses have no body (RFC 9110 sections 15.2, 15.3.5, 15.4.5).
+_BODILESS = frozenset({204, 304})
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +151,32 @@ def encode_response(status: int, headers: Sequence[tuple[bytes, bytes]], body: b
     return b"".join(parts)
 
 
+class UnsendableResponse(ValueError):
+    """A response a server cannot send as it is (see :func:`encode_app_response`)."""
+
+
 def encode_app_response(
-    status: int, headers: Iterable[tuple[bytes, bytes]], chunks: Iterable[bytes], *, keep_set_cookie: bool = False
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    chunks: Iterable[bytes],
+    *,
+    keep_set_cookie: bool = False,
+    size: int | None = None,
+    head: bool = False,
 ) -> bytes:
     """``encode_response(status, storable_headers(headers, keep_set_cookie=...), b"".join(chunks))`` in one pass
-    over the headers and one copy of the body: the middleware's way to encode what an app answered."""
+    over the headers and one copy of the body: the middleware's way to encode what an app answered.
+
+    Given the body's *size*, it also checks, in the same pass, that a server can send the response as it is: no
+    body on a 1xx, 204 or 304, and a ``Content-Length`` (if any) that is *size* (unless *head*: a response to HEAD
+    has no body, whatever its ``Content-Length``). A response that is not would fail the same way on every replay.
+
+    Raises:
+        UnsendableResponse: the response cannot be sent as it is.
+    """
+    if size and not head and (status in _BODILESS or status < 200):
+        msg = f"a {status} response cannot have a body"
+        raise UnsendableResponse(msg)
     dropped = _DROPPED_KEEPING_COOKIES if keep_set_cookie else _DROPPED
     pack = _FIELD.pack
     parts = [b""]
@@ -161,31 +184,26 @@ def encode_app_response(
         name = raw_name.lower()
         if name in dropped:
             if name == b"connection":  # it may name more headers to drop, even ones already encoded
+                _check_length(headers, size, head)
                 stored = storable_headers(headers, keep_set_cookie=keep_set_cookie)
                 return encode_response(status, stored, b"".join(chunks))
             continue
+        if name == b"content-length" and size is not None and not head and value.strip() != str(size).encode():
+            msg = f"Content-Length {value!r} is not the body's {size} bytes"
+            raise UnsendableResponse(msg)
         parts += (pack(len(name), len(value)), name, value)
     parts[0] = _HEAD.pack(_RESPONSE, status, len(parts) // 3)
     parts += chunks
     return b"".join(parts)
 
 
-# Statuses whose responses have no body (RFC 9110 sections 15.2, 15.3.5, 15.4.5).
-_BODILESS = frozenset({204, 304})
-
-
-def sendable(status: int, headers: Iterable[tuple[bytes, bytes]], size: int, *, head: bool = False) -> bool:
-    """Whether a server can send this response as it is: no body on a 1xx, 204 or 304, and a ``Content-Length``
-    (if any) that is the body's *size* (a response to HEAD has no body, whatever its ``Content-Length``). A
-    response that is not would fail the same way on every replay, so it is not stored as it is."""
-    if head:
-        return True
-    if size and (status in _BODILESS or status < 200):
-        return False
+def _check_length(headers: Iterable[tuple[bytes, bytes]], size: int | None, head: bool) -> None:
+    if size is None or head:
+        return
     for name, value in headers:
-        if name.lower() == b"content-length":
-            return value.strip() == str(size).encode()
-    return True
+        if name.lower() == b"content-length" and value.strip() != str(size).encode():
+            msg = f"Content-Length {value!r} is not the body's {size} bytes"
+            raise UnsendableResponse(msg)
 
 
 def encode_too_large(status: int) -> bytes:

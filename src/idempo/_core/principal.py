@@ -18,11 +18,12 @@ themselves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Mapping, Sequence
 
 from .errors import RequestError
 
-__all__ = ["ANONYMOUS_WARNING", "authorization_value", "user_principal"]
+__all__ = ["ANONYMOUS_WARNING", "authorization_value", "principal_of", "user_principal"]
 
 _IDENTITY_ATTRIBUTES = ("identity", "id", "pk", "username")
 
@@ -33,22 +34,41 @@ ANONYMOUS_WARNING = (
 )
 
 
-def authorization_value(values: Iterable[bytes]) -> bytes:
+def principal_of(user: object, authorization: Sequence[bytes]) -> bytes:
+    """The default principal of a request, from the *user* an auth middleware left in it (``None`` if none) and
+    the values of its ``Authorization`` headers, by the rules of this module.
+
+    Raises:
+        RequestError: more than one ``Authorization`` header (400).
+    """
+    if user is not None:
+        found = user_principal(user)
+        if found is not None:
+            return found
+    return authorization_value(authorization)
+
+
+def authorization_value(values: Sequence[bytes]) -> bytes:
     """The principal of a request's ``Authorization`` header *values*: ``b""`` for none; the one value with its
     scheme lower-cased and the whitespace around the credentials dropped.
 
     Raises:
         RequestError: more than one ``Authorization`` header (400).
     """
-    found: bytes | None = None
-    for value in values:
-        if found is not None:
+    if len(values) != 1:
+        if values:
             msg = "send exactly one Authorization header"
             raise RequestError(msg)
-        found = value
-    if not found:
         return b""
-    scheme, _, credentials = found.strip().partition(b" ")
+    return _normalised(values[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalised(value: bytes) -> bytes:
+    """One ``Authorization`` value as a principal (cached: the same callers come back)."""
+    scheme, _, credentials = value.strip().partition(b" ")
+    if not scheme:
+        return b""
     return b"authorization:" + scheme.lower() + b" " + credentials.strip()
 
 
