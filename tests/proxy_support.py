@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -109,6 +110,39 @@ class Upstream:
 
     def release(self, name: str) -> None:
         (self.directory / f"{name}.release").touch()
+
+
+@contextmanager
+def running_upstream(directory: Path, *, closing: bool = False) -> Iterator[Upstream]:
+    """An :class:`Upstream` started in *directory*, stopped when the block ends."""
+    server = Upstream(directory, closing=closing)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def new_key() -> dict[str, str]:
+    """Headers with a fresh, random ``Idempotency-Key``."""
+    return {"Idempotency-Key": str(uuid.uuid4())}
+
+
+def new_name() -> str:
+    """A short random name for an operation (the upstream counts executions by name)."""
+    return uuid.uuid4().hex[:10]
+
+
+def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict[str, object]:
+    """Check that *response* is a problem document of *status* (and of type *slug*); return its JSON."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    document: dict[str, object] = response.json()
+    assert document["status"] == status
+    assert {"type", "title", "detail"} <= set(document)
+    if slug is not None:
+        assert str(document["type"]).endswith(slug), document
+    return document
 
 
 @dataclass

@@ -22,13 +22,12 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e._support import free_port, poll, poll_async, wait_for_done
-from tests.proxy_support import Proxy, Upstream, run_proxy
+from tests.proxy_support import Proxy, Upstream, assert_problem, new_key, new_name, run_proxy, running_upstream
 from tests.proxy_upstream import pattern
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 MiB = 1024 * 1024
-PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +46,8 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    server = Upstream(tmp_path_factory.mktemp("upstream"))
-    server.start()
-    try:
+    with running_upstream(tmp_path_factory.mktemp("upstream")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _store(redis_url: str, prefix: str) -> str:
@@ -76,30 +71,13 @@ async def client(proxy: Proxy) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-def name() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def key() -> dict[str, str]:
-    return {"Idempotency-Key": str(uuid.uuid4())}
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    document: dict[str, object] = response.json()
-    assert document["status"] == status
-    assert {"type", "title", "detail"} <= set(document)
-    return document
-
-
 # -- the contract, row by row ------------------------------------------------------------------------------------
 
 
 async def test_first_request_runs_once_and_every_retry_replays_it(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     first = await client.post(f"/op/{op}", content=b'{"amount":10}', headers=headers)
     assert first.status_code == 201
     assert first.json()["n"] == 1
@@ -119,19 +97,19 @@ async def test_first_request_runs_once_and_every_retry_replays_it(
 async def test_a_malformed_key_is_400_and_the_upstream_is_not_called(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
-    op = name()
+    op = new_name()
     for bad in ("x" * 256, "two words"):
         assert_problem(await client.post(f"/op/{op}", headers={"Idempotency-Key": bad}), 400)
     assert upstream.count(op) == 0
 
 
 async def test_a_missing_key_where_required_is_400(client: httpx.AsyncClient, upstream: Upstream) -> None:
-    op = "required-" + name()
+    op = "required-" + new_name()
     assert_problem(await client.post(f"/op/{op}", content=b"{}"), 400)
     assert upstream.count(op) == 0
-    assert (await client.post(f"/op/{op}", content=b"{}", headers=key())).status_code == 201
+    assert (await client.post(f"/op/{op}", content=b"{}", headers=new_key())).status_code == 201
     # Elsewhere a key is optional: no key, no protection, every request runs.
-    other = name()
+    other = new_name()
     for _ in range(2):
         assert (await client.post(f"/op/{other}")).status_code == 201
     assert upstream.count(op) == 1
@@ -141,7 +119,7 @@ async def test_a_missing_key_where_required_is_400(client: httpx.AsyncClient, up
 async def test_the_same_key_for_another_request_is_422_and_nothing_runs(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     assert (await client.post(f"/op/{op}", content=b"a", headers=headers)).status_code == 201
     assert_problem(await client.post(f"/op/{op}", content=b"b", headers=headers), 422)  # another body
     assert_problem(await client.post(f"/op/{op}?x=1", content=b"a", headers=headers), 422)  # another query
@@ -152,7 +130,7 @@ async def test_the_same_key_for_another_request_is_422_and_nothing_runs(
 async def test_concurrent_identical_requests_make_one_upstream_call(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     url = f"/op/{op}?hold=1"
     tasks = [asyncio.create_task(client.post(url, content=b"pay", headers=headers)) for _ in range(10)]
     try:
@@ -179,7 +157,7 @@ async def test_concurrent_identical_requests_make_one_upstream_call(
 async def test_statuses_that_mean_not_done_are_not_stored_and_a_retry_runs_again(
     client: httpx.AsyncClient, upstream: Upstream, status: int
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     for attempt in (1, 2):
         response = await client.post(f"/op/{op}?status={status}", headers=headers)
         assert response.status_code == status
@@ -191,7 +169,7 @@ async def test_statuses_that_mean_not_done_are_not_stored_and_a_retry_runs_again
 async def test_other_statuses_are_stored_and_replayed(
     client: httpx.AsyncClient, upstream: Upstream, status: int
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     first = await client.post(f"/op/{op}?status={status}", headers=headers)
     second = await client.post(f"/op/{op}?status={status}", headers=headers)
     assert first.status_code == second.status_code == status
@@ -203,7 +181,7 @@ async def test_other_statuses_are_stored_and_replayed(
 async def test_a_response_over_max_response_bytes_reaches_the_client_whole_and_a_retry_gets_410(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     size = 3 * MiB  # over the proxy's 1 MiB
     first = await client.post(f"/op/{op}?size={size}", headers=headers)
     assert first.status_code == 201
@@ -216,7 +194,7 @@ async def test_a_response_over_max_response_bytes_reaches_the_client_whole_and_a
 async def test_a_client_that_leaves_mid_request_still_gets_its_response_on_retry(
     proxy: Proxy, upstream: Upstream
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     url = f"/op/{op}?hold=1"
     async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as leaving:
         task = asyncio.create_task(leaving.post(url, content=b"x", headers=headers))
@@ -249,13 +227,13 @@ async def test_large_bodies_stream_both_ways(client: httpx.AsyncClient, upstream
         for start in range(0, size, 256 * 1024):
             yield data[start : start + 256 * 1024]
 
-    op = name()
+    op = new_name()
     upload = await client.post(f"/op/{op}", content=chunks())
     assert upload.status_code == 201
     assert upload.json()["length"] == size
     assert upload.json()["sha256"] == hashlib.sha256(data).hexdigest()
 
-    async with client.stream("GET", f"/op/{name()}?size={size}") as download:
+    async with client.stream("GET", f"/op/{new_name()}?size={size}") as download:
         assert download.status_code == 201
         received = bytearray()
         pieces = 0
@@ -269,7 +247,7 @@ async def test_large_bodies_stream_both_ways(client: httpx.AsyncClient, upstream
 async def test_a_keyed_body_is_fingerprinted_whole_up_to_max_request_bytes(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     body = pattern(3 * MiB)
     first = await client.post(f"/op/{op}", content=body, headers=headers)
     assert first.status_code == 201
@@ -277,8 +255,8 @@ async def test_a_keyed_body_is_fingerprinted_whole_up_to_max_request_bytes(
     replay = await client.post(f"/op/{op}", content=body, headers=headers)
     assert replay.headers["idempotent-replayed"] == "true"
     assert_problem(await client.post(f"/op/{op}", content=body[:-1] + b"!", headers=headers), 422)
-    too_large = name()
-    assert_problem(await client.post(f"/op/{too_large}", content=pattern(5 * MiB), headers=key()), 413)
+    too_large = new_name()
+    assert_problem(await client.post(f"/op/{too_large}", content=pattern(5 * MiB), headers=new_key()), 413)
     assert upstream.count(op) == 1
     assert upstream.count(too_large) == 0
 
@@ -369,7 +347,7 @@ async def test_healthz_and_metrics_count_every_worker(client: httpx.AsyncClient,
         return pid, _samples(response.text)
 
     before = await scrape()
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     await client.post(f"/op/{op}", content=b"1", headers=headers)  # executed
     await client.post(f"/op/{op}", content=b"1", headers=headers)  # replayed
     await client.post(f"/op/{op}", content=b"2", headers=headers)  # mismatch
@@ -413,7 +391,7 @@ async def test_with_on_conflict_wait_a_retry_waits_for_the_first_and_replays_it(
     args += ["--on-conflict", "wait", "--wait-timeout", "60"]
     with run_proxy(tmp_path, args) as waiting:
         async with httpx.AsyncClient(base_url=waiting.url, timeout=60) as http:
-            op, headers = name(), key()
+            op, headers = new_name(), new_key()
             first = asyncio.create_task(http.post(f"/op/{op}?hold=1", headers=headers))
             await poll(lambda: upstream.started(op), what="the first request to reach the upstream")
             second = asyncio.create_task(http.post(f"/op/{op}?hold=1", headers=headers))
@@ -436,7 +414,7 @@ async def test_with_on_conflict_wait_a_retry_waits_for_the_first_and_replays_it(
 
 
 async def test_a_dead_upstream_is_502_and_a_retry_after_it_restarts_runs_once(proxy: Proxy, upstream: Upstream) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     upstream.kill()
     try:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
@@ -457,8 +435,8 @@ async def test_a_store_that_is_down_is_503_and_nothing_runs(tmp_path: Path, upst
     down = f"redis://127.0.0.1:{free_port()}/0?connect_timeout=0.5"
     with run_proxy(tmp_path, ["--upstream", upstream.url, "--store", down, "--retry-after", "7"]) as proxy:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
-            op = name()
-            response = await http.post(f"/op/{op}", headers=key())
+            op = new_name()
+            response = await http.post(f"/op/{op}", headers=new_key())
             assert_problem(response, 503)
             assert response.headers["retry-after"] == "7"
             assert (await http.get("/echo")).status_code == 200  # unprotected requests still flow
@@ -471,7 +449,7 @@ async def test_the_default_store_is_an_sqlite_file_in_the_working_directory_shar
     # Configured the two other ways: a file, and the environment over it.
     (tmp_path / "idempo.toml").write_text(f'[proxy]\nupstream = "{upstream.url}"\nworkers = 2\nprefix = "/-/"\n')
     env = {"IDEMPO_PROXY_CONFIG": "idempo.toml", "IDEMPO_PROXY_PREFIX": "/-/proxy/"}
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     with run_proxy(tmp_path, [], env=env, prefix="/-/proxy/") as running:
         answers = []
         for _ in range(6):  # a connection each, so that both workers may take some

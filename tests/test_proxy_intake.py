@@ -18,7 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.proxy_support import Proxy, RawResponse, Upstream, address, read_response, run_proxy, send_raw
+from tests.proxy_support import (
+    Proxy,
+    RawResponse,
+    Upstream,
+    address,
+    read_response,
+    run_proxy,
+    running_upstream,
+    send_raw,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -28,24 +37,16 @@ BODY_TIMEOUT = 2  # seconds: --body-timeout of the main proxy (a stalled upload 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    server = Upstream(tmp_path_factory.mktemp("upstream"))
-    server.start()
-    try:
+    with running_upstream(tmp_path_factory.mktemp("upstream")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def forbidden(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     """Another service on the proxy's network, which no client may reach through the proxy."""
-    server = Upstream(tmp_path_factory.mktemp("forbidden"))
-    server.start()
-    try:
+    with running_upstream(tmp_path_factory.mktemp("forbidden")) as server:
         yield server
-    finally:
         assert server.hits() == [], "a request reached a host the proxy does not forward to"
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ releases the key, so that its retry runs.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,22 +14,17 @@ import httpx
 import pytest
 
 from tests.e2e._support import poll
-from tests.proxy_support import Proxy, Upstream, run_proxy
+from tests.proxy_support import Proxy, Upstream, assert_problem, new_key, new_name, run_proxy, running_upstream
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-PROBLEM = "application/problem+json"
 UNKNOWN_TTL = 300  # --unknown-outcome-ttl: far below --ttl's default (a day), so that Retry-After shows it was used
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    server = Upstream(tmp_path_factory.mktemp("upstream"))
-    server.start()
-    try:
+    with running_upstream(tmp_path_factory.mktemp("upstream")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _args(upstream: Upstream, directory: Path, *extra: str) -> list[str]:
@@ -52,22 +46,6 @@ async def client(proxy: Proxy) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-def name() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def key() -> dict[str, str]:
-    return {"Idempotency-Key": str(uuid.uuid4())}
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    document: dict[str, object] = response.json()
-    assert str(document["type"]).endswith(slug)
-    return document
-
-
 async def assert_unknown(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> None:
     """A retry of *url* gets the outcome-unknown problem, whichever worker answers (a new connection each time)."""
     for _ in range(3):
@@ -80,7 +58,7 @@ async def assert_unknown(client: httpx.AsyncClient, url: str, headers: dict[str,
 async def test_a_slow_upstream_is_504_and_its_retries_never_run_the_operation_again(
     client: httpx.AsyncClient, upstream: Upstream
 ) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     url = f"/op/{op}?hold=1"
     try:
         document = assert_problem(await client.post(url, content=b"pay", headers=headers), 504, "upstream-timeout")
@@ -94,7 +72,7 @@ async def test_a_slow_upstream_is_504_and_its_retries_never_run_the_operation_ag
 
 
 async def test_a_response_cut_off_mid_body_is_an_unknown_outcome(client: httpx.AsyncClient, upstream: Upstream) -> None:
-    op, headers = name(), key()
+    op, headers = new_name(), new_key()
     url = f"/op/{op}?cut=1"
     with pytest.raises(httpx.RemoteProtocolError):  # the proxy aborts the response it had started
         await client.post(url, content=b"pay", headers=headers)
@@ -111,7 +89,7 @@ async def test_an_upstream_that_closes_after_reading_the_request_is_502_and_an_u
     try:
         with run_proxy(tmp_path / "proxy", _args(closing, tmp_path)) as proxy:
             async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as client:
-                op, headers = name(), key()
+                op, headers = new_name(), new_key()
                 first = await client.post(f"/op/{op}", content=b"pay", headers=headers)
                 document = assert_problem(first, 502, "upstream-unavailable")
                 assert "outcome is unknown" in str(document["detail"])
@@ -126,7 +104,7 @@ async def test_an_upstream_that_refuses_connections_is_502_and_the_retry_runs(tm
     down.directory.mkdir()
     with run_proxy(tmp_path / "proxy", _args(down, tmp_path)) as proxy:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as client:
-            op, headers = name(), key()
+            op, headers = new_name(), new_key()
             document = assert_problem(await client.post(f"/op/{op}", headers=headers), 502, "upstream-unavailable")
             assert "could not be reached" in str(document["detail"])  # it never left: the key was released
             down.start()
