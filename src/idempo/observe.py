@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, get_args, runtime_checkable
 
 from ._core.records import Claim, Record
 
@@ -54,17 +54,7 @@ Outcome = Literal[
 A client that leaves before it has sent its whole body is not counted: nothing was asked.
 """
 
-OUTCOMES: tuple[Outcome, ...] = (
-    "passthrough",
-    "executed",
-    "replayed",
-    "conflict",
-    "mismatch",
-    "bad_key",
-    "too_large",
-    "store_error",
-    "outcome_unknown",
-)
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 StoreOperation = Literal["claim", "renew", "complete", "release"]
 """The store calls the middleware makes and times."""
