@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from idempo import IdempotencyMiddleware, MemoryStore, OutcomeUnknownError, mark_outcome_unknown
+from idempo import ConfigurationError, IdempotencyMiddleware, MemoryStore, OutcomeUnknownError, mark_outcome_unknown
 from idempo.client import DEFAULT_RETRY_STATUSES, AsyncIdempotencyTransport, IdempotencyTransport, is_outcome_unknown
 
 from .proxy_support import Upstream, run_proxy
@@ -491,12 +491,24 @@ def test_zero_max_elapsed_allows_only_immediate_retries() -> None:
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{"attempts": 0}, {"backoff_base": -1.0}, {"backoff_cap": -1.0}, {"max_elapsed": -1.0}, {"header": " "}],
+    ("options", "message"),
+    [
+        ({"attempts": 0}, "attempts must be at least 1, not 0"),
+        ({"backoff_base": -1.0}, "backoff_base, backoff_cap and max_elapsed must not be negative"),
+        ({"backoff_cap": -1.0}, "backoff_base, backoff_cap and max_elapsed must not be negative"),
+        ({"max_elapsed": -1.0}, "backoff_base, backoff_cap and max_elapsed must not be negative"),
+        ({"header": " "}, "header must name a header"),
+    ],
 )
-def test_options_out_of_range_are_rejected(options: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="must"):
-        IdempotencyTransport(transport=httpx.MockTransport(Script(ok())), **options)  # type: ignore[arg-type]
+@pytest.mark.parametrize("transport", [IdempotencyTransport, AsyncIdempotencyTransport])
+def test_options_out_of_range_are_a_configuration_error(
+    transport: type[IdempotencyTransport | AsyncIdempotencyTransport], options: dict[str, object], message: str
+) -> None:
+    """idempo's own ConfigurationError, which is still a ValueError for callers that catch that."""
+    with pytest.raises(ConfigurationError) as raised:
+        transport(transport=httpx.MockTransport(Script(ok())), **options)  # type: ignore[arg-type]
+    assert str(raised.value) == message
+    assert isinstance(raised.value, ValueError)
 
 
 # --- bodies and connections -------------------------------------------------------------------------------------

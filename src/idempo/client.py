@@ -65,7 +65,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
-from .stores import require
+from ._core.errors import ConfigurationError
+from ._core.extras import require
 
 if TYPE_CHECKING:
     import httpx
@@ -119,13 +120,13 @@ class _Options:
     ) -> _Options:
         if attempts < 1:
             msg = f"attempts must be at least 1, not {attempts}"
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if backoff_base < 0 or backoff_cap < 0 or max_elapsed < 0:
             msg = "backoff_base, backoff_cap and max_elapsed must not be negative"
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if not header.strip():
             msg = "header must name a header"
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         return cls(
             header=header,
             methods=frozenset(m.upper() for m in methods),
@@ -291,7 +292,7 @@ class IdempotencyTransport(httpx.BaseTransport):
         rng: The source of jitter.
 
     Raises:
-        ValueError: If an option is out of range.
+        ConfigurationError: If an option is out of range (a ``ValueError`` too).
     """
 
     def __init__(

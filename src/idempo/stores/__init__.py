@@ -18,10 +18,10 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from types import ModuleType
 from typing import Any, Final, Protocol, runtime_checkable
 
-from .._core.errors import ConfigurationError, MissingDependency
+from .._core.errors import ConfigurationError
+from .._core.extras import require
 from .._core.records import Claim, Record
 from ._url import StoreURL, parse_store_url, redact
 
@@ -267,14 +267,3 @@ def store_from_url(url: str, **options: Any) -> Store:
     """
     store: Store = _open(url, SCHEMES, options)
     return store
-
-
-def require(module: str, *, extra: str) -> ModuleType:
-    """Import *module*, or raise :class:`MissingDependency` naming the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module.partition(".")[0]:
-            raise
-        msg = f"{module!r} is not installed; run: pip install 'idempo[{extra}]'"
-        raise MissingDependency(msg) from exc
