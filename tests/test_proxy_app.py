@@ -631,7 +631,7 @@ async def test_every_middleware_option_reaches_the_middleware(upstream: Upstream
     expected = {
         "ttl": 77,
         "lease": 9,
-        "header": b"x-key",
+        "header": "X-Key",
         "methods": frozenset({"POST", "DELETE"}),
         "require_key": True,
         "canonical_json": True,
@@ -645,8 +645,11 @@ async def test_every_middleware_option_reaches_the_middleware(upstream: Upstream
         "store_server_errors": True,
         "replay_set_cookie": True,
         "problem_base_uri": "https://errors.example/",
+        "cache_size": 10,
+        "cache_ttl": 5,
     }
-    assert {name: getattr(middleware, name) for name in expected} == expected
+    assert middleware.policy is config.policy  # the one policy, not options copied one by one
+    assert {name: getattr(middleware.policy, name) for name in expected} == expected
     assert middleware.cache is not None
 
 

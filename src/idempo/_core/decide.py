@@ -1,35 +1,141 @@
-"""The decision table of the HTTP contract (SPEC section 3), as pure functions.
+"""The decision table of the HTTP contract (SPEC section 3): every row, as pure functions, in the order a request
+meets them. The faces (the ASGI middleware, ``@idempotent``, the proxy) read bytes and call stores; what they answer
+is decided here, and nowhere else. :data:`ROWS` lists the rows as the README's contract table shows them.
 
-Theory of operation: a request with a key first *claims* it in the store, which atomically either takes the
-key (``Acquired``: run the operation) or returns the record already there (``Existing``). ``decide`` turns that
-record into exactly one answer, and ``should_store`` says, once the operation produced a status, whether that
-response is kept for replay or the claim is released so that a retry runs the operation again.
+A keyed request, in order:
+
+1. **Admission** (:func:`admit`, :func:`body_too_large`): a missing key where one is required, two keys or a
+   malformed one, a body over the limit: a 400 or a 413, and the app is not called.
+2. **The claim** finds the key free (run the operation) or a record there, which :func:`decide` (or, for a record
+   this process cached, :func:`decide_cached`) turns into one answer: the replay, a 422, a 409 (or, with
+   ``on_conflict="wait"``, a bounded wait: :func:`wait_or_answer`), the 410 of a response that was not kept, or the
+   503 of an outcome that is unknown. A store that fails is :func:`on_store_failure`: a 503, or the app unprotected.
+3. **The outcome**: once the operation produced a status, :func:`should_store` says whether its response is kept,
+   and :func:`record_for` what the key is completed with (the response, or a marker), or that it is released;
+   :func:`fallback` is what a full store gets instead.
+4. **A replay** (:func:`replay`) is the stored response as it was, or the problem of one that cannot be read.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final, NamedTuple
 
-from .codec import OutcomeUnknownMarker, decode_marker, encode_not_stored
-from .errors import InProgressError, KeyReuseError, OutcomeUnknownError, ResponseNotStoredError
+from .codec import (
+    OutcomeUnknownMarker,
+    UnsendableResponse,
+    decode_marker,
+    decode_parts,
+    encode_app_response,
+    encode_not_stored,
+    encode_outcome_unknown,
+    encode_too_large,
+)
+from .errors import (
+    BodyTooLargeError,
+    InProgressError,
+    InvalidKeyError,
+    KeyReuseError,
+    MissingKeyError,
+    OutcomeUnknownError,
+    RequestError,
+    ResponseNotStoredError,
+)
+from .keys import parse_key
+from .policy import Policy
+from .problem import Problem
 from .records import Record, State
 
 __all__ = [
+    "ROWS",
+    "Admit",
     "Conflict",
     "Decision",
+    "FailOpen",
     "Mismatch",
     "NotStored",
+    "Passthrough",
+    "Refuse",
     "Replay",
+    "Row",
+    "Unavailable",
     "Unknown",
+    "Wait",
+    "admit",
+    "body_too_large",
     "decide",
+    "decide_cached",
     "fallback",
     "is_marker",
+    "on_store_failure",
+    "record_for",
+    "render_rows",
+    "replay",
     "should_store",
+    "wait_or_answer",
 ]
 
 # Statuses that say "the operation did not happen, try again": never stored, the claim is released.
 RETRYABLE_CLIENT_STATUSES = frozenset({408, 409, 425, 429})
+WAIT_FIRST: Final = 0.02
+"""The first pause of a wait for the first request (``on_conflict="wait"``); each next one doubles, up to
+:data:`WAIT_MAX`."""
+WAIT_MAX: Final = 0.5
+
+
+# -- 1. admission ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """Not a keyed request, and none is required: the app runs as if idempo were not there."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """A 400 or 413 problem; the app is not called."""
+
+    error: RequestError
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """A keyed request: its body is read, its key claimed."""
+
+    key: str
+
+
+PASSTHROUGH: Final = Passthrough()
+
+
+def admit(policy: Policy, keys: Sequence[bytes], path: str) -> Passthrough | Refuse | Admit:
+    """What a request of a protected method gets, given the values of its key headers (*keys*, as sent)."""
+    if not keys:
+        if policy.key_required(path):
+            return Refuse(MissingKeyError("this endpoint requires an Idempotency-Key header"))
+        return PASSTHROUGH
+    if len(keys) > 1:
+        return Refuse(InvalidKeyError("send exactly one Idempotency-Key header"))
+    try:
+        return Admit(parse_key(keys[0]))
+    except InvalidKeyError as exc:
+        return Refuse(exc)
+
+
+def body_too_large(policy: Policy, size: int, *, declared: bool = False) -> BodyTooLargeError | None:
+    """The 413 of a keyed body of *size* bytes (*declared* by ``Content-Length`` before it is read, or read so far),
+    or ``None`` if it fits: the body is buffered to be fingerprinted, so it is bounded."""
+    limit = policy.max_request_bytes
+    if size <= limit:
+        return None
+    if declared:
+        return BodyTooLargeError(f"the request body is {size} bytes; at most {limit} are accepted")
+    return BodyTooLargeError(f"the request body is over {limit} bytes, the most accepted")
+
+
+# -- 2. the claim's answer ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +251,58 @@ def decide(record: Record, fingerprint: str, *, now: float, retry_after: float =
 _MARKERS = (b"\x02", b"\x03")
 
 
+def decide_cached(cached_fingerprint: str, payload: bytes, fingerprint: str) -> Replay | Mismatch:
+    """:func:`decide` for a completed record this process cached (only responses are cached, never markers)."""
+    return Replay(payload) if cached_fingerprint == fingerprint else Mismatch()
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """With ``on_conflict="wait"``: pause *seconds*, then claim again."""
+
+    seconds: float
+
+
+def wait_or_answer(policy: Policy, conflict: Conflict, *, waited: float, delay: float) -> Wait | Conflict:
+    """While the first request runs: the 409 (*conflict*), or, with ``on_conflict="wait"``, a pause before claiming
+    again, as long as the wait (*waited* seconds so far) stays within ``wait_timeout``. *delay* is the previous
+    pause (``0`` before the first): pauses start at :data:`WAIT_FIRST` and double up to :data:`WAIT_MAX`."""
+    if policy.on_conflict != "wait":
+        return conflict
+    pause = WAIT_FIRST if delay <= 0 else min(delay * 2, WAIT_MAX)
+    if waited + pause > policy.wait_timeout:
+        return conflict
+    return Wait(pause)
+
+
+@dataclass(frozen=True, slots=True)
+class FailOpen:
+    """The store failed and ``on_store_error="fail_open"``: run the app unprotected (and log it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """The store failed (fail closed): a 503 with ``Retry-After``; nothing runs."""
+
+    retry_after: int
+
+    def problem(self, base_uri: str) -> Problem:
+        """The problem document to answer."""
+        return Problem.service_unavailable(
+            "the idempotency store is unavailable; retry later with the same key", base_uri=base_uri
+        )
+
+
+def on_store_failure(policy: Policy) -> FailOpen | Unavailable:
+    """What a request gets when the store fails on its claim."""
+    if policy.on_store_error == "fail_open":
+        return FailOpen()
+    return Unavailable(policy.retry_after)
+
+
+# -- 3. the outcome -------------------------------------------------------------------------------------------------
+
+
 def should_store(status: int, *, store_server_errors: bool = False) -> bool:
     """Whether a response with *status* is kept for replay (``True``) or its claim released (``False``).
 
@@ -154,6 +312,60 @@ def should_store(status: int, *, store_server_errors: bool = False) -> bool:
     if status >= 500:
         return store_server_errors
     return status not in RETRYABLE_CLIENT_STATUSES
+
+
+class Recorded(NamedTuple):
+    """What a key is completed with (*payload*, kept *ttl* seconds); a payload of ``None`` releases it."""
+
+    payload: bytes | None
+    ttl: float
+    unsendable: UnsendableResponse | None = None
+
+
+RELEASE: Final = Recorded(None, 0)
+
+
+def record_for(
+    policy: Policy,
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    chunks: Iterable[bytes],
+    *,
+    size: int,
+    failed: bool,
+    kept: bool,
+    too_large: bool,
+    unknown: bool,
+    head: bool = False,
+) -> Recorded:
+    """What the key of an operation that answered *status* is completed with, once it is over.
+
+    Args:
+        status, headers, chunks, size: the response (its body's chunks as recorded, and their total size).
+        failed: the operation raised, or ended without finishing its response.
+        kept: :func:`should_store` said so when the response started.
+        too_large: the body went over ``max_response_bytes`` (the chunks were dropped).
+        unknown: the app said the outcome is unknown (:func:`~idempo.mark_outcome_unknown`).
+        head: the request was a HEAD (its response has no body, whatever its ``Content-Length``).
+
+    Returns:
+        The "outcome unknown" marker for ``unknown_outcome_ttl`` (it may have happened: never released); a release
+        for a failure or a status not kept; the "not stored" marker of a response too large, or one the server
+        could not send as it is (``unsendable`` says why); else the response itself, for ``ttl``.
+    """
+    if unknown:
+        return Recorded(encode_outcome_unknown(status), policy.kept_unknown_for)
+    if failed or not kept:
+        return RELEASE
+    if too_large:
+        return Recorded(encode_too_large(status), policy.ttl)
+    try:
+        payload = encode_app_response(
+            status, headers, chunks, keep_set_cookie=policy.replay_set_cookie, size=size, head=head
+        )
+    except UnsendableResponse as exc:
+        return Recorded(encode_not_stored(status, "unsendable"), policy.ttl, exc)
+    return Recorded(payload, policy.ttl)
 
 
 def is_marker(payload: bytes) -> bool:
@@ -173,3 +385,108 @@ def fallback(payload: bytes, status: int) -> bytes | None:
     if is_marker(payload):
         return None
     return encode_not_stored(status, "store_refused")
+
+
+# -- 4. a replay ----------------------------------------------------------------------------------------------------
+
+
+def replay(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | RequestError:
+    """The stored response a replay sends (status, a new list of its headers, body), or, for a payload that is a
+    marker or cannot be read (corrupt: the operation did run, so it is not run again), the error to answer."""
+    try:
+        response = decode_parts(payload)
+    except ValueError:
+        return NotStored(0, "unreadable").error()
+    if isinstance(response, tuple):
+        return response
+    if isinstance(response, OutcomeUnknownMarker):
+        return Unknown(1).error()
+    return NotStored(response.status, response.reason).error()
+
+
+# -- the table, as the README shows it -------------------------------------------------------------------------------
+
+
+class Row(NamedTuple):
+    """One row of the contract: the situation, what the client gets, and the function here that decides it."""
+
+    situation: str
+    response: str
+    decided_by: str
+
+
+ROWS: Final[tuple[Row, ...]] = (
+    Row(
+        'key malformed: empty, over 255 characters, not visible ASCII (a quoted `"abc"` is accepted as `abc`), '
+        "or sent twice",
+        "**400** problem+json; the app is not called",
+        "admit",
+    ),
+    Row("key missing where `require_key` says one is needed", "**400** problem+json", "admit"),
+    Row(
+        "first request with this key",
+        "the app runs; its response streams to the client unchanged while it is recorded",
+        "decide",
+    ),
+    Row(
+        "same key, same request, completed",
+        "the **stored response**: same status, headers (minus hop-by-hop headers and `Set-Cookie`), byte-identical "
+        "body, plus `Idempotent-Replayed: true`; the app is not called",
+        "decide",
+    ),
+    Row("same key, different request (body, path, query or method)", "**422** problem+json; nothing runs", "decide"),
+    Row(
+        "same key while the first request is still running",
+        '**409** problem+json with `Retry-After`; with `on_conflict="wait"`, waits (bounded) and replays',
+        "wait_or_answer",
+    ),
+    Row(
+        "the app answers 5xx or raises",
+        "nothing stored; the claim is released so a retry runs again (`store_server_errors=True` keeps 5xx, like "
+        "Stripe)",
+        "should_store",
+    ),
+    Row(
+        "the app answers 408, 409, 425 or 429",
+        "nothing stored (the operation did not happen); claim released",
+        "should_store",
+    ),
+    Row("any other status (2xx, 3xx, other 4xx)", "stored and replayed until `ttl` runs out", "record_for"),
+    Row("request body over `max_request_bytes`", "**413** problem+json", "body_too_large"),
+    Row(
+        "the store is unreachable or fails",
+        '**503** problem+json with `Retry-After`; `on_store_error="fail_open"` runs the app unprotected and logs '
+        "a warning",
+        "on_store_failure",
+    ),
+    Row(
+        "the response is over `max_response_bytes`, or the store is full when it is recorded",
+        "the client still gets it whole, the operation is never run twice, and a retry gets **410** problem+json "
+        "(`original_status` says what the first answer was)",
+        "record_for",
+    ),
+    Row(
+        "the app cannot know whether its operation happened (it raises `OutcomeUnknownError`)",
+        "the key is kept: retries get **503** `outcome-unknown` with `Retry-After`, never a second run, until it "
+        "expires or an operator resolves it",
+        "decide",
+    ),
+    Row(
+        "the client disconnects mid-request",
+        "the app runs to completion and its response is stored, so the retry gets it",
+        "record_for",
+    ),
+    Row(
+        "the process dies mid-request",
+        "once the lease (30 s, renewed every 10 s while the app runs) runs out, a retry runs again",
+        "decide",
+    ),
+)
+"""The contract's rows, as the README's table shows them (a test keeps the two the same)."""
+
+
+def render_rows() -> str:
+    """:data:`ROWS` as the Markdown table of the README."""
+    lines = ["| situation | response |", "|---|---|"]
+    lines += [f"| {row.situation} | {row.response} |" for row in ROWS]
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from .._core.errors import ConfigurationError
-from .._core.problem import DEFAULT_PROBLEM_BASE
+from .._core.policy import DEFAULT_METHODS, Policy, option_doc
 
 __all__ = [
     "CONFIG_ENV",
@@ -87,27 +87,28 @@ class ProxyConfig:
     # Logs.
     access_log: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    # The middleware.
-    ttl: float = 86_400
-    lease: float = 30
-    header: str = "Idempotency-Key"
-    methods: tuple[str, ...] = ("POST", "PUT", "PATCH", "DELETE")
+    # The middleware: its policy's options, with the policy's defaults (and checks: see the policy property).
+    ttl: float = Policy.ttl
+    lease: float = Policy.lease
+    header: str = Policy.header
+    methods: tuple[str, ...] = DEFAULT_METHODS
     require_key: bool = False
     require_key_paths: tuple[str, ...] = ()
     principal_header: str = "Authorization"
-    canonical_json: bool = False
-    on_conflict: Literal["reject", "wait"] = "reject"
-    wait_timeout: float = 30
-    on_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
-    retry_after: int = 1
-    max_request_bytes: int = 10 * 1024 * 1024
-    max_response_bytes: int = 10 * 1024 * 1024
-    unknown_outcome_ttl: float | None = None
-    store_server_errors: bool = False
-    replay_set_cookie: bool = False
-    problem_base_uri: str = DEFAULT_PROBLEM_BASE
-    cache_size: int = 0
-    cache_ttl: float = 60
+    canonical_json: bool = Policy.canonical_json
+    canonical_json_max_bytes: int = Policy.canonical_json_max_bytes
+    on_conflict: Literal["reject", "wait"] = Policy.on_conflict
+    wait_timeout: float = Policy.wait_timeout
+    on_store_error: Literal["fail_closed", "fail_open"] = Policy.on_store_error
+    retry_after: int = Policy.retry_after
+    max_request_bytes: int = Policy.max_request_bytes
+    max_response_bytes: int = Policy.max_response_bytes
+    unknown_outcome_ttl: float | None = Policy.unknown_outcome_ttl
+    store_server_errors: bool = Policy.store_server_errors
+    replay_set_cookie: bool = Policy.replay_set_cookie
+    problem_base_uri: str = Policy.problem_base_uri
+    cache_size: int = Policy.cache_size
+    cache_ttl: float = Policy.cache_ttl
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -130,6 +131,13 @@ class ProxyConfig:
         if self.require_key:
             return True
         return any(_path_matches(pattern, path) for pattern in self.require_key_paths)
+
+    @property
+    def policy(self) -> Policy:
+        """The middleware's :class:`~idempo.Policy`: the options above that are its fields, and ``require_key``
+        with ``require_key_paths``."""
+        policy: Policy = self.__dict__["_policy"]
+        return policy
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -181,10 +189,10 @@ OPTIONS: Final[tuple[Option, ...]] = (
     ),
     Option("access_log", "bool", "One JSON line per request on stderr (default on)."),
     Option("log_level", "choice", "Level of the server's own logs.", ("critical", "error", "warning", "info", "debug")),
-    Option("ttl", "float", "Seconds a completed response is kept and replayed (default 86400).", metavar="S"),
-    Option("lease", "float", "Seconds an in-progress claim lasts without renewal (default 30).", metavar="S"),
-    Option("header", "str", "The request header that carries the key (default Idempotency-Key).", metavar="NAME"),
-    Option("methods", "list", "Protected methods, comma-separated (default POST,PUT,PATCH,DELETE).", metavar="M,M"),
+    Option("ttl", "float", option_doc("ttl"), metavar="S"),
+    Option("lease", "float", option_doc("lease"), metavar="S"),
+    Option("header", "str", option_doc("header"), metavar="NAME"),
+    Option("methods", "list", option_doc("methods").replace("methods;", "methods, comma-separated;"), metavar="M,M"),
     Option("require_key", "bool", "Answer 400 to every protected request without a key."),
     Option(
         "require_key_paths",
@@ -193,32 +201,20 @@ OPTIONS: Final[tuple[Option, ...]] = (
         metavar="PATTERN",
     ),
     Option("principal_header", "str", "Header whose value namespaces records (default Authorization).", metavar="NAME"),
-    Option("canonical_json", "bool", "Fingerprint JSON bodies canonically (key order and spacing ignored)."),
-    Option(
-        "on_conflict", "choice", "While the first request runs: 409 (reject) or wait and replay.", ("reject", "wait")
-    ),
-    Option("wait_timeout", "float", "Longest wait with --on-conflict wait (default 30).", metavar="S"),
-    Option(
-        "on_store_error",
-        "choice",
-        "Store down: 503 (fail_closed) or forward unprotected (fail_open).",
-        ("fail_closed", "fail_open"),
-    ),
-    Option("retry_after", "int", "Retry-After seconds of a 503, and the longest of a 409 (default 1).", metavar="S"),
-    Option("max_request_bytes", "bytes", "Largest keyed request body (default 10MiB); 413 above.", metavar="SIZE"),
-    Option("max_response_bytes", "bytes", "Largest response recorded (default 10MiB).", metavar="SIZE"),
-    Option(
-        "unknown_outcome_ttl",
-        "float",
-        "Seconds a key whose outcome is unknown (upstream timed out or broke after the request was sent) answers "
-        "503 outcome-unknown (default: ttl).",
-        metavar="S",
-    ),
-    Option("store_server_errors", "bool", "Store and replay 5xx responses (as Stripe does)."),
-    Option("replay_set_cookie", "bool", "Replay Set-Cookie headers too."),
-    Option("problem_base_uri", "str", "Prefix of the type URI of problem documents.", metavar="URI"),
-    Option("cache_size", "int", "Completed responses kept in memory per worker (default 0: off).", metavar="N"),
-    Option("cache_ttl", "float", "Longest a response stays in that cache (default 60).", metavar="S"),
+    Option("canonical_json", "bool", option_doc("canonical_json")),
+    Option("canonical_json_max_bytes", "bytes", option_doc("canonical_json_max_bytes"), metavar="SIZE"),
+    Option("on_conflict", "choice", option_doc("on_conflict"), ("reject", "wait")),
+    Option("wait_timeout", "float", option_doc("wait_timeout"), metavar="S"),
+    Option("on_store_error", "choice", option_doc("on_store_error"), ("fail_closed", "fail_open")),
+    Option("retry_after", "int", option_doc("retry_after"), metavar="S"),
+    Option("max_request_bytes", "bytes", option_doc("max_request_bytes"), metavar="SIZE"),
+    Option("max_response_bytes", "bytes", option_doc("max_response_bytes"), metavar="SIZE"),
+    Option("unknown_outcome_ttl", "float", option_doc("unknown_outcome_ttl"), metavar="S"),
+    Option("store_server_errors", "bool", option_doc("store_server_errors")),
+    Option("replay_set_cookie", "bool", option_doc("replay_set_cookie")),
+    Option("problem_base_uri", "str", option_doc("problem_base_uri"), metavar="URI"),
+    Option("cache_size", "int", option_doc("cache_size"), metavar="N"),
+    Option("cache_ttl", "float", option_doc("cache_ttl"), metavar="S"),
 )
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
 
@@ -408,19 +404,10 @@ _CHECKS: Final[tuple[tuple[str, Callable[[Any], bool], str], ...]] = (
     ("upstream_timeout", lambda v: v > 0, "must be positive"),
     ("max_connections", lambda v: v >= 1, "must be at least 1"),
     ("body_timeout", lambda v: v > 0, "must be positive"),
-    ("ttl", lambda v: v > 0, "must be positive"),
-    ("lease", lambda v: v > 0, "must be positive"),
-    ("wait_timeout", lambda v: v >= 0, "must not be negative"),
-    ("retry_after", lambda v: v >= 0, "must not be negative"),
-    ("max_request_bytes", lambda v: v >= 0, "must not be negative"),
-    ("max_response_bytes", lambda v: v >= 0, "must not be negative"),
-    ("unknown_outcome_ttl", lambda v: v is None or v > 0, "must be positive"),
-    ("cache_size", lambda v: v >= 0, "must not be negative"),
-    ("cache_ttl", lambda v: v >= 0, "must not be negative"),
-    ("header", lambda v: bool(v) and v.isascii() and " " not in v, "must be a header name"),
     ("principal_header", lambda v: bool(v) and v.isascii() and " " not in v, "must be a header name"),
-    ("methods", lambda v: bool(v), "must name at least one method"),
 )
+# The middleware's options that are fields of its policy (which checks them).
+_POLICY_FIELDS: Final = tuple(field.name for field in dataclasses.fields(Policy) if field.name != "require_key")
 
 
 def _validate(config: ProxyConfig) -> None:
@@ -460,6 +447,9 @@ def _validate(config: ProxyConfig) -> None:
         raise ConfigurationError(msg)
     object.__setattr__(config, "methods", tuple(m.upper() for m in config.methods))
     object.__setattr__(config, "require_key_paths", tuple(config.require_key_paths))
+    options = {name: getattr(config, name) for name in _POLICY_FIELDS}
+    require_key = config.requires_key if config.require_key_paths else config.require_key
+    config.__dict__["_policy"] = Policy(require_key=require_key, **options)
 
 
 def replace(config: ProxyConfig, **changes: Any) -> ProxyConfig:

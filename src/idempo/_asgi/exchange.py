@@ -1,0 +1,560 @@
+"""One keyed request through the ASGI middleware, from its body to its recorded outcome. Strictly private.
+
+This is the I/O around the decision table (:mod:`idempo._core.decide`): it reads the body, claims the key, runs the
+app while its response streams to the client and is captured, and records the outcome. Every answer it gives is
+one the table chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import TYPE_CHECKING, Final
+
+from .._core.decide import (
+    Conflict,
+    FailOpen,
+    Mismatch,
+    NotStored,
+    Replay,
+    Wait,
+    body_too_large,
+    decide,
+    decide_cached,
+    fallback,
+    on_store_failure,
+    record_for,
+    replay,
+    should_store,
+    wait_or_answer,
+)
+from .._core.errors import OutcomeUnknownError, RequestError, ResponseNotStoredError, StoreFullError
+from .._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
+from .._core.outcome import OutcomeReport
+from .._core.principal import ANONYMOUS_WARNING, principal_of
+from .._core.problem import Problem
+from .._core.records import Acquired, Claim, State, new_token
+from ..observe import Outcome, tell
+from .leases import Renewer
+from .principals import default_principal
+from .types import Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ..asgi import IdempotencyMiddleware
+
+__all__ = ["Exchange", "send_problem"]
+
+logger = logging.getLogger("idempo")
+
+_REPLAYED: Final = (b"idempotent-replayed", b"true")
+# Messages a server may advertise that would let the app send a response we cannot see (a file by path).
+_UNRECORDABLE_EXTENSIONS: Final = ("http.response.pathsend", "http.response.zerocopy")
+# Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
+_RECORD_RETRY_FIRST: Final = 0.05
+_RECORD_RETRY_MAX: Final = 1.0
+
+
+async def send_problem(send: Send, problem: Problem, retry_after: int | None = None) -> None:
+    """Answer *problem* (an RFC 9457 document) as the whole response."""
+    status, headers, body = problem.render(retry_after=retry_after)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class Exchange:
+    """One keyed request, from its body to its stored response. Strictly private: one per request."""
+
+    __slots__ = (
+        "body",
+        "chunks",
+        "client_gone",
+        "done",
+        "fingerprint",
+        "finished",
+        "headers",
+        "keep",
+        "key",
+        "mw",
+        "outcome",
+        "receive",
+        "renewed_at",
+        "renewer",
+        "scope",
+        "send",
+        "size",
+        "started",
+        "status",
+        "store",
+        "store_key",
+        "token",
+        "too_large",
+    )
+
+    def __init__(self, middleware: IdempotencyMiddleware, scope: Scope, receive: Receive, send: Send, key: str):
+        self.mw = middleware
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.key = key
+        self.store = middleware._calls
+        self.store_key = ""
+        self.fingerprint = ""
+        self.token = ""
+        self.body: bytes | None = b""  # None once delivered to the app
+        self.renewed_at = 0.0
+        self.renewer: Renewer | None = None
+        # What the app answers.
+        self.status = 0
+        self.started = False  # whether the app's response has started (its status went out)
+        self.outcome: OutcomeReport | None = None  # what the app says of it (mark_outcome_unknown), once it runs
+        self.headers: Iterable[tuple[bytes, bytes]] = ()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.keep = False
+        self.too_large = False
+        self.finished = False
+        self.client_gone = False
+        # Set once the response is over; made only if the app asks for a second message (rare).
+        self.done: asyncio.Future[None] | None = None
+
+    async def run(self) -> None:
+        mw = self.mw
+        policy = mw.policy
+        scope = self.scope
+        # A dict of the headers, made in C: cheaper than a loop in Python over them for the few we need here.
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit():
+            error = body_too_large(policy, int(declared), declared=True)
+            if error is not None:
+                await self._refuse("too_large", error)
+                return
+        body = await self._read_body()
+        if body is None:
+            return  # the client left before it finished sending (nothing was claimed), or a 413 was answered
+        self.body = body
+        try:
+            principal = self._principal(headers)
+        except RequestError as exc:
+            await self._refuse("bad_key", exc)
+            return
+        self.store_key = scoped_key(principal_digest(principal), self.key)
+        if mw.fingerprint is not None:
+            fingerprint = mw.fingerprint(scope, body)
+        else:
+            fingerprint = fingerprint_request(
+                scope["method"],
+                scope["path"],
+                scope.get("query_string", b""),
+                canonical_json_body(body, policy.canonical_json_max_bytes) if policy.canonical_json else body,
+                headers.get(b"content-type", b""),
+            )
+        self.fingerprint = fingerprint
+        cache = mw.cache
+        if cache is not None:
+            cached = cache.get(self.store_key, time.monotonic())
+            if cached is not None:  # a completed record: the store's answer, without asking it
+                answer = decide_cached(cached[0], cached[1], fingerprint)
+                if isinstance(answer, Replay):
+                    await self._replay(answer.payload)
+                else:
+                    await self._refuse("mismatch", answer.error())
+                return
+        claim = await self._claim_or_answer()
+        if claim is None:
+            return
+        self.token = claim.token
+        self._observe("executed")
+        await self._run_app(scope)
+
+    def _principal(self, headers: dict[bytes, bytes]) -> str | bytes:
+        """Who is asking (may raise a :class:`RequestError`, the 400 of a request the principal refuses)."""
+        mw = self.mw
+        scope = self.scope
+        if mw.principal is not default_principal:
+            return mw.principal(scope)
+        # default_principal's rule, with the dict above when it can serve: no header name twice, so it holds the only
+        # Authorization header there is.
+        raw_headers = scope["headers"]
+        if len(headers) == len(raw_headers):
+            found = headers.get(b"authorization")
+            authorization: Sequence[bytes] = () if found is None else (found,)
+        else:
+            authorization = [value for name, value in raw_headers if name == b"authorization"]
+        principal = principal_of(scope.get("user"), authorization)
+        if not principal and not mw._warned_anonymous:
+            mw._warned_anonymous = True
+            logger.warning(ANONYMOUS_WARNING)
+        return principal
+
+    async def _read_body(self) -> bytes | None:
+        """The whole body, nearly always one message; ``None`` if the client left, or if it was too large (the 413
+        is answered)."""
+        policy = self.mw.policy
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            return None
+        first: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            error = body_too_large(policy, len(first)) if len(first) > policy.max_request_bytes else None
+            if error is None:
+                return first
+            await self._refuse("too_large", error)
+            return None
+        chunks = [first] if first else []
+        size = len(first)
+        while True:
+            error = body_too_large(policy, size)
+            if error is not None:
+                await self._refuse("too_large", error)
+                return None
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                error = body_too_large(policy, size)
+                if error is None:
+                    return b"".join(chunks)
+                await self._refuse("too_large", error)
+                return None
+
+    # -- the claim ------------------------------------------------------------------------------------------
+
+    async def _claim_or_answer(self) -> Acquired | None:
+        """Claim the key; if a record is there, answer as :func:`decide` says (waiting for the first request, with
+        ``on_conflict="wait"``, as :func:`wait_or_answer` says) and return ``None``."""
+        mw = self.mw
+        policy = mw.policy
+        started = 0.0
+        delay = 0.0
+        while True:
+            token = new_token() if mw._claims_with_token else None
+            try:
+                claim = await self._claim(token)
+            except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+                await self._claim_failed(exc, token)
+                return None
+            if isinstance(claim, Acquired):
+                return claim
+            record = claim.record
+            now = time.time()
+            decision = decide(record, self.fingerprint, now=now, retry_after=policy.retry_after)
+            payload = record.payload
+            if mw.cache is not None and record.state is State.COMPLETED and payload and payload[:1] == b"\x01":
+                mw.cache.put(self.store_key, record.fingerprint, payload, time.monotonic(), record.expires_at - now)
+            if isinstance(decision, Conflict):
+                if not started:
+                    started = time.monotonic()
+                step = wait_or_answer(policy, decision, waited=time.monotonic() - started, delay=delay)
+                if isinstance(step, Wait):
+                    await asyncio.sleep(step.seconds)
+                    delay = step.seconds
+                    continue
+                await self._refuse("conflict", decision.error())
+            elif isinstance(decision, Replay):
+                await self._replay(decision.payload)
+            elif isinstance(decision, Mismatch):
+                await self._refuse("mismatch", decision.error())
+            else:  # NotStored (410) or Unknown (503): final, nothing runs
+                await self._refuse(
+                    "replayed" if isinstance(decision, NotStored) else "outcome_unknown", decision.error()
+                )
+            return None
+
+    def _claim(self, token: str | None) -> Awaitable[Claim]:
+        """The store's claim of the key (not a coroutine of its own: one frame less on every request).
+
+        With a store that takes the caller's *token*, it is drawn by the caller, so that a claim whose answer never
+        came (a timeout) can be released if the store made it after all: otherwise it would hold the key, and
+        retries would get 409s, for a whole lease.
+        """
+        policy = self.mw.policy
+        if token is None:
+            return self.store.claim(self.store_key, self.fingerprint, lease=policy.lease, ttl=policy.ttl)
+        return self.store.claim(self.store_key, self.fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
+
+    async def _claim_failed(self, exc: Exception, token: str | None) -> None:
+        mw = self.mw
+        if token is not None:
+            self.renewed_at = time.monotonic()
+            self._record_in_background(token, None, mw.policy.ttl)  # release it, in case it was made
+        self._observe("store_error")
+        answer = on_store_failure(mw.policy)
+        if isinstance(answer, FailOpen):
+            logger.warning("idempo: store %r failed (%s); running the request unprotected", mw.store, exc)
+            await self._run_unprotected()
+            return
+        logger.error("idempo: store %r failed: %s", mw.store, exc)
+        await send_problem(self.send, answer.problem(mw.policy.problem_base_uri), retry_after=answer.retry_after)
+
+    async def _run_unprotected(self) -> None:
+        self._set_key()
+        # Unprotected, the app hears about a disconnect as it would without us: nothing will be recorded.
+        body_sent = False
+
+        async def receive() -> Message:
+            nonlocal body_sent
+            if body_sent:
+                return await self.receive()
+            body_sent = True
+            return {"type": "http.request", "body": self.body or b"", "more_body": False}
+
+        await self.mw.app(self.scope, receive, self.send)
+
+    # -- answers --------------------------------------------------------------------------------------------
+
+    def _observe(self, outcome: Outcome) -> None:
+        observer = self.mw.observer
+        if observer is not None:
+            tell(observer, outcome, self.scope)
+
+    async def _refuse(self, outcome: Outcome, error: RequestError) -> None:
+        self._observe(outcome)
+        await self.mw._send_error(self.send, error)
+
+    async def _replay(self, payload: bytes) -> None:
+        answer = replay(payload)
+        if isinstance(answer, RequestError):
+            if isinstance(answer, ResponseNotStoredError) and answer.reason == "unreadable":
+                _log_unreadable(self.store_key)
+            await self._refuse("replayed", answer)
+            return
+        self._observe("replayed")
+        status, headers, body = answer
+        headers.append(_REPLAYED)
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _set_key(self) -> None:
+        """Put the key where the app finds it (``request.state.idempotency_key``)."""
+        state = self.scope.get("state")
+        if state is None:
+            state = self.scope["state"] = {}
+        state["idempotency_key"] = self.key
+
+    # -- running the app ------------------------------------------------------------------------------------
+
+    async def _run_app(self, scope: Scope) -> None:
+        mw = self.mw
+        self._set_key()  # before the scope may be copied below, so that the app's copy has it
+        extensions = scope.get("extensions")
+        if extensions and ("http.response.pathsend" in extensions or "http.response.zerocopy" in extensions):
+            scope = dict(scope)
+            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
+        self.renewed_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        renewer = mw._renewer
+        if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
+            renewer = mw._renewer = Renewer(loop, mw._calls, mw.policy.lease)
+        self.renewer = renewer
+        running = renewer.running
+        running.add(self)
+        if renewer.timer is None:
+            renewer.arm()
+        self.outcome = outcome = OutcomeReport.open()
+        try:
+            await mw.app(scope, self._app_receive, self._send)
+        except OutcomeUnknownError as exc:
+            outcome.mark_unknown()
+            if not self.started:
+                self.status = OutcomeUnknownError.status  # what the client is about to get
+            await self._record(failed=True)
+            if self.started:
+                raise  # the response is under way: the server aborts it
+            retry_after = math.ceil(mw.policy.kept_unknown_for)
+            await mw._send_error(self.send, OutcomeUnknownError.recorded(str(exc), retry_after=retry_after))
+        except BaseException:
+            await self._record(failed=True)
+            raise
+        finally:
+            outcome.close()
+            running.discard(self)
+            self._response_over()
+        if self.token:
+            await self._record(failed=True)  # the app returned without finishing its response
+
+    async def _app_receive(self) -> Message:
+        """The app's ``receive``: the buffered body, then, once the response is over, a disconnect.
+
+        The app is never told that the client left: it runs to completion so that its response can be stored
+        for the retry.
+        """
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        if not self.finished:
+            if self.done is None:
+                self.done = asyncio.get_running_loop().create_future()
+            await self.done
+        return {"type": "http.disconnect"}
+
+    def _response_over(self) -> None:
+        self.finished = True
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self.finished:
+                return
+            chunk = message.get("body", b"")
+            if self.keep and chunk and not self.too_large:
+                self.size += len(chunk)
+                if self.size > self.mw.policy.max_response_bytes:
+                    self.too_large = True
+                    self.chunks.clear()
+                else:
+                    # A copy (free for bytes): the app may send a memoryview of a buffer it reuses once send returns.
+                    self.chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
+            if not message.get("more_body", False):
+                # Record the outcome before the client has the whole response, so that a retry sent the moment
+                # it arrives never finds the key still in progress.
+                if self.token:
+                    await self._record(failed=False)
+                try:
+                    if not self.client_gone:
+                        await self.send(message)
+                except OSError:
+                    self.client_gone = True
+                finally:
+                    # Only now may the app hear "disconnect": apps that listen for it while they send (Starlette's
+                    # streaming and file responses under ASGI < 2.4) stop sending when they hear it, and would
+                    # drop this last message if told while the outcome was being recorded.
+                    self._response_over()
+                return
+        elif kind == "http.response.start":
+            self.started = True
+            self.status = status = message["status"]
+            self.keep = should_store(status, store_server_errors=self.mw.policy.store_server_errors)
+            if self.keep:
+                self.headers = message.get("headers", ())
+            elif status == 500 and self.outcome is not None and self.outcome.unknown and not self.client_gone:
+                await self._answer_unknown()
+                return
+        if self.client_gone:
+            return
+        try:
+            await self.send(message)
+        except OSError:
+            # The client went away. Keep going: the response is still recorded for its retry.
+            self.client_gone = True
+
+    async def _answer_unknown(self) -> None:
+        """Answer the 503 ``outcome-unknown`` problem instead of the 500 a framework made of an
+        ``OutcomeUnknownError`` before the middleware could see it (Starlette's ``ServerErrorMiddleware``, when the
+        middleware wraps the whole app): a client told 500 would think the operation failed, and try again under a
+        new key. The app's own 500 goes nowhere."""
+        self.status = OutcomeUnknownError.status
+        retry_after = math.ceil(self.mw.policy.kept_unknown_for)
+        error = OutcomeUnknownError.recorded("the outcome of this operation is unknown", retry_after=retry_after)
+        with contextlib.suppress(OSError):  # a client gone already: the outcome is still recorded
+            await self.mw._send_error(self.send, error)
+        self.client_gone = True  # what the app sends next is not the client's
+
+    # -- recording the outcome ------------------------------------------------------------------------------
+
+    async def _record(self, *, failed: bool) -> None:
+        """Complete or release the claim, once, as :func:`record_for` says. If the store fails, keep trying in the
+        background while our lease lasts (the response is the client's already, and must not wait): a store that
+        comes back within the lease still gets the outcome, so that a retry replays it instead of running the
+        operation again."""
+        if self.token == "":
+            return
+        token, self.token = self.token, ""
+        if self.renewer is not None:
+            self.renewer.running.discard(self)
+        outcome = self.outcome
+        unknown = outcome is not None and outcome.unknown
+        if unknown:
+            logger.warning("idempo: the outcome of a request is unknown; its key is kept until resolved or expired")
+        recorded = record_for(
+            self.mw.policy,
+            self.status,
+            self.headers,
+            self.chunks,
+            size=self.size,
+            failed=failed,
+            kept=self.keep,
+            too_large=self.too_large,
+            unknown=unknown,
+            head=self.scope["method"] == "HEAD",
+        )
+        if recorded.unsendable is not None:
+            logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", recorded.unsendable)
+        try:
+            await self._apply(token, recorded.payload, recorded.ttl, fall_back=False)  # one store call, at most
+        except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
+            logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
+            self._record_in_background(token, recorded.payload, recorded.ttl)
+
+    def _record_in_background(self, token: str, payload: bytes | None, ttl: float) -> None:
+        """Keep trying to record an outcome (*payload* ``None``: release) while the lease lasts."""
+        mw = self.mw
+        deadline = self.renewed_at + mw.policy.lease  # the lease runs out no later than this (monotonic clock)
+        task = asyncio.get_running_loop().create_task(self._record_later(token, payload, ttl, deadline))
+        mw._background.add(task)
+        task.add_done_callback(mw._background.discard)
+
+    async def _apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
+        """Release the key (*payload* ``None``) or complete it with *payload*. If the store refuses that for want
+        of room (:class:`~idempo.StoreFullError`), or fails otherwise and *fall_back*, complete it with the
+        :func:`~idempo._core.decide.fallback` instead: the few bytes that say the operation ran."""
+        store = self.store
+        if payload is None:
+            await store.release(self.store_key, token)
+            return
+        try:
+            done = await store.complete(self.store_key, token, payload, ttl=ttl)
+        except Exception as exc:
+            smaller = fallback(payload, self.status) if fall_back or isinstance(exc, StoreFullError) else None
+            if smaller is None:
+                raise
+            logger.error("idempo: could not store a response (%s); storing that the request ran instead", exc)
+            done = await store.complete(self.store_key, token, smaller, ttl=ttl)
+            payload = smaller
+        if not done:
+            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+        elif self.mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
+            self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
+
+    async def _record_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+        delay = _RECORD_RETRY_FIRST
+        failure: Exception | None = None
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            # The response itself while there is time for another try (a store that was down keeps it when it comes
+            # back); on the last try before the lease runs out, the marker if the response will not go in.
+            last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
+            try:
+                await self._apply(token, payload, ttl, fall_back=last)
+            except Exception as exc:  # noqa: BLE001 - as in _record
+                failure = exc
+                delay = min(delay * 2, _RECORD_RETRY_MAX)
+                continue
+            logger.warning("idempo: the outcome of a request was recorded after the store came back")
+            return
+        logger.error(
+            "idempo: gave up recording the outcome of a request (%s); once its lease runs out, a retry runs it again",
+            failure,
+        )
+
+
+_UNREADABLE_LOGGED: set[str] = set()
+_UNREADABLE_LOGGED_MAX: Final = 1024
+
+
+def _log_unreadable(store_key: str) -> None:
+    """Log a corrupt stored response once per key (and at most for 1024 keys per process)."""
+    if store_key in _UNREADABLE_LOGGED or len(_UNREADABLE_LOGGED) >= _UNREADABLE_LOGGED_MAX:
+        return
+    _UNREADABLE_LOGGED.add(store_key)
+    logger.error("idempo: the stored response of key %r cannot be decoded; retries get a 410", store_key)
