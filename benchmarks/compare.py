@@ -1,12 +1,13 @@
 """What a keyed request costs: idempo beside other Python idempotency middlewares, and beside reduced middlewares
 that each add one of idempo's guarantees to the least a keyed request can do. Run it with ``make bench-compare``.
 
-Theory of operation: the harness of ``bench.py`` (the same trivial FastAPI endpoint, scopes as uvicorn builds them,
-one loop turn after each request), with every contestant in one process. A repetition runs a block of requests
-through each contestant, in a new random order every time, and divides its µs per request by the bare app's of the
-same repetition; the table shows the median of those ratios. Cases: ``fresh-key`` (a new key each time) and
-``replay`` (one key again and again). Each contestant is first checked to answer 200 to a fresh key and to
-replay a second request with the same key (its replay header, if it sends one, is shown).
+Theory of operation: the harness ``bench.py`` runs on (``_apps.py``, ``_harness.py``: the same trivial FastAPI
+endpoint and middleware options, scopes as uvicorn builds them, one loop turn after each request), with every
+contestant in one process. A repetition runs a block of requests through each contestant, in a new random order every
+time, and divides its µs per request by the bare app's of the same repetition; the table shows the median of those
+ratios. Cases: ``fresh-key`` (a new key each time) and ``replay`` (one key again and again). Each contestant is first
+checked to answer 200 to a fresh key and to replay a second request with the same key (its replay header, if it sends
+one, is shown).
 
 Contestants, each on its in-memory store:
 
@@ -43,9 +44,10 @@ from typing import Any, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import BODY, KeyFactory, make_app, make_requests, make_scope, receive_once, time_block
+from _apps import BODY, LEASE, TTL, KeyFactory, make_app, make_requests, make_scope, receive_once, wrap
+from _harness import time_block
 
-from idempo import IdempotencyMiddleware, MemoryStore
+from idempo import MemoryStore
 from idempo._core.codec import decode_parts, encode_app_response
 from idempo._core.decide import should_store
 from idempo._core.fingerprint import fingerprint_request, principal_digest, scoped_key
@@ -55,8 +57,6 @@ from idempo.asgi import ASGIApp, Message, Receive, Scope, Send
 from idempo.stores.memory import SyncMemoryStore
 
 CASES: Final = ("fresh-key", "replay")
-TTL: Final = 600.0
-LEASE: Final = 30.0
 _REPLAYED: Final = (b"idempotent-replayed", b"true")
 
 
@@ -201,7 +201,7 @@ def contestants() -> tuple[dict[str, Callable[[], ASGIApp]], list[str]]:
 
 
 def _idempo() -> ASGIApp:
-    return IdempotencyMiddleware(make_app(), store=MemoryStore(), ttl=TTL, lease=LEASE)
+    return wrap(make_app(), MemoryStore())
 
 
 def _steps(level: int) -> ASGIApp:

@@ -49,11 +49,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from _apps import BODY, PATH
+
 HERE: Final = Path(__file__).resolve()
 ROOT: Final = HERE.parent.parent
 CASES: Final = ("no-key", "fresh-key", "replay")
-BODY: Final = b'{"item":"widget","quantity":3,"note":"leave at the door"}'
-PATH: Final = "/orders"
 STARTUP_DEADLINE: Final = 30.0
 
 

@@ -1,0 +1,311 @@
+"""The stores under test and their servers (see ``bench.py``'s docstring): a counting proxy of a store, the Redis
+and PostgreSQL servers a run keeps its records on (under names of its own, removed at the end) with one bare
+operation each, and the store calls of a case made straight on the store, to be timed alone."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from _apps import LEASE, TTL
+
+import idempo
+from idempo import MemoryStore, SQLiteStore, Store, store_from_url
+from idempo.stores import parse_store_url, redact
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from redis.asyncio import Redis, RedisCluster
+
+NETWORK_STORES: Final = ("redis", "postgres")
+STORE_METHODS: Final = ("claim", "complete", "release", "renew", "get", "delete", "purge_expired")
+DEFAULT_URLS: Final = {
+    "redis": os.environ.get("IDEMPO_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
+    "postgres": os.environ.get("IDEMPO_TEST_POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432/test",
+}
+CONNECT_TIMEOUT: Final = 5.0  # seconds the bench's own check of a server may take
+
+
+# -- a counting store -------------------------------------------------------------------------------------------
+
+
+class CountingStore:
+    """A :class:`~idempo.Store` that forwards to another and counts the calls of each method. It also keeps the
+    last claim's key and fingerprint and the last payload completed, to make the same calls without the middleware."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.calls: dict[str, int] = dict.fromkeys(STORE_METHODS, 0)
+        self.last_claim: tuple[str, str] | None = None
+        self.last_payload: bytes | None = None
+
+    def reset(self) -> None:
+        self.calls = dict.fromkeys(STORE_METHODS, 0)
+
+    async def claim(
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None
+    ) -> idempo.Claim:
+        self.calls["claim"] += 1
+        self.last_claim = key, fingerprint
+        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
+
+    async def renew(self, key: str, token: str, *, lease: float) -> bool:
+        self.calls["renew"] += 1
+        return await self.inner.renew(key, token, lease=lease)
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        self.calls["complete"] += 1
+        self.last_payload = payload
+        return await self.inner.complete(key, token, payload, ttl=ttl)
+
+    async def release(self, key: str, token: str) -> bool:
+        self.calls["release"] += 1
+        return await self.inner.release(key, token)
+
+    async def get(self, key: str) -> idempo.Record | None:
+        self.calls["get"] += 1
+        return await self.inner.get(key)
+
+    async def delete(self, key: str) -> bool:
+        self.calls["delete"] += 1
+        return await self.inner.delete(key)
+
+    async def purge_expired(self) -> int:
+        self.calls["purge_expired"] += 1
+        return await self.inner.purge_expired()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+# -- network servers --------------------------------------------------------------------------------------------
+
+
+class Unavailable(Exception):
+    """A network store's server does not answer, or its client library is not installed."""
+
+
+def describe(exc: BaseException) -> str:
+    """*exc* on one line, without a final full stop (libpq's messages run over several lines)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(".")
+
+
+class Server(abc.ABC):
+    """The server of a network store, for one run: the store on it, under names of the run's own; one bare
+    operation through the same client library as the store, on a connection of the bench's own; the clean-up."""
+
+    name: ClassVar[str]
+    op: str
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.display = redact(url)
+        self.tag = secrets.token_hex(6)
+        self.client = "?"
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the bench's own connection and check the server answers; raises :class:`Unavailable`."""
+
+    @abc.abstractmethod
+    def open_store(self) -> Store:
+        """The store, as a user opens it (``store_from_url``), under the run's own names."""
+
+    @abc.abstractmethod
+    async def bare_op(self) -> None:
+        """One round trip to the server that does (next to) nothing there."""
+
+    @abc.abstractmethod
+    async def cleanup(self) -> str:
+        """Remove what the run left on the server; says what."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close the bench's own connection."""
+
+    @abc.abstractmethod
+    def names(self) -> dict[str, str]:
+        """Where the run keeps its records, for the JSON output (and the test that checks they are gone)."""
+
+
+_REDIS_STORE_OPTIONS: Final = frozenset({"prefix", "timeout", "connect_timeout"})
+
+
+class RedisServer(Server):
+    name = "redis"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.prefix = f"idempo-bench-{self.tag}:"
+        self.cluster = urlsplit(url).scheme.lower() == "redis+cluster"
+        # PING goes to every node of a cluster: there, the bare operation is one on a key, as the store's are.
+        self.op = "EXISTS" if self.cluster else "PING"
+        self._client: Redis | RedisCluster | None = None
+
+    def _make_client(self) -> Redis | RedisCluster:
+        from redis.asyncio import Redis, RedisCluster
+
+        parts = urlsplit(self.url)
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in _REDIS_STORE_OPTIONS])
+        options: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0, "decode_responses": False}
+        if self.cluster:
+            # The first node of the list; the client finds the others.
+            credentials, at, hosts = parts.netloc.rpartition("@")
+            first = hosts.split(",")[0]
+            return RedisCluster.from_url(urlunsplit(("redis", credentials + at + first, "", query, "")), **options)
+        return Redis.from_url(urlunsplit((parts.scheme, parts.netloc, parts.path, query, "")), **options)
+
+    async def connect(self) -> None:
+        try:
+            import redis
+        except ModuleNotFoundError as exc:
+            raise Unavailable("redis-py is not installed (pip install 'idempo[redis]')") from exc
+        from redis.exceptions import RedisClusterException, RedisError
+
+        self.client = f"redis-py {redis.__version__}"
+        try:
+            client = self._make_client()
+        except (ValueError, RedisError, RedisClusterException) as exc:
+            raise Unavailable(f"cannot make a client for {self.display}: {describe(exc)}") from exc
+        self._client = client
+        try:
+            await asyncio.wait_for(self.bare_op(), CONNECT_TIMEOUT)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            await self.aclose()
+            raise Unavailable(f"not reachable at {self.display}: {describe(exc)}") from exc
+
+    def open_store(self) -> Store:
+        return store_from_url(self.url, prefix=self.prefix)
+
+    async def bare_op(self) -> None:
+        assert self._client is not None
+        if self.cluster:
+            await self._client.exists(self.prefix + "bare-op")
+        else:
+            await self._client.ping()
+
+    async def cleanup(self) -> str:
+        """``UNLINK`` the keys under the run's prefix, found with ``SCAN`` (never a ``FLUSH``: the server is shared)."""
+        client = self._client
+        assert client is not None
+        removed = 0
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=self.prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            removed += await client.unlink(*batch)
+        return f"{removed} keys under {self.prefix!r} unlinked at the end"
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def names(self) -> dict[str, str]:
+        return {"prefix": self.prefix}
+
+
+class PostgresServer(Server):
+    name = "postgres"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.table = f"idempo_bench_{self.tag}"
+        self.op = "SELECT 1"
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def connect(self) -> None:
+        try:
+            import psycopg
+            import psycopg_pool  # noqa: F401  (the store needs it too)
+        except ModuleNotFoundError as exc:
+            raise Unavailable("psycopg or psycopg_pool is not installed (pip install 'idempo[postgres]')") from exc
+        self.client = f"psycopg {psycopg.__version__}"
+        from idempo.stores.postgres import _strip_options
+
+        conninfo = _strip_options(parse_store_url(self.url))  # the libpq URL the store itself connects to
+        try:
+            self._conn = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=3), CONNECT_TIMEOUT
+            )
+            await self.bare_op()
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            await self.aclose()
+            raise Unavailable(f"not reachable at {self.display}: {describe(exc)}") from exc
+
+    def open_store(self) -> Store:
+        return store_from_url(self.url, table=self.table)
+
+    async def bare_op(self) -> None:
+        """Prepared and in binary, as the store sends its statements."""
+        assert self._conn is not None
+        cursor = await self._conn.execute(b"SELECT 1", prepare=True, binary=True)
+        await cursor.fetchone()
+
+    async def cleanup(self) -> str:
+        from psycopg import sql
+
+        assert self._conn is not None
+        table = sql.Identifier(self.table)
+        exists = await (await self._conn.execute("SELECT to_regclass(%s) IS NOT NULL", [self.table])).fetchone()
+        if not exists or not exists[0]:
+            return f"table {self.table} never made"
+        rows = await (await self._conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table))).fetchone()
+        await self._conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+        return f"table {self.table} ({rows[0] if rows else '?'} rows) dropped at the end"
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    def names(self) -> dict[str, str]:
+        return {"table": self.table}
+
+
+SERVERS: Final[dict[str, type[Server]]] = {"redis": RedisServer, "postgres": PostgresServer}
+
+
+def open_store(name: str, server: Server | None, tmp: Path) -> Store:
+    """The store *name*: on its server for a network store, else a memory store or an SQLite file in *tmp*."""
+    if server is not None:
+        return server.open_store()
+    return MemoryStore() if name == "memory" else SQLiteStore(tmp / "bench.db")
+
+
+# -- the store calls timed alone ----------------------------------------------------------------------------------
+
+
+class StoreCalls:
+    """The store calls the middleware makes for a case, made straight on the store: its share of a request."""
+
+    def __init__(self, store: Store, fresh_fingerprint: str, payload: bytes, replay: tuple[str, str]) -> None:
+        self.store = store
+        self.fresh_fingerprint = fresh_fingerprint
+        self.payload = payload
+        self.replay_key, self.replay_fingerprint = replay
+        self._next = 0
+
+    async def fresh_key(self) -> None:
+        self._next += 1
+        key = f"probe-{self._next:08d}"
+        claim = await self.store.claim(key, self.fresh_fingerprint, lease=LEASE, ttl=TTL)
+        if not isinstance(claim, idempo.Acquired) or not await self.store.complete(
+            key, claim.token, self.payload, ttl=TTL
+        ):
+            msg = f"the store calls of a fresh key did not claim and complete {key!r}: {claim!r}"
+            raise RuntimeError(msg)
+
+    async def replay(self) -> None:
+        claim = await self.store.claim(self.replay_key, self.replay_fingerprint, lease=LEASE, ttl=TTL)
+        if not isinstance(claim, idempo.Existing):
+            msg = f"the store calls of a replay did not find the completed record: {claim!r}"
+            raise RuntimeError(msg)
