@@ -88,3 +88,25 @@ def test_closing_the_iterator_closes_the_plan() -> None:
     assert next(items) == "first"
     items.close()  # type: ignore[attr-defined]  # a generator, typed as an Iterator
     assert closed == [True]
+
+
+def test_iterate_throws_a_failure_into_the_plan_as_run_does() -> None:
+    """A scan page that fails once is asked again by the plan, which then lists its items."""
+
+    def plan() -> Generator[Any, Any, None]:
+        try:
+            records = yield 13
+        except ValueError:
+            records = yield 1
+        yield from records
+
+    assert list(iterate(plan(), str, lambda page: _perform(page) and _page(page))) == ["r1a", "r1b"]
+
+    async def collect() -> list[str]:
+        async def perform(page: int) -> list[str]:
+            await _perform_async(page)
+            return _page(page)
+
+        return [item async for item in iterate_async(plan(), str, perform)]
+
+    assert asyncio.run(collect()) == ["r1a", "r1b"]

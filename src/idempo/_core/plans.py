@@ -2,7 +2,8 @@
 
 A *plan* is a generator that yields *effects* (requests for I/O: a SQL statement, a Lua script, a store call, a
 pause, running the user's function) and receives each effect's result back, or has its exception thrown in at the
-``yield``. It decides everything and performs nothing, so it is written once; a *runner* performs the effects:
+``yield`` (any exception: a cancellation or an interrupt too, so that the plan can clean up, e.g. release a key, and
+let it through). It decides everything and performs nothing, so it is written once; a *runner* performs the effects:
 
 - :func:`run` performs each with a blocking function (the sync twins: ``SyncSQLiteStore``, ``@idempotent`` on a
   plain function, the WSGI face);
@@ -44,7 +45,7 @@ def run(plan: Generator[E, Any, T], perform: Callable[[E], Any]) -> T:
             return result
         try:
             reply, failure = perform(effect), None
-        except Exception as exc:  # noqa: BLE001 - the plan decides what a failure means
+        except BaseException as exc:  # noqa: BLE001 - the plan decides what a failure means (a cancellation too)
             reply, failure = None, exc
 
 
@@ -60,25 +61,30 @@ async def run_async(plan: Generator[E, Any, T], perform: Callable[[E], Awaitable
             return result
         try:
             reply, failure = await perform(effect), None
-        except Exception as exc:  # noqa: BLE001 - as in run
+        except BaseException as exc:  # noqa: BLE001 - as in run
             reply, failure = None, exc
 
 
 def iterate(plan: Generator[Any, Any, None], items: type[Item], perform: Callable[[Any], Any]) -> Iterator[Item]:
     """Drive *plan*, yielding to the caller what it yields of type *items* (a scan's records) and performing
-    everything else with *perform*. Closing the iterator closes the plan."""
+    everything else with *perform*; what *perform* raises is thrown into the plan, as in :func:`run`. Closing the
+    iterator closes the plan."""
     reply: Any = None
+    failure: BaseException | None = None
     try:
         while True:
             try:
-                item = plan.send(reply)
+                item = plan.send(reply) if failure is None else plan.throw(failure)
             except StopIteration:
                 return
             if isinstance(item, items):
-                reply = None
+                reply, failure = None, None
                 yield item
-            else:
-                reply = perform(item)
+                continue
+            try:
+                reply, failure = perform(item), None
+            except Exception as exc:  # noqa: BLE001 - as in run
+                reply, failure = None, exc
     finally:
         plan.close()
 
@@ -88,16 +94,20 @@ async def iterate_async(
 ) -> AsyncIterator[Item]:
     """:func:`iterate`, awaiting each effect's result."""
     reply: Any = None
+    failure: BaseException | None = None
     try:
         while True:
             try:
-                item = plan.send(reply)
+                item = plan.send(reply) if failure is None else plan.throw(failure)
             except StopIteration:
                 return
             if isinstance(item, items):
-                reply = None
+                reply, failure = None, None
                 yield item
-            else:
-                reply = await perform(item)
+                continue
+            try:
+                reply, failure = await perform(item), None
+            except Exception as exc:  # noqa: BLE001 - as in run
+                reply, failure = None, exc
     finally:
         plan.close()
