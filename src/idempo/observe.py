@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Literal, Protocol, TypeVar, get_args, runtime_checkable
+from collections.abc import MutableMapping
+from typing import Any, Literal, Protocol, cast, get_args, runtime_checkable
 
-from ._core.records import Claim, Record
+from .stores._forwarding import ForwardingStore, Operation
 
 __all__ = ["OUTCOMES", "Observer", "Outcome", "StoreOperation"]
 
@@ -73,26 +73,33 @@ class Observer(Protocol):
         """A store call took *seconds* (wall clock) and failed with *error*, or succeeded (``None``)."""
 
 
-T = TypeVar("T")
+_TIMED: frozenset[str] = frozenset(get_args(StoreOperation))
 
 
-class _ObservedStore:
-    """The middleware's store calls, timed for an observer. Strictly private: only made when there is one."""
+class _ObservedStore(ForwardingStore):
+    """The middleware's store calls, timed for an observer (``claim``, ``renew``, ``complete`` and ``release``;
+    the others are forwarded as they are). Strictly private: only made when there is one."""
 
-    __slots__ = ("observer", "store")
+    __slots__ = ("observer",)
 
     def __init__(self, store: Any, observer: Observer) -> None:
-        self.store = store
+        super().__init__(store)
         self.observer = observer
 
-    async def _timed(self, operation: StoreOperation, call: Callable[[], Awaitable[T]]) -> T:
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
+        if operation not in _TIMED:
+            return await getattr(self.inner, operation)(*args, **kwargs)
+        timed = cast("StoreOperation", operation)
         started = time.perf_counter()
         try:
-            result = await call()
+            result = await getattr(self.inner, operation)(*args, **kwargs)
         except BaseException as exc:
-            self._tell(operation, time.perf_counter() - started, exc)
+            self._tell(timed, time.perf_counter() - started, exc)
             raise
-        self._tell(operation, time.perf_counter() - started, None)
+        self._tell(timed, time.perf_counter() - started, None)
         return result
 
     def _tell(self, operation: StoreOperation, seconds: float, error: BaseException | None) -> None:
@@ -100,36 +107,6 @@ class _ObservedStore:
             self.observer.on_store_call(operation, seconds, error)
         except Exception:
             logger.exception("idempo: an observer failed")
-
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
-        if token is None:
-            return await self._timed("claim", lambda: self.store.claim(key, fingerprint, lease=lease, ttl=ttl))
-        return await self._timed("claim", lambda: self.store.claim(key, fingerprint, lease=lease, ttl=ttl, token=token))
-
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        return await self._timed("renew", lambda: self.store.renew(key, token, lease=lease))
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        return await self._timed("complete", lambda: self.store.complete(key, token, payload, ttl=ttl))
-
-    async def release(self, key: str, token: str) -> bool:
-        return await self._timed("release", lambda: self.store.release(key, token))
-
-    async def get(self, key: str) -> Record | None:
-        result: Record | None = await self.store.get(key)
-        return result
-
-    async def delete(self, key: str) -> bool:
-        return bool(await self.store.delete(key))
-
-    async def purge_expired(self) -> int:
-        return int(await self.store.purge_expired())
-
-    async def close(self) -> None:
-        await self.store.close()
-
-    def __repr__(self) -> str:
-        return repr(self.store)
 
 
 def tell(observer: Observer, outcome: Outcome, scope: MutableMapping[str, Any]) -> None:

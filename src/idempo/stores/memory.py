@@ -39,6 +39,7 @@ from typing import Any, Final, Self
 
 from .._core.errors import ConfigurationError, StoreError, StoreFullError
 from .._core.records import Acquired, Claim, Existing, Record, State, new_token
+from ._forwarding import ForwardingStore, Operation
 from ._scan import check_limit
 from ._url import StoreURL
 from ._workers import other_workers
@@ -361,7 +362,7 @@ def _url_options(url: StoreURL, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-class MemoryStore:
+class MemoryStore(ForwardingStore):
     """A bounded, expiring store in this process's memory.
 
     Records live only as long as the process and are invisible to other processes: use it for tests, for
@@ -372,8 +373,8 @@ class MemoryStore:
     result over 256 bytes that still does not fit is refused too (``StoreFullError`` from ``complete``; the claim
     stays, and the middleware and the decorator complete it with their few-byte "not stored" marker instead),
     while a smaller one always lands: the room for it was counted at the claim.
-    Nothing here waits, so each operation runs inline (but for the look for other workers at the first claim:
-    a few milliseconds of ``/proc`` reads).
+    Nothing here waits, so each operation runs inline, as its :meth:`sync` twin's (but for the look for other
+    workers at the first claim: a few milliseconds of ``/proc`` reads).
 
     Args:
         max_entries: the most records kept at once.
@@ -390,6 +391,8 @@ class MemoryStore:
         ConfigurationError: ``max_entries`` below 1, or ``max_bytes`` below 64 KiB.
     """
 
+    inner: SyncMemoryStore
+
     def __init__(
         self,
         *,
@@ -398,10 +401,12 @@ class MemoryStore:
         clock: Callable[[], float] = time.time,
         single_process_check: bool = True,
     ) -> None:
-        self._sync = SyncMemoryStore(
-            max_entries=max_entries, max_bytes=max_bytes, clock=clock, single_process_check=single_process_check
+        super().__init__(
+            SyncMemoryStore(
+                max_entries=max_entries, max_bytes=max_bytes, clock=clock, single_process_check=single_process_check
+            )
         )
-        self._records = self._sync._records  # the same dict
+        self._records = self.inner._records  # the same dict
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
@@ -409,50 +414,22 @@ class MemoryStore:
         return cls(**_url_options(url, options))
 
     def __repr__(self) -> str:
-        return f"MemoryStore(max_entries={self._sync._max_entries}, max_bytes={self._sync._max_bytes})"
+        return f"MemoryStore(max_entries={self.inner._max_entries}, max_bytes={self.inner._max_bytes})"
 
     @property
     def bytes_used(self) -> int:
         """The bytes this store counts for its records now (see ``max_bytes``)."""
-        return self._sync._bytes
+        return self.inner._bytes
 
     def sync(self) -> SyncMemoryStore:
         """The blocking twin of this store, over the same records (for the decorator on sync functions)."""
-        return self._sync
+        return self.inner
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
-        """See :meth:`SyncMemoryStore.claim`."""
-        return self._sync.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
-
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        """See :meth:`idempo.Store.renew`."""
-        return self._sync.renew(key, token, lease=lease)
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        """See :meth:`SyncMemoryStore.complete`."""
-        return self._sync.complete(key, token, payload, ttl=ttl)
-
-    async def release(self, key: str, token: str) -> bool:
-        """See :meth:`idempo.Store.release`."""
-        return self._sync.release(key, token)
-
-    async def get(self, key: str) -> Record | None:
-        """See :meth:`idempo.Store.get`."""
-        return self._sync.get(key)
-
-    async def delete(self, key: str) -> bool:
-        """See :meth:`idempo.Store.delete`."""
-        return self._sync.delete(key)
-
-    async def purge_expired(self) -> int:
-        """See :meth:`idempo.Store.purge_expired`."""
-        return self._sync.purge_expired()
+    async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
+        # The twin's operation, called here: nothing in it waits (see the module's docstring).
+        return getattr(self.inner, operation)(*args, **kwargs)
 
     async def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
         """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order."""
-        for record in self._sync.scan(prefix, limit=limit):
+        for record in self.inner.scan(prefix, limit=limit):
             yield record
-
-    async def close(self) -> None:
-        """Forget every record."""
-        self._sync.close()
