@@ -8,7 +8,9 @@ For job workers (Celery, RQ, arq), scripts and services that receive an idempote
     @idempotent("sqlite:///idempo.db", key="charge:{order_id}")
     def charge(order_id: str, amount: int) -> Receipt: ...
 
-Theory of operation, for one call (the same steps as the middleware's, over the same store and ``decide``):
+Theory of operation, for one call (the same steps as the middleware's, over the same store and decision table),
+written once as a plan (:mod:`idempo._core.plans`) that a blocking runner drives for a plain function and an
+awaiting one for a coroutine function:
 
 1. Bind the arguments to the function's signature (defaults applied), format the key, and fingerprint the
    arguments.
@@ -54,28 +56,17 @@ Decisions, for reference:
 from __future__ import annotations
 
 import asyncio
-import base64
-import collections.abc
-import dataclasses
-import datetime
-import decimal
-import enum
 import functools
-import hashlib
 import inspect
-import json
 import logging
 import threading
 import time
-import types
-import typing
-import uuid
-import zoneinfo
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
 
 from ._core.codec import decode_value, encode_not_stored, encode_outcome_unknown, encode_value
-from ._core.decide import Conflict, Mismatch, NotStored, Replay, decide, fallback
+from ._core.decide import Conflict, Mismatch, NotStored, Replay, Wait, decide, fallback, wait_or_answer
 from ._core.errors import (
     ConfigurationError,
     InProgressError,
@@ -86,7 +77,10 @@ from ._core.errors import (
     StoreFullError,
 )
 from ._core.outcome import OutcomeReport
+from ._core.plans import Plan, run, run_async
+from ._core.policy import Policy
 from ._core.records import Acquired, Claim
+from ._serialize import JSONSerializer, Serializer, fingerprint_arguments
 from .stores import Store, SyncStore, store_from_url, sync_store_from_url
 
 __all__ = ["JSONSerializer", "Serializer", "fingerprint_arguments", "idempotent"]
@@ -96,281 +90,61 @@ T = TypeVar("T")
 
 logger = logging.getLogger("idempo")
 
-_WAIT_POLL_FIRST = 0.02
-_WAIT_POLL_MAX = 0.5
-
-
-@runtime_checkable
-class Serializer(Protocol):
-    """**Protocol:** how ``@idempotent`` stores a return value, and rebuilds it for a repeat.
-
-    ``dumps`` raises ``TypeError`` (or ``ValueError``) for a value it cannot store. ``loads`` is given the
-    function's resolved return annotation (``typing.Any`` when it has none, the awaited type for a coroutine
-    function) so that it can rebuild the same type.
-    """
-
-    def dumps(self, value: Any) -> bytes:
-        """The bytes to store for *value*."""
-        ...
-
-    def loads(self, data: bytes, annotation: Any) -> Any:
-        """The value *data* stands for, as the type *annotation* says where it can."""
-        ...
-
-
-class JSONSerializer:
-    """The default :class:`Serializer`: compact UTF-8 JSON that brings back what it stored.
-
-    JSON values are written as they are. So that a result comes back as it was returned, whatever the annotation,
-    ``datetime``, ``date``, ``time`` and ``timedelta`` (time zones kept: a ``zoneinfo`` zone by its name, any
-    other by its offset), ``UUID``, ``Decimal``, ``bytes`` and ``bytearray``, ``complex``, ``tuple``, ``set`` and
-    ``frozenset``, and dicts whose keys are not all strings (or that hold the tag key itself) are written as
-    one-key objects ``{"__idempo__": [type, value]}`` and rebuilt. Pydantic models (``model_dump(mode="json")``),
-    dataclasses (their fields) and enums (their values) are written as JSON and rebuilt as the return annotation
-    says where it names them (also inside ``list[...]``, ``dict[..., ...]``, ``tuple[...]``, ``set[...]`` and
-    ``X | None``), as are named tuples. Anything else raises ``TypeError``: ``@idempotent`` then keeps the key
-    done without its result (a repeat raises :class:`~idempo.ResponseNotStoredError`), so pass another
-    serializer for such results.
-    """
-
-    def dumps(self, value: Any) -> bytes:
-        """See :meth:`Serializer.dumps`."""
-        return json.dumps(_tagged(value, 0), ensure_ascii=False, separators=(",", ":")).encode()
-
-    def loads(self, data: bytes, annotation: Any) -> Any:
-        """See :meth:`Serializer.loads`."""
-        return _rebuild(annotation, json.loads(data, object_hook=_untag))
-
-
-def _is_pydantic_model(value: Any) -> bool:
-    # Duck-typed, so that idempo never imports pydantic.
-    return hasattr(value, "model_dump") and hasattr(type(value), "model_validate")
-
-
-_TAG = "__idempo__"
-_MAX_DEPTH = 500  # deeper than any result worth storing; json would hit the recursion limit anyway
-
-
-def _tag(kind: str, value: Any) -> dict[str, Any]:
-    return {_TAG: [kind, value]}
-
-
-def _tagged(value: Any, depth: int) -> Any:
-    """*value* as JSON data, with the types JSON lacks written as tagged objects (see :class:`JSONSerializer`)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if depth > _MAX_DEPTH:
-        msg = "a return value nested this deep cannot be stored as JSON"
-        raise ValueError(msg)
-    depth += 1
-    if isinstance(value, enum.Enum):
-        return _tagged(value.value, depth)
-    for plain in (bool, str, int, float):  # a subclass (an enum was handled above): stored as its plain value
-        if isinstance(value, plain):
-            return plain(value)
-    if isinstance(value, list):
-        return [_tagged(item, depth) for item in value]
-    if isinstance(value, dict):
-        if all(type(name) is str for name in value) and _TAG not in value:
-            return {name: _tagged(item, depth) for name, item in value.items()}
-        return _tag("dict", [[_tagged(name, depth), _tagged(item, depth)] for name, item in value.items()])
-    if isinstance(value, tuple):
-        if hasattr(value, "_fields"):  # a named tuple: rebuilt from the annotation, like a dataclass
-            return [_tagged(item, depth) for item in value]
-        return _tag("tuple", [_tagged(item, depth) for item in value])
-    if isinstance(value, set | frozenset):
-        items = sorted((_tagged(item, depth) for item in value), key=_dumps)
-        return _tag("frozenset" if isinstance(value, frozenset) else "set", items)
-    if isinstance(value, datetime.datetime):
-        zone = value.tzinfo.key if isinstance(value.tzinfo, zoneinfo.ZoneInfo) else None
-        return _tag("datetime", [value.replace(tzinfo=None).isoformat() if zone else value.isoformat(), zone])
-    if isinstance(value, datetime.date):
-        return _tag("date", value.isoformat())
-    if isinstance(value, datetime.time):
-        return _tag("time", value.isoformat())
-    if isinstance(value, datetime.timedelta):
-        return _tag("timedelta", [value.days, value.seconds, value.microseconds])
-    if isinstance(value, uuid.UUID):
-        return _tag("uuid", str(value))
-    if isinstance(value, decimal.Decimal):
-        return _tag("decimal", str(value))
-    if isinstance(value, bytes | bytearray):
-        return _tag("bytes" if isinstance(value, bytes) else "bytearray", base64.b64encode(value).decode("ascii"))
-    if isinstance(value, complex):
-        return _tag("complex", [value.real, value.imag])
-    if not isinstance(value, type):
-        if _is_pydantic_model(value):
-            return _tagged(value.model_dump(mode="json"), depth)
-        if dataclasses.is_dataclass(value):
-            return {field.name: _tagged(getattr(value, field.name), depth) for field in dataclasses.fields(value)}
-    msg = f"a return value of type {type(value).__qualname__} cannot be stored as JSON; pass serializer="
-    raise TypeError(msg)
-
-
-def _untag(document: dict[str, Any]) -> Any:
-    """The ``object_hook`` that rebuilds what :func:`_tagged` tagged; other objects are left as they are."""
-    if len(document) != 1 or _TAG not in document:
-        return document
-    kind, value = document[_TAG]
-    rebuild = _UNTAG.get(kind)
-    if rebuild is None:
-        msg = f"unknown tagged value {kind!r} in a stored result"
-        raise ValueError(msg)
-    return rebuild(value)
-
-
-def _datetime(value: list[Any]) -> datetime.datetime:
-    text, zone = value
-    moment = datetime.datetime.fromisoformat(text)
-    return moment.replace(tzinfo=zoneinfo.ZoneInfo(zone)) if zone else moment
-
-
-_UNTAG: dict[str, Callable[[Any], Any]] = {
-    "dict": lambda items: {_hashable(name): item for name, item in items},
-    "tuple": tuple,
-    "set": lambda items: {_hashable(item) for item in items},
-    "frozenset": lambda items: frozenset(_hashable(item) for item in items),
-    "datetime": _datetime,
-    "date": datetime.date.fromisoformat,
-    "time": datetime.time.fromisoformat,
-    "timedelta": lambda parts: datetime.timedelta(days=parts[0], seconds=parts[1], microseconds=parts[2]),
-    "uuid": uuid.UUID,
-    "decimal": decimal.Decimal,
-    "bytes": base64.b64decode,
-    "bytearray": lambda text: bytearray(base64.b64decode(text)),
-    "complex": lambda parts: complex(parts[0], parts[1]),
-}
-
-
-def _hashable(value: Any) -> Any:
-    """A list that was a tuple's JSON form inside a set or a dict key, back as a tuple (a list is unhashable)."""
-    return tuple(_hashable(item) for item in value) if isinstance(value, list) else value
-
-
-def _rebuild(annotation: Any, value: Any) -> Any:
-    """*value*, decoded from JSON, as *annotation* says: models and dataclasses rebuilt, containers recursed."""
-    if value is None or annotation is Any:
-        return value
-    origin = typing.get_origin(annotation)
-    if origin is None:
-        if not isinstance(annotation, type):
-            return value
-        if hasattr(annotation, "model_validate") and hasattr(annotation, "model_dump"):
-            return annotation.model_validate(value)
-        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-            try:
-                hints = typing.get_type_hints(annotation)
-            except Exception:  # noqa: BLE001 - unresolvable field types: leave those fields as JSON
-                hints = {}
-            init_fields = (field for field in dataclasses.fields(annotation) if field.init and field.name in value)
-            return annotation(
-                **{field.name: _rebuild(hints.get(field.name, Any), value[field.name]) for field in init_fields}
-            )
-        if isinstance(value, list | tuple) and issubclass(annotation, tuple | set | frozenset):
-            return annotation(*value) if hasattr(annotation, "_fields") else annotation(value)  # a NamedTuple
-        if issubclass(annotation, enum.Enum):
-            return annotation(value)
-        return value
-    args = typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _rebuild(args[0], value)
-    if origin is typing.Union or origin is types.UnionType:
-        options = [arg for arg in args if arg is not type(None)]
-        return _rebuild(options[0], value) if len(options) == 1 else value
-    if isinstance(value, list | tuple | set | frozenset):
-        if origin is tuple:
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_rebuild(args[0], item) for item in value)
-            if len(args) == len(value):
-                return tuple(_rebuild(arg, item) for arg, item in zip(args, value, strict=True))
-            return tuple(value)
-        item_type = args[0] if args else Any
-        if origin in (set, frozenset):
-            return origin(_rebuild(item_type, item) for item in value)
-        if origin in (list, collections.abc.Sequence, collections.abc.MutableSequence, collections.abc.Iterable):
-            return [_rebuild(item_type, item) for item in value]
-        return value
-    if isinstance(value, dict) and origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
-        value_type = args[1] if len(args) == 2 else Any
-        return {name: _rebuild(value_type, item) for name, item in value.items()}
-    return value
-
-
-def _canonical(value: Any) -> Any:
-    """*value* as plain JSON data, the same for equal arguments in any process."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, list | tuple):
-        return [_canonical(item) for item in value]
-    if isinstance(value, Mapping):
-        return {
-            item_key if isinstance(item_key, str) else _dumps(_canonical(item_key)): _canonical(item)
-            for item_key, item in value.items()
-        }
-    if isinstance(value, set | frozenset):
-        return sorted((_canonical(item) for item in value), key=_dumps)
-    if not isinstance(value, type):
-        if _is_pydantic_model(value):
-            return _canonical(value.model_dump(mode="json"))
-        if dataclasses.is_dataclass(value):
-            return {field.name: _canonical(getattr(value, field.name)) for field in dataclasses.fields(value)}
-    kind = type(value)
-    # "<Session object at 0x7f...>": an address means nothing to a retry, so such an object counts by its type.
-    if getattr(kind, "__repr__", None) is object.__repr__:
-        return f"<{kind.__module__}.{kind.__qualname__}>"
-    return repr(value)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def fingerprint_arguments(arguments: Mapping[str, Any]) -> str:
-    """The fingerprint ``@idempotent`` gives a call: SHA-256 (64 hex characters) of the canonical JSON of its
-    bound arguments (see the module's documentation for how each kind of value counts)."""
-    return hashlib.sha256(_dumps(_canonical(dict(arguments))).encode("utf-8", "surrogatepass")).hexdigest()
-
-
+_ON_CONFLICT: Final[dict[str, Literal["reject", "wait"]]] = {"raise": "reject", "wait": "wait"}
 _UNRESOLVED: Any = object()
 
 
-class _Spec:
-    """What one decorated function needs per call, shared by its sync and async runners. Strictly private."""
+# -- the effects a call's plan yields -------------------------------------------------------------------------------
 
-    __slots__ = (
-        "fn",
-        "key",
-        "lease",
-        "namespace",
-        "on_conflict",
-        "return_type",
-        "serializer",
-        "signature",
-        "ttl",
-        "unknown_outcome_ttl",
-        "wait_timeout",
-    )
+
+@dataclass(frozen=True, slots=True)
+class _StoreCall:
+    """A store operation: its method's name and arguments. The same for a Store and a SyncStore."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def on(self, store: Store | SyncStore) -> Any:
+        """Call it on *store*: its result, or, on an async store, an awaitable of it."""
+        return getattr(store, self.method)(*self.args, **self.kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sleep:
+    """Pause, before claiming again (``on_conflict="wait"``)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Run the function, its lease renewed meanwhile, with *report* the current outcome report."""
+
+    token: str
+    report: OutcomeReport
+
+
+_Effect = _StoreCall | _Sleep | _Run
+
+
+class _Spec:
+    """What one decorated function needs per call, and its call as a plan. Strictly private."""
+
+    __slots__ = ("fn", "key", "namespace", "policy", "return_type", "serializer", "signature")
 
     def __init__(
         self,
         fn: Callable[..., Any],
         *,
         key: str | Callable[..., str],
-        ttl: float,
-        lease: float,
-        on_conflict: str,
-        wait_timeout: float,
+        policy: Policy,
         serializer: Serializer,
         namespace: str,
-        unknown_outcome_ttl: float,
     ) -> None:
         self.fn = fn
         self.key = key
-        self.ttl = ttl
-        self.unknown_outcome_ttl = unknown_outcome_ttl
-        self.lease = lease
-        self.on_conflict = on_conflict
-        self.wait_timeout = wait_timeout
+        self.policy = policy
         self.serializer = serializer
         self.namespace = namespace
         self.signature = inspect.signature(fn)
@@ -400,13 +174,61 @@ class _Spec:
             self.return_type = _return_type(self.fn)
         return f"fn:{self.namespace}:{key}", fingerprint_arguments(arguments)
 
+    def plan(self, store_key: str, fingerprint: str) -> Plan[_Effect, Any]:
+        """One call, from its claim to its recorded result: its return value, or what it raises."""
+        policy = self.policy
+        claim: Claim = yield _StoreCall("claim", (store_key, fingerprint), {"lease": policy.lease, "ttl": policy.ttl})
+        started = 0.0
+        delay = 0.0
+        while not isinstance(claim, Acquired):
+            decision = decide(claim.record, fingerprint, now=time.time(), retry_after=policy.lease)
+            if not isinstance(decision, Conflict):
+                return self.existing(decision, store_key)
+            started = started or time.monotonic()
+            step = wait_or_answer(policy, decision, waited=time.monotonic() - started, delay=delay)
+            if not isinstance(step, Wait):
+                msg = f"{store_key!r} is being run by another call; retry later with the same key"
+                raise InProgressError(msg, retry_after=decision.retry_after)
+            yield _Sleep(step.seconds)
+            delay = step.seconds
+            claim = yield _StoreCall("claim", (store_key, fingerprint), {"lease": policy.lease, "ttl": policy.ttl})
+        token = claim.token
+        report = OutcomeReport()
+        try:
+            result = yield _Run(token, report)
+        except BaseException as exc:
+            if isinstance(exc, OutcomeUnknownError) or report.unknown:
+                report.mark_unknown()
+                yield from self.complete(store_key, token, *self.outcome(store_key, None, report))
+                raise
+            try:
+                yield _StoreCall("release", (store_key, token), {})
+            except Exception as release_error:  # noqa: BLE001 - the function's own exception matters more
+                logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
+            raise
+        yield from self.complete(store_key, token, *self.outcome(store_key, result, report))
+        return result
+
+    def complete(self, store_key: str, token: str, payload: bytes, ttl: float) -> Plan[_Effect, None]:
+        """Complete the key with *payload*, or, if the store is full, with its :func:`~idempo._core.decide.fallback`."""
+        try:
+            done = yield _StoreCall("complete", (store_key, token, payload), {"ttl": ttl})
+        except StoreFullError as exc:
+            smaller = fallback(payload, 0)
+            if smaller is None:
+                raise
+            logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
+            done = yield _StoreCall("complete", (store_key, token, smaller), {"ttl": ttl})
+        if not done:
+            logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
+
     def outcome(self, store_key: str, result: Any, report: OutcomeReport) -> tuple[bytes, float]:
         """What to ``complete`` a call's key with, and for how long: the framed serialised *result*; or the
         "outcome unknown" marker if the function reported its outcome unknown (*report*); or, for a result that
         cannot be serialised, the "not stored" marker."""
         if report.unknown:
             logger.warning("idempo: the outcome of %r is unknown; its key is kept until resolved or expired", store_key)
-            return encode_outcome_unknown(), self.unknown_outcome_ttl
+            return encode_outcome_unknown(), self.policy.kept_unknown_for
         try:
             data = self.serializer.dumps(result)
         except (TypeError, ValueError) as exc:
@@ -416,13 +238,11 @@ class _Spec:
                 store_key,
                 exc,
             )
-            return encode_not_stored(0, "unserializable"), self.ttl
-        return encode_value(data), self.ttl
+            return encode_not_stored(0, "unserializable"), self.policy.ttl
+        return encode_value(data), self.policy.ttl
 
-    def existing(self, claim: Claim, store_key: str, fingerprint: str, deadline: float, delay: float) -> Any:
-        """What a call gets from a record it found: the stored value, or an error; ``_WAIT`` to poll again."""
-        assert not isinstance(claim, Acquired)
-        decision = decide(claim.record, fingerprint, now=time.time(), retry_after=self.lease)
+    def existing(self, decision: Replay | Mismatch | NotStored | Any, store_key: str) -> Any:
+        """What a call gets from a record it found, when it is not still running: the stored value, or an error."""
         if isinstance(decision, Replay):
             try:
                 value = decode_value(decision.payload)
@@ -438,15 +258,7 @@ class _Spec:
         if isinstance(decision, NotStored):
             msg = f"{store_key!r} ran to completion, but its result was not stored ({decision.reason}); not run again"
             raise ResponseNotStoredError(msg, original_status=0, reason=decision.reason)
-        if not isinstance(decision, Conflict):  # Unknown
-            raise decision.error()
-        if self.on_conflict == "raise" or time.monotonic() + delay > deadline:
-            msg = f"{store_key!r} is being run by another call; retry later with the same key"
-            raise InProgressError(msg, retry_after=decision.retry_after)
-        return _WAIT
-
-
-_WAIT: Any = object()
+        raise decision.error()  # Unknown
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:
@@ -512,13 +324,13 @@ def idempotent(
     store: Store | SyncStore | str,
     *,
     key: str | Callable[..., str],
-    ttl: float = 86_400,
-    lease: float = 30,
+    ttl: float = Policy.ttl,
+    lease: float = Policy.lease,
     on_conflict: Literal["raise", "wait"] = "raise",
-    wait_timeout: float = 30,
+    wait_timeout: float = Policy.wait_timeout,
     serializer: Serializer | None = None,
     namespace: str | None = None,
-    unknown_outcome_ttl: float | None = None,
+    unknown_outcome_ttl: float | None = Policy.unknown_outcome_ttl,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Run the decorated function once per key; a repeat returns the stored result without running it.
 
@@ -556,18 +368,16 @@ def idempotent(
             small "not stored" marker), the function *has* run: its key stays claimed until the lease runs out,
             after which a repeat runs it again.
     """
-    if ttl <= 0 or lease <= 0:
-        msg = f"ttl and lease must be positive (ttl={ttl}, lease={lease})"
-        raise ConfigurationError(msg)
-    if on_conflict not in ("raise", "wait"):
+    if on_conflict not in _ON_CONFLICT:
         msg = f"on_conflict must be 'raise' or 'wait', not {on_conflict!r}"
         raise ConfigurationError(msg)
-    if wait_timeout < 0:
-        msg = f"wait_timeout must not be negative, not {wait_timeout}"
-        raise ConfigurationError(msg)
-    if unknown_outcome_ttl is not None and unknown_outcome_ttl <= 0:
-        msg = f"unknown_outcome_ttl must be positive, not {unknown_outcome_ttl}"
-        raise ConfigurationError(msg)
+    policy = Policy(
+        ttl=ttl,
+        lease=lease,
+        on_conflict=_ON_CONFLICT[on_conflict],
+        wait_timeout=wait_timeout,
+        unknown_outcome_ttl=unknown_outcome_ttl,
+    )
     given_key: object = key
     if not isinstance(given_key, str) and not callable(given_key):
         msg = f"key must be a format string or a callable, not {type(given_key).__qualname__}"
@@ -578,24 +388,16 @@ def idempotent(
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             msg = f"@idempotent cannot store what a generator yields: {fn!r}"
             raise ConfigurationError(msg)
-        spec = _Spec(
-            fn,
-            key=key,
-            ttl=ttl,
-            lease=lease,
-            on_conflict=on_conflict,
-            wait_timeout=wait_timeout,
-            serializer=chosen_serializer,
-            namespace=_namespace(fn, namespace),
-            unknown_outcome_ttl=ttl if unknown_outcome_ttl is None else unknown_outcome_ttl,
-        )
+        spec = _Spec(fn, key=key, policy=policy, serializer=chosen_serializer, namespace=_namespace(fn, namespace))
         if inspect.iscoroutinefunction(fn):
             async_store = _async_store(store)
             coroutine_fn = cast(Callable[..., Awaitable[Any]], fn)
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await _call_async(spec, async_store, coroutine_fn, args, kwargs)
+                store_key, fingerprint = spec.prepare(args, kwargs)
+                call = _AsyncCall(async_store, coroutine_fn, args, kwargs, store_key, policy.lease)
+                return await run_async(spec.plan(store_key, fingerprint), call.perform)
 
             return cast(Callable[P, T], async_wrapper)
 
@@ -603,65 +405,90 @@ def idempotent(
 
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return cast(T, _call_sync(spec, sync_store, fn, args, kwargs))
+            store_key, fingerprint = spec.prepare(args, kwargs)
+            call = _SyncCall(sync_store, fn, args, kwargs, store_key, policy.lease)
+            return cast(T, run(spec.plan(store_key, fingerprint), call.perform))
 
         return sync_wrapper
 
     return decorate
 
 
-# -- coroutine functions -----------------------------------------------------------------------------------------
+# -- the two ways a call's effects are performed ---------------------------------------------------------------------
 
 
-async def _call_async(
-    spec: _Spec, store: Store, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    store_key, fingerprint = spec.prepare(args, kwargs)
-    claim = await store.claim(store_key, fingerprint, lease=spec.lease, ttl=spec.ttl)
-    deadline = time.monotonic() + spec.wait_timeout
-    delay = _WAIT_POLL_FIRST
-    while not isinstance(claim, Acquired):
-        answer = spec.existing(claim, store_key, fingerprint, deadline, delay)
-        if answer is not _WAIT:
-            return answer
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, _WAIT_POLL_MAX)
-        claim = await store.claim(store_key, fingerprint, lease=spec.lease, ttl=spec.ttl)
-    token = claim.token
-    report = OutcomeReport.open()
-    renewal = _AsyncRenewal(store, store_key, token, spec.lease)
-    try:
+class _SyncCall:
+    """Performs a plain function's effects, blocking: the store's calls, pauses, and the function itself (with a
+    thread renewing its lease)."""
+
+    __slots__ = ("args", "fn", "kwargs", "lease", "store", "store_key")
+
+    def __init__(
+        self,
+        store: SyncStore,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        store_key: str,
+        lease: float,
+    ) -> None:
+        self.store = store
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.store_key = store_key
+        self.lease = lease
+
+    def perform(self, effect: _Effect) -> Any:
+        if isinstance(effect, _StoreCall):
+            return effect.on(self.store)
+        if isinstance(effect, _Sleep):
+            time.sleep(effect.seconds)
+            return None
+        renewal = _SyncRenewal(self.store, self.store_key, effect.token, self.lease)
+        effect.report.enter()
         try:
-            result = await fn(*args, **kwargs)
+            return self.fn(*self.args, **self.kwargs)
         finally:
+            effect.report.close()
             renewal.stop()
-            report.close()
-    except BaseException as exc:
-        if isinstance(exc, OutcomeUnknownError) or report.unknown:
-            report.mark_unknown()
-            await _complete_async(store, store_key, token, *spec.outcome(store_key, None, report))
-            raise
+
+
+class _AsyncCall:
+    """Performs a coroutine function's effects, awaiting: the store's calls, pauses, and the function itself (with
+    a task renewing its lease)."""
+
+    __slots__ = ("args", "fn", "kwargs", "lease", "store", "store_key")
+
+    def __init__(
+        self,
+        store: Store,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        store_key: str,
+        lease: float,
+    ) -> None:
+        self.store = store
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.store_key = store_key
+        self.lease = lease
+
+    async def perform(self, effect: _Effect) -> Any:
+        if isinstance(effect, _StoreCall):
+            return await effect.on(self.store)
+        if isinstance(effect, _Sleep):
+            await asyncio.sleep(effect.seconds)
+            return None
+        renewal = _AsyncRenewal(self.store, self.store_key, effect.token, self.lease)
+        effect.report.enter()
         try:
-            await store.release(store_key, token)
-        except Exception as release_error:  # noqa: BLE001 - the function's own exception matters more
-            logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
-        raise
-    await _complete_async(store, store_key, token, *spec.outcome(store_key, result, report))
-    return result
-
-
-async def _complete_async(store: Store, store_key: str, token: str, payload: bytes, ttl: float) -> None:
-    """Complete *store_key* with *payload*, or, if the store refuses it, with its :func:`fallback`."""
-    try:
-        done = await store.complete(store_key, token, payload, ttl=ttl)
-    except StoreFullError as exc:
-        smaller = fallback(payload, 0)
-        if smaller is None:
-            raise
-        logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
-        done = await store.complete(store_key, token, smaller, ttl=ttl)
-    if not done:
-        logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
+            return await self.fn(*self.args, **self.kwargs)
+        finally:
+            effect.report.close()
+            renewal.stop()
 
 
 # Renewal tasks that were stopped during a renewal, kept until it is over (the loop holds tasks only weakly).
@@ -711,60 +538,6 @@ class _AsyncRenewal:
             self.task.add_done_callback(_finishing.discard)
         else:
             self.task.cancel()
-
-
-# -- plain functions ---------------------------------------------------------------------------------------------
-
-
-def _call_sync(
-    spec: _Spec, store: SyncStore, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    store_key, fingerprint = spec.prepare(args, kwargs)
-    claim = store.claim(store_key, fingerprint, lease=spec.lease, ttl=spec.ttl)
-    deadline = time.monotonic() + spec.wait_timeout
-    delay = _WAIT_POLL_FIRST
-    while not isinstance(claim, Acquired):
-        answer = spec.existing(claim, store_key, fingerprint, deadline, delay)
-        if answer is not _WAIT:
-            return answer
-        time.sleep(delay)
-        delay = min(delay * 2, _WAIT_POLL_MAX)
-        claim = store.claim(store_key, fingerprint, lease=spec.lease, ttl=spec.ttl)
-    token = claim.token
-    report = OutcomeReport.open()
-    renewal = _SyncRenewal(store, store_key, token, spec.lease)
-    try:
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            renewal.stop()
-            report.close()
-    except BaseException as exc:
-        if isinstance(exc, OutcomeUnknownError) or report.unknown:
-            report.mark_unknown()
-            _complete_sync(store, store_key, token, *spec.outcome(store_key, None, report))
-            raise
-        try:
-            store.release(store_key, token)
-        except Exception as release_error:  # noqa: BLE001 - as in _call_async
-            logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
-        raise
-    _complete_sync(store, store_key, token, *spec.outcome(store_key, result, report))
-    return result
-
-
-def _complete_sync(store: SyncStore, store_key: str, token: str, payload: bytes, ttl: float) -> None:
-    """:func:`_complete_async`, blocking."""
-    try:
-        done = store.complete(store_key, token, payload, ttl=ttl)
-    except StoreFullError as exc:
-        smaller = fallback(payload, 0)
-        if smaller is None:
-            raise
-        logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
-        done = store.complete(store_key, token, smaller, ttl=ttl)
-    if not done:
-        logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
 
 
 class _SyncRenewal:

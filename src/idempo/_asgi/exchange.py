@@ -25,14 +25,13 @@ from .._core.decide import (
     body_too_large,
     decide,
     decide_cached,
-    fallback,
     on_store_failure,
     record_for,
     replay,
     should_store,
     wait_or_answer,
 )
-from .._core.errors import OutcomeUnknownError, RequestError, ResponseNotStoredError, StoreFullError
+from .._core.errors import OutcomeUnknownError, RequestError, ResponseNotStoredError
 from .._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
 from .._core.outcome import OutcomeReport
 from .._core.principal import ANONYMOUS_WARNING, principal_of
@@ -41,6 +40,7 @@ from .._core.records import Acquired, Claim, State, new_token
 from ..observe import Outcome, tell
 from .leases import Renewer
 from .principals import default_principal
+from .recording import Recording
 from .types import Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -53,9 +53,6 @@ logger = logging.getLogger("idempo")
 _REPLAYED: Final = (b"idempotent-replayed", b"true")
 # Messages a server may advertise that would let the app send a response we cannot see (a file by path).
 _UNRECORDABLE_EXTENSIONS: Final = ("http.response.pathsend", "http.response.zerocopy")
-# Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
-_RECORD_RETRY_FIRST: Final = 0.05
-_RECORD_RETRY_MAX: Final = 1.0
 
 
 async def send_problem(send: Send, problem: Problem, retry_after: int | None = None) -> None:
@@ -283,9 +280,8 @@ class Exchange:
 
     async def _claim_failed(self, exc: Exception, token: str | None) -> None:
         mw = self.mw
-        if token is not None:
-            self.renewed_at = time.monotonic()
-            self._record_in_background(token, None, mw.policy.ttl)  # release it, in case it was made
+        if token is not None:  # release it, in case it was made
+            self._recording().in_background(token, None, 0, time.monotonic() + mw.policy.lease)
         self._observe("store_error")
         answer = on_store_failure(mw.policy)
         if isinstance(answer, FailOpen):
@@ -490,62 +486,16 @@ class Exchange:
         )
         if recorded.unsendable is not None:
             logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", recorded.unsendable)
+        recording = self._recording()
         try:
-            await self._apply(token, recorded.payload, recorded.ttl, fall_back=False)  # one store call, at most
+            await recording.apply(token, recorded.payload, recorded.ttl, fall_back=False)  # one store call, at most
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
             logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
-            self._record_in_background(token, recorded.payload, recorded.ttl)
+            recording.in_background(token, recorded.payload, recorded.ttl, self.renewed_at + self.mw.policy.lease)
 
-    def _record_in_background(self, token: str, payload: bytes | None, ttl: float) -> None:
-        """Keep trying to record an outcome (*payload* ``None``: release) while the lease lasts."""
+    def _recording(self) -> Recording:
         mw = self.mw
-        deadline = self.renewed_at + mw.policy.lease  # the lease runs out no later than this (monotonic clock)
-        task = asyncio.get_running_loop().create_task(self._record_later(token, payload, ttl, deadline))
-        mw._background.add(task)
-        task.add_done_callback(mw._background.discard)
-
-    async def _apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
-        """Release the key (*payload* ``None``) or complete it with *payload*. If the store refuses that for want
-        of room (:class:`~idempo.StoreFullError`), or fails otherwise and *fall_back*, complete it with the
-        :func:`~idempo._core.decide.fallback` instead: the few bytes that say the operation ran."""
-        store = self.store
-        if payload is None:
-            await store.release(self.store_key, token)
-            return
-        try:
-            done = await store.complete(self.store_key, token, payload, ttl=ttl)
-        except Exception as exc:
-            smaller = fallback(payload, self.status) if fall_back or isinstance(exc, StoreFullError) else None
-            if smaller is None:
-                raise
-            logger.error("idempo: could not store a response (%s); storing that the request ran instead", exc)
-            done = await store.complete(self.store_key, token, smaller, ttl=ttl)
-            payload = smaller
-        if not done:
-            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
-        elif self.mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
-            self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
-
-    async def _record_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
-        delay = _RECORD_RETRY_FIRST
-        failure: Exception | None = None
-        while time.monotonic() + delay < deadline:
-            await asyncio.sleep(delay)
-            # The response itself while there is time for another try (a store that was down keeps it when it comes
-            # back); on the last try before the lease runs out, the marker if the response will not go in.
-            last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
-            try:
-                await self._apply(token, payload, ttl, fall_back=last)
-            except Exception as exc:  # noqa: BLE001 - as in _record
-                failure = exc
-                delay = min(delay * 2, _RECORD_RETRY_MAX)
-                continue
-            logger.warning("idempo: the outcome of a request was recorded after the store came back")
-            return
-        logger.error(
-            "idempo: gave up recording the outcome of a request (%s); once its lease runs out, a retry runs it again",
-            failure,
-        )
+        return Recording(self.store, self.store_key, self.fingerprint, self.status, mw.cache, mw._background)
 
 
 _UNREADABLE_LOGGED: set[str] = set()

@@ -31,9 +31,14 @@ class OutcomeReport:
     @classmethod
     def open(cls) -> OutcomeReport:
         """A report for an operation about to run in this context, made the current one until :meth:`close`."""
-        report = cls(current.get())
-        report._context = current.set(report)
+        report = cls()
+        report.enter()
         return report
+
+    def enter(self) -> None:
+        """Make this the current report, until :meth:`close`; the one that was current is its parent."""
+        self.parent = current.get()
+        self._context = current.set(self)
 
     def close(self) -> None:
         """The operation is over: the report that was current before :meth:`open` is current again."""

@@ -1,0 +1,95 @@
+"""Recording the outcome of one keyed request: completing or releasing its key, falling back to the few bytes of the
+"not stored" marker when the store is full, and trying again in the background while the lease lasts when the
+store fails. Strictly private."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Final
+
+from .._core.cache import CompletedCache
+from .._core.decide import fallback
+from .._core.errors import StoreFullError
+from ..stores import Store
+
+__all__ = ["Recording"]
+
+logger = logging.getLogger("idempo")
+
+# Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
+_RECORD_RETRY_FIRST: Final = 0.05
+_RECORD_RETRY_MAX: Final = 1.0
+
+
+class Recording:
+    """How one claimed key's outcome reaches the store."""
+
+    __slots__ = ("background", "cache", "fingerprint", "status", "store", "store_key")
+
+    def __init__(
+        self,
+        store: Store,
+        store_key: str,
+        fingerprint: str,
+        status: int,
+        cache: CompletedCache | None,
+        background: set[asyncio.Task[None]],
+    ) -> None:
+        self.store = store
+        self.store_key = store_key
+        self.fingerprint = fingerprint
+        self.status = status
+        self.cache = cache
+        self.background = background  # the tasks still recording, held (the loop holds tasks only weakly)
+
+    def in_background(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+        """Keep trying to record an outcome (*payload* ``None``: release) until *deadline* (monotonic clock),
+        when the lease runs out."""
+        task = asyncio.get_running_loop().create_task(self._later(token, payload, ttl, deadline))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
+        """Release the key (*payload* ``None``) or complete it with *payload*. If the store refuses that for want
+        of room (:class:`~idempo.StoreFullError`), or fails otherwise and *fall_back*, complete it with the
+        :func:`~idempo._core.decide.fallback` instead: the few bytes that say the operation ran."""
+        store = self.store
+        if payload is None:
+            await store.release(self.store_key, token)
+            return
+        try:
+            done = await store.complete(self.store_key, token, payload, ttl=ttl)
+        except Exception as exc:
+            smaller = fallback(payload, self.status) if fall_back or isinstance(exc, StoreFullError) else None
+            if smaller is None:
+                raise
+            logger.error("idempo: could not store a response (%s); storing that the request ran instead", exc)
+            done = await store.complete(self.store_key, token, smaller, ttl=ttl)
+            payload = smaller
+        if not done:
+            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+        elif self.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
+            self.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
+
+    async def _later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+        delay = _RECORD_RETRY_FIRST
+        failure: Exception | None = None
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            # The response itself while there is time for another try (a store that was down keeps it when it comes
+            # back); on the last try before the lease runs out, the marker if the response will not go in.
+            last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
+            try:
+                await self.apply(token, payload, ttl, fall_back=last)
+            except Exception as exc:  # noqa: BLE001 - as in _record
+                failure = exc
+                delay = min(delay * 2, _RECORD_RETRY_MAX)
+                continue
+            logger.warning("idempo: the outcome of a request was recorded after the store came back")
+            return
+        logger.error(
+            "idempo: gave up recording the outcome of a request (%s); once its lease runs out, a retry runs it again",
+            failure,
+        )
