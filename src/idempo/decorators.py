@@ -55,16 +55,14 @@ Decisions, for reference:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
 
+from ._calls import AsyncCall, Effect, Run, Sleep, StoreCall, SyncCall
 from ._core.codec import decode_value, encode_not_stored, encode_outcome_unknown, encode_value
 from ._core.decide import Conflict, Mismatch, NotStored, Replay, Wait, decide, fallback, wait_or_answer
 from ._core.errors import (
@@ -92,40 +90,6 @@ logger = logging.getLogger("idempo")
 
 _ON_CONFLICT: Final[dict[str, Literal["reject", "wait"]]] = {"raise": "reject", "wait": "wait"}
 _UNRESOLVED: Any = object()
-
-
-# -- the effects a call's plan yields -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _StoreCall:
-    """A store operation: its method's name and arguments. The same for a Store and a SyncStore."""
-
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-    def on(self, store: Store | SyncStore) -> Any:
-        """Call it on *store*: its result, or, on an async store, an awaitable of it."""
-        return getattr(store, self.method)(*self.args, **self.kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class _Sleep:
-    """Pause, before claiming again (``on_conflict="wait"``)."""
-
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    """Run the function, its lease renewed meanwhile, with *report* the current outcome report."""
-
-    token: str
-    report: OutcomeReport
-
-
-_Effect = _StoreCall | _Sleep | _Run
 
 
 class _Spec:
@@ -174,10 +138,10 @@ class _Spec:
             self.return_type = _return_type(self.fn)
         return f"fn:{self.namespace}:{key}", fingerprint_arguments(arguments)
 
-    def plan(self, store_key: str, fingerprint: str) -> Plan[_Effect, Any]:
+    def plan(self, store_key: str, fingerprint: str) -> Plan[Effect, Any]:
         """One call, from its claim to its recorded result: its return value, or what it raises."""
         policy = self.policy
-        claim: Claim = yield _StoreCall("claim", (store_key, fingerprint), {"lease": policy.lease, "ttl": policy.ttl})
+        claim: Claim = yield StoreCall("claim", (store_key, fingerprint), {"lease": policy.lease, "ttl": policy.ttl})
         started = 0.0
         delay = 0.0
         while not isinstance(claim, Acquired):
@@ -189,36 +153,36 @@ class _Spec:
             if not isinstance(step, Wait):
                 msg = f"{store_key!r} is being run by another call; retry later with the same key"
                 raise InProgressError(msg, retry_after=decision.retry_after)
-            yield _Sleep(step.seconds)
+            yield Sleep(step.seconds)
             delay = step.seconds
-            claim = yield _StoreCall("claim", (store_key, fingerprint), {"lease": policy.lease, "ttl": policy.ttl})
+            claim = yield StoreCall("claim", (store_key, fingerprint), {"lease": policy.lease, "ttl": policy.ttl})
         token = claim.token
         report = OutcomeReport()
         try:
-            result = yield _Run(token, report)
+            result = yield Run(token, report)
         except BaseException as exc:
             if isinstance(exc, OutcomeUnknownError) or report.unknown:
                 report.mark_unknown()
                 yield from self.complete(store_key, token, *self.outcome(store_key, None, report))
                 raise
             try:
-                yield _StoreCall("release", (store_key, token), {})
+                yield StoreCall("release", (store_key, token), {})
             except Exception as release_error:  # noqa: BLE001 - the function's own exception matters more
                 logger.error("idempo: could not release %r after its function failed (%s)", store_key, release_error)
             raise
         yield from self.complete(store_key, token, *self.outcome(store_key, result, report))
         return result
 
-    def complete(self, store_key: str, token: str, payload: bytes, ttl: float) -> Plan[_Effect, None]:
+    def complete(self, store_key: str, token: str, payload: bytes, ttl: float) -> Plan[Effect, None]:
         """Complete the key with *payload*, or, if the store is full, with its :func:`~idempo._core.decide.fallback`."""
         try:
-            done = yield _StoreCall("complete", (store_key, token, payload), {"ttl": ttl})
+            done = yield StoreCall("complete", (store_key, token, payload), {"ttl": ttl})
         except StoreFullError as exc:
             smaller = fallback(payload, 0)
             if smaller is None:
                 raise
             logger.error("idempo: could not store the result of %r (%s); storing that it ran instead", store_key, exc)
-            done = yield _StoreCall("complete", (store_key, token, smaller), {"ttl": ttl})
+            done = yield StoreCall("complete", (store_key, token, smaller), {"ttl": ttl})
         if not done:
             logger.warning("idempo: %r finished after its key was taken over; its result is not stored", store_key)
 
@@ -396,7 +360,7 @@ def idempotent(
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                 store_key, fingerprint = spec.prepare(args, kwargs)
-                call = _AsyncCall(async_store, coroutine_fn, args, kwargs, store_key, policy.lease)
+                call = AsyncCall(async_store, coroutine_fn, args, kwargs, store_key, policy.lease)
                 return await run_async(spec.plan(store_key, fingerprint), call.perform)
 
             return cast(Callable[P, T], async_wrapper)
@@ -406,171 +370,9 @@ def idempotent(
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             store_key, fingerprint = spec.prepare(args, kwargs)
-            call = _SyncCall(sync_store, fn, args, kwargs, store_key, policy.lease)
+            call = SyncCall(sync_store, fn, args, kwargs, store_key, policy.lease)
             return cast(T, run(spec.plan(store_key, fingerprint), call.perform))
 
         return sync_wrapper
 
     return decorate
-
-
-# -- the two ways a call's effects are performed ---------------------------------------------------------------------
-
-
-class _SyncCall:
-    """Performs a plain function's effects, blocking: the store's calls, pauses, and the function itself (with a
-    thread renewing its lease)."""
-
-    __slots__ = ("args", "fn", "kwargs", "lease", "store", "store_key")
-
-    def __init__(
-        self,
-        store: SyncStore,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        store_key: str,
-        lease: float,
-    ) -> None:
-        self.store = store
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.store_key = store_key
-        self.lease = lease
-
-    def perform(self, effect: _Effect) -> Any:
-        if isinstance(effect, _StoreCall):
-            return effect.on(self.store)
-        if isinstance(effect, _Sleep):
-            time.sleep(effect.seconds)
-            return None
-        renewal = _SyncRenewal(self.store, self.store_key, effect.token, self.lease)
-        effect.report.enter()
-        try:
-            return self.fn(*self.args, **self.kwargs)
-        finally:
-            effect.report.close()
-            renewal.stop()
-
-
-class _AsyncCall:
-    """Performs a coroutine function's effects, awaiting: the store's calls, pauses, and the function itself (with
-    a task renewing its lease)."""
-
-    __slots__ = ("args", "fn", "kwargs", "lease", "store", "store_key")
-
-    def __init__(
-        self,
-        store: Store,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        store_key: str,
-        lease: float,
-    ) -> None:
-        self.store = store
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.store_key = store_key
-        self.lease = lease
-
-    async def perform(self, effect: _Effect) -> Any:
-        if isinstance(effect, _StoreCall):
-            return await effect.on(self.store)
-        if isinstance(effect, _Sleep):
-            await asyncio.sleep(effect.seconds)
-            return None
-        renewal = _AsyncRenewal(self.store, self.store_key, effect.token, self.lease)
-        effect.report.enter()
-        try:
-            return await self.fn(*self.args, **self.kwargs)
-        finally:
-            effect.report.close()
-            renewal.stop()
-
-
-# Renewal tasks that were stopped during a renewal, kept until it is over (the loop holds tasks only weakly).
-_finishing: set[asyncio.Task[None]] = set()
-
-
-class _AsyncRenewal:
-    """A task that renews one call's lease every ``lease / 3`` seconds until stopped. Never cancelled during a
-    renewal (a store's connection must not be left halfway through a round trip): stopped then, it finishes it."""
-
-    __slots__ = ("lease", "renewing", "stopped", "store", "store_key", "task", "token")
-
-    def __init__(self, store: Store, store_key: str, token: str, lease: float) -> None:
-        self.store = store
-        self.store_key = store_key
-        self.token = token
-        self.lease = lease
-        self.renewing = False
-        self.stopped = False
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        period = self.lease / 3
-        while True:
-            await asyncio.sleep(period)
-            self.renewing = True
-            try:
-                owned = await self.store.renew(self.store_key, self.token, lease=self.lease)
-            except Exception as exc:  # noqa: BLE001 - a failed renewal is tried again at the next period
-                logger.warning("idempo: could not renew the lease of %r: %s", self.store_key, exc)
-                owned = True
-            finally:
-                self.renewing = False
-            if self.stopped:
-                return
-            if not owned:
-                logger.warning(
-                    "idempo: %r lost its key while running (its lease ran out and it was taken over)", self.store_key
-                )
-                return
-
-    def stop(self) -> None:
-        """Stop renewing (at once if no renewal is under way; else once it is over)."""
-        self.stopped = True
-        if self.renewing:
-            _finishing.add(self.task)
-            self.task.add_done_callback(_finishing.discard)
-        else:
-            self.task.cancel()
-
-
-class _SyncRenewal:
-    """A daemon thread that renews one call's lease every ``lease / 3`` seconds until stopped."""
-
-    __slots__ = ("lease", "lost", "stopped", "store", "store_key", "thread", "token")
-
-    def __init__(self, store: SyncStore, store_key: str, token: str, lease: float) -> None:
-        self.store = store
-        self.store_key = store_key
-        self.token = token
-        self.lease = lease
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"idempo-renew {store_key}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        period = self.lease / 3
-        while not self.stopped.wait(period):
-            try:
-                owned = self.store.renew(self.store_key, self.token, lease=self.lease)
-            except Exception as exc:  # noqa: BLE001 - tried again at the next period
-                logger.warning("idempo: could not renew the lease of %r: %s", self.store_key, exc)
-                continue
-            if not owned:
-                if not self.stopped.is_set():
-                    logger.warning(
-                        "idempo: %r lost its key while running (its lease ran out and it was taken over)",
-                        self.store_key,
-                    )
-                return
-
-    def stop(self) -> None:
-        """Stop renewing; returns once no renewal is under way."""
-        self.stopped.set()
-        self.thread.join()
