@@ -32,12 +32,12 @@ from idempo import (
     IdempotencyMiddleware,
     OutcomeUnknownError,
     authorization_principal,
-    encode_response,
     idempotent,
     mark_outcome_unknown,
 )
 from idempo._cli import keys as keys_module
 from idempo._cli._app import cli
+from idempo._core.codec import encode_response
 from idempo._core.errors import StoreError
 from idempo._core.fingerprint import principal_digest
 from idempo.stores import SyncScanningStore, SyncStore, store_from_url, sync_store_from_url

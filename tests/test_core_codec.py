@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from idempo import StoredResponse, TooLargeMarker, decode_response, encode_response
-from idempo._core.codec import HOP_BY_HOP_HEADERS, encode_too_large, storable_headers
+from idempo._core.codec import (
+    HOP_BY_HOP_HEADERS,
+    StoredResponse,
+    TooLargeMarker,
+    decode_response,
+    encode_response,
+    encode_too_large,
+    storable_headers,
+)
 
 Headers = tuple[tuple[bytes, bytes], ...]
 

@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from idempo import (
-    Conflict,
-    Decision,
-    InProgressError,
-    KeyReuseError,
-    Mismatch,
-    NotStored,
-    Record,
-    Replay,
-    State,
-    Unknown,
-    decide,
-    should_store,
-)
+from idempo import InProgressError, KeyReuseError, Record, State
 from idempo._core.codec import encode_not_stored, encode_outcome_unknown, encode_too_large
-from idempo._core.decide import fallback
+from idempo._core.decide import Conflict, Decision, Mismatch, NotStored, Replay, Unknown, decide, fallback, should_store
 
 NOW = 1_000_000.0
 

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from idempo import canonical_json_body, fingerprint_request, principal_digest
-from idempo._core.fingerprint import scoped_key
+from idempo import canonical_json_body, fingerprint_request
+from idempo._core.fingerprint import principal_digest, scoped_key
 
 Request = tuple[str, str, bytes, bytes]
 BASE: Request = ("POST", "/charges", b"currency=eur", b'{"amount": 100}')

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from idempo import InvalidKeyError, parse_key
+from idempo import InvalidKeyError
+from idempo._core.keys import parse_key
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ from idempo import (
     InvalidKeyError,
     KeyReuseError,
     MissingKeyError,
-    Problem,
     RequestError,
     ResponseNotStoredError,
 )
+from idempo._core.problem import Problem
 
 
 def test_to_json_has_the_rfc_9457_members() -> None:

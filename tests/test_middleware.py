@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, State, Store, principal_digest
+from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, State, Store
+from idempo._core.fingerprint import principal_digest
 from idempo.asgi import Scope
 
 from .test_middleware_support import (

@@ -14,15 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from idempo import (
-    IdempotencyMiddleware,
-    MemoryStore,
-    OutcomeUnknownError,
-    OutcomeUnknownMarker,
-    State,
-    decode_response,
-    mark_outcome_unknown,
-)
+from idempo import IdempotencyMiddleware, MemoryStore, OutcomeUnknownError, State, mark_outcome_unknown
+from idempo._core.codec import OutcomeUnknownMarker, decode_response
 from idempo.asgi import Receive, Scope, Send
 from tests.test_middleware_support import CountingApp, client_for, problem_of
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from idempo import principal_digest
+from idempo._core.fingerprint import principal_digest
 
 __all__ = [
     "WORKERS",
