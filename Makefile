@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## the virtual environment, with every extra and the dev tools
 
-lint: install ## ruff: formatting and lints
+lint: install ## ruff: formatting and lints; import-linter: the import contracts in pyproject.toml
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 typecheck: install ## mypy --strict over src, tests, examples and benchmarks
 	$(BIN)/mypy
