@@ -5,53 +5,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
-from .._core.records import Claim, Record
+from .._core.records import Record
 from ..stores import Store, SyncScanningStore, SyncStore
+from ..stores._forwarding import ForwardingStore, Operation
 
 
-class _ThreadedStore:
+class _ThreadedStore(ForwardingStore):
     """A :class:`Store` over a :class:`SyncStore`: each operation runs in a worker thread, so the suite's
     concurrent scenarios (50 racing claims) exercise the sync store from many threads at once. Strictly private."""
 
-    def __init__(self, sync: SyncStore) -> None:
-        self.sync = sync
+    inner: SyncStore
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
-        if token is None:
-            return await asyncio.to_thread(self.sync.claim, key, fingerprint, lease=lease, ttl=ttl)
-        return await asyncio.to_thread(self.sync.claim, key, fingerprint, lease=lease, ttl=ttl, token=token)
+    @property
+    def sync(self) -> SyncStore:
+        """The sync store under test, as ``open_sync_store`` returned it (a ``close_store`` override may want it)."""
+        return self.inner
 
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        return await asyncio.to_thread(self.sync.renew, key, token, lease=lease)
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        return await asyncio.to_thread(self.sync.complete, key, token, payload, ttl=ttl)
-
-    async def release(self, key: str, token: str) -> bool:
-        return await asyncio.to_thread(self.sync.release, key, token)
-
-    async def get(self, key: str) -> Record | None:
-        return await asyncio.to_thread(self.sync.get, key)
-
-    async def delete(self, key: str) -> bool:
-        return await asyncio.to_thread(self.sync.delete, key)
-
-    async def purge_expired(self) -> int:
-        return await asyncio.to_thread(self.sync.purge_expired)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self.sync.close)
+    async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.inner, operation), *args, **kwargs)
 
 
 class _ThreadedScanningStore(_ThreadedStore):
     """A :class:`_ThreadedStore` over a :class:`SyncScanningStore`: each step of a scan runs in a worker thread.
     Strictly private."""
 
-    sync: SyncScanningStore
+    inner: SyncScanningStore
 
     async def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
-        records: Iterator[Record] = await asyncio.to_thread(self.sync.scan, prefix, limit=limit)
+        records: Iterator[Record] = await asyncio.to_thread(self.inner.scan, prefix, limit=limit)
         try:
             while (record := await asyncio.to_thread(next, records, None)) is not None:
                 yield record
