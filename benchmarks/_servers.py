@@ -15,8 +15,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from _apps import LEASE, TTL
 
 import idempo
-from idempo import MemoryStore, SQLiteStore, Store, store_from_url
+from idempo import Claim, MemoryStore, SQLiteStore, Store, store_from_url
 from idempo.stores import parse_store_url, redact
+from idempo.stores._forwarding import ForwardingStore, Operation
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -34,12 +35,12 @@ CONNECT_TIMEOUT: Final = 5.0  # seconds the bench's own check of a server may ta
 # -- a counting store -------------------------------------------------------------------------------------------
 
 
-class CountingStore:
+class CountingStore(ForwardingStore):
     """A :class:`~idempo.Store` that forwards to another and counts the calls of each method. It also keeps the
     last claim's key and fingerprint and the last payload completed, to make the same calls without the middleware."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: dict[str, int] = dict.fromkeys(STORE_METHODS, 0)
         self.last_claim: tuple[str, str] | None = None
         self.last_payload: bytes | None = None
@@ -47,40 +48,18 @@ class CountingStore:
     def reset(self) -> None:
         self.calls = dict.fromkeys(STORE_METHODS, 0)
 
-    async def claim(
-        self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None
-    ) -> idempo.Claim:
-        self.calls["claim"] += 1
-        self.last_claim = key, fingerprint
-        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
+    async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
+        if operation in self.calls:  # close is not a store call of a request
+            self.calls[operation] += 1
+        return await super()._forward(operation, *args, **kwargs)
 
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        self.calls["renew"] += 1
-        return await self.inner.renew(key, token, lease=lease)
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        self.last_claim = key, fingerprint
+        return await super().claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
 
     async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        self.calls["complete"] += 1
         self.last_payload = payload
-        return await self.inner.complete(key, token, payload, ttl=ttl)
-
-    async def release(self, key: str, token: str) -> bool:
-        self.calls["release"] += 1
-        return await self.inner.release(key, token)
-
-    async def get(self, key: str) -> idempo.Record | None:
-        self.calls["get"] += 1
-        return await self.inner.get(key)
-
-    async def delete(self, key: str) -> bool:
-        self.calls["delete"] += 1
-        return await self.inner.delete(key)
-
-    async def purge_expired(self) -> int:
-        self.calls["purge_expired"] += 1
-        return await self.inner.purge_expired()
-
-    async def close(self) -> None:
-        await self.inner.close()
+        return await super().complete(key, token, payload, ttl=ttl)
 
 
 # -- network servers --------------------------------------------------------------------------------------------
