@@ -7,11 +7,11 @@ How a line fails: an ``assert_type`` whose expression's type drifts (a decorator
 ending in ``# type: ignore[code]`` is a call that must *not* type-check: strict mypy's ``warn_unused_ignores``
 reports the ignore as unused the day it starts to. Those lines sit under ``if TYPE_CHECKING:``, checked, never run.
 
-The names: those of ``idempo`` that are plainly for its users (the middleware, the decorator, the stores and their
-protocols, ``store_from_url``, the errors, ``mark_outcome_unknown``), the record types a store returns (a store
-author needs them), and ``idempo.client``'s transports. The sans-I/O parts ``idempo`` exports today (``decide``
-and its decisions, the codec, the fingerprint and key helpers, ``Problem``) are left out, and so are ``Observer``,
-``authorization_principal`` and ``default_principal``.
+The names: those of ``idempo`` that are plainly for its users (the middleware and its ``Policy``, the decorator, the
+stores and their protocols, ``store_from_url`` and ``sync_store_from_url``, the errors, ``mark_outcome_unknown``),
+the record types a store returns (a store author needs them), and ``idempo.client``'s transports. Left out:
+``Observer``, ``authorization_principal``, ``default_principal``, ``canonical_json_body`` and
+``fingerprint_request``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from idempo import (
     MissingDependency,
     MissingKeyError,
     OutcomeUnknownError,
+    Policy,
     Record,
     RequestError,
     ResponseNotStoredError,
@@ -54,9 +55,11 @@ from idempo import (
     Store,
     StoreError,
     StoreFullError,
+    SyncStore,
     idempotent,
     mark_outcome_unknown,
     store_from_url,
+    sync_store_from_url,
 )
 from idempo.client import (
     DEFAULT_METHODS,
@@ -65,7 +68,7 @@ from idempo.client import (
     IdempotencyTransport,
     is_outcome_unknown,
 )
-from idempo.stores import ScanningStore, SyncScanningStore, SyncStore, parse_store_url, sync_store_from_url
+from idempo.stores import ScanningStore, SyncScanningStore, parse_store_url
 from idempo.stores.memory import SyncMemoryStore
 from idempo.stores.postgres import PostgresStore, SyncPostgresStore
 from idempo.stores.redis import RedisStore, SyncRedisStore
@@ -286,6 +289,7 @@ async def test_the_middleware_types() -> None:
     # Starlette types add_middleware's options by the middleware's own signature (a ParamSpec): they are checked.
     app.add_middleware(IdempotencyMiddleware, store=MemoryStore(), ttl=60, on_conflict="wait")
     wrapped = assert_type(IdempotencyMiddleware(app, store="memory://", require_key=True), IdempotencyMiddleware)
+    assert assert_type(wrapped.policy, Policy).require_key is True
     as_app: ASGIApp = wrapped  # usable wherever Starlette takes an ASGI app
     assert as_app is wrapped
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -297,6 +301,19 @@ async def test_the_middleware_types() -> None:
         IdempotencyMiddleware(app, "memory://")  # type: ignore[call-arg]
         IdempotencyMiddleware(app, store="memory://", on_conflict="ignore")  # type: ignore[arg-type]
         app.add_middleware(IdempotencyMiddleware, store="memory://", tll=60)  # type: ignore[call-arg]
+
+
+def test_the_policy_types() -> None:
+    policy = Policy(ttl=60, on_conflict="wait")
+    assert (assert_type(policy.ttl, float), assert_type(policy.lease, float)) == (60, 30)
+    middleware = IdempotencyMiddleware(Starlette(), store="memory://", policy=policy, lease=10)
+    assert (middleware.policy.ttl, middleware.policy.lease, middleware.policy.on_conflict) == (60, 10, "wait")
+    assert assert_type(policy.with_options(ttl=5), Policy).ttl == 5
+    if TYPE_CHECKING:
+        Policy(60)  # type: ignore[call-arg]
+        Policy(tll=60)  # type: ignore[call-arg]
+        Policy(on_conflict="ignore")  # type: ignore[arg-type]
+        policy.ttl = 5  # type: ignore[misc]
 
 
 # --- the client transports ---------------------------------------------------------------------------------------
