@@ -38,7 +38,7 @@ from idempo import (
     store_from_url,
 )
 from idempo.stores import ScanningStore, SyncScanningStore
-from idempo.stores import postgres as postgres_module
+from idempo.stores import _postgres_operations as operations_module
 from idempo.stores.postgres import PostgresStore
 from idempo.testing import StoreConformance
 
@@ -117,7 +117,7 @@ async def test_purge_expired_counts_exactly_what_it_removes(
     clocked: tuple[PostgresStore, FakeClock], admin: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, clock = clocked
-    monkeypatch.setattr(postgres_module, "_PURGE_BATCH", 2)  # several batches
+    monkeypatch.setattr(operations_module, "_PURGE_BATCH", 2)  # several batches
     assert await store.purge_expired() == 0
     for key in ("a", "b", "c"):
         await store.claim(key, "fp", lease=10, ttl=20)
@@ -149,14 +149,14 @@ async def test_two_hundred_concurrent_claims_over_ten_connections_have_one_winne
 ) -> None:
     store = PostgresStore(postgres_url, table=table, min_size=10, max_size=10)
     attempts = 0
-    execute = store._execute
+    perform = store._perform
 
-    async def counting(doing: str, query: bytes, params: dict[str, Any], *, rows: bool = False) -> tuple[int, Any]:
+    async def counting(step: Any) -> Any:
         nonlocal attempts
         attempts += 1
-        return await execute(doing, query, params, rows=rows)
+        return await perform(step)
 
-    store._execute = counting  # type: ignore[method-assign]  # count the statements, to show the retries
+    store._perform = counting  # type: ignore[method-assign]  # count the statements, to show the retries
     try:
         for round_ in range(5):
             key = f"race-{round_}"

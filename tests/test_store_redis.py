@@ -41,16 +41,18 @@ from idempo import (
     Existing,
     IdempotencyMiddleware,
     MissingDependency,
+    Record,
     State,
     Store,
     StoreError,
     StoreFullError,
     store_from_url,
 )
+from idempo._core.plans import iterate
 from idempo.stores import ScanningStore, SyncScanningStore, parse_store_url
 from idempo.stores import _redis_eviction as eviction_module
+from idempo.stores import _redis_operations as operations_module
 from idempo.stores import redis as redis_module
-from idempo.stores._scan import run_plan
 from idempo.stores.redis import RedisStore, SyncRedisStore
 from idempo.testing import StoreConformance
 
@@ -625,7 +627,7 @@ async def test_scan_walks_every_batch_and_every_primary(server: str, request: py
         twin = store.sync()
         assert sorted(record.key for record in twin.scan()) == keys
         if server == "redis_cluster_url":
-            client = twin._bound()[0]
+            client = twin._bound().client
             assert isinstance(client, redis.RedisCluster)
             nodes = {client.get_node_from_key(prefix + key).name for key in keys}  # type: ignore[no-untyped-call]
             assert len(nodes) == 3  # the records live on every primary, and every one was scanned
@@ -656,12 +658,12 @@ def _fake_scan(replies: dict[int, tuple[Any, list[bytes]]], fields: dict[bytes, 
     """A runner for the scan plan, answering from *replies* (by cursor) and *fields* (by key)."""
 
     def execute(request: Any) -> Any:
-        if isinstance(request, redis_module._Nodes):
+        if isinstance(request, operations_module.Nodes):
             return [FakeNode("n1")]
-        if isinstance(request, redis_module._ScanKeys):
+        if isinstance(request, operations_module.ScanKeys):
             assert request.match == "p:\\*x*"
             return replies[request.cursor]
-        assert isinstance(request, redis_module._Fetch)
+        assert isinstance(request, operations_module.Fetch)
         return [fields.get(key, [None] * 7) for key in request.keys]
 
     return execute
@@ -681,12 +683,12 @@ def test_scan_plan_lists_a_key_once_though_scan_returns_it_twice() -> None:
         0: ({"n1": 7}, [b"p:*xa", b"p:*xa", b"p:*xgone"]),
         7: ({"n1": 0}, [b"p:*xb", b"p:*xa"]),
     }
-    plan = redis_module._scan_plan("p:", "*x", None)
-    listed = list(run_plan(plan, _fake_scan(replies, fields)))
+    plan = operations_module.scan_plan("p:", "*x", None)
+    listed = list(iterate(plan, Record, _fake_scan(replies, fields)))
     assert [record.key for record in listed] == ["*xa", "*xb"]
     assert listed[0].payload == b"payload"
     assert listed[0].expires_at == 9.0
-    limited = list(run_plan(redis_module._scan_plan("p:", "*x", 1), _fake_scan(replies, fields)))
+    limited = list(iterate(operations_module.scan_plan("p:", "*x", 1), Record, _fake_scan(replies, fields)))
     assert [record.key for record in limited] == ["*xa"]
 
 
@@ -957,7 +959,7 @@ async def test_a_server_without_script_flags_gets_the_plain_scripts(
     """Redis 6 cannot compile a shebang ("Error compiling script"): renew and the small complete then run the
     plain scripts, and at maxmemory they fail like the others. (Redis 7 answers the same error to a header that is
     no shebang, which stands in for Redis 6 here.)"""
-    monkeypatch.setattr(redis_module, "_ALLOW_OOM", "#\n")
+    monkeypatch.setattr(operations_module, "_ALLOW_OOM", "#\n")
     store = open_url(private_redis.url)
     claim = await store.claim("k", "fp", lease=30, ttl=60)
     assert isinstance(claim, Acquired)

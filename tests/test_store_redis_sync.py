@@ -52,7 +52,7 @@ def open_url(url: str, **options: Any) -> SyncRedisStore:
 
 def connected(store: SyncRedisStore) -> bool:
     """Whether *store* holds a client now."""
-    return store._bound_client is not None
+    return store._shared is not None
 
 
 # -- the conformance suite, from real threads ----------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_scripts_are_reloaded_after_script_flush(private_redis: RedisServer) -> 
     assert isinstance(claim, Acquired)
     with private_redis.client() as admin:
         admin.script_flush()
-        assert admin.script_exists(store._bound()[1]["complete"].sha) == [False]
+        assert admin.script_exists(store._bound().scripts["complete"].sha) == [False]
     assert store.complete("k", claim.token, b"after the flush", ttl=60)  # NOSCRIPT, loaded, run again
     with private_redis.client() as admin:
         admin.script_flush()
@@ -291,7 +291,7 @@ def test_the_same_scripts_as_the_async_store(redis_url: str) -> None:
         await store.close()
         return shas
 
-    sync_shas = {name: script.sha for name, script in sync._bound()[1].items()}
+    sync_shas = {name: script.sha for name, script in sync._bound().scripts.items()}
     assert sync_shas == asyncio.run(async_shas())
     assert set(sync_shas) == {"claim", "renew", "complete", "release", "renew_at_oom", "complete_at_oom"}
     sync.close()
@@ -415,7 +415,7 @@ def test_passwords_never_show(tmp_path: Path) -> None:
 
 def client_of(store: SyncRedisStore) -> dict[str, Any]:
     """The connection options of the client *store* makes (the client is closed again)."""
-    client, _ = store._bound()
+    client = store._bound().client
     assert isinstance(client, redis.Redis)
     options = dict(client.connection_pool.connection_kwargs)
     options["connection_class"] = client.connection_pool.connection_class
@@ -450,7 +450,7 @@ def test_redis_url_with_everything() -> None:
 def test_keyword_options_override_the_url_and_reach_redis_py() -> None:
     store = open_url("redis://h?prefix=a:&timeout=3", prefix="b:", socket_timeout=4, max_connections=7)
     assert store._prefix == "b:"
-    client, _ = store._bound()
+    client = store._bound().client
     assert isinstance(client, redis.Redis)
     assert client.connection_pool.max_connections == 7
     assert client_of(store)["socket_timeout"] == 4
@@ -468,7 +468,7 @@ def test_rediss_url_uses_tls() -> None:
 
 def test_cluster_url_reaches_the_cluster_client(redis_cluster_url: str) -> None:
     store = open_url(with_options(redis_cluster_url, prefix="c:", timeout="0.7"))
-    client, _ = store._bound()
+    client = store._bound().client
     assert isinstance(client, redis.RedisCluster)
     assert [(node.host, node.port) for node in client.startup_nodes] == nodes_of(redis_cluster_url)
     node = client.get_default_node().redis_connection  # type: ignore[no-untyped-call]

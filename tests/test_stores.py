@@ -31,6 +31,7 @@ from idempo import (
     StoreError,
     store_from_url,
 )
+from idempo._core.plans import run
 from idempo.stores import ScanningStore, SyncScanningStore, SyncStore, redact, sync_store_from_url
 from idempo.stores._scan import glob_prefix, like_prefix, prefix_end
 from idempo.stores.memory import SyncMemoryStore
@@ -418,7 +419,7 @@ class _CommitFails:
 
 def test_failed_commit_never_leaves_the_write_lock_held(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "c.db")
-    conn = store._connect()
+    conn = store._database.connect()
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         store._claim(cast(sqlite3.Connection, _CommitFails(conn)), "k", "fp", 60, 60)
     assert not conn.in_transaction
@@ -437,7 +438,7 @@ async def test_claim_is_not_reported_failed_when_the_loop_connection_cannot_open
     def cannot_open() -> sqlite3.Connection:
         raise sqlite3.OperationalError("unable to open database file")
 
-    monkeypatch.setattr(store, "_connect_inline", cannot_open)
+    monkeypatch.setattr(store._database, "connect_inline", cannot_open)
     token = token_of(await store.claim("k", "fp", lease=60, ttl=60))  # it took effect: it must say so
     assert "stays on its thread" in caplog.text
     assert record_of(await store.claim("k", "fp", lease=60, ttl=60)).token == token
@@ -758,7 +759,7 @@ def test_sync_sqlite_store_closes_a_connection_in_use_when_its_operation_ends(tm
         go_on.wait(timeout=30)
         return store._get(conn, key)
 
-    thread = threading.Thread(target=lambda: seen.append(store._run(slow_get, "k")))
+    thread = threading.Thread(target=lambda: seen.append(run(store._attempts(slow_get, ("k",)), store._perform)))
     thread.start()
     assert inside.wait(timeout=30)
     pool = store._pool

@@ -8,12 +8,12 @@ Memorystore and Azure Cache. Only ``noeviction`` keeps records (writes are refus
 503 that a retry survives), and so does any policy with ``maxmemory 0`` (no limit: nothing is ever evicted).
 
 How. A check reads ``CONFIG GET maxmemory*`` on the server, or on every primary of a cluster; where ``CONFIG`` is
-disabled (managed Redis) or not allowed, ``INFO memory``'s ``maxmemory`` and ``maxmemory_policy``. It is a *plan*
-(as in ``._scan``): a generator that yields the requests and receives their replies, run by the async store and the
-sync twin alike. A :class:`Guard` keeps what the last check found: a store checks before its first claim, again a
-second after a refusal (an operator may fix the setting with ``CONFIG SET`` while the service runs), and a minute
-after a pass (a failover or a ``CONFIG SET`` may change it), so that the per-claim cost is one clock read.
-Only ``claim`` is guarded: renewing, completing or releasing a claim already taken must still go through (a result
+disabled (managed Redis) or not allowed, ``INFO memory``'s ``maxmemory`` and ``maxmemory_policy``. It is a plan
+(see :mod:`idempo._core.plans`): a generator that yields the requests and receives their replies, run by the async
+store and the sync twin alike. A :class:`Guard` keeps what the last check found: a store checks before its first
+claim, again a second after a refusal (an operator may fix the setting with ``CONFIG SET`` while the service runs),
+and a minute after a pass (a failover or a ``CONFIG SET`` may change it), so that the per-claim cost is one clock
+read. Only ``claim`` is guarded: renewing, completing or releasing a claim already taken must still go through (a result
 not recorded would make the retry run again), and reading records (``get``, ``scan``) starts nothing.
 """
 
@@ -97,16 +97,23 @@ class Reading:
 
 
 def readings_plan(
-    nodes: Sequence[Any], name: Callable[[Any], str]
+    nodes: Sequence[Any], name: Callable[[Any], str], refused: type[Exception]
 ) -> Generator[ConfigGet | InfoMemory, Any, list[Reading]]:
-    """Read the policy of each of *nodes* (``[None]`` for one server); *name* gives a node's name for messages.
-    Its value is one :class:`Reading` per node."""
+    """Read the policy of each of *nodes* (``[None]`` for one server); *name* gives a node's name for messages, and
+    *refused* is the server's error reply (redis-py's ``ResponseError``): a read it refuses is tried another way, or
+    said. Its value is one :class:`Reading` per node."""
     readings = []
     for node in nodes:
-        config = yield ConfigGet(node)
+        try:
+            config = yield ConfigGet(node)
+        except refused as exc:
+            config = exc
         reading = _from_config(name(node), config)
         if reading.failure is not None:
-            info = yield InfoMemory(node)
+            try:
+                info = yield InfoMemory(node)
+            except refused as exc:
+                info = exc
             reading = _from_info(name(node), info, reading.failure)
         readings.append(reading)
     return readings

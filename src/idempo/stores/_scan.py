@@ -1,15 +1,14 @@
-"""What the stores' ``scan`` implementations share: scans written once as *plans*, run by a sync or an async
-runner, and literal prefixes in patterns. Strictly private.
+"""What the stores' ``scan`` implementations share: keyset pagination written once as a plan (see
+:mod:`idempo._core.plans`), and literal prefixes in patterns. Strictly private.
 
-A scan plan is a generator that yields either a request for its runner (a store-specific statement or command,
-e.g. :class:`Page`), whose result the runner sends back, or a :class:`~idempo.Record` for the caller of ``scan``.
-:func:`run_plan` and :func:`run_plan_async` drive one with blocking or awaited calls, so that the paging, the
-limit and the parsing of a scan are the same code in a store and its sync twin.
+A scan is a plan that yields records for the caller of ``scan`` and effects for its store's runner
+(:func:`~idempo._core.plans.iterate`, :func:`~idempo._core.plans.iterate_async`), so that the paging, the limit and
+the parsing of a scan are the same code in a store and its sync twin.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple, TypeVar
 
 from .._core.records import Record
@@ -23,14 +22,12 @@ __all__ = [
     "keyset_plan",
     "like_prefix",
     "prefix_end",
-    "run_plan",
-    "run_plan_async",
 ]
 
-_R = TypeVar("_R")
+_E = TypeVar("_E")
 
-ScanPlan = Generator[_R | Record, Any, None]
-"""A scan, written once: it yields requests of type ``_R`` (and receives their results) or records."""
+ScanPlan = Generator[_E | Record, Any, None]
+"""A scan, written once: it yields effects of type ``_E`` (and receives their results) or records."""
 
 
 def check_limit(limit: int | None) -> None:
@@ -41,65 +38,32 @@ def check_limit(limit: int | None) -> None:
 
 
 class Page(NamedTuple):
-    """A request of :func:`keyset_plan`: the first *size* live records, in key order, whose key is greater than
-    *after* (``None``: from the first one) and starts with the scan's prefix. The result is a ``list[Record]``."""
+    """One page of :func:`keyset_plan`: the first *size* live records, in key order, whose key is greater than
+    *after* (``None``: from the first one) and starts with the scan's prefix."""
 
     after: str | None
     size: int
 
 
-def keyset_plan(limit: int | None, page_size: int) -> ScanPlan[Page]:
+def keyset_plan(
+    limit: int | None, page_size: int, fetch: Callable[[Page], Generator[_E, Any, list[Record]]]
+) -> ScanPlan[_E]:
     """A scan by keyset pagination, for stores that can read records in key order (SQL): page after page, each
-    starting after the last key of the one before, until a short page or *limit*. Pages are separate statements,
-    so a long scan holds no lock or snapshot, and a record is never listed twice."""
+    read by the plan *fetch* makes of it and starting after the last key of the one before, until a short page or
+    *limit*. Pages are separate statements, so a long scan holds no lock or snapshot, and a record is never listed
+    twice."""
     check_limit(limit)
     after: str | None = None
     remaining = limit
     while remaining is None or remaining > 0:
         size = page_size if remaining is None else min(page_size, remaining)
-        records: list[Record] = yield Page(after, size)
+        records = yield from fetch(Page(after, size))
         yield from records
         if len(records) < size:
             return
         after = records[-1].key
         if remaining is not None:
             remaining -= len(records)
-
-
-def run_plan(plan: ScanPlan[_R], execute: Callable[[_R], Any]) -> Iterator[Record]:
-    """Drive *plan* with blocking calls: *execute* runs each request and returns its result."""
-    reply: Any = None
-    try:
-        while True:
-            try:
-                item = plan.send(reply)
-            except StopIteration:
-                return
-            if isinstance(item, Record):
-                reply = None
-                yield item
-            else:
-                reply = execute(item)
-    finally:
-        plan.close()
-
-
-async def run_plan_async(plan: ScanPlan[_R], execute: Callable[[_R], Awaitable[Any]]) -> AsyncIterator[Record]:
-    """Drive *plan* in an event loop: *execute* returns an awaitable of each request's result."""
-    reply: Any = None
-    try:
-        while True:
-            try:
-                item = plan.send(reply)
-            except StopIteration:
-                return
-            if isinstance(item, Record):
-                reply = None
-                yield item
-            else:
-                reply = await execute(item)
-    finally:
-        plan.close()
 
 
 def glob_prefix(prefix: str) -> str:
