@@ -87,15 +87,15 @@ class _ObservedStore(ForwardingStore):
         self.observer = observer
 
     def __repr__(self) -> str:
-        return repr(self.inner)
+        return repr(self._inner)
 
     async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
         if operation not in _TIMED:
-            return await getattr(self.inner, operation)(*args, **kwargs)
+            return await getattr(self._inner, operation)(*args, **kwargs)
         timed = cast("StoreOperation", operation)
         started = time.perf_counter()
         try:
-            result = await getattr(self.inner, operation)(*args, **kwargs)
+            result = await getattr(self._inner, operation)(*args, **kwargs)
         except BaseException as exc:
             self._tell(timed, time.perf_counter() - started, exc)
             raise

@@ -19,23 +19,23 @@ Operation = Literal["claim", "renew", "complete", "release", "get", "delete", "p
 
 class ForwardingStore:
     """A :class:`~idempo.stores.Store` whose eight operations all go through :meth:`_forward`, which by default
-    awaits the same operation of :attr:`inner`.
+    awaits the same operation of the store it wraps.
 
     It has no ``scan``: listing records is a capability (:class:`~idempo.stores.ScanningStore`) that a wrapper
     declares only if it has it.
     """
 
-    __slots__ = ("inner",)
+    __slots__ = ("_inner",)
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
+        self._inner = inner
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.inner!r})"
+        return f"{type(self).__name__}({self._inner!r})"
 
     async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
-        """Perform *operation* with these arguments: ``await self.inner.<operation>(*args, **kwargs)``."""
-        return await getattr(self.inner, operation)(*args, **kwargs)
+        """Perform *operation* with these arguments: ``await self._inner.<operation>(*args, **kwargs)``."""
+        return await getattr(self._inner, operation)(*args, **kwargs)
 
     async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`idempo.Store.claim`."""

@@ -391,7 +391,7 @@ class MemoryStore(ForwardingStore):
         ConfigurationError: ``max_entries`` below 1, or ``max_bytes`` below 64 KiB.
     """
 
-    inner: SyncMemoryStore
+    _inner: SyncMemoryStore
 
     def __init__(
         self,
@@ -406,7 +406,7 @@ class MemoryStore(ForwardingStore):
                 max_entries=max_entries, max_bytes=max_bytes, clock=clock, single_process_check=single_process_check
             )
         )
-        self._records = self.inner._records  # the same dict
+        self._records = self._inner._records  # the same dict
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> Self:
@@ -414,22 +414,22 @@ class MemoryStore(ForwardingStore):
         return cls(**_url_options(url, options))
 
     def __repr__(self) -> str:
-        return f"MemoryStore(max_entries={self.inner._max_entries}, max_bytes={self.inner._max_bytes})"
+        return f"MemoryStore(max_entries={self._inner._max_entries}, max_bytes={self._inner._max_bytes})"
 
     @property
     def bytes_used(self) -> int:
         """The bytes this store counts for its records now (see ``max_bytes``)."""
-        return self.inner._bytes
+        return self._inner._bytes
 
     def sync(self) -> SyncMemoryStore:
         """The blocking twin of this store, over the same records (for the decorator on sync functions)."""
-        return self.inner
+        return self._inner
 
     async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
         # The twin's operation, called here: nothing in it waits (see the module's docstring).
-        return getattr(self.inner, operation)(*args, **kwargs)
+        return getattr(self._inner, operation)(*args, **kwargs)
 
     async def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
         """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order."""
-        for record in self.inner.scan(prefix, limit=limit):
+        for record in self._inner.scan(prefix, limit=limit):
             yield record
