@@ -16,25 +16,25 @@ class _ThreadedStore(ForwardingStore):
     """A :class:`Store` over a :class:`SyncStore`: each operation runs in a worker thread, so the suite's
     concurrent scenarios (50 racing claims) exercise the sync store from many threads at once. Strictly private."""
 
-    inner: SyncStore
+    _inner: SyncStore
 
     @property
     def sync(self) -> SyncStore:
         """The sync store under test, as ``open_sync_store`` returned it (a ``close_store`` override may want it)."""
-        return self.inner
+        return self._inner
 
     async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.inner, operation), *args, **kwargs)
+        return await asyncio.to_thread(getattr(self._inner, operation), *args, **kwargs)
 
 
 class _ThreadedScanningStore(_ThreadedStore):
     """A :class:`_ThreadedStore` over a :class:`SyncScanningStore`: each step of a scan runs in a worker thread.
     Strictly private."""
 
-    inner: SyncScanningStore
+    _inner: SyncScanningStore
 
     async def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
-        records: Iterator[Record] = await asyncio.to_thread(self.inner.scan, prefix, limit=limit)
+        records: Iterator[Record] = await asyncio.to_thread(self._inner.scan, prefix, limit=limit)
         try:
             while (record := await asyncio.to_thread(next, records, None)) is not None:
                 yield record
