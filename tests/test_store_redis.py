@@ -1,7 +1,8 @@
-"""RedisStore: the conformance suite against the shared Redis, a user's own client and a real three-node Redis
-Cluster; and what only a Redis store promises: Lua scripts that survive ``SCRIPT FLUSH``, one hash per record with
-a Redis TTL, the server's clock, bounded failures when the server dies or hangs (and recovery when it is back),
-URLs, and the middleware on top of it.
+"""RedisStore and its sync twin: the conformance suite against the shared Redis, a user's own client and a real
+three-node Redis Cluster; and what only a Redis store promises, each scenario written once and run on both stores
+(the ``twin`` fixture): Lua scripts that survive ``SCRIPT FLUSH``, one hash per record with a Redis TTL, the server's
+clock, bounded failures when the server dies or hangs (and recovery when it is back), URLs, the eviction check, a
+full server; and the middleware on top of the async store.
 
 The shared server is never flushed: every test uses keys under a prefix of its own run, which expire by TTL.
 Tests that kill, pause or flush a server start their own (``tests/redis_cluster.py``).
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,9 +26,10 @@ import httpx
 import pytest
 import redis
 import redis.asyncio
+import redis.asyncio.connection
+import redis.connection
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import SSLConnection
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -52,19 +54,24 @@ from idempo._core.plans import iterate
 from idempo.stores import ScanningStore, SyncScanningStore, parse_store_url
 from idempo.stores import _redis_eviction as eviction_module
 from idempo.stores import _redis_operations as operations_module
-from idempo.stores import redis as redis_module
-from idempo.stores.redis import RedisStore, SyncRedisStore
+from idempo.stores.redis import OOM_PAYLOAD_LIMIT, RedisStore, SyncRedisStore
 from idempo.testing import StoreConformance
 
 from .conftest import REDIS_URL, with_options
 from .redis_cluster import RedisServer, free_port
 from .redis_support import OOM_MARKER, config_reads, fill_up, nodes_of, set_policy
+from .stores_support import TWINS, Twin
 
 RUN_PREFIX = f"idempo-test-{uuid.uuid4().hex[:12]}:"
 """Every key this module writes to the shared server starts with this (and expires by TTL)."""
 
 HANG_GUARD = 30.0
 """A generous bound on operations that must give up on their own: it catches a hang, it does not time them."""
+
+BOUND = 10.0
+"""What one operation that fails on its own may take at most (a few socket timeouts, on a loaded machine)."""
+
+Scenario = Generator[Any, Any, None]
 
 
 def prefixed(url: str, name: str = "") -> str:
@@ -75,6 +82,12 @@ def open_url(url: str, **options: Any) -> RedisStore:
     store = store_from_url(url, **options)
     assert isinstance(store, RedisStore)
     return store
+
+
+@pytest.fixture(params=TWINS)
+def twin(request: pytest.FixtureRequest) -> Twin:
+    """The async store, or its sync twin: each scenario below runs on both."""
+    return Twin(request.param, guard=HANG_GUARD)
 
 
 # -- the conformance suite ---------------------------------------------------------------------------------------
@@ -133,66 +146,84 @@ class TestRedisClusterStore(_RedisConformance):
 # -- records, keys, scripts ----------------------------------------------------------------------------------------
 
 
-async def test_one_hash_per_record_with_a_redis_ttl(redis_url: str) -> None:
-    store = open_url(prefixed(redis_url, "layout:"))
+def test_one_hash_per_record_with_a_redis_ttl(twin: Twin, redis_url: str) -> None:
+    store = twin.open(prefixed(redis_url, f"layout-{twin}:"))
     key = f"{uuid.uuid4().hex}:layout"
-    raw_key = f"{RUN_PREFIX}layout:{key}"
-    async with redis.asyncio.Redis.from_url(redis_url) as raw:
-        token = await store.claim(key, "fp", lease=30, ttl=100)
-        assert isinstance(token, Acquired)
-        assert await raw.type(raw_key) == b"hash"
-        assert await raw.keys(f"{RUN_PREFIX}layout:*") == [raw_key.encode()]
-        fields = await raw.hgetall(raw_key)
-        assert set(fields) == {b"state", b"fingerprint", b"token", b"created_at", b"lease_expires_at", b"expires_at"}
-        assert 99_000 < await raw.pttl(raw_key) <= 100_000
-        assert await store.renew(key, token.token, lease=50)
-        assert 99_000 < await raw.pttl(raw_key) <= 100_000  # renew moves the lease, not the expiry
-        assert await store.complete(key, token.token, b"done", ttl=5)
-        assert 4_000 < await raw.pttl(raw_key) <= 5_000
-        fields = await raw.hgetall(raw_key)
-        assert fields[b"state"] == b"completed"
-        assert fields[b"token"] == b""
-        assert fields[b"payload"] == b"done"
-        # Redis drops the key one millisecond before expires_at: at expires_at the record is expired.
-        expires_at_ms = int(fields[b"expires_at"])
-        assert abs(await raw.pexpiretime(raw_key) - (expires_at_ms - 1)) <= 1
-        assert await store.delete(key)
-        assert await raw.exists(raw_key) == 0
-    await store.close()
+    raw_key = f"{RUN_PREFIX}layout-{twin}:{key}"
+
+    def scenario() -> Scenario:
+        with redis.Redis.from_url(redis_url) as raw:
+            token = yield store.claim(key, "fp", lease=30, ttl=100)
+            assert isinstance(token, Acquired)
+            assert raw.type(raw_key) == b"hash"
+            assert raw.keys(f"{RUN_PREFIX}layout-{twin}:*") == [raw_key.encode()]
+            fields = raw.hgetall(raw_key)
+            assert set(fields) == {
+                b"state",
+                b"fingerprint",
+                b"token",
+                b"created_at",
+                b"lease_expires_at",
+                b"expires_at",
+            }
+            assert 99_000 < raw.pttl(raw_key) <= 100_000
+            assert (yield store.renew(key, token.token, lease=50))
+            assert 99_000 < raw.pttl(raw_key) <= 100_000  # renew moves the lease, not the expiry
+            assert (yield store.complete(key, token.token, b"done", ttl=5))
+            assert 4_000 < raw.pttl(raw_key) <= 5_000
+            fields = raw.hgetall(raw_key)
+            assert (fields[b"state"], fields[b"token"], fields[b"payload"]) == (b"completed", b"", b"done")
+            # Redis drops the key one millisecond before expires_at: at expires_at the record is expired.
+            expires_at_ms = int(fields[b"expires_at"])
+            assert abs(raw.pexpiretime(raw_key) - (expires_at_ms - 1)) <= 1
+            assert (yield store.delete(key))
+            assert raw.exists(raw_key) == 0
+        yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_times_come_from_the_servers_clock(redis_url: str) -> None:
-    store = open_url(prefixed(redis_url, "clock:"))
-    async with redis.asyncio.Redis.from_url(redis_url) as raw:
-        seconds, micros = await raw.time()
-        before = seconds + micros / 1e6
-        await store.claim("clock", "fp", lease=7, ttl=9)
-        seconds, micros = await raw.time()
-        after = seconds + micros / 1e6
-    record = await store.get("clock")
-    assert record is not None
-    assert before - 0.001 <= record.created_at <= after
-    assert record.lease_expires_at == pytest.approx(record.created_at + 7)
-    assert record.expires_at == pytest.approx(record.created_at + 9)
-    await store.delete("clock")
-    await store.close()
-
-
-async def test_a_claim_sent_twice_is_acquired_once(redis_url: str) -> None:
-    """The client draws the token, so a claim that redis-py sends again (after a lost connection) still owns."""
-    store = open_url(prefixed(redis_url, "twice:"))
+def test_times_come_from_the_servers_clock(twin: Twin, redis_url: str) -> None:
+    store = twin.open(prefixed(redis_url, "clock:"))
     key = uuid.uuid4().hex
-    claim = store._bound().scripts["claim"]
-    args: list[str | int] = ["fp", "a-token-of-ours", 30_000, 60_000]
-    assert await claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args) == 1
-    assert await claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args) == 1
-    record = await store.get(key)
-    assert record is not None
-    assert record.token == "a-token-of-ours"
-    other = await store.claim(key, "fp", lease=30, ttl=60)
-    assert isinstance(other, Existing)  # anyone else's claim finds it held
-    assert await store.complete(key, "a-token-of-ours", b"once", ttl=60)
-    await store.close()
+
+    def scenario() -> Scenario:
+        with redis.Redis.from_url(redis_url) as raw:
+            seconds, micros = raw.time()
+            before = seconds + micros / 1e6
+            yield store.claim(key, "fp", lease=7, ttl=9)
+            seconds, micros = raw.time()
+            after = seconds + micros / 1e6
+        record = yield store.get(key)
+        assert record is not None
+        assert before - 0.001 <= record.created_at <= after
+        assert record.lease_expires_at == pytest.approx(record.created_at + 7)
+        assert record.expires_at == pytest.approx(record.created_at + 9)
+        yield store.delete(key)
+        yield store.close()
+
+    twin.run(scenario())
+
+
+def test_a_claim_sent_twice_is_acquired_once(twin: Twin, redis_url: str) -> None:
+    """The client draws the token, so a claim that redis-py sends again (after a lost connection) still owns."""
+    store = twin.open(prefixed(redis_url, "twice:"))
+    key = uuid.uuid4().hex
+
+    def scenario() -> Scenario:
+        claim = store._bound().scripts["claim"]
+        args: list[str | int] = ["fp", "a-token-of-ours", 30_000, 60_000]
+        assert (yield claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args)) == 1
+        assert (yield claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args)) == 1
+        record = yield store.get(key)
+        assert record is not None
+        assert record.token == "a-token-of-ours"
+        other = yield store.claim(key, "fp", lease=30, ttl=60)
+        assert isinstance(other, Existing)  # anyone else's claim finds it held
+        assert (yield store.complete(key, "a-token-of-ours", b"once", ttl=60))
+        yield store.close()
+
+    twin.run(scenario())
 
 
 SPECIAL_KEYS = [
@@ -212,160 +243,188 @@ SPECIAL_KEYS = [
 
 
 @pytest.mark.parametrize("server", ["redis_url", "redis_cluster_url"])
-async def test_keys_with_special_characters(server: str, request: pytest.FixtureRequest) -> None:
+def test_keys_with_special_characters(twin: Twin, server: str, request: pytest.FixtureRequest) -> None:
     base: str = request.getfixturevalue(server)
-    store = open_url(prefixed(base, f"special-{uuid.uuid4().hex[:8]}:"))
-    tokens = {}
-    for key in SPECIAL_KEYS:
-        claim = await store.claim(key, f"fp-{key}", lease=30, ttl=60)
-        assert isinstance(claim, Acquired), key
-        tokens[key] = claim.token
-    for key in SPECIAL_KEYS:
-        assert await store.complete(key, tokens[key], key.encode(), ttl=60), key
-    for key in SPECIAL_KEYS:
-        record = await store.get(key)
-        assert record is not None
-        assert (record.key, record.state, record.fingerprint, record.payload) == (
-            key,
-            State.COMPLETED,
-            f"fp-{key}",
-            key.encode(),
-        )
-        assert await store.delete(key)
-    await store.close()
+    store = twin.open(prefixed(base, f"special-{uuid.uuid4().hex[:8]}:"))
+
+    def scenario() -> Scenario:
+        tokens = {}
+        for key in SPECIAL_KEYS:
+            claim = yield store.claim(key, f"fp-{key}", lease=30, ttl=60)
+            assert isinstance(claim, Acquired), key
+            tokens[key] = claim.token
+        for key in SPECIAL_KEYS:
+            assert (yield store.complete(key, tokens[key], key.encode(), ttl=60)), key
+        for key in SPECIAL_KEYS:
+            record = yield store.get(key)
+            assert record is not None
+            assert (record.key, record.state, record.fingerprint, record.payload) == (
+                key,
+                State.COMPLETED,
+                f"fp-{key}",
+                key.encode(),
+            )
+            assert (yield store.delete(key))
+        yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_scripts_are_reloaded_after_script_flush(private_redis: RedisServer) -> None:
-    store = open_url(private_redis.url)
-    claim = await store.claim("k", "fp", lease=30, ttl=60)
-    assert isinstance(claim, Acquired)
-    with private_redis.client() as admin:
-        admin.script_flush()
-        assert admin.script_exists(store._bound().scripts["complete"].sha) == [False]
-    assert await store.complete("k", claim.token, b"after the flush", ttl=60)  # NOSCRIPT, loaded, run again
-    with private_redis.client() as admin:
-        admin.script_flush()
-    replay = await store.claim("k", "fp", lease=30, ttl=60)
-    assert isinstance(replay, Existing)
-    assert replay.record.payload == b"after the flush"
-    second = await store.claim("k2", "fp", lease=30, ttl=60)
-    assert isinstance(second, Acquired)
-    with private_redis.client() as admin:
-        admin.script_flush()
-    assert await store.renew("k2", second.token, lease=30)
-    with private_redis.client() as admin:
-        admin.script_flush()
-    assert await store.release("k2", second.token)
-    await store.close()
+def test_scripts_are_reloaded_after_script_flush(twin: Twin, private_redis: RedisServer) -> None:
+    store = twin.open(private_redis.url)
 
-
-async def test_scripts_are_reloaded_after_script_flush_on_a_cluster(redis_cluster_url: str) -> None:
-    store = open_url(prefixed(redis_cluster_url, "flush:"))
-    keys = [f"flush-{i}" for i in range(12)]  # enough keys to land on every node
-    tokens = {}
-    for key in keys:
-        claim = await store.claim(key, "fp", lease=30, ttl=60)
+    def scenario() -> Scenario:
+        claim = yield store.claim("k", "fp", lease=30, ttl=60)
         assert isinstance(claim, Acquired)
-        tokens[key] = claim.token
-    for address in redis_cluster_url.removeprefix("redis+cluster://").split(","):
-        host, _, port = address.partition(":")
-        with redis.Redis(host=host, port=int(port)) as node:
-            node.script_flush()
-    for key in keys:
-        assert await store.complete(key, tokens[key], b"done", ttl=60)
-        assert await store.delete(key)
-    await store.close()
+        with private_redis.client() as admin:
+            admin.script_flush()
+            assert admin.script_exists(store._bound().scripts["complete"].sha) == [False]
+        assert (yield store.complete("k", claim.token, b"after the flush", ttl=60))  # NOSCRIPT, loaded, run again
+        with private_redis.client() as admin:
+            admin.script_flush()
+        replay = yield store.claim("k", "fp", lease=30, ttl=60)
+        assert isinstance(replay, Existing)
+        assert replay.record.payload == b"after the flush"
+        second = yield store.claim("k2", "fp", lease=30, ttl=60)
+        assert isinstance(second, Acquired)
+        with private_redis.client() as admin:
+            admin.script_flush()
+        assert (yield store.renew("k2", second.token, lease=30))
+        with private_redis.client() as admin:
+            admin.script_flush()
+        assert (yield store.release("k2", second.token))
+        yield store.close()
+
+    twin.run(scenario())
+
+
+def test_scripts_are_reloaded_after_script_flush_on_a_cluster(twin: Twin, redis_cluster_url: str) -> None:
+    store = twin.open(prefixed(redis_cluster_url, f"flush-{twin}:"))
+    keys = [f"flush-{i}" for i in range(12)]  # enough keys to land on every node
+
+    def scenario() -> Scenario:
+        tokens = {}
+        for key in keys:
+            claim = yield store.claim(key, "fp", lease=30, ttl=60)
+            assert isinstance(claim, Acquired)
+            tokens[key] = claim.token
+        for host, port in nodes_of(redis_cluster_url):
+            with redis.Redis(host=host, port=port) as node:
+                node.script_flush()
+        for key in keys:
+            assert (yield store.complete(key, tokens[key], b"done", ttl=60))
+            assert (yield store.delete(key))
+        yield store.close()
+
+    twin.run(scenario())
 
 
 # -- failures --------------------------------------------------------------------------------------------------
 
 
-async def test_a_killed_server_gives_store_errors_and_the_store_recovers(private_redis: RedisServer) -> None:
-    store = open_url(private_redis.url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    claim = await store.claim("k", "fp", lease=30, ttl=60)
-    assert isinstance(claim, Acquired)
-    private_redis.kill()
-    operations: dict[str, Callable[[], Awaitable[object]]] = {
-        "claim": lambda: store.claim("k", "fp", lease=30, ttl=60),
-        "renew": lambda: store.renew("k", claim.token, lease=30),
-        "complete": lambda: store.complete("k", claim.token, b"x", ttl=60),
-        "release": lambda: store.release("k", claim.token),
-        "get": lambda: store.get("k"),
-        "delete": lambda: store.delete("k"),
-    }
-    for name, operation in operations.items():
-        async with asyncio.timeout(HANG_GUARD):
-            with pytest.raises(StoreError, match=f"{name} failed") as raised:
-                await operation()
-        assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
-        assert str(private_redis.port) in str(raised.value)
-    private_redis.start()  # the same port; an empty server (no persistence)
-    again = await store.claim("k", "fp", lease=30, ttl=60)
-    assert isinstance(again, Acquired)
-    assert await store.complete("k", again.token, b"after the restart", ttl=60)
-    await store.close()
+def test_a_killed_server_gives_store_errors_and_the_store_recovers(twin: Twin, private_redis: RedisServer) -> None:
+    store = twin.open(private_redis.url, socket_timeout=1.0, socket_connect_timeout=1.0)
 
-
-async def test_a_hung_server_gives_store_errors_within_the_timeout(private_redis: RedisServer) -> None:
-    store = open_url(with_options(private_redis.url, timeout="0.3", connect_timeout="0.3"))
-    claim = await store.claim("k", "fp", lease=30, ttl=60)  # the pool now holds a connection
-    assert isinstance(claim, Acquired)
-    fresh = open_url(with_options(private_redis.url, timeout="0.3", connect_timeout="0.3"))  # never connected
-    private_redis.pause()
-    try:
-        for stuck in (store, fresh):
+    def scenario() -> Scenario:
+        claim = yield store.claim("k", "fp", lease=30, ttl=60)
+        assert isinstance(claim, Acquired)
+        private_redis.kill()
+        operations: dict[str, Callable[[], object]] = {
+            "claim": lambda: store.claim("k", "fp", lease=30, ttl=60),
+            "renew": lambda: store.renew("k", claim.token, lease=30),
+            "complete": lambda: store.complete("k", claim.token, b"x", ttl=60),
+            "release": lambda: store.release("k", claim.token),
+            "get": lambda: store.get("k"),
+            "delete": lambda: store.delete("k"),
+        }
+        for name, operation in operations.items():
             started = time.monotonic()
-            async with asyncio.timeout(HANG_GUARD):
+            with pytest.raises(StoreError, match=f"{name} failed") as raised:
+                yield operation()
+            assert time.monotonic() - started < BOUND
+            assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
+            assert str(private_redis.port) in str(raised.value)
+        private_redis.start()  # the same port; an empty server (no persistence)
+        again = yield store.claim("k", "fp", lease=30, ttl=60)
+        assert isinstance(again, Acquired)
+        assert (yield store.complete("k", again.token, b"after the restart", ttl=60))
+        yield store.close()
+
+    twin.run(scenario())
+
+
+def test_a_hung_server_gives_store_errors_within_the_timeout(twin: Twin, private_redis: RedisServer) -> None:
+    store = twin.open(with_options(private_redis.url, timeout="0.3", connect_timeout="0.3"))
+    fresh = twin.open(with_options(private_redis.url, timeout="0.3", connect_timeout="0.3"))  # never connected
+
+    def scenario() -> Scenario:
+        claim = yield store.claim("k", "fp", lease=30, ttl=60)  # the pool now holds a connection
+        assert isinstance(claim, Acquired)
+        private_redis.pause()
+        try:
+            for stuck in (store, fresh):
+                started = time.monotonic()
                 with pytest.raises(StoreError, match="get failed") as raised:
-                    await stuck.get("k")
-            assert isinstance(raised.value.__cause__, redis.exceptions.TimeoutError)
-            assert time.monotonic() - started >= 0.25  # it waited for the reply, then gave up
-    finally:
-        private_redis.resume()
-    assert await store.complete("k", claim.token, b"after the pause", ttl=60)
-    record = await fresh.get("k")
-    assert record is not None
-    assert record.payload == b"after the pause"
-    await store.close()
-    await fresh.close()
+                    yield stuck.get("k")
+                assert isinstance(raised.value.__cause__, redis.exceptions.TimeoutError)
+                assert 0.25 <= time.monotonic() - started < BOUND  # it waited for the reply, then gave up
+        finally:
+            private_redis.resume()
+        assert (yield store.complete("k", claim.token, b"after the pause", ttl=60))
+        record = yield fresh.get("k")
+        assert record is not None
+        assert record.payload == b"after the pause"
+        yield store.close()
+        yield fresh.close()
+
+    twin.run(scenario())
 
 
-async def test_an_unreachable_server_gives_a_store_error() -> None:
-    store = open_url(f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0")
-    async with asyncio.timeout(HANG_GUARD):
+def test_an_unreachable_server_gives_a_store_error(twin: Twin) -> None:
+    store = twin.open(f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0")
+
+    def scenario() -> Scenario:
         with pytest.raises(StoreError, match="claim failed") as raised:
-            await store.claim("k", "fp", lease=30, ttl=60)
-    assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
-    assert "hunter2" not in str(raised.value)
-    assert ":***@127.0.0.1" in str(raised.value)
-    await store.close()
+            yield store.claim("k", "fp", lease=30, ttl=60)
+        assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
+        assert "hunter2" not in str(raised.value)
+        assert ":***@127.0.0.1" in str(raised.value)
+        yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_an_unreachable_cluster_gives_a_store_error() -> None:
-    store = open_url(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}?timeout=0.5")
-    async with asyncio.timeout(HANG_GUARD):
+def test_an_unreachable_cluster_gives_a_store_error(twin: Twin) -> None:
+    store = twin.open(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}?timeout=0.5")
+
+    def scenario() -> Scenario:
         with pytest.raises(StoreError, match="get failed") as raised:
-            await store.get("k")
-    assert isinstance(raised.value.__cause__, redis.exceptions.RedisClusterException | redis.exceptions.RedisError)
-    await store.close()
+            yield store.get("k")
+        assert isinstance(raised.value.__cause__, redis.exceptions.RedisClusterException | redis.exceptions.RedisError)
+        yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_passwords_never_show(tmp_path: Path) -> None:
+def test_passwords_never_show(twin: Twin, tmp_path: Path) -> None:
     server = RedisServer(tmp_path, args=("--requirepass", "right-secret"))
-    try:
-        server.start()
-        wrong = open_url(f"redis://:wrong-secret@127.0.0.1:{server.port}/0")
+
+    def scenario() -> Scenario:
+        wrong = twin.open(f"redis://:wrong-secret@127.0.0.1:{server.port}/0")
         assert "wrong-secret" not in repr(wrong)
-        async with asyncio.timeout(HANG_GUARD):
-            with pytest.raises(StoreError) as raised:
-                await wrong.get("k")
+        with pytest.raises(StoreError) as raised:
+            yield wrong.get("k")
         assert isinstance(raised.value.__cause__, redis.exceptions.AuthenticationError)
         assert "wrong-secret" not in str(raised.value)
-        await wrong.close()
-        right = open_url(f"redis://default:right-secret@127.0.0.1:{server.port}/0")
+        yield wrong.close()
+        right = twin.open(f"redis://default:right-secret@127.0.0.1:{server.port}/0")
         assert "right-secret" not in repr(right)
-        assert isinstance(await right.claim("k", "fp", lease=30, ttl=60), Acquired)
-        await right.close()
+        assert isinstance((yield right.claim("k", "fp", lease=30, ttl=60)), Acquired)
+        yield right.close()
+
+    try:
+        server.start()
+        twin.run(scenario())
     finally:
         server.kill()
 
@@ -373,63 +432,78 @@ async def test_passwords_never_show(tmp_path: Path) -> None:
 # -- URLs ----------------------------------------------------------------------------------------------------
 
 
-async def client_of(store: RedisStore) -> dict[str, Any]:
-    """The connection options of the client *store* would make (the client is closed again)."""
+def client_options(store: Any) -> Generator[Any, Any, dict[str, Any]]:
+    """The connection options of the client *store* makes (the client is closed again)."""
     client = store._bound().client
-    assert isinstance(client, redis.asyncio.Redis)
+    assert isinstance(client, redis.asyncio.Redis | redis.Redis)
     options = dict(client.connection_pool.connection_kwargs)
     options["connection_class"] = client.connection_pool.connection_class
-    await store.close()
+    yield store.close()
     return options
 
 
-async def test_redis_url_defaults() -> None:
-    store = open_url("redis://")
+def test_redis_url_defaults(twin: Twin) -> None:
+    store = twin.open("redis://")
     assert store._prefix == "idempo:"
-    options = await client_of(store)
-    assert (options["host"], options["port"], options["db"]) == ("localhost", 6379, 0)
-    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2.0, 1.0)
-    assert options["password"] is None
-    assert options["decode_responses"] is False
-    retry = options["retry"]  # once more after a connection error; never after a timeout (the server may run it)
-    assert retry.get_retries() == 1
-    assert set(retry._supported_errors) == {redis.exceptions.ConnectionError}
+
+    def scenario() -> Scenario:
+        options = yield from client_options(store)
+        assert (options["host"], options["port"], options["db"]) == ("localhost", 6379, 0)
+        assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2.0, 1.0)
+        assert options["password"] is None
+        assert options["decode_responses"] is False
+        retry = options["retry"]  # once more after a connection error; never after a timeout (the server may run it)
+        assert retry.get_retries() == 1
+        assert set(retry._supported_errors) == {redis.exceptions.ConnectionError}
+
+    twin.run(scenario())
 
 
-async def test_redis_url_with_everything() -> None:
-    store = open_url("redis://app:p%40ss%3Aword@cache.internal:6380/3?prefix=myapp:&timeout=0.5&connect_timeout=0.25")
+def test_redis_url_with_everything(twin: Twin) -> None:
+    store = twin.open("redis://app:p%40ss%3Aword@cache.internal:6380/3?prefix=myapp:&timeout=0.5&connect_timeout=0.25")
     assert store._prefix == "myapp:"
-    options = await client_of(store)
-    assert (options["host"], options["port"], options["db"]) == ("cache.internal", 6380, 3)
-    assert (options["username"], options["password"]) == ("app", "p@ss:word")
-    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.5, 0.25)
     assert "p%40ss" not in repr(store)
     assert "app:***@cache.internal" in repr(store)
 
+    def scenario() -> Scenario:
+        options = yield from client_options(store)
+        assert (options["host"], options["port"], options["db"]) == ("cache.internal", 6380, 3)
+        assert (options["username"], options["password"]) == ("app", "p@ss:word")
+        assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.5, 0.25)
 
-async def test_keyword_options_override_the_url_and_reach_redis_py() -> None:
-    store = open_url("redis://h?prefix=a:&timeout=3", prefix="b:", socket_timeout=4, max_connections=7)
+    twin.run(scenario())
+
+
+def test_keyword_options_override_the_url_and_reach_redis_py(twin: Twin) -> None:
+    store = twin.open("redis://h?prefix=a:&timeout=3", prefix="b:", socket_timeout=4, max_connections=7)
     assert store._prefix == "b:"
-    options = await client_of(store)
-    assert options["socket_timeout"] == 4
-    store = open_url("redis://h", max_connections=7)
-    client = store._bound().client
-    assert isinstance(client, redis.asyncio.Redis)
-    assert client.connection_pool.max_connections == 7
-    await store.close()
+
+    def scenario() -> Scenario:
+        assert store._bound().client.connection_pool.max_connections == 7
+        options = yield from client_options(store)
+        assert options["socket_timeout"] == 4
+
+    twin.run(scenario())
 
 
-async def test_rediss_url_uses_tls() -> None:
-    store = open_url("rediss://:secret@h:6390/0?ssl_cert_reqs=none&ssl_check_hostname=false")
-    options = await client_of(store)
-    assert options["connection_class"] is SSLConnection
-    assert options["ssl_cert_reqs"] == "none"
-    assert options["ssl_check_hostname"] is False
-    assert options["password"] == "secret"
+def test_rediss_url_uses_tls(twin: Twin) -> None:
+    store = twin.open("rediss://:secret@h:6390/0?ssl_cert_reqs=none&ssl_check_hostname=false")
     assert "secret" not in repr(store)
+
+    def scenario() -> Scenario:
+        options = yield from client_options(store)
+        tls = redis.asyncio.connection.SSLConnection if twin.is_async else redis.connection.SSLConnection
+        assert options["connection_class"] is tls
+        assert options["ssl_cert_reqs"] == "none"
+        assert options["ssl_check_hostname"] is False
+        assert options["password"] == "secret"
+
+    twin.run(scenario())
 
 
 async def test_cluster_url_with_several_hosts() -> None:
+    """The asyncio cluster client connects on first use: its nodes can be read without a cluster (the sync one
+    connects as it is made: see test_store_redis_sync.py)."""
     store = open_url("redis+cluster://u:secret@node-a:7000,node-b:7001,[::1]:7002?prefix=c:&timeout=0.7")
     assert store._prefix == "c:"
     assert "secret" not in repr(store)
@@ -446,6 +520,7 @@ async def test_cluster_url_with_several_hosts() -> None:
     await store.close()
 
 
+@pytest.mark.parametrize("kind", TWINS)
 @pytest.mark.parametrize(
     ("url", "options", "message"),
     [
@@ -462,16 +537,16 @@ async def test_cluster_url_with_several_hosts() -> None:
         ("redis://:secret@[::1]x/0", {}, "bad address"),
         ("redis://:secret@h", {"decode_responses": True}, "decode_responses"),
         ("redis://:secret@h", {"no_such_option": 1}, "no_such_option"),
-        ("redis+cluster://:secret@h:1", {"no_such_option": 1}, "RedisCluster"),
+        ("redis+cluster://:secret@h:1", {"no_such_option": 1}, "RedisCluster.*no_such_option"),
         ("redis://:secret@h", {"socket_timeout": None}, "positive"),
         ("redis://:secret@h", {"prefix": 3}, "prefix must be a string"),
         ("redis://:secret@h?eviction=sometimes", {}, "eviction must be one of refuse, warn, ignore"),
         ("redis://:secret@h", {"eviction": "Refuse"}, "eviction must be one of"),
     ],
 )
-def test_invalid_urls_and_options(url: str, options: dict[str, Any], message: str) -> None:
+def test_invalid_urls_and_options(kind: str, url: str, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message) as raised:
-        store_from_url(url, **options)
+        Twin(kind).open(url, **options)
     assert "secret" not in str(raised.value)
 
 
@@ -543,14 +618,19 @@ def test_one_store_serves_several_loops_and_closes_them_all(redis_url: str) -> N
     gc.collect()  # an unclosed connection would warn now, and filterwarnings=error would fail the test
 
 
-async def test_a_users_client_is_left_open(redis_url: str) -> None:
-    async with redis.asyncio.Redis.from_url(redis_url) as client:
-        store = RedisStore(client, prefix=RUN_PREFIX + "own:")
-        assert repr(store) == f"RedisStore(<Redis>, prefix='{RUN_PREFIX}own:')"
-        assert isinstance(await store.claim("k", "fp", lease=30, ttl=60), Acquired)
-        await store.close()
-        assert await client.exists(f"{RUN_PREFIX}own:k") == 1
-        assert await store.delete("k")
+def test_a_users_client_is_left_open(twin: Twin, redis_url: str) -> None:
+    client: Any = (redis.asyncio.Redis if twin.is_async else redis.Redis).from_url(redis_url)
+    store = (RedisStore if twin.is_async else SyncRedisStore)(client, prefix=RUN_PREFIX + "own:")
+    assert repr(store) == f"{type(store).__name__}(<Redis>, prefix='{RUN_PREFIX}own:')"
+
+    def scenario() -> Scenario:
+        assert isinstance((yield store.claim("k", "fp", lease=30, ttl=60)), Acquired)
+        yield store.close()
+        assert (yield client.exists(f"{RUN_PREFIX}own:k")) == 1
+        assert (yield store.delete("k"))
+        yield client.aclose() if twin.is_async else client.close()
+
+    twin.run(scenario())
 
 
 async def test_purge_expired_has_nothing_to_do() -> None:
@@ -636,22 +716,25 @@ async def test_scan_walks_every_batch_and_every_primary(server: str, request: py
         await decoy.close()
 
 
-async def test_scan_skips_what_is_not_a_record(redis_url: str) -> None:
+def test_scan_skips_what_is_not_a_record(twin: Twin, redis_url: str) -> None:
     """Under the store's prefix, a hash that is not a record, or a key of another type, is not listed."""
     prefix = f"{RUN_PREFIX}scan-{uuid.uuid4().hex[:8]}:"
-    store = open_url(with_options(redis_url, prefix=prefix))
-    await store.claim("record", "fp", lease=60, ttl=60)
-    admin = redis.asyncio.Redis.from_url(redis_url)
-    await admin.hset(prefix + "other-hash", mapping={"state": "paused"})
-    await admin.hset(prefix + "partial", mapping={"state": "completed"})
-    await admin.set(prefix + "string", "x")
-    await admin.hset(prefix.encode() + b"\xff", mapping={"state": "in_progress"})
-    for key in ("other-hash", "partial", "string"):
-        await admin.expire(prefix + key, 60)
-    await admin.expire(prefix.encode() + b"\xff", 60)
-    assert [record.key async for record in store.scan()] == ["record"]
-    await admin.aclose()
-    await store.close()
+    store = twin.open(with_options(redis_url, prefix=prefix))
+
+    def scenario() -> Scenario:
+        yield store.claim("record", "fp", lease=60, ttl=60)
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.hset(prefix + "other-hash", mapping={"state": "paused"})
+            admin.hset(prefix + "partial", mapping={"state": "completed"})
+            admin.set(prefix + "string", "x")
+            admin.hset(prefix.encode() + b"\xff", mapping={"state": "in_progress"})
+            for key in ("other-hash", "partial", "string"):
+                admin.expire(prefix + key, 60)
+            admin.expire(prefix.encode() + b"\xff", 60)
+        assert [record.key for record in (yield twin.records(store.scan()))] == ["record"]
+        yield store.close()
+
+    twin.run(scenario())
 
 
 def _fake_scan(replies: dict[int, tuple[Any, list[bytes]]], fields: dict[bytes, list[Any]]) -> Callable[[Any], Any]:
@@ -705,26 +788,28 @@ async def test_a_scan_of_an_unreachable_server_is_a_store_error() -> None:
 # -- a claim's token drawn by the caller ------------------------------------------------------------------------------
 
 
-async def test_a_claim_takes_the_token_its_caller_drew(redis_url: str) -> None:
+def test_a_claim_takes_the_token_its_caller_drew(twin: Twin, redis_url: str) -> None:
     """The middleware draws the token when it must be able to release a claim whose reply it never got."""
-    store = open_url(prefixed(redis_url, "token:"))
+    store = twin.open(prefixed(redis_url, "token:"))
     key = uuid.uuid4().hex
-    assert await store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller") == Acquired(
-        "drawn-by-the-caller"
-    )
-    record = await store.get(key)
-    assert record is not None
-    assert record.token == "drawn-by-the-caller"
-    # The claim sent again (its first reply was lost) still owns the key; anyone else's finds it held.
-    assert await store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller") == Acquired(
-        "drawn-by-the-caller"
-    )
-    assert isinstance(await store.claim(key, "fp", lease=30, ttl=60, token="another"), Existing)
-    assert await store.release(key, "drawn-by-the-caller")
-    assert await store.get(key) is None
-    with pytest.raises(ValueError, match="must not be empty"):
-        await store.claim(key, "fp", lease=30, ttl=60, token="")
-    await store.close()
+
+    def scenario() -> Scenario:
+        drawn = Acquired("drawn-by-the-caller")
+        assert (yield store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller")) == drawn
+        record = yield store.get(key)
+        assert record is not None
+        assert record.token == "drawn-by-the-caller"
+        # The claim sent again (its first reply was lost) still owns the key; anyone else's finds it held.
+        assert (yield store.claim(key, "fp", lease=30, ttl=60, token="drawn-by-the-caller")) == drawn
+        assert isinstance((yield store.claim(key, "fp", lease=30, ttl=60, token="another")), Existing)
+        assert isinstance((yield store.claim(key, "fp", lease=30, ttl=60)), Existing)
+        assert (yield store.release(key, "drawn-by-the-caller"))
+        assert (yield store.get(key)) is None
+        with pytest.raises(ValueError, match="must not be empty"):
+            yield store.claim(key, "fp", lease=30, ttl=60, token="")
+        yield store.close()
+
+    twin.run(scenario())
 
 
 # -- eviction: a server that may drop records ------------------------------------------------------------------------
@@ -742,140 +827,171 @@ def rechecks(monkeypatch: pytest.MonkeyPatch) -> Callable[[float, float], None]:
 
 
 @pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru", "volatile-ttl", "allkeys-random"])
-async def test_an_evicting_policy_refuses_claims_by_default(private_redis: RedisServer, policy: str) -> None:
-    with private_redis.client() as admin:
-        set_policy(admin, policy, "10mb")
-        store = open_url(private_redis.url)
-        with pytest.raises(StoreError) as raised:
-            await store.claim("k", "fp", lease=30, ttl=60)
-        message = str(raised.value)
-        assert f"claim refused: {private_redis.url!r} runs maxmemory-policy {policy} with maxmemory 10485760" in message
-        assert "set `maxmemory-policy noeviction`" in message
-        assert "eviction='warn' or eviction='ignore' (?eviction=warn in the URL)" in message
-        assert admin.exists("idempo:k") == 0  # nothing was claimed
-    await store.close()
+def test_an_evicting_policy_refuses_claims_by_default(twin: Twin, private_redis: RedisServer, policy: str) -> None:
+    store = twin.open(private_redis.url)
+
+    def scenario() -> Scenario:
+        with private_redis.client() as admin:
+            set_policy(admin, policy, "10mb")
+            with pytest.raises(StoreError) as raised:
+                yield store.claim("k", "fp", lease=30, ttl=60)
+            message = str(raised.value)
+            refused = f"claim refused: {private_redis.url!r} runs maxmemory-policy {policy} with maxmemory 10485760"
+            assert refused in message
+            assert "set `maxmemory-policy noeviction`" in message
+            assert "eviction='warn' or eviction='ignore' (?eviction=warn in the URL)" in message
+            assert admin.exists("idempo:k") == 0  # nothing was claimed
+        yield store.close()
+
+    twin.run(scenario())
 
 
 @pytest.mark.parametrize(("policy", "maxmemory"), [("noeviction", "10mb"), ("allkeys-lru", "0")])
-async def test_noeviction_or_no_limit_keeps_records_and_passes(
-    private_redis: RedisServer, policy: str, maxmemory: str, caplog: pytest.LogCaptureFixture
+def test_noeviction_or_no_limit_keeps_records_and_passes(
+    twin: Twin, private_redis: RedisServer, policy: str, maxmemory: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``maxmemory 0`` is no limit: an evicting policy then never evicts."""
     with private_redis.client() as admin:
         set_policy(admin, policy, maxmemory)
-    for eviction in ("refuse", "warn"):
-        store = open_url(with_options(private_redis.url, eviction=eviction, prefix=f"{eviction}:"))
-        with caplog.at_level(logging.WARNING, logger="idempo"):
-            claim = await store.claim("k", "fp", lease=30, ttl=60)
-        assert isinstance(claim, Acquired)
-        assert await store.complete("k", claim.token, b"done", ttl=60)
-        await store.close()
+
+    def scenario() -> Scenario:
+        for eviction in ("refuse", "warn"):
+            store = twin.open(with_options(private_redis.url, eviction=eviction, prefix=f"{eviction}:"))
+            claim = yield store.claim("k", "fp", lease=30, ttl=60)
+            assert isinstance(claim, Acquired)
+            assert (yield store.complete("k", claim.token, b"done", ttl=60))
+            yield store.close()
+
+    with caplog.at_level(logging.WARNING, logger="idempo"):
+        twin.run(scenario())
     assert caplog.records == []
 
 
-async def test_warn_logs_once_per_store_and_claims_go_ahead(
-    private_redis: RedisServer, caplog: pytest.LogCaptureFixture, rechecks: Callable[[float, float], None]
+def test_warn_logs_once_per_store_and_claims_go_ahead(
+    twin: Twin, private_redis: RedisServer, caplog: pytest.LogCaptureFixture, rechecks: Callable[[float, float], None]
 ) -> None:
     rechecks(0, 0)  # the policy is read again before every claim: still one warning
     with private_redis.client() as admin:
         set_policy(admin, "volatile-lru", "10mb")
-    store = open_url(with_options(private_redis.url, eviction="warn"))
-    with caplog.at_level(logging.WARNING, logger="idempo"):
+    store = twin.open(with_options(private_redis.url, eviction="warn"))
+
+    def scenario() -> Scenario:
         for index in range(3):
-            claim = await store.claim(f"k{index}", "fp", lease=30, ttl=60)
+            claim = yield store.claim(f"k{index}", "fp", lease=30, ttl=60)
             assert isinstance(claim, Acquired)
+        yield store.close()
+
+    with caplog.at_level(logging.WARNING, logger="idempo"):
+        twin.run(scenario())
     (warning,) = caplog.records
     assert "eviction='warn', claims go ahead" in warning.getMessage()
     assert "maxmemory-policy volatile-lru with maxmemory 10485760" in warning.getMessage()
     assert "set `maxmemory-policy noeviction`" in warning.getMessage()
-    await store.close()
 
 
-async def test_ignore_never_reads_the_policy(private_redis: RedisServer) -> None:
-    with private_redis.client() as admin:
-        set_policy(admin, "allkeys-lru", "10mb")
-        reads = config_reads(admin)
-        store = open_url(private_redis.url, eviction="ignore")
-        for index in range(3):
-            assert isinstance(await store.claim(f"k{index}", "fp", lease=30, ttl=60), Acquired)
-        assert config_reads(admin) == reads
-    await store.close()
+def test_ignore_never_reads_the_policy(twin: Twin, private_redis: RedisServer) -> None:
+    store = twin.open(private_redis.url, eviction="ignore")
+
+    def scenario() -> Scenario:
+        with private_redis.client() as admin:
+            set_policy(admin, "allkeys-lru", "10mb")
+            reads = config_reads(admin)
+            for index in range(3):
+                assert isinstance((yield store.claim(f"k{index}", "fp", lease=30, ttl=60)), Acquired)
+            assert config_reads(admin) == reads
+        yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_a_policy_fixed_at_runtime_is_picked_up(
-    private_redis: RedisServer, rechecks: Callable[[float, float], None]
+def test_a_policy_fixed_at_runtime_is_picked_up(
+    twin: Twin, private_redis: RedisServer, rechecks: Callable[[float, float], None]
 ) -> None:
     """A refusal holds for a while without a round trip, then the policy is read again; a pass is not read again
     on every claim."""
     rechecks(3600, 3600)
-    with private_redis.client() as admin:
-        set_policy(admin, "volatile-lru", "10mb")
-        store = open_url(private_redis.url)
-        reads = config_reads(admin)
-        for _ in range(20):
+    store = twin.open(private_redis.url)
+
+    def scenario() -> Scenario:
+        with private_redis.client() as admin:
+            set_policy(admin, "volatile-lru", "10mb")
+            reads = config_reads(admin)
+            for _ in range(20):
+                with pytest.raises(StoreError, match="claim refused"):
+                    yield store.claim("k", "fp", lease=30, ttl=60)
+            assert config_reads(admin) == reads + 1  # one read; the refusal held for the other 19 claims
+            admin.config_set("maxmemory-policy", "noeviction")  # the operator fixes it
             with pytest.raises(StoreError, match="claim refused"):
-                await store.claim("k", "fp", lease=30, ttl=60)
-        assert config_reads(admin) == reads + 1  # one read; the refusal held for the other 19 claims
-        admin.config_set("maxmemory-policy", "noeviction")  # the operator fixes it
-        with pytest.raises(StoreError, match="claim refused"):
-            await store.claim("k", "fp", lease=30, ttl=60)  # the refusal still holds
-        rechecks(0, 3600)  # its time is up
-        claim = await store.claim("k", "fp", lease=30, ttl=60)
-        assert isinstance(claim, Acquired)
-        assert config_reads(admin) == reads + 2
-        for index in range(20):
-            assert isinstance(await store.claim(f"more-{index}", "fp", lease=30, ttl=60), Acquired)
-        assert config_reads(admin) == reads + 2  # the pass holds
-        # An evicting policy set at runtime is found at the next check: new claims are refused, but the claim
-        # already taken is still completed (its operation ran: its outcome must be recorded).
-        admin.config_set("maxmemory-policy", "allkeys-lru")
-        rechecks(3600, 0)
-        with pytest.raises(StoreError, match="runs maxmemory-policy allkeys-lru"):
-            await store.claim("new", "fp", lease=30, ttl=60)
-        assert await store.complete("k", claim.token, b"done", ttl=60)
-        assert await store.renew("more-0", "not-the-token", lease=30) is False  # it reached the server
-        record = await store.get("k")
-        assert record is not None
-        assert record.payload == b"done"
-    await store.close()
+                yield store.claim("k", "fp", lease=30, ttl=60)  # the refusal still holds
+            rechecks(0, 3600)  # its time is up
+            claim = yield store.claim("k", "fp", lease=30, ttl=60)
+            assert isinstance(claim, Acquired)
+            assert config_reads(admin) == reads + 2
+            for index in range(20):
+                assert isinstance((yield store.claim(f"more-{index}", "fp", lease=30, ttl=60)), Acquired)
+            assert config_reads(admin) == reads + 2  # the pass holds
+            # An evicting policy set at runtime is found at the next check: new claims are refused, but the claim
+            # already taken is still completed (its operation ran: its outcome must be recorded).
+            admin.config_set("maxmemory-policy", "allkeys-lru")
+            rechecks(3600, 0)
+            with pytest.raises(StoreError, match="runs maxmemory-policy allkeys-lru"):
+                yield store.claim("new", "fp", lease=30, ttl=60)
+            assert (yield store.complete("k", claim.token, b"done", ttl=60))
+            assert (yield store.renew("more-0", "not-the-token", lease=30)) is False  # it reached the server
+            record = yield store.get("k")
+            assert record is not None
+            assert record.payload == b"done"
+        yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_without_config_the_policy_is_read_from_info(tmp_path: Path) -> None:
+def test_without_config_the_policy_is_read_from_info(twin: Twin, tmp_path: Path) -> None:
     """Managed Redis often disables CONFIG: ``INFO memory`` tells the same."""
     args = ("--maxmemory", "10mb", "--maxmemory-policy", "volatile-lru", "--rename-command", "CONFIG", "")
     server = RedisServer(tmp_path, args=args)
+
+    def scenario() -> Scenario:
+        store = twin.open(server.url)
+        with pytest.raises(StoreError) as raised:
+            yield store.claim("k", "fp", lease=30, ttl=60)
+        assert "runs maxmemory-policy volatile-lru with maxmemory 10485760" in str(raised.value)
+        yield store.close()
+
     try:
         server.start()
-        store = open_url(server.url)
-        with pytest.raises(StoreError) as raised:
-            await store.claim("k", "fp", lease=30, ttl=60)
-        assert "runs maxmemory-policy volatile-lru with maxmemory 10485760" in str(raised.value)
-        await store.close()
+        twin.run(scenario())
     finally:
         server.kill()
 
 
 @pytest.mark.parametrize("eviction", ["refuse", "warn", "ignore"])
-async def test_a_policy_that_cannot_be_read_is_said(
-    tmp_path: Path, eviction: str, caplog: pytest.LogCaptureFixture
+def test_a_policy_that_cannot_be_read_is_said(
+    twin: Twin, tmp_path: Path, eviction: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A user allowed neither CONFIG nor INFO: the store cannot know, says so, and refuses unless told otherwise."""
     server = RedisServer(tmp_path)
+
+    def scenario() -> Generator[Any, Any, str]:
+        store = twin.open(f"redis://app:app-secret@127.0.0.1:{server.port}/0?eviction={eviction}")
+        said = ""
+        if eviction == "refuse":
+            with pytest.raises(StoreError) as raised:
+                yield store.claim("k", "fp", lease=30, ttl=60)
+            said = str(raised.value)
+        else:
+            assert isinstance((yield store.claim("k", "fp", lease=30, ttl=60)), Acquired)
+        yield store.close()
+        return said
+
     try:
         server.start()
         with server.client() as admin:
             admin.acl_setuser(
                 "app", enabled=True, passwords=["+app-secret"], keys=["*"], commands=["+@all", "-config", "-info"]
             )
-        store = open_url(f"redis://app:app-secret@127.0.0.1:{server.port}/0?eviction={eviction}")
         with caplog.at_level(logging.WARNING, logger="idempo"):
-            if eviction == "refuse":
-                with pytest.raises(StoreError) as raised:
-                    await store.claim("k", "fp", lease=30, ttl=60)
-                said = str(raised.value)
-            else:
-                assert isinstance(await store.claim("k", "fp", lease=30, ttl=60), Acquired)
-                said = " ".join(record.getMessage() for record in caplog.records)
+            said = twin.run(scenario()) or " ".join(record.getMessage() for record in caplog.records)
         if eviction == "ignore":
             assert said == ""
         else:
@@ -883,29 +999,32 @@ async def test_a_policy_that_cannot_be_read_is_said(
             assert "INFO memory: NoPermissionError" in said
             assert "let the store's Redis user run CONFIG GET or INFO" in said
             assert "app-secret" not in said
-        await store.close()
     finally:
         server.kill()
 
 
-async def test_the_policy_is_read_on_every_primary_of_a_cluster(redis_cluster_url: str) -> None:
+def test_the_policy_is_read_on_every_primary_of_a_cluster(twin: Twin, redis_cluster_url: str) -> None:
     nodes = nodes_of(redis_cluster_url)
     admins = [redis.Redis(host=host, port=port) for host, port in nodes]
-    try:
+
+    def scenario() -> Scenario:
         before = [config_reads(admin) for admin in admins]
-        store = open_url(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
-        assert isinstance(await store.claim("k", "fp", lease=30, ttl=60), Acquired)
+        store = twin.open(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
+        assert isinstance((yield store.claim("k", "fp", lease=30, ttl=60)), Acquired)
         assert [config_reads(admin) for admin in admins] == [count + 1 for count in before]
-        await store.close()
+        yield store.close()
         set_policy(admins[1], "volatile-lru", "1gb")  # one primary of three evicts
-        store = open_url(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
+        store = twin.open(prefixed(redis_cluster_url, f"policy-{uuid.uuid4().hex[:8]}:"))
         with pytest.raises(StoreError) as raised:
-            await store.claim("k", "fp", lease=30, ttl=60)
+            yield store.claim("k", "fp", lease=30, ttl=60)
         host, port = nodes[1]
         said = str(raised.value).partition("claim refused: ")[2]  # after the store's URL, which names every node
         assert said.startswith(f"{host}:{port} runs maxmemory-policy volatile-lru with maxmemory 1073741824 bytes.")
         assert all(f":{other}" not in said for _, other in nodes[::2])
-        await store.close()
+        yield store.close()
+
+    try:
+        twin.run(scenario())
     finally:
         set_policy(admins[1], "noeviction", "0")
         for admin in admins:
@@ -915,68 +1034,76 @@ async def test_the_policy_is_read_on_every_primary_of_a_cluster(redis_cluster_ur
 # -- a full server (maxmemory under noeviction) ---------------------------------------------------------------------
 
 
-async def test_a_full_server_starts_nothing_new_but_records_what_ran(private_redis: RedisServer) -> None:
+def test_a_full_server_starts_nothing_new_but_records_what_ran(twin: Twin, private_redis: RedisServer) -> None:
     """At maxmemory: claims (of a new key, or taking over a stale one) and large completes are refused, while a
     small complete (the middleware's "not stored" marker), a renewal, a release and replays go through, even when
     the server has to load their scripts again."""
-    store = open_url(private_redis.url)
-    running = await store.claim("running", "fp", lease=30, ttl=60)
-    failed = await store.claim("failed", "fp", lease=30, ttl=60)
-    stale = await store.claim("stale", "fp", lease=0, ttl=60)  # its lease has run out: any claim takes it over
-    assert isinstance(running, Acquired)
-    assert isinstance(failed, Acquired)
-    assert isinstance(stale, Acquired)
-    fill_up(private_redis)
-    with private_redis.client() as admin:
-        admin.script_flush()
-    for key in ("new", "stale"):
-        with pytest.raises(StoreFullError, match="claim failed: OutOfMemoryError") as raised:
-            await store.claim(key, "fp", lease=30, ttl=60)
-        assert isinstance(raised.value.__cause__, redis.exceptions.OutOfMemoryError)
-    assert await store.get("new") is None
-    record = await store.get("stale")
-    assert record is not None
-    assert (record.state, record.token) == (State.IN_PROGRESS, stale.token)  # untouched
-    assert await store.renew("running", running.token, lease=30)
-    large = b"r" * (redis_module.OOM_PAYLOAD_LIMIT + 1)
-    with pytest.raises(StoreFullError, match="complete failed: OutOfMemoryError"):
-        await store.complete("running", running.token, large, ttl=60)
-    assert await store.complete("running", running.token, OOM_MARKER, ttl=60)
-    record = await store.get("running")
-    assert record is not None
-    assert (record.state, record.payload) == (State.COMPLETED, OOM_MARKER)
-    replay = await store.claim("running", "fp", lease=30, ttl=60)
-    assert isinstance(replay, Existing)
-    assert replay.record.payload == OOM_MARKER
-    assert await store.release("failed", failed.token)
-    assert await store.get("failed") is None
-    await store.close()
+    store = twin.open(private_redis.url)
+
+    def scenario() -> Scenario:
+        running = yield store.claim("running", "fp", lease=30, ttl=60)
+        failed = yield store.claim("failed", "fp", lease=30, ttl=60)
+        stale = yield store.claim("stale", "fp", lease=0, ttl=60)  # its lease has run out: any claim takes it over
+        assert isinstance(running, Acquired)
+        assert isinstance(failed, Acquired)
+        assert isinstance(stale, Acquired)
+        fill_up(private_redis)
+        with private_redis.client() as admin:
+            admin.script_flush()
+        for key in ("new", "stale"):
+            with pytest.raises(StoreFullError, match="claim failed: OutOfMemoryError") as raised:
+                yield store.claim(key, "fp", lease=30, ttl=60)
+            assert isinstance(raised.value.__cause__, redis.exceptions.OutOfMemoryError)
+        assert (yield store.get("new")) is None
+        record = yield store.get("stale")
+        assert record is not None
+        assert (record.state, record.token) == (State.IN_PROGRESS, stale.token)  # untouched
+        assert (yield store.renew("running", running.token, lease=30))
+        large = b"r" * (OOM_PAYLOAD_LIMIT + 1)
+        with pytest.raises(StoreFullError, match="complete failed: OutOfMemoryError"):
+            yield store.complete("running", running.token, large, ttl=60)
+        assert (yield store.complete("running", running.token, OOM_MARKER, ttl=60))
+        record = yield store.get("running")
+        assert record is not None
+        assert (record.state, record.payload) == (State.COMPLETED, OOM_MARKER)
+        replay = yield store.claim("running", "fp", lease=30, ttl=60)
+        assert isinstance(replay, Existing)
+        assert replay.record.payload == OOM_MARKER
+        assert (yield store.release("failed", failed.token))
+        assert (yield store.get("failed")) is None
+        yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_a_server_without_script_flags_gets_the_plain_scripts(
-    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_server_without_script_flags_gets_the_plain_scripts(
+    twin: Twin, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis 6 cannot compile a shebang ("Error compiling script"): renew and the small complete then run the
     plain scripts, and at maxmemory they fail like the others. (Redis 7 answers the same error to a header that is
     no shebang, which stands in for Redis 6 here.)"""
     monkeypatch.setattr(operations_module, "_ALLOW_OOM", "#\n")
-    store = open_url(private_redis.url)
-    claim = await store.claim("k", "fp", lease=30, ttl=60)
-    assert isinstance(claim, Acquired)
+    store = twin.open(private_redis.url)
+
+    def scenario() -> Scenario:
+        claim = yield store.claim("k", "fp", lease=30, ttl=60)
+        assert isinstance(claim, Acquired)
+        assert (yield store.renew("k", claim.token, lease=30))
+        assert (yield store.complete("k", claim.token, OOM_MARKER, ttl=60))
+        scripts = store._bound().scripts
+        assert scripts["renew_at_oom"] is scripts["renew"]
+        assert scripts["complete_at_oom"] is scripts["complete"]
+        other = yield store.claim("other", "fp", lease=30, ttl=60)
+        assert isinstance(other, Acquired)
+        fill_up(private_redis)
+        with pytest.raises(StoreFullError, match="complete failed: OutOfMemoryError"):
+            yield store.complete("other", other.token, OOM_MARKER, ttl=60)
+        yield store.close()
+
     with caplog.at_level(logging.WARNING, logger="idempo"):
-        assert await store.renew("k", claim.token, lease=30)
-        assert await store.complete("k", claim.token, OOM_MARKER, ttl=60)
+        twin.run(scenario())
     (warning,) = caplog.records
     assert "does not take script flags (Redis < 7)" in warning.getMessage()
-    scripts = store._bound().scripts
-    assert scripts["renew_at_oom"] is scripts["renew"]
-    assert scripts["complete_at_oom"] is scripts["complete"]
-    other = await store.claim("other", "fp", lease=30, ttl=60)
-    assert isinstance(other, Acquired)
-    fill_up(private_redis)
-    with pytest.raises(StoreFullError, match="complete failed: OutOfMemoryError"):
-        await store.complete("other", other.token, OOM_MARKER, ttl=60)
-    await store.close()
 
 
 async def test_the_middleware_on_a_server_that_fills_up_during_a_request(private_redis: RedisServer) -> None:

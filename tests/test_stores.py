@@ -31,7 +31,6 @@ from idempo import (
     StoreError,
     store_from_url,
 )
-from idempo._core.plans import run
 from idempo.stores import ScanningStore, SyncScanningStore, SyncStore, redact, sync_store_from_url
 from idempo.stores._scan import glob_prefix, like_prefix, prefix_end
 from idempo.stores.memory import SyncMemoryStore
@@ -759,7 +758,7 @@ def test_sync_sqlite_store_closes_a_connection_in_use_when_its_operation_ends(tm
         go_on.wait(timeout=30)
         return store._get(conn, key)
 
-    thread = threading.Thread(target=lambda: seen.append(run(store._attempts(slow_get, ("k",)), store._perform)))
+    thread = threading.Thread(target=lambda: seen.append(store._run(slow_get, ("k",))))
     thread.start()
     assert inside.wait(timeout=30)
     pool = store._pool

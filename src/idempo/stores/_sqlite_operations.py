@@ -124,18 +124,22 @@ class SQLiteOperations:
 
     # -- trying an operation until its deadline: a plan ------------------------------------------------------
 
-    def _attempts(self, operation: Callable[..., T], args: tuple[Any, ...], inline: bool = True) -> _Plan[T]:
-        """*operation*, tried until it is not :class:`Busy`, pausing between attempts, until *busy_timeout* after
-        this call."""
-        attempt = Attempt(operation, args, time.monotonic() + self._busy_timeout, inline)
+    def _attempt(self, operation: Callable[..., Any], args: tuple[Any, ...], inline: bool = True) -> Attempt:
+        """*operation*'s attempt, its deadline *busy_timeout* from now."""
+        return Attempt(operation, args, time.monotonic() + self._busy_timeout, inline)
+
+    def _attempts(self, attempt: Attempt, failed: Busy | None = None) -> _Plan[Any]:
+        """*attempt*, made until it is not :class:`Busy`, pausing between attempts, until its deadline. *failed*:
+        the first attempt was made already (outside the plan: see ``sqlite.py``), and failed so."""
         tries, cause = 0, None
         while True:
-            try:
-                result: T = yield attempt
-            except Busy as busy:
-                cause = busy.cause or cause
-            else:
-                return result
+            if failed is None:
+                try:
+                    return (yield attempt)
+                except Busy as busy:
+                    failed = busy
+            cause = failed.cause or cause
+            failed = None
             yield self._pause(attempt.deadline, tries, cause)
             tries += 1
 
@@ -157,7 +161,11 @@ class SQLiteOperations:
 
     def _scan_plan(self, prefix: str, limit: int | None) -> Generator[Attempt | Pause | Record, Any, None]:
         """A scan: pages of records in key order, each page one operation (its own attempts and deadline)."""
-        return keyset_plan(limit, self._scan_page_size, lambda page: self._attempts(self._scan_page, (prefix, page)))
+        return keyset_plan(limit, self._scan_page_size, lambda page: self._page(prefix, page))
+
+    def _page(self, prefix: str, page: Page) -> _Plan[list[Record]]:
+        result: list[Record] = yield from self._attempts(self._attempt(self._scan_page, (prefix, page)))
+        return result
 
     # -- the operations: plain functions of a connection, run by either store -------------------------------
 

@@ -44,7 +44,7 @@ from typing import Any, Self, TypeVar
 
 from .._core.plans import iterate, iterate_async, run, run_async
 from .._core.records import Claim, Record
-from ._sqlite_connections import Pool, StoreThread, fork_lock, inherit
+from ._sqlite_connections import Busy, Pool, StoreThread, fork_lock, inherit
 from ._sqlite_operations import Attempt, Pause, SQLiteOperations
 from ._url import StoreURL
 
@@ -129,11 +129,25 @@ class SQLiteStore(SQLiteOperations):
                     thread = self._thread = StoreThread(self._database, pid, self._inline)
         return thread
 
+    async def _run(self, operation: Callable[..., T], args: tuple[Any, ...], inline: bool = True) -> T:
+        # The first attempt is made here, outside the plan: most operations end with it, and driving a plan costs
+        # a generator and its runner (measured: a microsecond, a tenth of a replay's store call). What follows a
+        # busy attempt is the plan's.
+        deadline = time.monotonic() + self._busy_timeout
+        try:
+            result: T = await self._try(operation, args, deadline, inline)
+        except Busy as busy:
+            result = await run_async(self._attempts(Attempt(operation, args, deadline, inline), busy), self._perform)
+        return result
+
     async def _perform(self, effect: Attempt | Pause) -> Any:
         if isinstance(effect, Pause):
             await asyncio.sleep(effect)
             return None
-        operation, args, deadline, inline = effect
+        return await self._try(*effect)
+
+    async def _try(self, operation: Callable[..., T], args: tuple[Any, ...], deadline: float, inline: bool) -> T:
+        """Make an attempt (see :class:`Attempt`): on the loop's connection if it may, else on the store's thread."""
         thread = self._thread_of_this_process()
         checkpoints = thread.checkpoints
         # While a checkpoint restarts the WAL, operations queue on the thread behind it.
@@ -165,31 +179,31 @@ class SQLiteStore(SQLiteOperations):
 
     async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        return await run_async(self._attempts(self._claim, (key, fingerprint, lease, ttl, token)), self._perform)
+        return await self._run(self._claim, (key, fingerprint, lease, ttl, token))
 
     async def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
-        return await run_async(self._attempts(self._renew, (key, token, lease)), self._perform)
+        return await self._run(self._renew, (key, token, lease))
 
     async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """See :meth:`idempo.Store.complete`."""
-        return await run_async(self._attempts(self._complete, (key, token, payload, ttl)), self._perform)
+        return await self._run(self._complete, (key, token, payload, ttl))
 
     async def release(self, key: str, token: str) -> bool:
         """See :meth:`idempo.Store.release`."""
-        return await run_async(self._attempts(self._release, (key, token)), self._perform)
+        return await self._run(self._release, (key, token))
 
     async def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`."""
-        return await run_async(self._attempts(self._get, (key,)), self._perform)
+        return await self._run(self._get, (key,))
 
     async def delete(self, key: str) -> bool:
         """See :meth:`idempo.Store.delete`."""
-        return await run_async(self._attempts(self._delete, (key,)), self._perform)
+        return await self._run(self._delete, (key,))
 
     async def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`. Always on the store's thread: it may delete many rows."""
-        return await run_async(self._attempts(self._purge_expired, (), inline=False), self._perform)
+        return await self._run(self._purge_expired, (), inline=False)
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
         """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 100 records, one
@@ -269,11 +283,22 @@ class SyncSQLiteStore(SQLiteOperations):
                     pool = self._pool = Pool(self._database, pid)
         return pool
 
+    def _run(self, operation: Callable[..., T], args: tuple[Any, ...]) -> T:
+        deadline = time.monotonic() + self._busy_timeout  # the first attempt outside the plan, as in SQLiteStore._run
+        try:
+            result: T = self._try(operation, args, deadline)
+        except Busy as busy:
+            result = run(self._attempts(Attempt(operation, args, deadline, True), busy), self._perform)
+        return result
+
     def _perform(self, effect: Attempt | Pause) -> Any:
         if isinstance(effect, Pause):
             time.sleep(effect)
             return None
-        operation, args, deadline, _ = effect
+        return self._try(effect.operation, effect.args, effect.deadline)
+
+    def _try(self, operation: Callable[..., T], args: tuple[Any, ...], deadline: float) -> T:
+        """Make an attempt (see :class:`Attempt`) on a connection of the pool."""
         pool = self._pool_of_this_process()
         conn = pool.checkout(deadline)
         try:
@@ -291,31 +316,31 @@ class SyncSQLiteStore(SQLiteOperations):
 
     def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         """See :meth:`idempo.Store.claim`."""
-        return run(self._attempts(self._claim, (key, fingerprint, lease, ttl, token)), self._perform)
+        return self._run(self._claim, (key, fingerprint, lease, ttl, token))
 
     def renew(self, key: str, token: str, *, lease: float) -> bool:
         """See :meth:`idempo.Store.renew`."""
-        return run(self._attempts(self._renew, (key, token, lease)), self._perform)
+        return self._run(self._renew, (key, token, lease))
 
     def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         """See :meth:`idempo.Store.complete`."""
-        return run(self._attempts(self._complete, (key, token, payload, ttl)), self._perform)
+        return self._run(self._complete, (key, token, payload, ttl))
 
     def release(self, key: str, token: str) -> bool:
         """See :meth:`idempo.Store.release`."""
-        return run(self._attempts(self._release, (key, token)), self._perform)
+        return self._run(self._release, (key, token))
 
     def get(self, key: str) -> Record | None:
         """See :meth:`idempo.Store.get`."""
-        return run(self._attempts(self._get, (key,)), self._perform)
+        return self._run(self._get, (key,))
 
     def delete(self, key: str) -> bool:
         """See :meth:`idempo.Store.delete`."""
-        return run(self._attempts(self._delete, (key,)), self._perform)
+        return self._run(self._delete, (key,))
 
     def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`."""
-        return run(self._attempts(self._purge_expired, ()), self._perform)
+        return self._run(self._purge_expired, ())
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
         """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 100 records, one
