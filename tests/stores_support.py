@@ -4,6 +4,7 @@ written once for a store and its sync twin (:class:`Twin`)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,13 @@ class Twin:
     def outcome(self, started: Any) -> Any:
         """To yield: the result of what :meth:`start` started, once it is done (or its exception, raised)."""
         return started if self.is_async else started.result(timeout=self.guard)
+
+    def pause(self, seconds: float) -> Any:
+        """To yield: a pause of *seconds* (a timer of the event loop, or a sleep of the thread)."""
+        if self.is_async:
+            return asyncio.sleep(seconds)
+        time.sleep(seconds)
+        return None
 
     def records(self, iterator: Any) -> Any:
         """To yield: the records of a ``scan``, as a list."""

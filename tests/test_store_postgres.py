@@ -1,4 +1,6 @@
-"""PostgresStore against a real PostgreSQL server: the conformance suite, races, failures and recovery.
+"""PostgresStore and its sync twin against a real PostgreSQL server: the conformance suite, races, failures and
+recovery. The scenarios both stores share are written once and run on each (the ``twin`` fixture);
+``test_store_postgres_sync.py`` has what only the sync store does.
 
 Every test uses a table of its own, with a name unique to the run, and drops it at the end, so that runs never
 collide and the ``test`` database is left as it was found.
@@ -7,12 +9,17 @@ collide and the ``test`` database is left as it was found.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
 import json
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -37,15 +44,35 @@ from idempo import (
     StoreError,
     store_from_url,
 )
-from idempo.stores import ScanningStore, SyncScanningStore
+from idempo.stores import ScanningStore, SyncScanningStore, SyncStore
 from idempo.stores import _postgres_operations as operations_module
-from idempo.stores.postgres import PostgresStore
+from idempo.stores.postgres import PostgresStore, SyncPostgresStore
 from idempo.testing import StoreConformance
 
 from .conftest import with_options
-from .stores_support import FakeClock, drop_table, new_table, record_of, token_of
+from .stores_support import TWINS, FakeClock, Twin, drop_table, new_table, record_of, token_of
 
 HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
+
+Scenario = Generator[Any, Any, None]
+
+
+@pytest.fixture(params=TWINS)
+def twin(request: pytest.FixtureRequest) -> Twin:
+    """The async store, or its sync twin: each scenario that takes it runs on both."""
+    return Twin(request.param, guard=HANG_GUARD)
+
+
+def opened(twin: Twin, conninfo: str, **options: Any) -> Any:
+    """A :class:`PostgresStore`, or a :class:`SyncPostgresStore`, with these options."""
+    return (PostgresStore if twin.is_async else SyncPostgresStore)(conninfo, **options)
+
+
+@pytest.fixture
+def sync_admin(postgres_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A blocking connection of the test's own, beside the store's (usable from a scenario on either store)."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        yield conn
 
 
 @pytest.fixture
@@ -113,21 +140,28 @@ async def test_stale_owner_not_taken_over_still_completes(clocked: tuple[Postgre
     assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).payload == b"late"
 
 
-async def test_purge_expired_counts_exactly_what_it_removes(
-    clocked: tuple[PostgresStore, FakeClock], admin: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+def test_purge_expired_counts_exactly_what_it_removes(
+    twin: Twin, postgres_url: str, table: str, sync_admin: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, clock = clocked
+    clock = FakeClock()
+    store = opened(twin, postgres_url, table=table, clock=clock)
     monkeypatch.setattr(operations_module, "_PURGE_BATCH", 2)  # several batches
-    assert await store.purge_expired() == 0
-    for key in ("a", "b", "c"):
-        await store.claim(key, "fp", lease=10, ttl=20)
-    assert await store.complete("d", token_of(await store.claim("d", "fp", lease=10, ttl=1000)), b"", ttl=5)
-    assert await store.complete("live", token_of(await store.claim("live", "fp", lease=10, ttl=20)), b"kept", ttl=1000)
-    clock.now += 20
-    assert await store.purge_expired() == 4  # a, b, c in progress and d completed, all past their TTL
-    assert await store.purge_expired() == 0
-    query = psycopg.sql.SQL("SELECT key FROM {}").format(psycopg.sql.Identifier(store._table))
-    assert await (await admin.execute(query)).fetchall() == [("live",)]
+
+    def scenario() -> Scenario:
+        assert (yield store.purge_expired()) == 0
+        for key in ("a", "b", "c"):
+            yield store.claim(key, "fp", lease=10, ttl=20)
+        assert (yield store.complete("d", token_of((yield store.claim("d", "fp", lease=10, ttl=1000))), b"", ttl=5))
+        live = token_of((yield store.claim("live", "fp", lease=10, ttl=20)))
+        assert (yield store.complete("live", live, b"kept", ttl=1000))
+        clock.now += 20
+        assert (yield store.purge_expired()) == 4  # a, b, c in progress and d completed, all past their TTL
+        assert (yield store.purge_expired()) == 0
+        query = psycopg.sql.SQL("SELECT key FROM {}").format(psycopg.sql.Identifier(table))
+        assert sync_admin.execute(query).fetchall() == [("live",)]
+        yield store.close()
+
+    twin.run(scenario())
 
 
 async def test_concurrent_takeover_of_a_stale_key_has_one_winner(clocked: tuple[PostgresStore, FakeClock]) -> None:
@@ -144,31 +178,33 @@ async def test_concurrent_takeover_of_a_stale_key_has_one_winner(clocked: tuple[
 # -- races ----------------------------------------------------------------------------------------------------------
 
 
-async def test_two_hundred_concurrent_claims_over_ten_connections_have_one_winner(
-    postgres_url: str, table: str
-) -> None:
-    store = PostgresStore(postgres_url, table=table, min_size=10, max_size=10)
-    attempts = 0
+def test_concurrent_claims_over_ten_connections_have_one_winner(twin: Twin, postgres_url: str, table: str) -> None:
+    """200 tasks of the loop, or 100 threads, claim one key at once, round after round."""
+    store = opened(twin, postgres_url, table=table, min_size=10, max_size=10)
+    claimants, rounds = (200, 5) if twin.is_async else (100, 3)
+    statements = itertools.count()
     perform = store._perform
 
-    async def counting(step: Any) -> Any:
-        nonlocal attempts
-        attempts += 1
-        return await perform(step)
+    def counting(step: Any) -> Any:
+        next(statements)  # atomic, from any thread
+        return perform(step)
 
-    store._perform = counting  # type: ignore[method-assign]  # count the statements, to show the retries
-    try:
-        for round_ in range(5):
+    store._perform = counting  # count the statements, to show the retries
+
+    def scenario() -> Scenario:
+        for round_ in range(rounds):
             key = f"race-{round_}"
-            claims = await asyncio.gather(*(store.claim(key, "fp", lease=60, ttl=60) for _ in range(200)))
+            claims = yield twin.all([functools.partial(store.claim, key, "fp", lease=60, ttl=60)] * claimants)
             winners = [claim.token for claim in claims if isinstance(claim, Acquired)]
             assert len(winners) == 1, f"{len(winners)} winners in round {round_}"
             losers = [record_of(claim) for claim in claims if isinstance(claim, Existing)]
-            assert len(losers) == 199
+            assert len(losers) == claimants - 1
             assert {(r.key, r.state, r.token) for r in losers} == {(key, State.IN_PROGRESS, winners[0])}
-    finally:
-        await store.close()
-    assert attempts >= 5 * 200  # more when a claim met a winner committed after its snapshot and looked again
+        yield store.close()
+
+    twin.run(scenario())
+    # More when a claim met a winner committed after its snapshot and looked again.
+    assert next(statements) >= rounds * claimants
 
 
 _OPENER = """
@@ -290,82 +326,102 @@ async def terminate(admin: psycopg.AsyncConnection[Any], application_name: str) 
     return len(rows)
 
 
-async def test_terminated_idle_connections_are_replaced(
-    postgres_url: str, table: str, admin: psycopg.AsyncConnection[Any]
+def sync_backends_of(admin: psycopg.Connection[Any], application_name: str) -> list[int]:
+    rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name]).fetchall()
+    return [row[0] for row in rows]
+
+
+def sync_terminate(admin: psycopg.Connection[Any], application_name: str) -> int:
+    """Terminate the store's connections, and wait until they are gone."""
+    rows = admin.execute(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = %s",
+        [application_name],
+    ).fetchall()
+    assert all(row[0] for row in rows), rows
+    return len(rows)
+
+
+def test_terminated_idle_connections_are_replaced(
+    twin: Twin, postgres_url: str, table: str, sync_admin: psycopg.Connection[Any]
 ) -> None:
     name = f"idempo-test-{uuid.uuid4().hex[:8]}"
-    store = PostgresStore(postgres_url, table=table, application_name=name, min_size=3, max_size=3)
-    try:
-        async with asyncio.timeout(HANG_GUARD):
-            token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
-            await asyncio.gather(*(store.get("k") for _ in range(10)))  # all three connections in use
-            assert len(await backends_of(admin, name)) == 3
-            assert await terminate(admin, name) == 3
+    store = opened(twin, postgres_url, table=table, application_name=name, min_size=3, max_size=3)
+
+    def scenario() -> Scenario:
+        try:
+            token = token_of((yield store.claim("k", "fp", lease=60, ttl=60)))
+            yield twin.all(lambda: store.get("k") for _ in range(10))  # all three connections in use
+            assert len(sync_backends_of(sync_admin, name)) == 3
+            assert sync_terminate(sync_admin, name) == 3
             # The store notices, before using them, that the server closed its idle connections.
-            assert await store.complete("k", token, b"done", ttl=60)
+            assert (yield store.complete("k", token, b"done", ttl=60))
             for _ in range(5):
-                assert record_of(await store.claim("k", "fp", lease=60, ttl=60)).payload == b"done"
-    finally:
-        await store.close()
+                assert record_of((yield store.claim("k", "fp", lease=60, ttl=60))).payload == b"done"
+        finally:
+            yield store.close()
+
+    twin.run(scenario())
 
 
-async def test_backend_terminated_during_a_statement(
-    postgres_url: str, table: str, admin: psycopg.AsyncConnection[Any]
+def test_backend_terminated_during_a_statement(
+    twin: Twin, postgres_url: str, table: str, sync_admin: psycopg.Connection[Any]
 ) -> None:
     name = f"idempo-test-{uuid.uuid4().hex[:8]}"
-    store = PostgresStore(postgres_url, table=table, application_name=name, max_size=1, statement_timeout=30)
-    token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
-    locker = await psycopg.AsyncConnection.connect(postgres_url)
-    try:
-        async with asyncio.timeout(HANG_GUARD):
-            await locker.execute(
-                psycopg.sql.SQL("SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE").format(psycopg.sql.Identifier(table))
-            )
-            completing = asyncio.ensure_future(store.complete("k", token, b"done", ttl=60))
-            await wait_for_lock_wait(admin, name)
-            await terminate(admin, name)
-            with pytest.raises(StoreError) as raised:
-                await completing
-            assert isinstance(raised.value.__cause__, psycopg.OperationalError)
-            await locker.rollback()
-            assert await store.complete("k", token, b"done", ttl=60)  # the statement was rolled back: do it again
-    finally:
-        await locker.close()
-        await store.close()
+    store = opened(twin, postgres_url, table=table, application_name=name, max_size=1, statement_timeout=30)
+
+    def scenario() -> Scenario:
+        token = token_of((yield store.claim("k", "fp", lease=60, ttl=60)))
+        with psycopg.connect(postgres_url) as locker:
+            try:
+                locker.execute(
+                    psycopg.sql.SQL("SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE").format(psycopg.sql.Identifier(table))
+                )
+                completing = twin.start(lambda: store.complete("k", token, b"done", ttl=60))
+                yield from wait_for_lock_wait(twin, sync_admin, name)
+                sync_terminate(sync_admin, name)
+                with pytest.raises(StoreError) as raised:
+                    yield twin.outcome(completing)
+                assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+                locker.rollback()
+                assert (yield store.complete("k", token, b"done", ttl=60))  # rolled back: do it again
+            finally:
+                yield store.close()
+
+    twin.run(scenario())
 
 
-async def wait_for_lock_wait(admin: psycopg.AsyncConnection[Any], application_name: str) -> None:
-    """Poll, with a deadline, until one of the store's statements waits for a lock."""
+def wait_for_lock_wait(twin: Twin, admin: psycopg.Connection[Any], application_name: str) -> Scenario:
+    """Poll, with a deadline, until one of the store's statements waits for a lock (yielding the event loop, if
+    there is one, between looks)."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'"
-    async with asyncio.timeout(10):
-        while True:
-            if await (await admin.execute(query, [application_name])).fetchone() == (1,):
-                return
-            await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while admin.execute(query, [application_name]).fetchone() != (1,):
+        assert time.monotonic() < deadline, "the store's statement never waited for the lock"
+        yield twin.pause(0.01)
 
 
-async def test_statement_timeout_is_honoured(
-    postgres_url: str, table: str, admin: psycopg.AsyncConnection[Any]
-) -> None:
+def test_statement_timeout_is_honoured(twin: Twin, postgres_url: str, table: str) -> None:
     name = f"idempo-test-{uuid.uuid4().hex[:8]}"
-    store = store_from_url(with_options(postgres_url, table=table, statement_timeout=0.3, application_name=name))
-    token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
-    locker = await psycopg.AsyncConnection.connect(postgres_url)
-    try:
-        await locker.execute(
-            psycopg.sql.SQL("SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE").format(psycopg.sql.Identifier(table))
-        )
-        async with asyncio.timeout(HANG_GUARD):
-            with pytest.raises(StoreError, match="complete") as raised:
-                await store.complete("k", token, b"done", ttl=60)
-        assert isinstance(raised.value.__cause__, psycopg.errors.QueryCanceled)
-        # Reads never wait for the lock: a replay or an in-progress answer comes at once.
-        assert record_of(await store.claim("k", "fp", lease=60, ttl=60)).token == token
-        await locker.rollback()
-        assert await store.complete("k", token, b"done", ttl=60)
-    finally:
-        await locker.close()
-        await store.close()
+    store = twin.open(with_options(postgres_url, table=table, statement_timeout=0.3, application_name=name))
+
+    def scenario() -> Scenario:
+        token = token_of((yield store.claim("k", "fp", lease=60, ttl=60)))
+        with psycopg.connect(postgres_url) as locker:
+            try:
+                locker.execute(
+                    psycopg.sql.SQL("SELECT 1 FROM {} WHERE key = 'k' FOR UPDATE").format(psycopg.sql.Identifier(table))
+                )
+                with pytest.raises(StoreError, match="complete") as raised:
+                    yield store.complete("k", token, b"done", ttl=60)
+                assert isinstance(raised.value.__cause__, psycopg.errors.QueryCanceled)
+                # Reads never wait for the lock: a replay or an in-progress answer comes at once.
+                assert record_of((yield store.claim("k", "fp", lease=60, ttl=60))).token == token
+                locker.rollback()
+                assert (yield store.complete("k", token, b"done", ttl=60))
+            finally:
+                yield store.close()
+
+    twin.run(scenario())
 
 
 def closed_port() -> int:
@@ -375,23 +431,25 @@ def closed_port() -> int:
     return port
 
 
-async def test_unreachable_server_is_a_store_error() -> None:
-    url = f"postgresql://app:s3cr3t-pw@127.0.0.1:{closed_port()}/test?connect_timeout=2&pool_timeout=1"
-    store = store_from_url(url)
-    try:
-        for _ in range(2):  # and again: nothing was left half open
-            async with asyncio.timeout(HANG_GUARD):
+def test_unreachable_server_is_a_store_error(twin: Twin) -> None:
+    store = twin.open(f"postgresql://app:s3cr3t-pw@127.0.0.1:{closed_port()}/test?connect_timeout=2&pool_timeout=1")
+
+    def scenario() -> Scenario:
+        try:
+            for _ in range(2):  # and again: nothing was left half open
                 with pytest.raises(StoreError) as raised:
-                    await store.claim("k", "fp", lease=60, ttl=60)
-            assert isinstance(raised.value.__cause__, psycopg.OperationalError)
-            assert "s3cr3t-pw" not in str(raised.value)
-            assert "s3cr3t-pw" not in str(raised.value.__cause__)
-            assert "app:***@127.0.0.1" in str(raised.value)
-    finally:
-        await store.close()
+                    yield store.claim("k", "fp", lease=60, ttl=60)
+                assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+                assert "s3cr3t-pw" not in str(raised.value)
+                assert "s3cr3t-pw" not in str(raised.value.__cause__)
+                assert "app:***@127.0.0.1" in str(raised.value)
+        finally:
+            yield store.close()
+
+    twin.run(scenario())
 
 
-def through(proxy: Proxy, url: str) -> str:
+def through(proxy: Proxy | ThreadedProxy, url: str) -> str:
     """*url*, with the proxy's address for the server's (credentials, database and options kept)."""
     netloc = urlsplit(url).netloc
     credentials = netloc.rpartition("@")[0]
@@ -452,6 +510,61 @@ class Proxy:
         self.tasks.clear()
 
 
+class ThreadedProxy:
+    """A TCP proxy to the server, in threads (so that it serves a scenario on either store), that can be *frozen*:
+    then it accepts connections and data, and forwards nothing (a hung server, or a network that drops everything)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.frozen = False
+        self.accepted = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            self._sockets.append(client)
+            if self.frozen:
+                continue  # a connection that never hears anything
+            server = socket.create_connection(self.upstream)
+            self._sockets.append(server)
+            for source, target in ((client, server), (server, client)):
+                thread = threading.Thread(target=self._pump, args=(source, target))
+                self._threads.append(thread)
+                thread.start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.frozen:
+                    target.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=HANG_GUARD)
+        for sock in self._sockets:
+            sock.close()
+        self._listener.close()
+
+
 async def test_store_recovers_when_the_server_comes_back(postgres_url: str, table: str) -> None:
     parts = urlsplit(postgres_url)
     proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
@@ -478,48 +591,54 @@ async def test_store_recovers_when_the_server_comes_back(postgres_url: str, tabl
         await proxy.stop()
 
 
-async def test_server_that_does_not_answer(postgres_url: str, table: str) -> None:
+def test_server_that_does_not_answer(twin: Twin, postgres_url: str, table: str) -> None:
     parts = urlsplit(postgres_url)
-    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    await proxy.start()
-    url = through(proxy, postgres_url)
-    store = PostgresStore(url, table=table, statement_timeout=0.3, pool_timeout=1, reconnect_timeout=1)
+    proxy = ThreadedProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    store = opened(
+        twin, through(proxy, postgres_url), table=table, statement_timeout=0.3, pool_timeout=1, reconnect_timeout=1
+    )
+
+    def scenario() -> Scenario:
+        token = token_of((yield store.claim("k", "fp", lease=60, ttl=60)))
+        proxy.frozen = True
+        with pytest.raises(StoreError, match=r"complete: no answer within 1\.3 s") as raised:
+            yield store.complete("k", token, b"done", ttl=60)
+        assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+        proxy.frozen = False
+        while True:  # a new connection, once the pool has made one
+            try:
+                assert (yield store.complete("k", token, b"done", ttl=60))  # the first never reached the server
+                break
+            except StoreError:
+                yield twin.pause(0.05)
+        yield store.close()
+
     try:
-        async with asyncio.timeout(HANG_GUARD):
-            token = token_of(await store.claim("k", "fp", lease=60, ttl=60))
-            proxy.frozen = True
-            with pytest.raises(StoreError, match=r"complete: no answer within 1\.3 s") as raised:
-                await store.complete("k", token, b"done", ttl=60)
-            assert isinstance(raised.value.__cause__, psycopg.OperationalError)
-            proxy.frozen = False
-            while True:  # a new connection, once the pool has made one
-                try:
-                    assert await store.complete("k", token, b"done", ttl=60)  # the first never reached the server
-                    break
-                except StoreError:
-                    await asyncio.sleep(0.05)
+        twin.run(scenario())
     finally:
-        await store.close()
-        await proxy.stop()
+        proxy.close()
 
 
-async def test_operations_waiting_for_the_first_connection_share_one_attempt(postgres_url: str, table: str) -> None:
+def test_operations_waiting_for_the_first_connection_share_one_attempt(
+    twin: Twin, postgres_url: str, table: str
+) -> None:
     parts = urlsplit(postgres_url)
-    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    await proxy.start()
+    proxy = ThreadedProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
     proxy.frozen = True  # connections are accepted, and then nothing: each attempt waits out connect_timeout
-    url = through(proxy, postgres_url)
-    store = PostgresStore(url, table=table, connect_timeout=2)
+    store = opened(twin, through(proxy, postgres_url), table=table, connect_timeout=2)
+
+    def scenario() -> Scenario:
+        results = yield twin.all(lambda: store.get("k") for _ in range(10))
+        assert all(isinstance(result, StoreError) for result in results), results
+        assert proxy.accepted == 1  # not ten attempts, one after the other
+        proxy.frozen = False
+        assert (yield store.get("k")) is None  # a new attempt, which succeeds
+        yield store.close()
+
     try:
-        async with asyncio.timeout(HANG_GUARD):
-            results = await asyncio.gather(*(store.get("k") for _ in range(10)), return_exceptions=True)
-            assert all(isinstance(result, StoreError) for result in results), results
-            assert proxy.accepted == 1  # not ten attempts, one after the other
-            proxy.frozen = False
-            assert await store.get("k") is None  # a new attempt, which succeeds
+        twin.run(scenario())
     finally:
-        await store.close()
-        await proxy.stop()
+        proxy.close()
 
 
 # -- lifecycle ------------------------------------------------------------------------------------------------------
@@ -546,20 +665,23 @@ def test_store_made_without_an_event_loop(postgres_url: str, table: str) -> None
         loop.close()
 
 
-async def test_close_is_idempotent_and_final(postgres_url: str, table: str) -> None:
-    unused = PostgresStore(postgres_url, table=table)
-    await unused.close()
-    await unused.close()
-    store = PostgresStore(postgres_url, table=table)
-    await store.get("k")
-    await store.close()
-    await store.close()
-    with pytest.raises(StoreError, match="closed"):
-        await store.get("k")
+def test_close_is_idempotent_and_final(twin: Twin, postgres_url: str, table: str) -> None:
+    def scenario() -> Scenario:
+        unused = opened(twin, postgres_url, table=table)
+        yield unused.close()
+        yield unused.close()
+        store = opened(twin, postgres_url, table=table)
+        assert (yield store.get("k")) is None
+        yield store.close()
+        yield store.close()
+        with pytest.raises(StoreError, match="closed"):
+            yield store.get("k")
+
+    twin.run(scenario())
 
 
-async def test_is_a_store(store: PostgresStore) -> None:
-    assert isinstance(store, idempo.Store)
+def test_is_a_store(twin: Twin, postgres_url: str) -> None:
+    assert isinstance(opened(twin, postgres_url), idempo.Store if twin.is_async else SyncStore)
 
 
 def test_missing_psycopg_is_a_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
