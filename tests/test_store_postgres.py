@@ -307,31 +307,12 @@ async def test_table_name_is_quoted(postgres_url: str, admin: psycopg.AsyncConne
 # -- failures and recovery --------------------------------------------------------------------------------------
 
 
-async def backends_of(admin: psycopg.AsyncConnection[Any], application_name: str) -> list[int]:
-    rows = await (
-        await admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name])
-    ).fetchall()
-    return [row[0] for row in rows]
-
-
-async def terminate(admin: psycopg.AsyncConnection[Any], application_name: str) -> int:
-    """Terminate the store's connections, and wait until they are gone."""
-    rows = await (
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        )
-    ).fetchall()
-    assert all(row[0] for row in rows), rows
-    return len(rows)
-
-
-def sync_backends_of(admin: psycopg.Connection[Any], application_name: str) -> list[int]:
+def backends_of(admin: psycopg.Connection[Any], application_name: str) -> list[int]:
     rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name]).fetchall()
     return [row[0] for row in rows]
 
 
-def sync_terminate(admin: psycopg.Connection[Any], application_name: str) -> int:
+def terminate(admin: psycopg.Connection[Any], application_name: str) -> int:
     """Terminate the store's connections, and wait until they are gone."""
     rows = admin.execute(
         "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = %s",
@@ -351,8 +332,8 @@ def test_terminated_idle_connections_are_replaced(
         try:
             token = token_of((yield store.claim("k", "fp", lease=60, ttl=60)))
             yield twin.all(lambda: store.get("k") for _ in range(10))  # all three connections in use
-            assert len(sync_backends_of(sync_admin, name)) == 3
-            assert sync_terminate(sync_admin, name) == 3
+            assert len(backends_of(sync_admin, name)) == 3
+            assert terminate(sync_admin, name) == 3
             # The store notices, before using them, that the server closed its idle connections.
             assert (yield store.complete("k", token, b"done", ttl=60))
             for _ in range(5):
@@ -378,7 +359,7 @@ def test_backend_terminated_during_a_statement(
                 )
                 completing = twin.start(lambda: store.complete("k", token, b"done", ttl=60))
                 yield from wait_for_lock_wait(twin, sync_admin, name)
-                sync_terminate(sync_admin, name)
+                terminate(sync_admin, name)
                 with pytest.raises(StoreError) as raised:
                     yield twin.outcome(completing)
                 assert isinstance(raised.value.__cause__, psycopg.OperationalError)

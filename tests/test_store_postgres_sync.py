@@ -7,11 +7,9 @@ Every test uses a table of its own, with a name unique to the run, and drops it 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Iterator
+from typing import ClassVar
 
-import psycopg
 import pytest
 
 from idempo import Acquired, Existing, StoreError
@@ -21,31 +19,6 @@ from idempo.testing import SyncStoreConformance
 
 from .conftest import with_options
 from .stores_support import drop_table, new_table, record_of, token_of
-
-HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
-
-_T = TypeVar("_T")
-
-
-def guarded(call: Callable[[], _T]) -> _T:
-    """*call*'s result, run in a thread of its own, failing the test (instead of hanging it) after HANG_GUARD."""
-    with ThreadPoolExecutor(1) as executor:
-        return executor.submit(call).result(timeout=HANG_GUARD)
-
-
-@pytest.fixture
-def admin(postgres_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A connection of the test's own, beside the store's."""
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture
-def store(postgres_url: str, table: str) -> Iterator[SyncPostgresStore]:
-    opened = SyncPostgresStore(postgres_url, table=table)
-    yield opened
-    opened.close()
-
 
 # -- the conformance suite, from real threads ------------------------------------------------------------------------
 
