@@ -35,7 +35,7 @@ from ._asgi.principals import authorization_principal, default_principal
 from ._asgi.startup import fail_startup, open_store
 from ._asgi.types import ASGIApp, Message, Receive, Scope, Send
 from ._core.cache import CompletedCache
-from ._core.decide import Admit, Refuse, admit
+from ._core.decide import Refuse, admit
 from ._core.errors import ConfigurationError, RequestError
 from ._core.policy import Policy, PolicyOptions
 from ._core.problem import Problem
@@ -132,8 +132,8 @@ class IdempotencyMiddleware:
         header = self._header
         keys = [value for name, value in scope["headers"] if name == header]
         admission = admit(self.policy, keys, scope["path"])
-        if isinstance(admission, Admit):
-            await Exchange(self, scope, receive, send, admission.key).run()
+        if type(admission) is str:  # admitted: its key
+            await Exchange(self, scope, receive, send, admission).run()
             return
         if isinstance(admission, Refuse):
             self._observe("bad_key", scope)

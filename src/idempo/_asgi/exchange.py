@@ -62,7 +62,7 @@ async def send_problem(send: Send, problem: Problem, retry_after: int | None = N
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class Exchange:
+class Exchange(Recording):
     """One keyed request, from its body to its stored response. Strictly private: one per request."""
 
     __slots__ = (
@@ -130,9 +130,16 @@ class Exchange:
             if error is not None:
                 await self._refuse("too_large", error)
                 return
-        body = await self._read_body()
-        if body is None:
-            return  # the client left before it finished sending (nothing was claimed), or a 413 was answered
+        # The body: nearly always one message (read here: a coroutine less on every request).
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            return  # the client left before it finished sending; nothing was claimed
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if more or body_too_large(policy, len(body)) is not None:
+            body = await self._read_rest(body, more)
+            if body is None:
+                return  # the client left, or a 413 was answered
         self.body = body
         try:
             principal = self._principal(headers)
@@ -161,12 +168,60 @@ class Exchange:
                 else:
                     await self._refuse("mismatch", answer.error())
                 return
-        claim = await self._claim_or_answer()
-        if claim is None:
+        token = new_token() if mw._claims_with_token else None
+        try:
+            claim = await self._claim(token)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+            await self._claim_failed(exc, token)
             return
+        if not isinstance(claim, Acquired):
+            acquired = await self._answer_existing(claim)
+            if acquired is None:
+                return
+            claim = acquired
         self.token = claim.token
-        self._observe("executed")
-        await self._run_app(scope)
+        if mw.observer is not None:
+            tell(mw.observer, "executed", scope)
+        # Run the app (here rather than in a method of its own: one coroutine less on every message it sends).
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["idempotency_key"] = self.key  # before the scope may be copied below, so that the app's copy has it
+        extensions = scope.get("extensions")
+        if extensions and ("http.response.pathsend" in extensions or "http.response.zerocopy" in extensions):
+            scope = dict(scope)
+            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
+        self.renewed_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        renewer = mw._renewer
+        if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
+            renewer = mw._renewer = Renewer(loop, mw._calls, policy.lease)
+        self.renewer = renewer
+        running = renewer.running
+        running.add(self)
+        if renewer.timer is None:
+            renewer.arm()
+        self.outcome = outcome = OutcomeReport.open()
+        try:
+            await mw.app(scope, self._app_receive, self._send)
+        except OutcomeUnknownError as exc:
+            outcome.mark_unknown()
+            if not self.started:
+                self.status = OutcomeUnknownError.status  # what the client is about to get
+            await self._record(failed=True)
+            if self.started:
+                raise  # the response is under way: the server aborts it
+            retry_after = math.ceil(policy.kept_unknown_for)
+            await mw._send_error(self.send, OutcomeUnknownError.recorded(str(exc), retry_after=retry_after))
+        except BaseException:
+            await self._record(failed=True)
+            raise
+        finally:
+            outcome.close()
+            running.discard(self)
+            self._response_over()
+        if self.token:
+            await self._record(failed=True)  # the app returned without finishing its response
 
     def _principal(self, headers: dict[bytes, bytes]) -> str | bytes:
         """Who is asking (may raise a :class:`RequestError`, the 400 of a request the principal refuses)."""
@@ -188,20 +243,10 @@ class Exchange:
             logger.warning(ANONYMOUS_WARNING)
         return principal
 
-    async def _read_body(self) -> bytes | None:
-        """The whole body, nearly always one message; ``None`` if the client left, or if it was too large (the 413
-        is answered)."""
+    async def _read_rest(self, first: bytes, more: bool) -> bytes | None:
+        """The whole body, from its first message's *first* bytes (*more* to come); ``None`` if the client left, or
+        if it was too large (the 413 is answered)."""
         policy = self.mw.policy
-        message = await self.receive()
-        if message["type"] == "http.disconnect":
-            return None
-        first: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            error = body_too_large(policy, len(first)) if len(first) > policy.max_request_bytes else None
-            if error is None:
-                return first
-            await self._refuse("too_large", error)
-            return None
         chunks = [first] if first else []
         size = len(first)
         while True:
@@ -209,6 +254,8 @@ class Exchange:
             if error is not None:
                 await self._refuse("too_large", error)
                 return None
+            if not more:
+                return b"".join(chunks)
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 return None
@@ -216,29 +263,19 @@ class Exchange:
             if chunk:
                 size += len(chunk)
                 chunks.append(chunk)
-            if not message.get("more_body", False):
-                error = body_too_large(policy, size)
-                if error is None:
-                    return b"".join(chunks)
-                await self._refuse("too_large", error)
-                return None
+            more = message.get("more_body", False)
 
     # -- the claim ------------------------------------------------------------------------------------------
 
-    async def _claim_or_answer(self) -> Acquired | None:
-        """Claim the key; if a record is there, answer as :func:`decide` says (waiting for the first request, with
-        ``on_conflict="wait"``, as :func:`wait_or_answer` says) and return ``None``."""
+    async def _answer_existing(self, claim: Claim) -> Acquired | None:
+        """Answer a request whose key was already there, as :func:`decide` says (waiting for the first request, with
+        ``on_conflict="wait"``, as :func:`wait_or_answer` says, and claiming again); return a claim if, after
+        waiting, the key was ours."""
         mw = self.mw
         policy = mw.policy
         started = 0.0
         delay = 0.0
         while True:
-            token = new_token() if mw._claims_with_token else None
-            try:
-                claim = await self._claim(token)
-            except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-                await self._claim_failed(exc, token)
-                return None
             if isinstance(claim, Acquired):
                 return claim
             record = claim.record
@@ -254,6 +291,12 @@ class Exchange:
                 if isinstance(step, Wait):
                     await asyncio.sleep(step.seconds)
                     delay = step.seconds
+                    token = new_token() if mw._claims_with_token else None
+                    try:
+                        claim = await self._claim(token)
+                    except Exception as exc:  # noqa: BLE001 - as in run()
+                        await self._claim_failed(exc, token)
+                        return None
                     continue
                 await self._refuse("conflict", decision.error())
             elif isinstance(decision, Replay):
@@ -281,7 +324,7 @@ class Exchange:
     async def _claim_failed(self, exc: Exception, token: str | None) -> None:
         mw = self.mw
         if token is not None:  # release it, in case it was made
-            self._recording().in_background(token, None, 0, time.monotonic() + mw.policy.lease)
+            self._record_in_background(token, None, 0, time.monotonic() + mw.policy.lease)
         self._observe("store_error")
         answer = on_store_failure(mw.policy)
         if isinstance(answer, FailOpen):
@@ -323,7 +366,8 @@ class Exchange:
                 _log_unreadable(self.store_key)
             await self._refuse("replayed", answer)
             return
-        self._observe("replayed")
+        if self.mw.observer is not None:
+            tell(self.mw.observer, "replayed", self.scope)
         status, headers, body = answer
         headers.append(_REPLAYED)
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
@@ -337,45 +381,6 @@ class Exchange:
         state["idempotency_key"] = self.key
 
     # -- running the app ------------------------------------------------------------------------------------
-
-    async def _run_app(self, scope: Scope) -> None:
-        mw = self.mw
-        self._set_key()  # before the scope may be copied below, so that the app's copy has it
-        extensions = scope.get("extensions")
-        if extensions and ("http.response.pathsend" in extensions or "http.response.zerocopy" in extensions):
-            scope = dict(scope)
-            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
-        self.renewed_at = time.monotonic()
-        loop = asyncio.get_running_loop()
-        renewer = mw._renewer
-        if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
-            renewer = mw._renewer = Renewer(loop, mw._calls, mw.policy.lease)
-        self.renewer = renewer
-        running = renewer.running
-        running.add(self)
-        if renewer.timer is None:
-            renewer.arm()
-        self.outcome = outcome = OutcomeReport.open()
-        try:
-            await mw.app(scope, self._app_receive, self._send)
-        except OutcomeUnknownError as exc:
-            outcome.mark_unknown()
-            if not self.started:
-                self.status = OutcomeUnknownError.status  # what the client is about to get
-            await self._record(failed=True)
-            if self.started:
-                raise  # the response is under way: the server aborts it
-            retry_after = math.ceil(mw.policy.kept_unknown_for)
-            await mw._send_error(self.send, OutcomeUnknownError.recorded(str(exc), retry_after=retry_after))
-        except BaseException:
-            await self._record(failed=True)
-            raise
-        finally:
-            outcome.close()
-            running.discard(self)
-            self._response_over()
-        if self.token:
-            await self._record(failed=True)  # the app returned without finishing its response
 
     async def _app_receive(self) -> Message:
         """The app's ``receive``: the buffered body, then, once the response is over, a disconnect.
@@ -486,16 +491,11 @@ class Exchange:
         )
         if recorded.unsendable is not None:
             logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", recorded.unsendable)
-        recording = self._recording()
         try:
-            await recording.apply(token, recorded.payload, recorded.ttl, fall_back=False)  # one store call, at most
+            await self._apply(token, recorded.payload, recorded.ttl, fall_back=False)  # one store call, at most
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
             logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
-            recording.in_background(token, recorded.payload, recorded.ttl, self.renewed_at + self.mw.policy.lease)
-
-    def _recording(self) -> Recording:
-        mw = self.mw
-        return Recording(self.store, self.store_key, self.fingerprint, self.status, mw.cache, mw._background)
+            self._record_in_background(token, recorded.payload, recorded.ttl, self.renewed_at + self.mw.policy.lease)
 
 
 _UNREADABLE_LOGGED: set[str] = set()

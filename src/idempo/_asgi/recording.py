@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from .._core.cache import CompletedCache
 from .._core.decide import fallback
 from .._core.errors import StoreFullError
 from ..stores import Store
+
+if TYPE_CHECKING:
+    from ..asgi import IdempotencyMiddleware
 
 __all__ = ["Recording"]
 
@@ -24,34 +26,26 @@ _RECORD_RETRY_MAX: Final = 1.0
 
 
 class Recording:
-    """How one claimed key's outcome reaches the store."""
+    """How one claimed key's outcome reaches the store: a part of :class:`~idempo._asgi.exchange.Exchange` (a mixin,
+    so that recording costs no object of its own on every request), which provides the attributes below."""
 
-    __slots__ = ("background", "cache", "fingerprint", "status", "store", "store_key")
+    __slots__ = ()
 
-    def __init__(
-        self,
-        store: Store,
-        store_key: str,
-        fingerprint: str,
-        status: int,
-        cache: CompletedCache | None,
-        background: set[asyncio.Task[None]],
-    ) -> None:
-        self.store = store
-        self.store_key = store_key
-        self.fingerprint = fingerprint
-        self.status = status
-        self.cache = cache
-        self.background = background  # the tasks still recording, held (the loop holds tasks only weakly)
+    mw: IdempotencyMiddleware
+    store: Store
+    store_key: str
+    fingerprint: str
+    status: int
 
-    def in_background(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+    def _record_in_background(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
         """Keep trying to record an outcome (*payload* ``None``: release) until *deadline* (monotonic clock),
         when the lease runs out."""
-        task = asyncio.get_running_loop().create_task(self._later(token, payload, ttl, deadline))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        background = self.mw._background  # the tasks still recording, held (the loop holds tasks only weakly)
+        task = asyncio.get_running_loop().create_task(self._record_later(token, payload, ttl, deadline))
+        background.add(task)
+        task.add_done_callback(background.discard)
 
-    async def apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
+    async def _apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
         """Release the key (*payload* ``None``) or complete it with *payload*. If the store refuses that for want
         of room (:class:`~idempo.StoreFullError`), or fails otherwise and *fall_back*, complete it with the
         :func:`~idempo._core.decide.fallback` instead: the few bytes that say the operation ran."""
@@ -70,10 +64,10 @@ class Recording:
             payload = smaller
         if not done:
             logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
-        elif self.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
-            self.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
+        elif self.mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
+            self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
 
-    async def _later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+    async def _record_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
         delay = _RECORD_RETRY_FIRST
         failure: Exception | None = None
         while time.monotonic() + delay < deadline:
@@ -82,7 +76,7 @@ class Recording:
             # back); on the last try before the lease runs out, the marker if the response will not go in.
             last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
             try:
-                await self.apply(token, payload, ttl, fall_back=last)
+                await self._apply(token, payload, ttl, fall_back=last)
             except Exception as exc:  # noqa: BLE001 - as in _record
                 failure = exc
                 delay = min(delay * 2, _RECORD_RETRY_MAX)

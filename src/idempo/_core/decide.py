@@ -100,28 +100,25 @@ class Refuse:
     error: RequestError
 
 
-@dataclass(frozen=True, slots=True)
-class Admit:
-    """A keyed request: its body is read, its key claimed."""
-
-    key: str
-
+Admit = str
+"""A keyed request, admitted: its key (its body is read next, and its key claimed)."""
 
 PASSTHROUGH: Final = Passthrough()
 
 
 def admit(policy: Policy, keys: Sequence[bytes], path: str) -> Passthrough | Refuse | Admit:
-    """What a request of a protected method gets, given the values of its key headers (*keys*, as sent)."""
+    """What a request of a protected method gets, given the values of its key headers (*keys*, as sent): its key
+    (a ``str``: admitted), :data:`PASSTHROUGH`, or a :class:`Refuse`."""
+    if len(keys) == 1:
+        try:
+            return parse_key(keys[0])
+        except InvalidKeyError as exc:
+            return Refuse(exc)
     if not keys:
         if policy.key_required(path):
             return Refuse(MissingKeyError("this endpoint requires an Idempotency-Key header"))
         return PASSTHROUGH
-    if len(keys) > 1:
-        return Refuse(InvalidKeyError("send exactly one Idempotency-Key header"))
-    try:
-        return Admit(parse_key(keys[0]))
-    except InvalidKeyError as exc:
-        return Refuse(exc)
+    return Refuse(InvalidKeyError("send exactly one Idempotency-Key header"))
 
 
 def body_too_large(policy: Policy, size: int, *, declared: bool = False) -> BodyTooLargeError | None:

@@ -30,9 +30,12 @@ class OutcomeReport:
 
     @classmethod
     def open(cls) -> OutcomeReport:
-        """A report for an operation about to run in this context, made the current one until :meth:`close`."""
-        report = cls()
-        report.enter()
+        """A report for an operation about to run in this context, made the current one until :meth:`close`
+        (:meth:`enter` on a new report, in one call: the middleware makes one per keyed request)."""
+        report = cls.__new__(cls)
+        report.unknown = False
+        report.parent = current.get()
+        report._context = current.set(report)
         return report
 
     def enter(self) -> None:
