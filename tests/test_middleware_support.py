@@ -17,6 +17,7 @@ import httpx
 
 from idempo import Acquired, Claim, MemoryStore, Record, Store, StoreError
 from idempo.asgi import ASGIApp, Message, Receive, Scope, Send
+from idempo.stores._forwarding import ForwardingStore
 
 __all__ = [
     "BASE_URL",
@@ -113,35 +114,15 @@ class CountingApp:
             await send({"type": "http.response.body", "body": chunk, "more_body": index < len(chunks) - 1})
 
 
-class DelegatingStore:
-    """A store that hands every operation to ``inner``: subclass it and override what a test watches."""
+class DelegatingStore(ForwardingStore):
+    """A store that hands every operation to ``inner`` (the stores' forwarding base): subclass it and override what
+    a test watches."""
 
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
-        return await self.inner.claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
-
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        return await self.inner.renew(key, token, lease=lease)
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        return await self.inner.complete(key, token, payload, ttl=ttl)
-
-    async def release(self, key: str, token: str) -> bool:
-        return await self.inner.release(key, token)
-
-    async def get(self, key: str) -> Record | None:
-        return await self.inner.get(key)
-
-    async def delete(self, key: str) -> bool:
-        return await self.inner.delete(key)
-
-    async def purge_expired(self) -> int:
-        return await self.inner.purge_expired()
-
-    async def close(self) -> None:
-        await self.inner.close()
+    @property
+    def inner(self) -> Store:
+        """The store every operation goes to."""
+        inner: Store = self._inner
+        return inner
 
 
 class ClaimSpy(MemoryStore):

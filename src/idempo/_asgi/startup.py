@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import NoReturn
+from typing import Any
 
 from .._core.errors import ConfigurationError, StoreError
-from .._core.records import Claim, Record
 from ..stores import Store, store_from_url
+from ..stores._forwarding import ForwardingStore, Operation
 from .types import Receive, Send
 
 __all__ = ["UnusableStore", "fail_startup", "open_store"]
@@ -37,41 +37,20 @@ def open_store(url: str) -> tuple[Store, ConfigurationError | None]:
         return UnusableStore(exc), exc
 
 
-class UnusableStore:
-    """Fails every call with the configuration error that made it. Strictly private."""
+class UnusableStore(ForwardingStore):
+    """Fails every call with the configuration error that made it (closing it does nothing). Strictly private."""
 
     def __init__(self, error: ConfigurationError) -> None:
+        super().__init__(None)
         self.error = error
 
     def __repr__(self) -> str:
         return f"<unusable store: {self.error}>"
 
-    def _fail(self) -> NoReturn:
+    async def _forward(self, operation: Operation, /, *args: Any, **kwargs: Any) -> Any:
+        if operation == "close":
+            return None
         raise StoreError(str(self.error)) from self.error
-
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
-        self._fail()
-
-    async def renew(self, key: str, token: str, *, lease: float) -> bool:
-        self._fail()
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        self._fail()
-
-    async def release(self, key: str, token: str) -> bool:
-        self._fail()
-
-    async def get(self, key: str) -> Record | None:
-        self._fail()
-
-    async def delete(self, key: str) -> bool:
-        self._fail()
-
-    async def purge_expired(self) -> int:
-        self._fail()
-
-    async def close(self) -> None:
-        return None
 
 
 async def fail_startup(error: ConfigurationError, receive: Receive, send: Send) -> None:
