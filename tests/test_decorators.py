@@ -8,7 +8,6 @@ import dataclasses
 import datetime
 import decimal
 import enum
-import importlib
 import inspect
 import threading
 import uuid
@@ -45,32 +44,8 @@ from idempo.stores.memory import SyncMemoryStore
 
 from .test_middleware_support import DelegatingStore
 
-
-def _has_sync_twin(module: str, name: str) -> bool:
-    """Whether the async store ``module.name`` has landed its ``.sync()`` (other work in flight adds them)."""
-    try:
-        return callable(getattr(getattr(importlib.import_module(module), name), "sync", None))
-    except ImportError:
-        return False
-
-
-_SQLITE_SYNC = _has_sync_twin("idempo.stores.sqlite", "SQLiteStore")
-_REDIS_SYNC = _has_sync_twin("idempo.stores.redis", "RedisStore")
-_POSTGRES_SYNC = _has_sync_twin("idempo.stores.postgres", "PostgresStore")
-
-
-def _not_landed(name: str) -> str:
-    return f"{name}.sync() (its SyncStore twin) has not landed yet"
-
-
 ASYNC_KINDS = ["memory", "sqlite", "redis", "postgres"]
-SYNC_KINDS = [
-    "memory",
-    "memory-sync",
-    pytest.param("sqlite", marks=pytest.mark.skipif(not _SQLITE_SYNC, reason=_not_landed("SQLiteStore"))),
-    pytest.param("redis", marks=pytest.mark.skipif(not _REDIS_SYNC, reason=_not_landed("RedisStore"))),
-    pytest.param("postgres", marks=pytest.mark.skipif(not _POSTGRES_SYNC, reason=_not_landed("PostgresStore"))),
-]
+SYNC_KINDS = ["memory", "memory-sync", "sqlite", "redis", "postgres"]
 
 
 def _open(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store | SyncStore:
@@ -740,18 +715,16 @@ async def test_sync_function_called_from_a_running_loop(tmp_path: Path, ns: str)
     assert in_memory(1) == 2
     assert in_memory(1) == 2
     assert await memory.get(f"fn:{ns}:1") is not None  # the async store and its .sync() share records
-    if _SQLITE_SYNC:
 
-        @idempotent(url, key="{n}", namespace=ns, lease=0.15)
-        def in_sqlite(n: int) -> int:
-            return n + counter.hit()
+    @idempotent(url, key="{n}", namespace=ns, lease=0.15)
+    def in_sqlite(n: int) -> int:
+        return n + counter.hit()
 
-        assert in_sqlite(1) == 3
-        assert in_sqlite(1) == 3
-    assert counter.runs == (2 if _SQLITE_SYNC else 1)
+    assert in_sqlite(1) == 3
+    assert in_sqlite(1) == 3
+    assert counter.runs == 2
 
 
-@pytest.mark.skipif(not _SQLITE_SYNC, reason=_not_landed("SQLiteStore"))
 async def test_sqlite_url_shared_by_a_sync_and_an_async_function(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'idem.db'}"
     counter = Counter()
