@@ -43,8 +43,7 @@ from idempo._core.fingerprint import principal_digest
 from idempo.stores import SyncScanningStore, SyncStore, store_from_url, sync_store_from_url
 from idempo.stores.postgres import PostgresStore
 from idempo.stores.sqlite import SQLiteStore, SyncSQLiteStore
-
-from .redis_cluster import free_port
+from tests.support.redis_cluster import free_port
 
 
 def _digest(authorization: bytes) -> str:

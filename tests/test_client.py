@@ -30,8 +30,7 @@ from starlette.types import ASGIApp
 
 from idempo import ConfigurationError, IdempotencyMiddleware, MemoryStore, OutcomeUnknownError, mark_outcome_unknown
 from idempo.client import DEFAULT_RETRY_STATUSES, AsyncIdempotencyTransport, IdempotencyTransport, is_outcome_unknown
-
-from .proxy_support import Upstream, run_proxy
+from tests.support.proxy import Upstream, run_proxy
 
 URL = "http://test/charges"
 Outcome = httpx.Response | Exception

@@ -41,8 +41,7 @@ from idempo._core.records import Claim, Existing
 from idempo.decorators import JSONSerializer, Serializer, fingerprint_arguments
 from idempo.stores import SyncStore
 from idempo.stores.memory import SyncMemoryStore
-
-from .test_middleware_support import DelegatingStore
+from tests.support.middleware import DelegatingStore
 
 ASYNC_KINDS = ["memory", "sqlite", "redis", "postgres"]
 SYNC_KINDS = ["memory", "memory-sync", "sqlite", "redis", "postgres"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.support.environment import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 JS_TESTS = sorted((REPO / "tests" / "js").glob("*.test.mjs"))
@@ -23,10 +23,7 @@ def test_idempo_js_unit_tests_pass() -> None:
     """``node --test tests/js/`` passes, and ran at least one test."""
     node = shutil.which("node")
     if node is None:
-        message = "Node.js is not installed: run 'scripts/browser' (or 'apt-get install nodejs')"
-        if IN_CI:
-            pytest.fail(f"CI=true and {message}")
-        pytest.skip(message)
+        skip_or_fail("Node.js is not installed: run 'scripts/browser' (or 'apt-get install nodejs')")
     assert JS_TESTS, "no tests/js/*.test.mjs"
     # The files by name rather than the directory: newer Node versions read --test arguments as glob patterns.
     result = subprocess.run(

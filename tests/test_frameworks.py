@@ -31,8 +31,7 @@ from starlette.routing import Route
 
 from idempo import IdempotencyMiddleware, MemoryStore
 from idempo.asgi import ASGIApp
-
-from .test_middleware_support import client_for, problem_of, stored_keys
+from tests.support.middleware import client_for, problem_of, stored_keys
 
 STREAM_CHUNKS = [b"line 1\n", b"line 2\n", bytes(range(256)), b"end\n"]
 

@@ -17,8 +17,7 @@ import pytest
 from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, State, Store
 from idempo._core.fingerprint import principal_digest
 from idempo.asgi import Message, Receive, Scope, Send
-
-from .test_middleware_support import (
+from tests.support.middleware import (
     ClaimSpy,
     CountingApp,
     FailingStore,

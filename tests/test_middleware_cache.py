@@ -6,7 +6,7 @@ import pytest
 
 from idempo import ConfigurationError, IdempotencyMiddleware
 from idempo._core.cache import CompletedCache
-from tests.test_middleware_support import ClaimSpy, CountingApp, client_for, problem_of
+from tests.support.middleware import ClaimSpy, CountingApp, client_for, problem_of
 
 KEY = {"Idempotency-Key": "cache-1"}
 

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from idempo import Claim, ConfigurationError, IdempotencyMiddleware, MemoryStore, StoreError, StoreFullError
 from idempo._core.fingerprint import CANONICAL_JSON_MAX_BYTES
-from tests.test_middleware_support import BASE_URL, CountingApp, DelegatingStore, client_for, problem_of
+from tests.support.middleware import BASE_URL, CountingApp, DelegatingStore, client_for, problem_of
 
 KEY = "hardening-1"
 

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from idempo import IdempotencyMiddleware, MemoryStore, StoreError
-from tests.test_middleware_support import CountingApp, client_for
+from tests.support.middleware import CountingApp, client_for
 
 KEY = {"Idempotency-Key": "record-1"}
 

@@ -13,8 +13,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 
 from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, Store
 from idempo.asgi import Message, Receive, Scope, Send
-
-from .test_middleware_support import RoundTripStore, client_for, drive, http_scope
+from tests.support.middleware import RoundTripStore, client_for, drive, http_scope
 
 MiB = 1024 * 1024
 

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from idempo import IdempotencyMiddleware, MemoryStore, OutcomeUnknownError, State, mark_outcome_unknown
 from idempo._core.codec import OutcomeUnknownMarker, decode_response
 from idempo.asgi import Receive, Scope, Send
-from tests.test_middleware_support import CountingApp, client_for, problem_of
+from tests.support.middleware import CountingApp, client_for, problem_of
 
 KEY = {"Idempotency-Key": "unknown-1"}
 

@@ -10,8 +10,7 @@ import pytest
 
 from idempo import IdempotencyMiddleware, MemoryStore
 from idempo.observe import OUTCOMES, Observer, Outcome, StoreOperation
-
-from .test_middleware_support import CountingApp, FailingStore, client_for
+from tests.support.middleware import CountingApp, FailingStore, client_for
 
 
 class Recorder:

@@ -2,8 +2,8 @@
 
 Every row of the HTTP contract (SPEC section 3) through the proxy, concurrency, an upstream that dies and comes back,
 multi-megabyte bodies both ways, forwarding headers, and the proxy's own endpoints. The upstream's executions are
-counted in files (``tests/proxy_upstream.py``), so "ran once" means the upstream really ran once. Synchronisation is
-by polls of what the other processes did (a file, a metric), never sleeps; no timing is asserted.
+counted in files (``tests/support/proxy_upstream.py``), so "ran once" means the upstream really ran once.
+Synchronisation is by polls of what the other processes did (a file, a metric), never sleeps; no timing is asserted.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e._support import free_port, poll, poll_async, wait_for_done
-from tests.proxy_support import Proxy, Upstream, assert_problem, new_key, new_name, run_proxy, running_upstream
-from tests.proxy_upstream import pattern
+from tests.support.processes import free_port, poll, poll_async, wait_for_done
+from tests.support.proxy import Proxy, Upstream, assert_problem, new_key, new_name, run_proxy, running_upstream
+from tests.support.proxy_upstream import pattern
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.proxy_support import (
+from tests.support.proxy import (
     Proxy,
     RawResponse,
     Upstream,

@@ -13,8 +13,7 @@ import pytest
 from idempo.proxy import ProxyConfig
 from idempo.proxy._forward import ForwardingApp
 from idempo.proxy._network import AsyncioBackend
-
-from .e2e._support import free_port
+from tests.support.processes import free_port
 
 
 def _backends(app: ForwardingApp) -> list[object]:

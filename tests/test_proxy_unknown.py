@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e._support import poll
-from tests.proxy_support import Proxy, Upstream, assert_problem, new_key, new_name, run_proxy, running_upstream
+from tests.support.processes import poll
+from tests.support.proxy import Proxy, Upstream, assert_problem, new_key, new_name, run_proxy, running_upstream
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

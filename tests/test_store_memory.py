@@ -30,9 +30,8 @@ from idempo.asgi import Message, Receive, Scope, Send
 from idempo.stores import parse_store_url, sync_store_from_url
 from idempo.stores._workers import other_workers
 from idempo.stores.memory import _RECORD_BYTES, _RESULT_ROOM, MAX_BYTES, MAX_ENTRIES, SyncMemoryStore
-
-from .stores_support import FakeClock, record_of, token_of
-from .test_middleware_support import client_for, problem_of
+from tests.support.middleware import client_for, problem_of
+from tests.support.stores import FakeClock, record_of, token_of
 
 KIB = 1024
 MIB = 1024 * KIB

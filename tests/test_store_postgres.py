@@ -48,9 +48,8 @@ from idempo.stores import ScanningStore, SyncScanningStore, SyncStore
 from idempo.stores import _postgres_operations as operations_module
 from idempo.stores.postgres import PostgresStore, SyncPostgresStore
 from idempo.testing import StoreConformance
-
-from .conftest import with_options
-from .stores_support import TWINS, FakeClock, Twin, drop_table, new_table, record_of, token_of
+from tests.support.environment import with_options
+from tests.support.stores import TWINS, FakeClock, Twin, drop_table, new_table, record_of, token_of
 
 HANG_GUARD = 60.0  # seconds: a test that waits this long has hung; no test expects to come near it
 

@@ -16,9 +16,8 @@ from idempo import Acquired, Existing, StoreError
 from idempo.stores import SyncStore, sync_store_from_url
 from idempo.stores.postgres import PostgresStore, SyncPostgresStore
 from idempo.testing import SyncStoreConformance
-
-from .conftest import with_options
-from .stores_support import drop_table, new_table, record_of, token_of
+from tests.support.environment import with_options
+from tests.support.stores import drop_table, new_table, record_of, token_of
 
 # -- the conformance suite, from real threads ------------------------------------------------------------------------
 

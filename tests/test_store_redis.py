@@ -5,7 +5,7 @@ clock, bounded failures when the server dies or hangs (and recovery when it is b
 full server; and the middleware on top of the async store.
 
 The shared server is never flushed: every test uses keys under a prefix of its own run, which expire by TTL.
-Tests that kill, pause or flush a server start their own (``tests/redis_cluster.py``).
+Tests that kill, pause or flush a server start their own (``tests/support/redis_cluster.py``).
 """
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ from idempo.stores import _redis_eviction as eviction_module
 from idempo.stores import _redis_operations as operations_module
 from idempo.stores.redis import OOM_PAYLOAD_LIMIT, RedisStore, SyncRedisStore
 from idempo.testing import StoreConformance
-
-from .conftest import REDIS_URL, with_options
-from .redis_cluster import RedisServer, free_port
-from .redis_support import OOM_MARKER, config_reads, fill_up, nodes_of, set_policy
-from .stores_support import TWINS, Twin
+from tests.support.environment import REDIS_URL, with_options
+from tests.support.redis_cluster import RedisServer, free_port
+from tests.support.redis_servers import OOM_MARKER, config_reads, fill_up, nodes_of, set_policy
+from tests.support.stores import TWINS, Twin
 
 RUN_PREFIX = f"idempo-test-{uuid.uuid4().hex[:12]}:"
 """Every key this module writes to the shared server starts with this (and expires by TTL)."""

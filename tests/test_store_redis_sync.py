@@ -5,7 +5,7 @@ share (scripts, failures, URLs, eviction, a full server) are written once in ``t
 each.
 
 The shared server is never flushed: every test uses keys under a prefix of its own run, which expire by TTL.
-Tests that kill, pause or flush a server start their own (``tests/redis_cluster.py``).
+Tests that kill, pause or flush a server start their own (``tests/support/redis_cluster.py``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from idempo import Acquired, ConfigurationError, Existing, State, StoreError, st
 from idempo.stores import SyncStore, parse_store_url, sync_store_from_url
 from idempo.stores.redis import RedisStore, SyncRedisStore
 from idempo.testing import SyncStoreConformance
-
-from .conftest import with_options
-from .redis_cluster import redis_cluster
-from .redis_support import nodes_of
+from tests.support.environment import with_options
+from tests.support.redis_cluster import redis_cluster
+from tests.support.redis_servers import nodes_of
 
 RUN_PREFIX = f"idempo-test-sync-{uuid.uuid4().hex[:12]}:"
 """Every key this module writes to the shared server starts with this (and expires by TTL)."""

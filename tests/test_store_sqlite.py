@@ -20,10 +20,9 @@ import pytest
 
 from idempo import Acquired, IdempotencyMiddleware, SQLiteStore, State, StoreError, StoreFullError
 from idempo.stores.sqlite import SyncSQLiteStore
-
-from .conftest import IN_CI
-from .stores_support import record_of, token_of
-from .test_middleware_support import CountingApp, client_for, problem_of
+from tests.support.environment import skip_or_fail
+from tests.support.middleware import CountingApp, client_for, problem_of
+from tests.support.stores import record_of, token_of
 
 # -- another process holds the write lock ------------------------------------------------------------------------
 
@@ -269,14 +268,11 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of 32 MB of the test's own."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 and not IN_CI:
-        pytest.skip("mounting a tmpfs needs root")
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a tmpfs needs root")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
-        message = f"cannot mount a tmpfs: {done.stderr.decode(errors='replace').strip()}"
-        if IN_CI:
-            pytest.fail(f"CI=true and {message}")
-        pytest.skip(message)
+        skip_or_fail(f"cannot mount a tmpfs: {done.stderr.decode(errors='replace').strip()}")
     try:
         yield mount
     finally:

@@ -36,9 +36,8 @@ from idempo.stores._scan import glob_prefix, like_prefix, prefix_end
 from idempo.stores.memory import SyncMemoryStore
 from idempo.stores.sqlite import SyncSQLiteStore
 from idempo.testing import StoreConformance, SyncStoreConformance
-
-from .stores_support import FakeClock, record_of, token_of
-from .test_middleware_support import DelegatingStore
+from tests.support.middleware import DelegatingStore
+from tests.support.stores import FakeClock, record_of, token_of
 
 # The built-in stores are local and fast: short real leases keep the suite quick. Every check that a claim is
 # *still* held uses the suite's long lease, so a loaded machine cannot make these flaky.

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import httpx
 import pytest
 
-from tests.conftest import IN_CI
+from tests.support.environment import skip_or_fail
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -46,9 +46,7 @@ PAGE_TIMEOUT_MS = 20_000  # the longest any one wait on the page may take (the s
 
 
 def _unavailable(what: str) -> NoReturn:
-    if IN_CI:
-        pytest.fail(f"CI=true and {what}")
-    pytest.skip(what)
+    skip_or_fail(what)
 
 
 @pytest.fixture(scope="module")

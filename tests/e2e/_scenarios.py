@@ -21,8 +21,7 @@ import httpx
 import pytest
 
 from idempo import Acquired, State, Store, fingerprint_request
-
-from ._support import WORKERS, Server, events, lines, poll, store_key, wait_for_done
+from tests.support.processes import WORKERS, Server, events, lines, poll, store_key, wait_for_done
 
 __all__ = [
     "Exchange",

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.processes import Server, run_server
+
 from ._scenarios import execute_once_across_workers, wait_and_all_get_the_one_response
-from ._support import Server, run_server
 
 pytestmark = pytest.mark.slow
 

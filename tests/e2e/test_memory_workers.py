@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ._support import Server, events, poll, run_server
+from tests.support.processes import Server, events, poll, run_server
 
 pytestmark = pytest.mark.slow
 

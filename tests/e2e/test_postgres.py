@@ -22,6 +22,7 @@ import pytest
 from psycopg import sql
 
 from idempo import Store, store_from_url
+from tests.support.processes import WORKERS, Server, TcpProxy, events, poll, poll_async, run_server, store_key
 
 from ._scenarios import (
     BODY,
@@ -32,7 +33,6 @@ from ._scenarios import (
     store_outage_while_requests_flow,
     wait_and_all_get_the_one_response,
 )
-from ._support import WORKERS, Server, TcpProxy, events, poll, poll_async, run_server, store_key
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from idempo import Store, store_from_url
+from tests.support.processes import Server, run_server
+from tests.support.redis_cluster import RedisServer
 
-from ..redis_cluster import RedisServer
 from ._scenarios import (
     execute_once_across_workers,
     retry_runs_once_the_lease_of_a_killed_worker_runs_out,
@@ -18,7 +19,6 @@ from ._scenarios import (
     store_outage_while_requests_flow,
     wait_and_all_get_the_one_response,
 )
-from ._support import Server, run_server
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from idempo import SQLiteStore
+from tests.support.processes import Server, run_server
 
 from ._scenarios import retry_runs_once_the_lease_of_a_killed_worker_runs_out
-from ._support import Server, run_server
 
 pytestmark = pytest.mark.slow
 

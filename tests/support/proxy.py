@@ -1,4 +1,5 @@
-"""Starting ``tests/proxy_upstream.py`` and ``idempo proxy`` as real processes on 127.0.0.1, for the proxy's tests."""
+"""Starting ``proxy_upstream`` (beside this module) and ``idempo proxy`` as real processes on 127.0.0.1, for the proxy's
+tests."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from tests.e2e._support import free_port, stop_process_group
+from tests.support.processes import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_DEADLINE = 30.0
@@ -64,9 +65,9 @@ class Upstream:
         """Start it (again) and wait until it answers."""
         env = {**os.environ, "IDEMPO_PROXY_UPSTREAM_DIR": str(self.directory), "PYTHONUNBUFFERED": "1"}
         if self.closing:
-            command = [sys.executable, "-m", "tests.proxy_upstream", "closing", str(self.port)]
+            command = [sys.executable, "-m", "tests.support.proxy_upstream", "closing", str(self.port)]
         else:
-            command = [sys.executable, "-m", "uvicorn", "tests.proxy_upstream:create_app", "--factory"]
+            command = [sys.executable, "-m", "uvicorn", "tests.support.proxy_upstream:create_app", "--factory"]
             command += ["--host", "127.0.0.1", "--port", str(self.port), "--no-access-log", "--log-level", "warning"]
             command += ["--timeout-graceful-shutdown", "1"]
         with self.log_path.open("ab") as log:

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import pytest
 import redis
 
-from .conftest import IN_CI
+from tests.support.environment import skip_or_fail
 
 __all__ = ["RedisServer", "free_port", "redis_cluster", "require_redis_binaries"]
 
@@ -41,10 +40,7 @@ def require_redis_binaries() -> tuple[str, str]:
     """The paths of ``redis-server`` and ``redis-cli``; skip (fail under ``CI=true``) if they are missing."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if server is None or cli is None:
-        message = "redis-server and redis-cli are not installed: apt-get install redis-server"
-        if IN_CI:
-            pytest.fail(f"CI=true and {message}")
-        pytest.skip(message)
+        skip_or_fail("redis-server and redis-cli are not installed: apt-get install redis-server")
     return server, cli
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from .redis_cluster import RedisServer
+from tests.support.redis_cluster import RedisServer
 
 __all__ = ["OOM_MARKER", "config_reads", "fill_up", "nodes_of", "set_policy"]
 
