@@ -28,8 +28,10 @@ services: ## Redis and PostgreSQL on 127.0.0.1 (installed with apt-get and start
 browser: ## Debian's Chromium and Node.js for tests/browser and tests/js (installed with apt-get when missing)
 	scripts/browser
 
-test: lint typecheck services browser ## everything: lint, types, and the whole test suite
-	$(BIN)/python -m pytest $(ARGS)
+test: lint typecheck services browser ## everything: lint, types, the whole test suite, and its coverage gates
+	$(BIN)/python -m coverage run -m pytest $(ARGS)
+	$(BIN)/python -m coverage report
+	$(BIN)/python -m coverage report --include='src/idempo/_core/*' --fail-under=100
 
 demo: install ## the demo page on http://127.0.0.1:8000 (`idempo demo`; ARGS="--port 9000 --store URL")
 	$(BIN)/idempo demo $(ARGS)

@@ -22,7 +22,7 @@ import httpx
 
 from tests.support.processes import free_port, stop_process_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
 SHUTDOWN_GRACE = 10.0
 _LISTENING = re.compile(r"idempo proxy: listening on (http://\S+)")

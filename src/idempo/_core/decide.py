@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 from .codec import (
     OutcomeUnknownMarker,
+    TooLargeMarker,
     UnsendableResponse,
     decode_marker,
     decode_parts,
@@ -240,8 +241,8 @@ def decide(record: Record, fingerprint: str, *, now: float, retry_after: float =
             return NotStored(0, "unreadable")
         if isinstance(marker, OutcomeUnknownMarker):
             return Unknown(max(1, math.ceil(record.expires_at - now)))
-        if marker is not None:
-            return NotStored(marker.status, marker.reason)
+        stored = cast(TooLargeMarker, marker)  # a payload that is_marker is one (decode_marker never says None)
+        return NotStored(stored.status, stored.reason)
     return Replay(payload)
 
 
