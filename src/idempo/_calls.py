@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ._core.outcome import OutcomeReport
 from .stores import Store, SyncStore
@@ -18,6 +18,9 @@ from .stores import Store, SyncStore
 __all__ = ["AsyncCall", "Effect", "Run", "Sleep", "StoreCall", "SyncCall"]
 
 logger = logging.getLogger("idempo")
+
+S = TypeVar("S")
+F = TypeVar("F")
 
 
 # -- the effects a call's plan yields -------------------------------------------------------------------------------
@@ -57,27 +60,25 @@ Effect = StoreCall | Sleep | Run
 # -- the two ways a call's effects are performed ---------------------------------------------------------------------
 
 
-class SyncCall:
-    """Performs a plain function's effects, blocking: the store's calls, pauses, and the function itself (with a
-    thread renewing its lease)."""
+class _Call(Generic[S, F]):
+    """One call of a decorated function: its store, the function and its arguments, its key and its lease."""
 
     __slots__ = ("args", "fn", "kwargs", "lease", "store", "store_key")
 
-    def __init__(
-        self,
-        store: SyncStore,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        store_key: str,
-        lease: float,
-    ) -> None:
-        self.store = store
+    def __init__(self, store: S, fn: F, args: tuple[Any, ...], kwargs: dict[str, Any], store_key: str, lease: float):
+        self.store: S = store
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.store_key = store_key
         self.lease = lease
+
+
+class SyncCall(_Call[SyncStore, Callable[..., Any]]):
+    """Performs a plain function's effects, blocking: the store's calls, pauses, and the function itself (with a
+    thread renewing its lease)."""
+
+    __slots__ = ()
 
     def perform(self, effect: Effect) -> Any:
         if isinstance(effect, StoreCall):
@@ -94,27 +95,11 @@ class SyncCall:
             renewal.stop()
 
 
-class AsyncCall:
+class AsyncCall(_Call[Store, Callable[..., Awaitable[Any]]]):
     """Performs a coroutine function's effects, awaiting: the store's calls, pauses, and the function itself (with
     a task renewing its lease)."""
 
-    __slots__ = ("args", "fn", "kwargs", "lease", "store", "store_key")
-
-    def __init__(
-        self,
-        store: Store,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        store_key: str,
-        lease: float,
-    ) -> None:
-        self.store = store
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.store_key = store_key
-        self.lease = lease
+    __slots__ = ()
 
     async def perform(self, effect: Effect) -> Any:
         if isinstance(effect, StoreCall):
