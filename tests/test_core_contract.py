@@ -37,7 +37,6 @@ from idempo._core.decide import (
     Mismatch,
     Passthrough,
     Refuse,
-    Replay,
     Unavailable,
     Wait,
     admit,
@@ -145,7 +144,7 @@ def test_the_503_of_a_failed_store_is_a_problem_document() -> None:
 
 
 def test_decide_cached() -> None:
-    assert decide_cached("fp", b"payload", "fp") == Replay(b"payload")
+    assert decide_cached("fp", b"payload", "fp") == b"payload"
     assert decide_cached("fp", b"payload", "other") == Mismatch()
 
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from .._core.decide import (
+    MISMATCH,
     Conflict,
     FailOpen,
     Mismatch,
@@ -125,24 +126,38 @@ class Exchange(Recording):
         # A dict of the headers, made in C: cheaper than a loop in Python over them for the few we need here.
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
+        checked = -1  # the size body_too_large found fitting, if the body declared its length
         if declared.isdigit():
             error = body_too_large(policy, int(declared), declared=True)
             if error is not None:
                 await self._refuse("too_large", error)
                 return
+            checked = int(declared)
         # The body: nearly always one message (read here: a coroutine less on every request).
         message = await self.receive()
         if message["type"] == "http.disconnect":
             return  # the client left before it finished sending; nothing was claimed
         body = message.get("body", b"")
         more = message.get("more_body", False)
-        if more or body_too_large(policy, len(body)) is not None:
+        if more or (len(body) != checked and body_too_large(policy, len(body)) is not None):
             body = await self._read_rest(body, more)
             if body is None:
                 return  # the client left, or a 413 was answered
         self.body = body
         try:
-            principal = self._principal(headers)
+            if mw.principal is default_principal:  # its rule, with the dict above when it can serve (no header
+                raw_headers = scope["headers"]  # name twice: it holds the only Authorization header there is)
+                if len(headers) == len(raw_headers):
+                    found = headers.get(b"authorization")
+                    authorization: Sequence[bytes] = () if found is None else (found,)
+                else:
+                    authorization = [value for name, value in raw_headers if name == b"authorization"]
+                principal: str | bytes = principal_of(scope.get("user"), authorization)
+                if not principal and not mw._warned_anonymous:
+                    mw._warned_anonymous = True
+                    logger.warning(ANONYMOUS_WARNING)
+            else:
+                principal = mw.principal(scope)
         except RequestError as exc:
             await self._refuse("bad_key", exc)
             return
@@ -163,10 +178,10 @@ class Exchange(Recording):
             cached = cache.get(self.store_key, time.monotonic())
             if cached is not None:  # a completed record: the store's answer, without asking it
                 answer = decide_cached(cached[0], cached[1], fingerprint)
-                if isinstance(answer, Replay):
-                    await self._replay(answer.payload)
+                if type(answer) is bytes:
+                    await self._replay(answer)
                 else:
-                    await self._refuse("mismatch", answer.error())
+                    await self._refuse("mismatch", MISMATCH.error())
                 return
         token = new_token() if mw._claims_with_token else None
         try:
@@ -222,26 +237,6 @@ class Exchange(Recording):
             self._response_over()
         if self.token:
             await self._record(failed=True)  # the app returned without finishing its response
-
-    def _principal(self, headers: dict[bytes, bytes]) -> str | bytes:
-        """Who is asking (may raise a :class:`RequestError`, the 400 of a request the principal refuses)."""
-        mw = self.mw
-        scope = self.scope
-        if mw.principal is not default_principal:
-            return mw.principal(scope)
-        # default_principal's rule, with the dict above when it can serve: no header name twice, so it holds the only
-        # Authorization header there is.
-        raw_headers = scope["headers"]
-        if len(headers) == len(raw_headers):
-            found = headers.get(b"authorization")
-            authorization: Sequence[bytes] = () if found is None else (found,)
-        else:
-            authorization = [value for name, value in raw_headers if name == b"authorization"]
-        principal = principal_of(scope.get("user"), authorization)
-        if not principal and not mw._warned_anonymous:
-            mw._warned_anonymous = True
-            logger.warning(ANONYMOUS_WARNING)
-        return principal
 
     async def _read_rest(self, first: bytes, more: bool) -> bytes | None:
         """The whole body, from its first message's *first* bytes (*more* to come); ``None`` if the client left, or
