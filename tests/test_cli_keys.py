@@ -36,6 +36,7 @@ from idempo import (
     mark_outcome_unknown,
 )
 from idempo._cli import keys as keys_module
+from idempo._cli import records as records_module
 from idempo._cli._app import cli
 from idempo._core.codec import encode_response
 from idempo._core.errors import StoreError
@@ -574,7 +575,7 @@ async def test_resolve_ran_says_where_it_left_a_key_whose_complete_failed(
 
 _HOSTILE_KEY = "evil\x1b]0;owned\x07\u202egnp.exe"
 _HOSTILE_BODY = "hello\x1b[2J\x1b[31mred\x9b31m\u202eevil\x7f\r\n\tindented\n".encode()
-# Everything a terminal could act on, as _safe escapes it; in a body shown as text, \n and \t stay.
+# Everything a terminal could act on, as records.safe escapes it; in a body shown as text, \n and \t stay.
 _RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
@@ -618,7 +619,7 @@ def test_nothing_from_the_store_reaches_the_terminal_raw(populated: Populated) -
 
 
 def test_the_escaping_itself() -> None:
-    safe = keys_module._safe
+    safe = records_module.safe
     assert safe("a\x1b[31mb") == "a\\x1b[31mb"
     assert safe("\x00\x07\x08\t\n\r\x7f\x80\x9b\x9f") == "\\x00\\x07\\x08\\x09\\x0a\\x0d\\x7f\\x80\\x9b\\x9f"
     assert safe("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u2028\u2029") == (

@@ -5,7 +5,7 @@ Every subcommand opens the store its ``--store`` URL names (or ``$IDEMPO_STORE``
 operation and closes it. Listing needs the optional ``scan`` capability (every built-in store has it).
 
 Whatever comes from the store (keys, header values, bodies, fingerprints) is printed with its control characters
-escaped (:func:`_safe`): a stored response is the client's bytes, and must never drive the operator's terminal.
+escaped (:func:`safe`): a stored response is the client's bytes, and must never drive the operator's terminal.
 
 Store keys come in three shapes, told apart here only for display:
 
@@ -24,174 +24,38 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 
 from .._core.codec import (
     OutcomeUnknownMarker,
-    StoredResponse,
-    TooLargeMarker,
-    decode_marker,
-    decode_response,
-    decode_value,
     encode_not_stored,
 )
 from .._core.errors import ConfigurationError, MissingDependency, StoreError
-from .._core.records import Existing, Record, State
+from .._core.records import Existing, Record
 from ..stores import SyncScanningStore, SyncStore, parse_store_url, redact, sync_store_from_url
 from ..stores.sqlite import SyncSQLiteStore
+from .records import (
+    as_text,
+    marker_of,
+    record_json,
+    safe,
+    show_json,
+    show_lines,
+    split_key,
+    state_text,
+    stored_body,
+    table_lines,
+    when_text,
+)
 
 _T = TypeVar("_T")
 _MIDDLEWARE_KEY = re.compile(r"(?P<principal>[0-9a-f]{32}):(?P<key>.*)", re.DOTALL)
 _DIGEST = re.compile(r"[0-9a-f]{1,32}")
 _SHORT = 8  # characters of a principal digest shown in the table
 _RESOLVE_LEASE = 60.0  # seconds ``resolve --ran`` holds the key between its claim and its complete, at most
-
-# What must never reach the terminal raw: C0 controls and DEL, C1 controls (U+0080-U+009F: 0x9b is a CSI of its own
-# on some terminals), the bidirectional marks, embeddings, overrides and isolates (text that reads otherwise than it
-# is), and the line and paragraph separators.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-_UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match[0])
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def _safe(text: str, *, multiline: bool = False) -> str:
-    """*text* from the store, fit for a terminal: every control character written as an escape, ``\\x1b`` or
-    ``\\u202e``; with *multiline* (a body shown as text), newlines and tabs are kept."""
-    return (_UNSAFE_IN_TEXT if multiline else _UNSAFE).sub(_escape, text)
-
-
-# -- what a record is, for a person --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Parts:
-    """A store key, split: its kind (``http``, ``fn`` or ``other``), whose it is, and the key proper."""
-
-    kind: str
-    owner: str  # the principal digest, "fn:<namespace>", or ""
-    key: str
-
-
-def _split(store_key: str) -> _Parts:
-    match = _MIDDLEWARE_KEY.fullmatch(store_key)
-    if match is not None:
-        return _Parts("http", match["principal"], match["key"])
-    if store_key.startswith("fn:"):
-        namespace, colon, key = store_key[3:].partition(":")
-        if colon:
-            return _Parts("fn", f"fn:{namespace}", key)
-    return _Parts("other", "", store_key)
-
-
-def _marker(record: Record) -> TooLargeMarker | OutcomeUnknownMarker | None:
-    """The marker a completed record holds in place of its response or result, if it holds one."""
-    if record.state is not State.COMPLETED or record.payload is None:
-        return None
-    return decode_marker(record.payload)
-
-
-def _state(record: Record, now: float) -> str:
-    """The record's state, for a person: ``in progress``, ``stale``, ``completed``, ``outcome unknown (first
-    answered 504)`` or ``completed, response not stored (too_large)``."""
-    if record.state is State.IN_PROGRESS:
-        return "stale" if record.lease_expires_at <= now else "in progress"
-    marker = _marker(record)
-    if isinstance(marker, OutcomeUnknownMarker):
-        return "outcome unknown" + (f" (first answered {marker.status})" if marker.status else "")
-    if isinstance(marker, TooLargeMarker):
-        what = "result" if _split(record.key).kind == "fn" else "response"
-        return f"completed, {what} not stored ({marker.reason})"
-    return "completed"
-
-
-def _decoded(record: Record) -> StoredResponse | TooLargeMarker | OutcomeUnknownMarker | str | None:
-    """The stored response of a completed middleware record; a message if it cannot be read; else ``None``."""
-    if record.payload is None or _split(record.key).kind == "fn":
-        return None
-    try:
-        return decode_response(record.payload)
-    except ValueError as exc:
-        return f"not a stored response ({exc})"
-
-
-def _status(record: Record) -> str:
-    if record.state is State.IN_PROGRESS or isinstance(_marker(record), OutcomeUnknownMarker):
-        return "-"  # no response stored: none yet, or none to be had
-    if _split(record.key).kind == "fn":
-        return "fn"  # a function's result: no HTTP status
-    response = _decoded(record)
-    if isinstance(response, StoredResponse):
-        return str(response.status)
-    if isinstance(response, TooLargeMarker):
-        return f"{response.status}*"  # completed, but the response was not kept
-    return "?"
-
-
-def _duration(seconds: float) -> str:
-    """``42s``, ``5m07s``, ``3h02m``, ``2d04h``; ``-`` once past."""
-    if seconds < 0:
-        return "-"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
-
-
-def _when(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _as_json(record: Record, now: float) -> dict[str, Any]:
-    parts = _split(record.key)
-    status = _status(record)
-    marker = _marker(record)
-    unknown = isinstance(marker, OutcomeUnknownMarker)
-    return {
-        "store_key": record.key,
-        "key": parts.key,
-        "kind": parts.kind,
-        "principal": parts.owner if parts.kind == "http" else None,
-        "namespace": parts.owner[3:] if parts.kind == "fn" else None,
-        "state": "outcome_unknown" if unknown else record.state.value,
-        "state_text": _state(record, now),
-        "stale": record.state is State.IN_PROGRESS and record.lease_expires_at <= now,
-        "status": int(status.rstrip("*")) if status.rstrip("*").isdigit() else None,
-        "first_status": (marker.status or None) if isinstance(marker, OutcomeUnknownMarker) else None,
-        "not_stored_reason": marker.reason if isinstance(marker, TooLargeMarker) else None,
-        "fingerprint": record.fingerprint,
-        "created_at": record.created_at,
-        "lease_expires_at": record.lease_expires_at if record.state is State.IN_PROGRESS else None,
-        "expires_at": record.expires_at,
-        "age_seconds": round(now - record.created_at, 3),
-        "expires_in_seconds": round(record.expires_at - now, 3),
-        "payload_bytes": None if record.payload is None else len(record.payload),
-    }
-
-
-def _table(records: list[Record], now: float) -> list[str]:
-    header = ("KEY", "PRINCIPAL", "STATE", "STATUS", "AGE", "EXPIRES IN")
-    rows = [header]
-    for record in records:
-        parts = _split(record.key)
-        owner = parts.owner[:_SHORT] if parts.kind == "http" else (parts.owner or "-")
-        age, expires_in = _duration(now - record.created_at), _duration(record.expires_at - now)
-        rows.append((_safe(parts.key), _safe(owner), _state(record, now), _status(record), age, expires_in))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-
 
 # -- opening the store, and its errors ------------------------------------------------------------------------------
 
@@ -260,7 +124,9 @@ def _matching(store: SyncStore, key: str, principal: str | None) -> list[Record]
         if record is not None:
             return [record]
         candidates = _scanning(store).scan()
-    return [record for record in candidates if _split(record.key).key == key and _split(record.key).kind != "other"]
+    return [
+        record for record in candidates if split_key(record.key).key == key and split_key(record.key).kind != "other"
+    ]
 
 
 def _interactive() -> bool:
@@ -271,14 +137,14 @@ def _one(store: SyncStore, key: str, principal: str | None) -> Record:
     """The one record *key* names: several are listed, and a person at a terminal is asked to pick one."""
     records = _matching(store, key, principal)
     if not records:
-        where = f" for principal {_safe(principal)}" if principal else ""
-        msg = f"no record under key {_safe(key)!r}{where}"
+        where = f" for principal {safe(principal)}" if principal else ""
+        msg = f"no record under key {safe(key)!r}{where}"
         raise click.ClickException(msg)
     if len(records) == 1:
         return records[0]
     now = time.time()
-    click.echo(f"{len(records)} records have the key {_safe(key)!r}:", err=True)
-    for number, line in enumerate(_table(records, now)):
+    click.echo(f"{len(records)} records have the key {safe(key)!r}:", err=True)
+    for number, line in enumerate(table_lines(records, now)):
         click.echo(f"{'#' if number == 0 else number:>3}  {line}", err=True)
     if not _interactive():
         msg = "give the full store key, or --principal with the principal's digest, to choose one"
@@ -343,16 +209,16 @@ def list_records(store_url: str, prefix: str, principal: str | None, limit: int 
             wanted = (
                 r
                 for r in scanning.scan(principal.lower())
-                if _split(r.key).kind == "http" and _split(r.key).key.startswith(prefix)
+                if split_key(r.key).kind == "http" and split_key(r.key).key.startswith(prefix)
             )
             records = [r for _, r in zip(range(limit), wanted, strict=False)] if limit is not None else list(wanted)
     now = time.time()
     if as_json:
-        click.echo(json.dumps([_as_json(record, now) for record in records], indent=2))
+        click.echo(json.dumps([record_json(record, now) for record in records], indent=2))
     elif not records:
         click.echo("no records", err=True)
     else:
-        for line in _table(records, now):
+        for line in table_lines(records, now):
             click.echo(line)
 
 
@@ -373,109 +239,14 @@ def show(store_url: str, key: str, principal: str | None, body: bool, as_json: b
         record = _one(store, key, principal)
     now = time.time()
     if as_json:
-        click.echo(json.dumps(_show_json(record, now, body=body), indent=2))
+        click.echo(json.dumps(show_json(record, now, body=body), indent=2))
         return
-    for line in _show_lines(record, now, body=body):
+    for line in show_lines(record, now, body=body):
         click.echo(line)
-    content = _body(record) if body else b""
+    content = stored_body(record) if body else b""
     if content:
-        text = _text(content)
-        click.echo(_safe(text, multiline=True) if text is not None else base64.b64encode(content).decode())
-
-
-def _body(record: Record) -> bytes:
-    """What ``--body`` prints: the response's body, a function's serialised result, or the whole payload (an
-    unreadable one); nothing for a marker."""
-    payload = record.payload or b""
-    if _marker(record) is not None:
-        return b""
-    if _split(record.key).kind == "fn":
-        with suppress(ValueError):  # a result the decorator framed; else shown whole
-            value = decode_value(payload)
-            return value if isinstance(value, bytes) else b""
-        return payload
-    response = _decoded(record)
-    if isinstance(response, StoredResponse):
-        return response.body
-    return payload
-
-
-def _text(content: bytes) -> str | None:
-    try:
-        return content.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-def _show_lines(record: Record, now: float, *, body: bool) -> Iterator[str]:
-    parts = _split(record.key)
-    yield f"store key:    {_safe(record.key)}"
-    yield f"key:          {_safe(parts.key)}"
-    if parts.kind == "http":
-        yield f"principal:    {parts.owner}"
-    elif parts.kind == "fn":
-        yield f"function:     {_safe(parts.owner[3:])} (an @idempotent function's result)"
-    state = _state(record, now)
-    if state == "stale":
-        state = f"in progress, stale: its lease ran out {_duration(now - record.lease_expires_at)} ago"
-    elif record.state is State.IN_PROGRESS:
-        state = f"in progress, lease ends in {_duration(record.lease_expires_at - now)}"
-    yield f"state:        {state}"
-    yield f"fingerprint:  {_safe(record.fingerprint)}"
-    yield f"created:      {_when(record.created_at)} ({_duration(now - record.created_at)} ago)"
-    yield f"expires:      {_when(record.expires_at)} (in {_duration(record.expires_at - now)})"
-    if record.payload is None:
-        return
-    marker = _marker(record)
-    if isinstance(marker, OutcomeUnknownMarker):
-        yield (
-            "retries get:  503 outcome-unknown, nothing runs, until the record expires or is resolved "
-            "(idempo keys resolve --ran or --not-run)"
-        )
-        return
-    if isinstance(marker, TooLargeMarker):
-        if parts.kind != "fn":
-            yield f"status:       {marker.status}"
-        what = "result" if parts.kind == "fn" else "body"
-        yield f"{what + ':':<14}not kept ({marker.reason}); retries get a 410 response-not-stored, not a replay"
-        return
-    response = _decoded(record)
-    if isinstance(response, StoredResponse):
-        yield f"status:       {response.status}"
-        yield "headers:" if response.headers else "headers:      (none)"
-        for name, value in response.headers:
-            yield f"  {_safe(name.decode('latin-1'))}: {_safe(value.decode('latin-1'))}"
-        yield f"body:         {_size(response.body, body=body)}"
-    elif isinstance(response, str):
-        yield f"payload:      {_safe(response)}; {_size(record.payload, body=body)}"
-    else:
-        yield f"result:       {_size(_body(record), body=body)}"
-
-
-def _size(content: bytes, *, body: bool) -> str:
-    """``28 bytes (--body to print it)``; with *body*, what follows: ``28 bytes:`` or ``11 bytes, binary, in
-    base64:``."""
-    size = f"{len(content)} byte{'' if len(content) == 1 else 's'}"
-    if not content:
-        return size
-    if not body:
-        return f"{size} (--body to print it)"
-    return f"{size}:" if _text(content) is not None else f"{size}, binary, in base64:"
-
-
-def _show_json(record: Record, now: float, *, body: bool) -> dict[str, Any]:
-    shown = _as_json(record, now)
-    response = _decoded(record)
-    if isinstance(response, StoredResponse):
-        shown["headers"] = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in response.headers]
-    marker = _marker(record)
-    shown["too_large"] = isinstance(marker, TooLargeMarker) and marker.reason == "too_large"
-    if body and record.payload is not None:
-        content = _body(record)
-        text = _text(content)
-        shown["body"] = text
-        shown["body_base64"] = base64.b64encode(content).decode() if text is None else None
-    return shown
+        text = as_text(content)
+        click.echo(safe(text, multiline=True) if text is not None else base64.b64encode(content).decode())
 
 
 @command.command(name="delete")
@@ -492,11 +263,11 @@ def delete(store_url: str, key: str, principal: str | None, yes: bool) -> None:
     with _opened(store_url) as store:
         record = _one(store, key, principal)
         if not yes:
-            click.confirm(f"Delete {_safe(record.key)!r} ({_state(record, time.time())})?", abort=True, err=True)
+            click.confirm(f"Delete {safe(record.key)!r} ({state_text(record, time.time())})?", abort=True, err=True)
         if not store.delete(record.key):
-            msg = f"no record under key {_safe(record.key)!r} any more"
+            msg = f"no record under key {safe(record.key)!r} any more"
             raise click.ClickException(msg)
-    click.echo(f"deleted {_safe(record.key)}")
+    click.echo(f"deleted {safe(record.key)}")
 
 
 @command.command(name="resolve")
@@ -547,8 +318,8 @@ def resolve(
     with _opened(store_url) as store:
         record = _one(store, key, principal)
         now = time.time()
-        shown, state = _safe(record.key), _state(record, now)
-        if not isinstance(_marker(record), OutcomeUnknownMarker) and not force:
+        shown, state = safe(record.key), state_text(record, now)
+        if not isinstance(marker_of(record), OutcomeUnknownMarker) and not force:
             msg = f"{shown!r} is {state}, not of unknown outcome; --force resolves it all the same"
             raise click.ClickException(msg)
         if not yes:
@@ -562,7 +333,7 @@ def resolve(
             return
         keep = ttl if ttl is not None else max(1.0, record.expires_at - now)
         _record_ran(store, record, 200 if status is None else status, keep)
-    click.echo(f"resolved {shown}: ran; retries get 410 response-not-stored until {_when(time.time() + keep)}")
+    click.echo(f"resolved {shown}: ran; retries get 410 response-not-stored until {when_text(time.time() + keep)}")
 
 
 def _record_ran(store: SyncStore, record: Record, status: int, ttl: float) -> None:
@@ -575,7 +346,7 @@ def _record_ran(store: SyncStore, record: Record, status: int, ttl: float) -> No
     between the delete and the claim finds the key free and runs the operation again: the claim then finds its
     record, and this says so instead of writing anything.
     """
-    shown = _safe(record.key)
+    shown = safe(record.key)
     store.delete(record.key)
     try:
         claim = store.claim(record.key, record.fingerprint, lease=min(_RESOLVE_LEASE, ttl), ttl=ttl)
@@ -588,7 +359,7 @@ def _record_ran(store: SyncStore, record: Record, status: int, ttl: float) -> No
     if isinstance(claim, Existing):
         msg = (
             f"a request with the key {shown!r} arrived between this command's delete and its claim, and took the key "
-            f"(now {_state(claim.record, time.time())}): it is running the operation again; nothing was written"
+            f"(now {state_text(claim.record, time.time())}): it is running the operation again; nothing was written"
         )
         raise click.ClickException(msg)
     try:
