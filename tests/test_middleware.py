@@ -763,7 +763,8 @@ async def test_passthrough_requests_reach_the_app_untouched(method: str, key: by
         await middleware(scope, receive, send)
         assert app.calls[-1] == (scope, receive, send)  # the very scope, receive and send of the server
         assert app.calls[-1][0] is scope
-        assert dict(scope) == original  # no state added, nothing changed
+        assert {name: value for name, value in scope.items() if name != "state"} == original  # nothing changed...
+        assert scope["state"] == {"idempotency_key": None}  # ...but the key, readable as None
     assert len(app.calls) == 2
     assert [m.get("status", m.get("body")) for m in sent] == [200, b"1", 200, b"2"]  # ran twice, no replay
     assert store.calls == []
@@ -794,7 +795,11 @@ async def test_lifespan_and_websocket_scopes_pass_through() -> None:
 
     for scope in ({"type": "lifespan", "asgi": {"version": "3.0"}}, {"type": "websocket", "headers": []}):
         await middleware(scope, receive, send)
-        assert app.calls[-1] == (scope, receive, send)
+        assert app.calls[-1][:2] == (scope, receive)
+    assert app.calls[1][2] is send  # a websocket's send is the server's; the lifespan's checks the store at start-up
+    lifespan = IdempotencyMiddleware(app, store=FailingStore(), startup_check="off")
+    await lifespan({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert app.calls[-1][2] is send  # with the check off, untouched
 
 
 # -- the key in the scope ----------------------------------------------------------------------------------------

@@ -431,9 +431,20 @@ async def test_a_dead_upstream_is_502_and_a_retry_after_it_restarts_runs_once(pr
     assert upstream.count(op) == 1
 
 
+def test_a_store_that_does_not_answer_at_start_up_stops_the_proxy(tmp_path: Path, upstream: Upstream) -> None:
+    """A wrong store address is found at start-up, with what to do, not by the first keyed request."""
+    down = f"redis://127.0.0.1:{free_port()}/0?connect_timeout=0.5"
+    with pytest.raises(AssertionError, match="exited with") as refused:  # noqa: SIM117 - the message is the point
+        with run_proxy(tmp_path, ["--upstream", upstream.url, "--store", down]):
+            pass
+    assert "does not answer" in str(refused.value)
+    assert "--startup-check warn" in str(refused.value)
+
+
 async def test_a_store_that_is_down_is_503_and_nothing_runs(tmp_path: Path, upstream: Upstream) -> None:
     down = f"redis://127.0.0.1:{free_port()}/0?connect_timeout=0.5"
-    with run_proxy(tmp_path, ["--upstream", upstream.url, "--store", down, "--retry-after", "7"]) as proxy:
+    args = ["--upstream", upstream.url, "--store", down, "--retry-after", "7", "--startup-check", "warn"]
+    with run_proxy(tmp_path, args) as proxy:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
             op = new_name()
             response = await http.post(f"/op/{op}", headers=new_key())

@@ -26,6 +26,7 @@ problem until the record expires (``unknown_outcome_ttl``) or an operator resolv
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Unpack
 
@@ -36,11 +37,27 @@ from ._asgi.startup import fail_startup, open_store
 from ._asgi.types import ASGIApp, Message, Receive, Scope, Send
 from ._core.cache import CompletedCache
 from ._core.decide import Refuse, admit
-from ._core.errors import ConfigurationError, RequestError
+from ._core.errors import ConfigurationError, RequestError, StoreError
 from ._core.policy import Policy, PolicyOptions
 from ._core.problem import Problem
 from .observe import Observer, Outcome, _ObservedStore, tell
 from .stores import Store, takes_token
+
+logger = logging.getLogger("idempo")
+
+_STARTUP_PROBE = "idempo:startup-check"  # a key no one writes: its get is one harmless round trip
+_STARTUP_TIMEOUT = 10.0  # seconds the start-up check waits for the store, at most
+
+
+def _no_key(scope: Scope) -> None:
+    """A request that is let through without a key still finds one, ``None`` (``request.state.idempotency_key``), so
+    that an app can read it on every request."""
+    state = scope.get("state")
+    if state is None:
+        scope["state"] = {"idempotency_key": None}
+    elif "idempotency_key" not in state:
+        state["idempotency_key"] = None
+
 
 __all__ = [
     "ASGIApp",
@@ -122,11 +139,16 @@ class IdempotencyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self._methods:
-            if self.observer is not None and scope["type"] == "http":
-                tell(self.observer, "passthrough", scope)
-            elif self.unusable is not None and scope["type"] == "lifespan":
-                await fail_startup(self.unusable, receive, send)
-                return
+            if scope["type"] == "http":
+                _no_key(scope)
+                if self.observer is not None:
+                    tell(self.observer, "passthrough", scope)
+            elif scope["type"] == "lifespan":
+                if self.unusable is not None:
+                    await fail_startup(self.unusable, receive, send)
+                    return
+                if self.policy.startup_check != "off":
+                    send = self._checking_startup(send)
             await self.app(scope, receive, send)
             return
         header = self._header
@@ -142,9 +164,45 @@ class IdempotencyMiddleware:
             self._observe("bad_key", scope)
             await self._send_error(send, admission.error)
             return
+        _no_key(scope)
         if self.observer is not None:
             tell(self.observer, "passthrough", scope)
         await self.app(scope, receive, send)
+
+    async def check_store(self) -> None:
+        """Ask the store once (a ``get``), as the start-up check does.
+
+        Raises:
+            StoreError: the store does not answer, or fails (the driver's exception is ``__cause__``).
+        """
+        try:
+            await asyncio.wait_for(self.store.get(_STARTUP_PROBE), _STARTUP_TIMEOUT)
+        except StoreError:
+            raise
+        except Exception as exc:
+            msg = f"{exc!r}" if not str(exc) else str(exc)
+            raise StoreError(msg) from exc
+
+    def _checking_startup(self, send: Send) -> Send:
+        """*send*, checking the store before the app's start-up is said to be complete (``startup_check``)."""
+
+        async def checking(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                try:
+                    await self.check_store()
+                except StoreError as exc:
+                    what = f"idempo: the store {self.store!r} does not answer ({exc})"
+                    if self.policy.startup_check == "fail":
+                        logger.error("%s", what)
+                        message = {
+                            "type": "lifespan.startup.failed",
+                            "message": f"{what}; fix its address, or pass startup_check='warn' to start anyway",
+                        }
+                    else:
+                        logger.warning("%s; starting anyway (startup_check='warn')", what)
+            await send(message)
+
+        return checking
 
     def _observe(self, outcome: Outcome, scope: Scope) -> None:
         if self.observer is not None:

@@ -94,6 +94,13 @@ class Policy:
         default=0, metadata=_doc("Completed responses kept in this process and replayed without the store; 0: off.")
     )
     cache_ttl: float = field(default=60, metadata=_doc("The longest a response stays in that cache, in seconds."))
+    startup_check: Literal["fail", "warn", "off"] = field(
+        default="fail",
+        metadata=_doc(
+            "At the application's start-up (ASGI lifespan), ask the store once: 'fail' stops the start-up with a clear "
+            "message if it does not answer, 'warn' logs it and starts anyway, 'off' does not ask."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -144,6 +151,7 @@ class PolicyOptions(TypedDict, total=False):
     problem_base_uri: str
     cache_size: int
     cache_ttl: float
+    startup_check: Literal["fail", "warn", "off"]
 
 
 def option_doc(name: str) -> str:
@@ -161,6 +169,7 @@ def option_doc(name: str) -> str:
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "on_conflict": ("reject", "wait"),
     "on_store_error": ("fail_closed", "fail_open"),
+    "startup_check": ("fail", "warn", "off"),
 }
 _POSITIVE: Final = ("ttl", "lease")
 _NOT_NEGATIVE: Final = (

@@ -21,10 +21,11 @@ from typing import Any, Final
 
 import httpx
 
+from .._core.errors import StoreError
 from .._core.problem import Problem
 from ..asgi import IdempotencyMiddleware, Message, Receive, Scope, Send, authorization_principal
 from ..observe import Outcome, StoreOperation
-from ..stores import Store, store_from_url
+from ..stores import Store, redact, store_from_url
 from ._config import CONFIG_ENV, ProxyConfig, parse_listen
 from ._forward import UPSTREAM_URL, ForwardingApp
 from ._intake import OVER_BUDGET, BodyBudget, KeyedBody, Refusal, framing_refusal, request_target
@@ -281,11 +282,26 @@ class ProxyApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
+    async def _startup(self, send: Send) -> None:
+        """Start, once the store has answered (the middleware's ``startup_check``)."""
+        check = self.config.policy.startup_check
+        if check != "off":
+            try:
+                await self.middleware.check_store()
+            except StoreError as exc:
+                what = f"the store {redact(self.config.store)} does not answer ({exc})"
+                if check == "fail":
+                    hint = "fix --store, or pass --startup-check warn to start anyway"
+                    await send({"type": "lifespan.startup.failed", "message": f"idempo proxy: {what}; {hint}"})
+                    return
+                logging.getLogger("idempo.proxy").warning("idempo proxy: %s; starting anyway", what)
+        await send({"type": "lifespan.startup.complete"})
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
+                await self._startup(send)
             elif message["type"] == "lifespan.shutdown":
                 try:
                     await self.aclose()

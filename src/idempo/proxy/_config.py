@@ -109,6 +109,7 @@ class ProxyConfig:
     problem_base_uri: str = Policy.problem_base_uri
     cache_size: int = Policy.cache_size
     cache_ttl: float = Policy.cache_ttl
+    startup_check: Literal["fail", "warn", "off"] = Policy.startup_check
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -215,6 +216,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("problem_base_uri", "str", option_doc("problem_base_uri"), metavar="URI"),
     Option("cache_size", "int", option_doc("cache_size"), metavar="N"),
     Option("cache_ttl", "float", option_doc("cache_ttl"), metavar="S"),
+    Option("startup_check", "choice", option_doc("startup_check"), ("fail", "warn", "off")),
 )
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
 
