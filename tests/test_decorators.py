@@ -9,6 +9,9 @@ import datetime
 import decimal
 import enum
 import inspect
+import os
+import subprocess
+import sys
 import threading
 import uuid
 import zoneinfo
@@ -1070,3 +1073,47 @@ async def test_a_result_the_full_store_refuses_is_kept_as_not_stored(ns: str) ->
         await charge()
     assert caught.value.reason == "store_refused"
     assert counter.runs == 1
+
+
+# -- the default namespace does not depend on how the module was loaded (issue 14) -------------------------------------
+
+_JOBS = """
+import os
+from idempo import idempotent
+
+@idempotent(os.environ["JOBS_STORE"], key="{n}")
+def charge(n: int) -> int:
+    return n
+
+if __name__ == "__main__":
+    charge(1)
+"""
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    package = tmp_path / "shop"
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "jobs.py").write_text(_JOBS)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "JOBS_STORE": f"sqlite:///{tmp_path / 'jobs.db'}"}
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_function_in_a_script_run_as_main_needs_an_explicit_namespace(tmp_path: Path) -> None:
+    result = _run(tmp_path, "shop/jobs.py")
+    assert result.returncode != 0
+    assert "ConfigurationError" in result.stderr
+    assert "pass namespace=" in result.stderr
+
+
+def test_run_with_python_m_its_keys_are_those_an_import_gives(tmp_path: Path) -> None:
+    """Run as ``python -m shop.jobs`` and imported by a worker as ``shop.jobs``: one namespace, so one record."""
+    result = _run(tmp_path, "-m", "shop.jobs")
+    assert result.returncode == 0, result.stderr
+    imported = _run(tmp_path, "-c", "import shop.jobs; shop.jobs.charge(1); shop.jobs.charge(2)")
+    assert imported.returncode == 0, imported.stderr
+    store = SQLiteStore(tmp_path / "jobs.db").sync()
+    try:
+        assert sorted(record.key for record in store.scan()) == ["fn:shop.jobs.charge:1", "fn:shop.jobs.charge:2"]
+    finally:
+        store.close()

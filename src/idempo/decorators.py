@@ -33,7 +33,10 @@ Decisions, for reference:
 - **Store key**: ``f"fn:{namespace}:{key}"``, *namespace* defaulting to ``f"{fn.__module__}.{fn.__qualname__}"``.
   The middleware's keys start with 32 hex digits, so the two never collide. Renaming or moving a function changes
   its default namespace (and orphans its keys): pass ``namespace=`` to keep it stable, or to let two functions
-  share keys.
+  share keys. A function in a module run as ``__main__`` takes the module's real name when it has one (``python -m
+  pkg.jobs``: ``pkg.jobs``, as a worker that imports it sees it); run as a file or in a notebook, it has none, and
+  ``namespace=`` is required (a ``ConfigurationError`` says so), since ``__main__`` would be another namespace than
+  the one the same function gets where it is imported.
 - **Fingerprint**: SHA-256 of canonical JSON (sorted keys, no whitespace) of the bound arguments, defaults applied,
   so ``f(1, b=2)`` and ``f(a=1, b=2)`` are the same call. Pydantic models count as ``model_dump(mode="json")``,
   dataclasses as their fields, sets in sorted order, mappings with their keys as strings; any other object as its
@@ -58,6 +61,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
@@ -251,6 +255,18 @@ def _namespace(fn: Callable[..., Any], namespace: str | None) -> str:
     if not module or not qualname:
         msg = f"{fn!r} has no __module__ and __qualname__ to name its keys by: pass namespace="
         raise ConfigurationError(msg)
+    if module == "__main__":
+        # Run with `python -m pkg.jobs`, the module knows its real name, the one a worker that imports it sees. Run as
+        # a file (or in a notebook), it does not: `__main__` here would be another namespace, and other keys, than
+        # the one the same function gets when a worker imports it.
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is None or not spec.name or spec.name == "__main__":
+            msg = (
+                f"{qualname} is defined in a script run as __main__, whose keys would not be the same when a worker "
+                f"imports it: pass namespace= (e.g. namespace={qualname!r}), or run it with python -m"
+            )
+            raise ConfigurationError(msg)
+        module = spec.name
     return f"{module}.{qualname}"
 
 
