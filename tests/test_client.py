@@ -8,6 +8,7 @@ import asyncio
 import email.utils
 import gzip
 import json
+import logging
 import random
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -773,7 +775,10 @@ def served_charges() -> Iterator[tuple[str, list[str]]]:
     assert not thread.is_alive(), "uvicorn did not stop"
 
 
-def test_sync_transport_over_a_real_server_replays_a_lost_response(served_charges: tuple[str, list[str]]) -> None:
+def test_sync_transport_over_a_real_server_replays_a_lost_response(
+    served_charges: tuple[str, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="idempo.client")
     base_url, runs = served_charges
     faulty = LoseFirstResponseSync(httpx.HTTPTransport())
     sleeps: list[float] = []
@@ -787,6 +792,10 @@ def test_sync_transport_over_a_real_server_replays_a_lost_response(served_charge
     assert response.headers["idempotent-replayed"] == "true"
     assert runs == [response.request.headers["Idempotency-Key"]]
     assert len(sleeps) == 1
+    [retry] = client_logs(caplog)  # the sync transport logs as the async one does
+    assert (retry.level, retry.key, retry.attempt, retry.wait) == (logging.INFO, runs[0], 2, sleeps[0])
+    assert retry.reason == "ReadTimeout: the response was lost on the way back"
+    assert retry.message.startswith(f"idempo: POST {base_url}/charges (Idempotency-Key {runs[0]!r}): ")
 
 
 async def test_async_transport_over_a_real_server_replays_a_lost_response(
@@ -914,6 +923,202 @@ def test_sync_transport_over_a_real_server_stops_at_the_503_outcome_unknown(
     assert is_outcome_unknown(again), again.text
     assert runs == [response.request.headers["Idempotency-Key"]]  # once, for two calls and three attempts
     assert len(sleeps) == 1  # after the 504 only
+
+
+# --- logging: every retry, and giving up ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One record of the ``idempo.client`` logger, with the fields the transports put on it."""
+
+    level: int
+    message: str
+    key: str | None
+    attempt: int
+    attempts: int
+    reason: str
+    wait: float | None
+    record: logging.LogRecord
+
+    def exposes(self, secret: str) -> bool:
+        """Whether *secret* is anywhere in the record: its message or any of its attributes."""
+        return secret in self.message or any(secret in str(value) for value in vars(self.record).values())
+
+
+def client_logs(caplog: pytest.LogCaptureFixture) -> list[Logged]:
+    """The records of the ``idempo.client`` logger; their fields, set through ``extra=``, are in their ``vars``."""
+    return [
+        Logged(
+            level=record.levelno,
+            message=record.getMessage(),
+            key=vars(record)["idempotency_key"],
+            attempt=vars(record)["attempt"],
+            attempts=vars(record)["attempts"],
+            reason=vars(record)["reason"],
+            wait=vars(record)["wait"],
+            record=record,
+        )
+        for record in caplog.records
+        if record.name == "idempo.client"
+    ]
+
+
+async def test_each_retry_is_logged_with_its_key_attempt_reason_and_wait_and_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A lost response, retried against the real middleware: one INFO record, with the key, the attempt about to be
+    made, the error and the wait; neither the body, nor the Authorization header, nor the query string."""
+    caplog.set_level(logging.INFO, logger="idempo.client")
+    app, runs = charges_app()
+    faulty = LoseFirstResponse(httpx.ASGITransport(app=app))
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = AsyncIdempotencyTransport(transport=faulty, sleep=sleep)
+    headers = {"Authorization": "Bearer tok-alice-secret", "Idempotency-Key": "order-77"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.post("/charges?session=q-secret", json={"amount": 4242}, headers=headers)
+        assert response.headers["idempotent-replayed"] == "true"
+        assert len(client_logs(caplog)) == 1
+        fresh = await http.post("/charges", json={"amount": 1}, headers={"Authorization": "Bearer tok-alice-secret"})
+    assert fresh.status_code == 201  # answered at once: nothing to log
+
+    [retry] = client_logs(caplog)
+    assert retry.level == logging.INFO
+    assert retry.message == (
+        "idempo: POST http://test/charges (Idempotency-Key 'order-77'): ReadTimeout: the response was lost on the way "
+        f"back; retrying in {sleeps[0]:.2f} s, attempt 2 of 5"
+    )
+    assert (retry.key, retry.attempt, retry.attempts, retry.wait) == ("order-77", 2, 5, sleeps[0])
+    assert retry.reason == "ReadTimeout: the response was lost on the way back"
+    assert runs == ["order-77", fresh.request.headers["Idempotency-Key"]]
+    for secret in ("tok-alice-secret", "q-secret", "4242"):
+        assert not retry.exposes(secret), secret
+
+
+async def test_retries_on_responses_log_their_status_and_giving_up_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real endpoint behind the middleware that is busy (503, Retry-After: 1) every time: an INFO record per
+    retry with the status and the Retry-After it waits, then a WARNING when no attempt is left."""
+    caplog.set_level(logging.INFO, logger="idempo.client")
+    calls: list[str] = []
+
+    async def busy(request: Request) -> JSONResponse:
+        calls.append(request.state.idempotency_key)
+        return JSONResponse({"detail": "busy"}, status_code=503, headers={"Retry-After": "1"})
+
+    app = IdempotencyMiddleware(Starlette(routes=[Route("/charges", busy, methods=["POST"])]), store=MemoryStore())
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = AsyncIdempotencyTransport(transport=httpx.ASGITransport(app=app), sleep=sleep, attempts=3)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.post("/charges", json={})
+
+    assert response.status_code == 503
+    key = response.request.headers["Idempotency-Key"]
+    assert calls == [key] * 3  # the middleware stores no 5xx: every attempt ran
+    records = client_logs(caplog)
+    assert [(r.level, r.attempt, r.wait, r.reason) for r in records] == [
+        (logging.INFO, 2, 1.0, "503 Service Unavailable"),
+        (logging.INFO, 3, 1.0, "503 Service Unavailable"),
+        (logging.WARNING, 3, None, "503 Service Unavailable"),
+    ]
+    assert {r.key for r in records} == {key}
+    assert records[1].message.endswith("503 Service Unavailable; retrying in 1.00 s, attempt 3 of 3")
+    assert records[2].message == (
+        f"idempo: POST http://test/charges (Idempotency-Key {key!r}): 503 Service Unavailable; giving up after 3 "
+        "attempts"
+    )
+
+
+async def test_giving_up_at_the_deadline_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="idempo.client")
+
+    async def busy(request: Request) -> JSONResponse:
+        return JSONResponse({"detail": "slow down"}, status_code=429, headers={"Retry-After": "2"})
+
+    app = IdempotencyMiddleware(Starlette(routes=[Route("/charges", busy, methods=["POST"])]), store=MemoryStore())
+    clock = FakeClock()
+
+    async def sleep(seconds: float) -> None:
+        clock.now += seconds
+
+    transport = AsyncIdempotencyTransport(
+        transport=httpx.ASGITransport(app=app), sleep=sleep, clock=clock, max_elapsed=3
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        assert (await http.post("/charges", json={})).status_code == 429
+
+    retry, gave_up = client_logs(caplog)
+    assert (retry.level, retry.attempt, retry.wait) == (logging.INFO, 2, 2.0)
+    assert (gave_up.level, gave_up.attempt, gave_up.wait) == (logging.WARNING, 2, None)
+    assert gave_up.message.endswith(
+        "429 Too Many Requests; giving up after 2 attempts: waiting 2.00 s more would pass max_elapsed (3 s)"
+    )
+
+
+async def test_a_503_outcome_unknown_is_logged_as_a_warning_after_the_504_it_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="idempo.client")
+    app, runs = uncertain_app("504")
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = AsyncIdempotencyTransport(transport=httpx.ASGITransport(app=app), sleep=sleep)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.post("/charges", json={"amount": 100})
+
+    assert is_outcome_unknown(response)
+    retry, stopped = client_logs(caplog)
+    assert (retry.level, retry.reason, retry.wait) == (logging.INFO, "504 Gateway Timeout", sleeps[0])
+    assert (stopped.level, stopped.reason, stopped.attempt) == (logging.WARNING, "503 Service Unavailable", 2)
+    assert stopped.message.endswith(
+        "503 Service Unavailable; the server cannot tell whether the operation ran (outcome-unknown): not retried"
+    )
+    assert runs == [retry.key]
+
+
+def test_errors_are_logged_by_class_and_message_and_unkeyed_requests_say_they_have_no_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="idempo.client")
+    script = Script(httpx.ConnectError("[Errno 111] Connection refused"))
+    http, clock = client(script, attempts=2, rng=TopOfRange())
+    with pytest.raises(httpx.ConnectError):
+        http.get("http://user:pw-secret@test/charges?q=1")
+
+    retry, gave_up = client_logs(caplog)
+    assert retry.message == (
+        "idempo: GET http://test/charges (no Idempotency-Key): ConnectError: [Errno 111] Connection refused; "
+        "retrying in 0.50 s, attempt 2 of 2"
+    )
+    assert retry.key is None
+    assert gave_up.level == logging.WARNING
+    assert gave_up.message.endswith("Connection refused; giving up after 2 attempts")
+    assert not retry.exposes("pw-secret")
+    assert clock.sleeps == [0.5]
+
+
+def test_errors_no_retry_would_mend_and_final_answers_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="idempo.client")
+    script = Script(httpx.Response(422), httpx.UnsupportedProtocol("gopher"), httpx.ReadTimeout("slow"))
+    http, _ = client(script)
+    assert http.post(URL).status_code == 422
+    with pytest.raises(httpx.UnsupportedProtocol):
+        http.post(URL)
+    with pytest.raises(httpx.ReadTimeout):
+        http.get(URL)  # unkeyed, and it may have been sent
+    assert client_logs(caplog) == []
 
 
 # --- against a real idempo proxy: its upstream times out -----------------------------------------------------------

@@ -37,6 +37,13 @@ What the transports do with each request (``docs/client.md`` has the reasoning):
 - The request body is read into memory before the first attempt, so every retry sends the same bytes; a
   streaming body is buffered whole.
 - A response that is going to be retried is read and closed first, so its connection goes back to the pool.
+- Each retry is logged at INFO on the ``idempo.client`` logger: the method and URL (without its query string),
+  the key, the attempt about to be made, the reason (the status, or the error's class and message) and the wait
+  before it. Giving up on a retryable answer (no attempt left, or a wait that would pass ``max_elapsed``) and a
+  503 *outcome-unknown* are logged at WARNING: the caller is about to get a failure the retries could not mend.
+  Neither the body nor any header but the key is logged. The values are on each log record too, as
+  ``idempotency_key``, ``attempt``, ``attempts``, ``reason`` and ``wait`` (``None`` when giving up), for
+  structured logging.
 
 Why a loop here rather than a retry library: the issue asked to prefer a well-kept one if it fits the transport
 cleanly. *stamina* retries on exceptions only: retrying on a response would mean raising an exception for it
@@ -57,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import random
 import time
 import uuid
@@ -80,6 +88,8 @@ __all__ = [
     "IdempotencyTransport",
     "is_outcome_unknown",
 ]
+
+logger = logging.getLogger("idempo.client")
 
 DEFAULT_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 """The methods that get a key, and the only ones retried on responses or after they may have been sent."""
@@ -156,6 +166,8 @@ class _Retries:
         self.keyed = keyed
         self.deadline = now + options.max_elapsed
         self.made = 1  # attempts made so far, counting the one being judged
+        # Why the last ``None`` stopped an outcome that is retried otherwise; ``None`` if it was not retryable.
+        self.gave_up: str | None = None
 
     def after_error(self, error: httpx.TransportError, now: float) -> float | None:
         retryable = _MAYBE_SENT + _NOT_SENT if self.keyed else _NOT_SENT
@@ -177,11 +189,14 @@ class _Retries:
         if not self.keyed or response.status_code not in self.options.retry_statuses:
             return None
         if isinstance(response.stream, _Buffered) and _is_unknown_problem(response.stream.body):
-            return None  # the same answer until the record expires or an operator resolves it: stop now
+            # The same answer until the record expires or an operator resolves it: stop now.
+            self.gave_up = "the server cannot tell whether the operation ran (outcome-unknown): not retried"
+            return None
         return self._next(_retry_after(response), now)
 
     def _next(self, retry_after: float | None, now: float) -> float | None:
         if self.made >= self.options.attempts:
+            self.gave_up = f"giving up after {self.made} attempt{'' if self.made == 1 else 's'}"
             return None
         if retry_after is None:
             ceiling = min(self.options.backoff_cap, self.options.backoff_base * 2 ** (self.made - 1))
@@ -189,9 +204,48 @@ class _Retries:
         else:
             delay = retry_after
         if now + delay > self.deadline:
-            return None  # never sleep past the deadline: give up now with what we have
+            # Never sleep past the deadline: give up now with what we have.
+            self.gave_up = (
+                f"giving up after {self.made} attempt{'' if self.made == 1 else 's'}: waiting {delay:.2f} s more "
+                f"would pass max_elapsed ({self.options.max_elapsed:g} s)"
+            )
+            return None
         self.made += 1
         return delay
+
+    def log(self, request: httpx.Request, reason: str, delay: float | None) -> None:
+        """Log the retry of *request* after *delay* seconds because of *reason*; or, when *delay* is ``None``
+        and the outcome was one this would have retried, why it was not (see the module docstring)."""
+        if delay is None and self.gave_up is None:
+            return  # a final answer (a 201, a 400) or an error no retry would mend: nothing to say
+        key = request.headers.get(self.options.header) if self.keyed else None
+        fields = {
+            "idempotency_key": key,
+            "attempt": self.made,
+            "attempts": self.options.attempts,
+            "reason": reason,
+            "wait": delay,
+        }
+        url = request.url
+        target = f"{request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+        keyed = f"{self.options.header} {key!r}" if key is not None else f"no {self.options.header}"
+        if delay is not None:
+            logger.info(
+                "idempo: %s (%s): %s; retrying in %.2f s, attempt %d of %d",
+                target, keyed, reason, delay, self.made, self.options.attempts, extra=fields,
+            )  # fmt: skip
+        else:
+            logger.warning("idempo: %s (%s): %s; %s", target, keyed, reason, self.gave_up, extra=fields)
+
+
+def _error_reason(error: httpx.TransportError) -> str:
+    """An error as a log line's reason: its class, and its message when it has one."""
+    message = str(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _status_reason(response: httpx.Response) -> str:
+    return f"{response.status_code} {response.reason_phrase}".rstrip()
 
 
 def is_outcome_unknown(response: httpx.Response) -> bool:
@@ -336,10 +390,12 @@ class IdempotencyTransport(httpx.BaseTransport):
                     response = _buffered(response, _read(response))
             except httpx.TransportError as error:
                 delay = retries.after_error(error, self._clock())
+                retries.log(request, _error_reason(error), delay)
                 if delay is None:
                     raise
             else:
                 delay = retries.after_response(response, self._clock())
+                retries.log(request, _status_reason(response), delay)
                 if delay is None:
                     return response
                 _discard(response)
@@ -399,10 +455,12 @@ class AsyncIdempotencyTransport(httpx.AsyncBaseTransport):
                     response = _buffered(response, await _aread(response))
             except httpx.TransportError as error:
                 delay = retries.after_error(error, self._clock())
+                retries.log(request, _error_reason(error), delay)
                 if delay is None:
                     raise
             else:
                 delay = retries.after_response(response, self._clock())
+                retries.log(request, _status_reason(response), delay)
                 if delay is None:
                     return response
                 await _adiscard(response)
