@@ -218,6 +218,59 @@ def test_list_filters(populated: Populated) -> None:
     assert listed("--limit", "0") == []
 
 
+async def test_the_anonymous_principal_is_labelled_and_can_be_chosen(populated: Populated) -> None:
+    """A request with no Authorization header (and no user), through the real middleware: its record is filed under
+    the digest of nothing, which the table labels '(anonymous)', the JSON says with "anonymous": true, show says in
+    words, and --principal anonymous chooses."""
+    store = store_from_url(populated.url)
+    app = IdempotencyMiddleware(Starlette(routes=[Route("/charges", _charge, methods=["POST"])]), store=store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        response = await client.post("/charges", json={"amount": 5}, headers={"Idempotency-Key": "order-1"})
+        assert response.status_code == 201
+    await store.close()
+    anonymous = principal_digest(b"")
+    assert anonymous.startswith("e3b0c442")
+
+    table = keys("list", store=populated.url)
+    assert table.exit_code == 0, table.output
+    rows = {tuple(line.split()[:2]) for line in table.output.splitlines()[1:]}
+    assert {("order-1", "(anonymous)"), ("order-1", ALICE[:8]), ("order-1", BOB[:8])} <= rows
+    assert "e3b0c442" not in table.output
+
+    listed = {item["store_key"]: item for item in json.loads(keys("list", "--json", store=populated.url).output)}
+    assert (listed[f"{anonymous}:order-1"]["principal"], listed[f"{anonymous}:order-1"]["anonymous"]) == (
+        anonymous, True,
+    )  # fmt: skip
+    assert listed[f"{ALICE}:order-1"]["anonymous"] is False
+    assert listed["fn:jobs.charge:7"]["anonymous"] is False
+
+    for chosen in ("anonymous", "(anonymous)", "ANONYMOUS", anonymous[:4]):
+        only = keys("list", "--json", "--principal", chosen, store=populated.url)
+        assert only.exit_code == 0, only.output
+        assert [item["store_key"] for item in json.loads(only.output)] == [f"{anonymous}:order-1"], chosen
+
+    shown = keys("show", "order-1", "--principal", "anonymous", store=populated.url)
+    assert shown.exit_code == 0, shown.output
+    assert f"principal:    {anonymous} (anonymous: no user, no Authorization header)\n" in shown.output
+    assert json.loads(keys("show", "order-1", "--principal", "anonymous", "--json", store=populated.url).output)[
+        "anonymous"
+    ]
+    alice = keys("show", "order-1", "--principal", ALICE, store=populated.url)
+    assert f"principal:    {ALICE}\n" in alice.output
+
+
+def test_list_help_explains_the_principal_column() -> None:
+    result = keys("list", "--help")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "PRINCIPAL is whose record it is: the first 8 characters of a digest (SHA-256) of the caller" in text
+    assert 'the authenticated user an auth middleware set (scope["user"]), else the Authorization header' in text
+    assert (
+        "'(anonymous)' marks the requests that had neither: they all share one namespace (digest e3b0c442...)" in text
+    )
+    assert "--principal takes a digest's first characters, or 'anonymous'" in text
+
+
 # -- show ----------------------------------------------------------------------------------------------------------
 
 
@@ -302,7 +355,7 @@ async def test_a_response_too_large_to_keep_and_a_payload_of_another_kind(tmp_pa
     assert await store.complete("someone-else's", claim.token, b"\xffnot a response", ttl=600)
     await store.close()
     table = [re.split(r"\s{2,}", line) for line in keys("list", store=url).output.splitlines()]
-    assert table[1][:4] == ["big", principal_digest(b"")[:8], "completed, response not stored (too_large)", "201*"]
+    assert table[1][:4] == ["big", "(anonymous)", "completed, response not stored (too_large)", "201*"]
     assert table[2][:4] == ["someone-else's", "-", "completed", "?"]
     big = keys("show", "big", "--body", store=url)
     assert big.exit_code == 0, big.output
@@ -675,7 +728,7 @@ def test_usage_errors_exit_with_2(tmp_path: Path) -> None:
     for command in ("show", "delete"):
         result = keys(command, "k", "--principal", "xyz", store=url)
         assert result.exit_code == 2
-        assert "Invalid value for '--principal'" in result.output
+        assert "Invalid value for '--principal': a principal digest is hexadecimal" in result.output
     assert keys("list", "--principal", "xyz", store=url).exit_code == 2
 
 

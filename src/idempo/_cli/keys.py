@@ -38,6 +38,8 @@ from .._core.records import Existing, Record
 from ..stores import SyncScanningStore, SyncStore, parse_store_url, redact, sync_store_from_url
 from ..stores.sqlite import SyncSQLiteStore
 from .records import (
+    ANONYMOUS,
+    ANONYMOUS_LABEL,
     as_text,
     marker_of,
     record_json,
@@ -108,13 +110,10 @@ def _scanning(store: SyncStore) -> SyncScanningStore:
 
 
 def _matching(store: SyncStore, key: str, principal: str | None) -> list[Record]:
-    """The records *key* may mean: the store key itself; with *principal*, that principal's record of the
-    Idempotency-Key *key*; else every record whose key part is *key* (the whole store is scanned)."""
+    """The records *key* may mean: the store key itself; with *principal* (checked by :func:`_principal_value`),
+    that principal's record of the Idempotency-Key *key*; else every record whose key part is *key* (the whole
+    store is scanned)."""
     if principal is not None:
-        principal = principal.lower()
-        if not _DIGEST.fullmatch(principal):
-            msg = "a principal digest is hexadecimal, at most 32 characters"
-            raise click.BadParameter(msg, param_hint="'--principal'")
         if len(principal) == 32:
             record = store.get(f"{principal}:{key}")
             return [] if record is None else [record]
@@ -156,6 +155,25 @@ def _one(store: SyncStore, key: str, principal: str | None) -> Record:
 # -- the commands ----------------------------------------------------------------------------------------------------
 
 
+def _principal_value(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """``--principal``: a digest or its first characters, lower-cased; ``anonymous`` for the anonymous one's."""
+    if value is None:
+        return None
+    if value.lower() in ("anonymous", ANONYMOUS_LABEL):
+        return ANONYMOUS
+    if not _DIGEST.fullmatch(value.lower()):
+        msg = "a principal digest is hexadecimal, at most 32 characters (or 'anonymous')"
+        raise click.BadParameter(msg)
+    return value.lower()
+
+
+def _principal_option(help: str) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    return click.option("--principal", metavar="DIGEST", default=None, callback=_principal_value, help=help)
+
+
+_ONE_PRINCIPAL = "The principal's digest, or its first characters ('idempo keys list' shows 8); 'anonymous' too."
+
+
 def _store_option(function: Callable[..., _T]) -> Callable[..., _T]:
     return click.option(
         "--store",
@@ -180,35 +198,37 @@ def command() -> None:
 @command.command(name="list")
 @_store_option
 @click.option("--prefix", default="", help="Only store keys that start with this (taken literally).")
-@click.option(
-    "--principal",
-    metavar="DIGEST",
-    default=None,
-    help="Only this principal's records (its digest, or the start of it); --prefix then applies to the key.",
+@_principal_option(
+    "Only this principal's records: its digest, or its first characters, as the PRINCIPAL column shows them; "
+    "'anonymous' for the anonymous callers'. --prefix then applies to the key."
 )
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="At most this many records.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def list_records(store_url: str, prefix: str, principal: str | None, limit: int | None, as_json: bool) -> None:
     """List the live records: key, principal, state, response status, age, time left.
 
+    PRINCIPAL is whose record it is: the first 8 characters of a digest (SHA-256) of the caller the middleware
+    filed it under, so that the caller is never stored in clear. By default the caller is the authenticated user
+    an auth middleware set (scope["user"]), else the Authorization header; or what the app's principal= function
+    returns. '(anonymous)' marks the requests that had neither: they all share one namespace (digest e3b0c442...).
+    'fn:<namespace>' marks a decorated function's result. --principal takes a digest's first characters, or
+    'anonymous'; --json gives the whole digest, and "anonymous": true or false.
+
     STATE is 'in progress', 'stale' (its lease ran out), 'completed', 'completed, response not stored (REASON)', or
     'outcome unknown (first answered STATUS)' (see 'idempo keys resolve'). STATUS is the stored response's status,
     '-' when there is none (in progress, outcome unknown), 'fn' for a function's result (the decorator's records),
     and marked with '*' when the response was not kept. Built-in stores list in key order, except Redis.
     """
-    if principal is not None and not _DIGEST.fullmatch(principal.lower()):
-        msg = "a principal digest is hexadecimal, at most 32 characters"
-        raise click.BadParameter(msg, param_hint="'--principal'")
     with _opened(store_url) as store:
         scanning = _scanning(store)
         if principal is None:
             records = list(scanning.scan(prefix, limit=limit))
         elif len(principal) == 32:
-            records = list(scanning.scan(f"{principal.lower()}:{prefix}", limit=limit))
+            records = list(scanning.scan(f"{principal}:{prefix}", limit=limit))
         else:
             wanted = (
                 r
-                for r in scanning.scan(principal.lower())
+                for r in scanning.scan(principal)
                 if split_key(r.key).kind == "http" and split_key(r.key).key.startswith(prefix)
             )
             records = [r for _, r in zip(range(limit), wanted, strict=False)] if limit is not None else list(wanted)
@@ -225,7 +245,7 @@ def list_records(store_url: str, prefix: str, principal: str | None, limit: int 
 @command.command(name="show")
 @_store_option
 @click.argument("key")
-@click.option("--principal", metavar="DIGEST", default=None, help="The principal's digest (or the start of it).")
+@_principal_option(_ONE_PRINCIPAL)
 @click.option("--body", is_flag=True, help="Print the stored body (or function result) too.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead.")
 def show(store_url: str, key: str, principal: str | None, body: bool, as_json: bool) -> None:
@@ -252,7 +272,7 @@ def show(store_url: str, key: str, principal: str | None, body: bool, as_json: b
 @command.command(name="delete")
 @_store_option
 @click.argument("key")
-@click.option("--principal", metavar="DIGEST", default=None, help="The principal's digest (or the start of it).")
+@_principal_option(_ONE_PRINCIPAL)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def delete(store_url: str, key: str, principal: str | None, yes: bool) -> None:
     """Delete one record, whatever its state: the next request with its key runs again.
@@ -273,7 +293,7 @@ def delete(store_url: str, key: str, principal: str | None, yes: bool) -> None:
 @command.command(name="resolve")
 @_store_option
 @click.argument("key")
-@click.option("--principal", metavar="DIGEST", default=None, help="The principal's digest (or the start of it).")
+@_principal_option(_ONE_PRINCIPAL)
 @click.option("--ran", is_flag=True, help="The operation did happen: retries get a 410 response-not-stored.")
 @click.option("--not-run", is_flag=True, help="It did not happen: the record is deleted, and a retry runs it.")
 @click.option(

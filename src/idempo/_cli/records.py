@@ -20,10 +20,16 @@ from .._core.codec import (
     decode_response,
     decode_value,
 )
+from .._core.fingerprint import principal_digest
 from .._core.records import Record, State
 
 _MIDDLEWARE_KEY = re.compile(r"(?P<principal>[0-9a-f]{32}):(?P<key>.*)", re.DOTALL)
 _SHORT = 8  # characters of a principal digest shown in the table
+
+ANONYMOUS = principal_digest(b"")
+"""The principal digest of a request with no principal: no authenticated user and no ``Authorization`` header
+(``e3b0c442...``, the digest of nothing). Every such caller shares its records' namespace."""
+ANONYMOUS_LABEL = "(anonymous)"
 
 # What must never reach the terminal raw: C0 controls and DEL, C1 controls (U+0080-U+009F: 0x9b is a CSI of its own
 # on some terminals), the bidirectional marks, embeddings, overrides and isolates (text that reads otherwise than it
@@ -138,6 +144,7 @@ def record_json(record: Record, now: float) -> dict[str, Any]:
         "key": parts.key,
         "kind": parts.kind,
         "principal": parts.owner if parts.kind == "http" else None,
+        "anonymous": parts.kind == "http" and parts.owner == ANONYMOUS,
         "namespace": parts.owner[3:] if parts.kind == "fn" else None,
         "state": "outcome_unknown" if unknown else record.state.value,
         "state_text": state_text(record, now),
@@ -160,11 +167,15 @@ def table_lines(records: list[Record], now: float) -> list[str]:
     rows = [header]
     for record in records:
         parts = split_key(record.key)
-        owner = parts.owner[:_SHORT] if parts.kind == "http" else (parts.owner or "-")
+        owner = _principal_cell(parts) if parts.kind == "http" else (parts.owner or "-")
         age, expires_in = _duration(now - record.created_at), _duration(record.expires_at - now)
         rows.append((safe(parts.key), safe(owner), state_text(record, now), _status(record), age, expires_in))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _principal_cell(parts: _Parts) -> str:
+    return ANONYMOUS_LABEL if parts.owner == ANONYMOUS else parts.owner[:_SHORT]
 
 
 def stored_body(record: Record) -> bytes:
@@ -196,7 +207,8 @@ def show_lines(record: Record, now: float, *, body: bool) -> Iterator[str]:
     yield f"store key:    {safe(record.key)}"
     yield f"key:          {safe(parts.key)}"
     if parts.kind == "http":
-        yield f"principal:    {parts.owner}"
+        anonymous = " (anonymous: no user, no Authorization header)" if parts.owner == ANONYMOUS else ""
+        yield f"principal:    {parts.owner}{anonymous}"
     elif parts.kind == "fn":
         yield f"function:     {safe(parts.owner[3:])} (an @idempotent function's result)"
     state = state_text(record, now)
