@@ -72,8 +72,8 @@ _FENCES = RawFencedCodeBlockLexer(
 )
 _INVISIBLE = DirectiveInHTMLCommentLexer(directive="invisible-code-block", arguments="python")
 # A marker is an HTML comment right above its block (nothing but blank space between them).
-_MARKER = re.compile(r"<!--\s*(?P<kind>not run|run):\s*(?P<what>.*?)\s*-->")
-_MARKER_BEFORE = re.compile(_MARKER.pattern + r"\s*\Z", re.DOTALL)
+_MARKER = re.compile(r"^[ \t]*<!--\s*(?P<kind>not run|run):\s*(?P<what>[^\n]*?)\s*-->", re.MULTILINE)
+_MARKER_BEFORE = re.compile(_MARKER.pattern + r"\s*\Z", re.DOTALL | re.MULTILINE)
 
 MODULE = "docs_example"
 SH_TIMEOUT = 120.0
@@ -204,7 +204,7 @@ class DocumentRun:
         test_file = self.scratch / f"test_docs_example_{example.line}.py"
         test_file.write_text(_rewritten(str(example.parsed), example.namespace))
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", test_file.name],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file.name],
             cwd=self.scratch,
             env={**os.environ, "PYTHONPATH": str(self.scratch)},
             capture_output=True,
@@ -303,11 +303,15 @@ def running(app: Any) -> Iterator[str]:
 
 def excerpt_of(path: str, block: str) -> None:
     """Check that *block* is an excerpt of the file at *path* (relative to the repository): each of its lines, but
-    the ``...`` that stand for what it leaves out, appears there, in the same order."""
-    lines = [line.strip() for line in (ROOT / path).read_text().splitlines()]
+    the ``...`` that stand for what it leaves out, appears there, in the same order (comments aside)."""
+
+    def code(line: str) -> str:
+        return line.split("  # ", 1)[0].strip()
+
+    lines = [code(line) for line in (ROOT / path).read_text().splitlines()]
     at = 0
-    for line in (line.strip() for line in block.splitlines()):
-        if line in ("", "...") or line.startswith('"""'):
+    for line in (code(line) for line in block.splitlines()):
+        if line in ("", "...") or line.startswith(('"""', "#")):
             continue
         try:
             at = lines.index(line, at) + 1
@@ -342,9 +346,12 @@ async def lifespan(app: Any) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def serve(app: Any, *, headers: dict[str, str] | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client that calls *app* in-process, its lifespan running."""
+async def serve(
+    app: Any, *, headers: dict[str, str] | None = None, raise_app_exceptions: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client that calls *app* in-process, its lifespan running; with ``raise_app_exceptions=False``, an
+    exception the app raises is a 500, as a server answers it."""
     async with lifespan(app):
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as client:
             yield client
