@@ -1,18 +1,38 @@
-# `make demo` and `make test` work on a fresh machine: the virtual environment is made when missing.
+# `make help` lists the targets. Each works on a fresh clone: the virtual environment (.venv) is made when missing,
+# with what the target needs: `make demo` the `cli` extra only; the others every extra and the dev tools.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: install lint typecheck services browser test demo walkthrough serve screenshot bench bench-compare clean
+.DEFAULT_GOAL := help
+.PHONY: help install check lint typecheck services browser test dist demo walkthrough serve screenshot bench \
+	bench-compare clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[all,dev]'
+help: ## this list
+	@echo "make TARGET (CI runs .ci/run: make test, with CI=true):"
+	@awk 'BEGIN { FS = ":[^#]*## " } /^[a-z][a-z-]*:.*## / { printf "  %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) -U pip
+	$(PIP) -e '.[all,dev]'
 	touch $(STAMP)
 
+# The demo needs the `cli` extra only (click, uvicorn, starlette, httpx, prometheus-client), which the full
+# installation has too.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	if [ $(STAMP) -nt pyproject.toml ]; then :; else $(PIP) -e '.[cli]'; fi
+	touch $(DEMO_STAMP)
+
 install: $(STAMP) ## the virtual environment, with every extra and the dev tools
+
+check: lint typecheck ## the inner loop (about 30 s): lint, types, and the tests that need no server, browser, Node or child process
+	$(BIN)/python -m pytest -q --in-process $(ARGS)
 
 lint: install ## ruff: formatting and lints; import-linter: the import contracts in pyproject.toml
 	$(BIN)/ruff format --check .
@@ -22,18 +42,23 @@ lint: install ## ruff: formatting and lints; import-linter: the import contracts
 typecheck: install ## mypy --strict over src, tests, examples and benchmarks
 	$(BIN)/mypy
 
-services: ## Redis and PostgreSQL on 127.0.0.1 (installed with apt-get and started when missing)
+services: ## Redis and PostgreSQL on 127.0.0.1, started; as root, apt-get installs them if missing (listed first)
 	scripts/services
 
-browser: ## Debian's Chromium and Node.js for tests/browser and tests/js (installed with apt-get when missing)
+browser: ## Chromium and Node.js for tests/browser and tests/js; as root, apt-get installs them if missing (listed first)
 	scripts/browser
 
-test: lint typecheck services browser ## everything: lint, types, the whole test suite, and its coverage gates
+test: lint typecheck services browser ## everything CI runs (minutes): lint, types, the whole suite, its coverage gates
 	$(BIN)/python -m coverage run -m pytest $(ARGS)
 	$(BIN)/python -m coverage report
 	$(BIN)/python -m coverage report --include='src/idempo/_core/*' --fail-under=100
 
-demo: install ## the demo page on http://127.0.0.1:8000 (`idempo demo`; ARGS="--port 9000 --store URL")
+dist: install ## the sdist and the wheel, built into dist/ and checked (scripts/check_dist.py)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python scripts/check_dist.py dist
+
+demo: $(DEMO_STAMP) ## the demo page on http://127.0.0.1:8000 (`idempo demo`; ARGS="--port 9000 --store URL")
 	$(BIN)/idempo demo $(ARGS)
 
 walkthrough: install ## replay, 409, 422 and 400 shown in-process on the SQLite store, printed
@@ -57,5 +82,5 @@ bench-compare: ## idempo beside other Python idempotency middlewares and reduced
 	$(COMPARE)/bin/python -m pip install -q --disable-pip-version-check -e . fastapi $(COMPARED)
 	$(COMPARE)/bin/python benchmarks/compare.py $(ARGS)
 
-clean:
-	rm -rf $(VENV) $(COMPARE) .mypy_cache .ruff_cache .pytest_cache .coverage
+clean: ## remove the virtual environments, dist/ and the tools' caches
+	rm -rf $(VENV) $(COMPARE) dist .mypy_cache .ruff_cache .pytest_cache .coverage

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from . import in_process
+
 __all__ = ["IN_CI", "POSTGRES_URL", "REDIS_URL", "require_server", "skip_or_fail", "with_options"]
 
 REDIS_URL = os.environ.get("IDEMPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -39,7 +41,10 @@ def _reachable(url: str, default_port: int) -> bool:
 
 
 def require_server(url: str, default_port: int, what: str, install: str) -> str:
-    """*url* if its server answers; otherwise :func:`skip_or_fail` with what to install."""
+    """*url* if its server answers; otherwise :func:`skip_or_fail` with what to install. Under ``pytest
+    --in-process`` (``make check``), a skip: no test that needs a server runs there."""
+    if in_process.enabled():
+        in_process.refuse(what)
     if _reachable(url, default_port):
         return url
     skip_or_fail(f"{what} is not reachable at {url}: {install} (or set the URL in the environment)")
