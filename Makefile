@@ -8,7 +8,7 @@ DEMO_STAMP := $(VENV)/.demo-stamp
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help install check lint typecheck services browser test dist demo walkthrough serve screenshot bench \
+.PHONY: help install check lint typecheck services browser test docs dist demo walkthrough serve screenshot bench \
 	bench-compare clean
 
 help: ## this list
@@ -48,10 +48,14 @@ services: ## Redis and PostgreSQL on 127.0.0.1, started; as root, apt-get instal
 browser: ## Chromium and Node.js for tests/browser and tests/js; as root, apt-get installs them if missing (listed first)
 	scripts/browser
 
-test: lint typecheck services browser ## everything CI runs (minutes): lint, types, the whole suite, its coverage gates
+test: lint typecheck services browser ## everything CI runs (minutes): lint, types, the docs site, the whole suite, its coverage gates
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m coverage run -m pytest $(ARGS)
 	$(BIN)/python -m coverage report
 	$(BIN)/python -m coverage report --include='src/idempo/_core/*' --fail-under=100
+
+docs: install ## the documentation site on http://127.0.0.1:8008, rebuilt as pages change (mkdocs.yml; API from docstrings)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8008
 
 dist: install ## the sdist and the wheel, built into dist/ and checked (scripts/check_dist.py)
 	rm -rf dist

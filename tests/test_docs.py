@@ -25,3 +25,9 @@ def test_every_code_block_of_the_page_runs(page: Path, tmp_path: Path) -> None:
     finally:
         run.close()
     print(f"{page.relative_to(ROOT)}: ran {len(run.ran)}, not run {len(run.not_run)}", *run.not_run, sep="\n  ")
+
+
+def test_the_contract_page_shows_the_table_the_code_decides_by() -> None:
+    from idempo._core.decide import render_rows
+
+    assert render_rows() in (ROOT / "docs" / "contract.md").read_text()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import io
 import json
 import os
 import re
@@ -43,7 +44,7 @@ import threading
 import tomllib
 import types
 from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,19 @@ class DocumentRun:
                 yield Region(marker.start(), marker.end(), marker.group(0), self.orphan_marker)
 
     def _block(self, region: Region, marker: re.Match[str] | None) -> Region:
+        region = self._choose(region, marker)
+        evaluate = region.evaluator
+        assert evaluate is not None
+
+        def keeping(example: Example) -> Any:
+            example.namespace.setdefault("docs_blocks", []).append(str(example.parsed))
+            return evaluate(example)
+
+        region.evaluator = keeping
+        return region
+
+    def _choose(self, region: Region, marker: re.Match[str] | None) -> Region:
+        """*region* with the evaluator its language and its marker call for."""
         language = region.lexemes["info"].strip().split(" ")[0].lower()
         region.parsed = region.lexemes["source"]
         if marker is not None and marker["kind"] == "not run":
@@ -189,15 +203,18 @@ class DocumentRun:
         code = compile(padded, str(self.path), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
         cwd = Path.cwd()
         os.chdir(self.scratch)
+        printed = io.StringIO()
         try:
-            if code.co_flags & inspect.CO_COROUTINE:
-                self.runner.run(eval(code, example.namespace))
-            else:
-                exec(code, example.namespace)
+            with redirect_stdout(printed):
+                if code.co_flags & inspect.CO_COROUTINE:
+                    self.runner.run(eval(code, example.namespace))
+                else:
+                    exec(code, example.namespace)
         finally:
             os.chdir(cwd)
-        if example.region.lexemes.get("info") is not None:
+        if example.region.lexemes.get("info") is not None:  # a block the reader sees
             example.namespace["docs_last_block"] = str(example.parsed)
+            example.namespace["docs_stdout"] = printed.getvalue()
         self.ran.append(f"{self._where(example)} python")
 
     def run_pytest(self, example: Example) -> None:
