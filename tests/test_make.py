@@ -24,12 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 def make(*args: str) -> subprocess.CompletedProcess[str]:
     if shutil.which("make") is None:
         skip_or_fail("make is not installed: apt-get install make")
+    # Not the flags of a make this suite may run under (make test): this make is a fresh one.
+    env = {name: value for name, value in os.environ.items() if name not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(
         ["make", "--no-print-directory", "-C", str(REPO), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 
