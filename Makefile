@@ -49,7 +49,7 @@ browser: ## Chromium and Node.js for tests/browser and tests/js; as root, apt-ge
 	scripts/browser
 
 test: lint typecheck services browser ## everything CI runs (minutes): lint, types, the docs site, the whole suite, its coverage gates
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings that --strict counts
 	$(BIN)/python -m coverage run -m pytest $(ARGS)
 	$(BIN)/python -m coverage report
 	$(BIN)/python -m coverage report --include='src/idempo/_core/*' --fail-under=100
