@@ -178,7 +178,8 @@ class DocumentRun:
     # -- evaluators ----------------------------------------------------------------------------------------------
 
     def _where(self, example: Example) -> str:
-        return f"{self.path.relative_to(ROOT)}:{example.line}"
+        name = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path.name
+        return f"{name}:{example.line}"
 
     def not_run_marked(self, language: str, why: str) -> Any:
         def evaluate(example: Example) -> None:
