@@ -97,8 +97,9 @@ class Policy:
     startup_check: Literal["fail", "warn", "off"] = field(
         default="fail",
         metadata=_doc(
-            "At the application's start-up (ASGI lifespan), ask the store once: 'fail' stops the start-up with a clear "
-            "message if it does not answer, 'warn' logs it and starts anyway, 'off' does not ask."
+            "At the application's start-up (the ASGI lifespan; when a WSGI face, Django's or Flask's is built), "
+            "ask the store once: 'fail' stops the start-up with a clear message if it does not answer, 'warn' logs "
+            "it and starts anyway, 'off' does not ask."
         ),
     )
 

@@ -1,0 +1,463 @@
+"""One keyed request through a blocking face (WSGI, Django, Flask), from its admission to its recorded outcome.
+Strictly private.
+
+:class:`Guard` is what a face holds (its policy, its :class:`~idempo.SyncStore`, its lease renewer); for each keyed
+request the face reads the key, the body and the principal in its own framework's terms, and asks
+:meth:`Guard.claim` for an answer. That is either a whole :class:`Answer` to send as it is (a replay, a problem), a
+:class:`FailOpen` (run the app unprotected), or a :class:`Held` claim, which the face runs the app under: it tells
+the claim the response's status and headers (:meth:`Held.start`), its body's chunks (:meth:`Held.chunk`) and its end
+(:meth:`Held.finish`), which records the outcome before the face lets the last chunk go. Every answer is one the
+decision table (:mod:`idempo._core.decide`) chose; the ASGI middleware's twin of this is
+:mod:`idempo._asgi.exchange`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, MutableMapping
+from typing import Any, Final, NamedTuple
+
+from .._core.cache import CompletedCache
+from .._core.decide import (
+    MISMATCH,
+    Conflict,
+    FailOpen,
+    Mismatch,
+    NotStored,
+    Refuse,
+    Replay,
+    Wait,
+    admit,
+    body_too_large,
+    decide,
+    decide_cached,
+    fallback,
+    on_store_failure,
+    record_for,
+    replay,
+    should_store,
+    wait_or_answer,
+)
+from .._core.errors import (
+    InvalidKeyError,
+    OutcomeUnknownError,
+    RequestError,
+    ResponseNotStoredError,
+    StoreFullError,
+)
+from .._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
+from .._core.outcome import OutcomeReport
+from .._core.policy import Policy
+from .._core.principal import ANONYMOUS_WARNING
+from .._core.problem import Problem
+from .._core.records import Acquired, Claim, State, new_token
+from ..observe import Observer, Outcome, StoreOperation, tell
+from ..stores import SyncStore, takes_token
+from .leases import ThreadRenewer
+
+__all__ = ["Answer", "FailOpen", "Guard", "Held", "REPLAYED"]
+
+logger = logging.getLogger("idempo")
+
+REPLAYED: Final = (b"idempotent-replayed", b"true")
+
+# Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
+_RECORD_RETRY_FIRST: Final = 0.05
+_RECORD_RETRY_MAX: Final = 1.0
+
+
+class Answer(NamedTuple):
+    """A whole response the face sends as it is: a replay or a problem. Header names are lower case bytes."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    outcome: Outcome
+
+
+class Guard:
+    """The contract of one blocking face: its policy, its store and what it keeps between requests (the cache of
+    completed records, the lease renewer). Safe to share between threads (gthread workers, Django's ASGI handler).
+
+    Args:
+        store: a :class:`~idempo.SyncStore`.
+        policy: the face's options.
+        observer: told of each request's outcome and each store call's time, or ``None``.
+    """
+
+    def __init__(self, store: SyncStore, policy: Policy, observer: Observer | None = None) -> None:
+        self.store = store
+        self.policy = policy
+        self.observer = observer
+        self.calls: SyncStore = store if observer is None else _ObservedSyncStore(store, observer)
+        self.renewer = ThreadRenewer(self.calls, policy.lease)
+        self.claims_with_token = takes_token(store)
+        self.header = policy.header_name
+        self.methods = policy.methods
+        self.cache = (
+            CompletedCache(policy.cache_size, policy.cache_ttl) if policy.cache_size and policy.cache_ttl else None
+        )
+        self._cache_lock = threading.Lock()
+        self._warned_anonymous = False
+
+    # -- admission ---------------------------------------------------------------------------------------------
+
+    def admit(self, value: str | bytes | None, path: str) -> str | Answer | None:
+        """The key of a request of a protected method whose key header is *value* (``None``: absent), as
+        :func:`~idempo._core.decide.admit` says: the key, ``None`` to let the request through, or the 400.
+
+        Servers join repeated headers with commas before a blocking app sees them (PEP 3333; Django's ASGI handler
+        does the same), so a comma in the value cannot be told from two keys: it is refused, as two keys are.
+        """
+        if value is None:
+            admission = admit(self.policy, (), path)
+        else:
+            raw = value.encode("latin-1") if isinstance(value, str) else value
+            if b"," in raw:
+                return self.refuse(
+                    "bad_key",
+                    InvalidKeyError(
+                        "send exactly one Idempotency-Key header, without a comma (repeated headers reach the "
+                        "application joined by commas)"
+                    ),
+                )
+            admission = admit(self.policy, (raw,), path)
+        if type(admission) is str:
+            return admission
+        if isinstance(admission, Refuse):
+            return self.refuse("bad_key", admission.error)
+        return None
+
+    def too_large(self, size: int, *, declared: bool) -> Answer | None:
+        """The 413 of a body of *size* bytes (:func:`~idempo._core.decide.body_too_large`), or ``None``."""
+        error = body_too_large(self.policy, size, declared=declared)
+        return None if error is None else self.refuse("too_large", error)
+
+    def warn_anonymous(self, principal: str | bytes) -> None:
+        """Warn once that keyed requests arrive with no identity (the default principal found none)."""
+        if not principal and not self._warned_anonymous:
+            self._warned_anonymous = True
+            logger.warning(ANONYMOUS_WARNING)
+
+    def fingerprint(self, method: str, path: str, query: bytes, content_type: bytes, body: bytes) -> str:
+        """The default fingerprint of a request (``canonical_json`` applied)."""
+        policy = self.policy
+        if policy.canonical_json:
+            body = canonical_json_body(body, policy.canonical_json_max_bytes)
+        return fingerprint_request(method, path, query, body, content_type)
+
+    # -- answers -----------------------------------------------------------------------------------------------
+
+    def observe(self, outcome: Outcome, request: MutableMapping[str, Any]) -> None:
+        """Tell the observer, if any, what became of *request* (the WSGI environ, or the face's request)."""
+        if self.observer is not None:
+            tell(self.observer, outcome, request)
+
+    def refuse(self, outcome: Outcome, error: RequestError) -> Answer:
+        """The problem document of *error*, as a whole response."""
+        status, headers, body = Problem.from_error(error, base_uri=self.policy.problem_base_uri).render(
+            retry_after=getattr(error, "retry_after", None)
+        )
+        return Answer(status, headers, body, outcome)
+
+    def unknown(self) -> Answer:
+        """The 503 ``outcome-unknown`` problem of a request that said its outcome is unknown."""
+        retry_after = math.ceil(self.policy.kept_unknown_for)
+        error = OutcomeUnknownError.recorded("the outcome of this operation is unknown", retry_after=retry_after)
+        return self.refuse("outcome_unknown", error)
+
+    def _replay(self, store_key: str, payload: bytes) -> Answer:
+        answer = replay(payload)
+        if isinstance(answer, RequestError):
+            if isinstance(answer, ResponseNotStoredError) and answer.reason == "unreadable":
+                logger.error("idempo: the stored response of key %r cannot be decoded; retries get a 410", store_key)
+            return self.refuse("replayed", answer)
+        status, headers, body = answer
+        headers.append(REPLAYED)
+        return Answer(status, headers, body, "replayed")
+
+    # -- the claim ---------------------------------------------------------------------------------------------
+
+    def claim(self, key: str, principal: str | bytes, fingerprint: str) -> Answer | FailOpen | Held:
+        """Claim *key* for *principal*'s request with *fingerprint*: the request's answer if the key was there
+        (waiting for the first request, with ``on_conflict="wait"``), a :class:`FailOpen` if the store failed and
+        ``on_store_error="fail_open"``, else the claim the app is to run under."""
+        policy = self.policy
+        store_key = scoped_key(principal_digest(principal), key)
+        cache = self.cache
+        if cache is not None:
+            with self._cache_lock:
+                cached = cache.get(store_key, time.monotonic())
+            if cached is not None:  # a completed record: the store's answer, without asking it
+                answer = decide_cached(cached[0], cached[1], fingerprint)
+                if type(answer) is bytes:
+                    return self._replay(store_key, answer)
+                return self.refuse("mismatch", MISMATCH.error())
+        started = 0.0
+        delay = 0.0
+        while True:
+            token = new_token() if self.claims_with_token else None
+            try:
+                if token is None:
+                    claim: Claim = self.calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
+                else:
+                    claim = self.calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
+            except Exception as exc:  # noqa: BLE001 - any failure of the store is on_store_failure's
+                return self._claim_failed(exc, store_key, token)
+            if isinstance(claim, Acquired):
+                return Held(self, key, store_key, fingerprint, claim.token)
+            record = claim.record
+            now = time.time()
+            decision = decide(record, fingerprint, now=now, retry_after=policy.retry_after)
+            payload = record.payload
+            if cache is not None and record.state is State.COMPLETED and payload and payload[:1] == b"\x01":
+                with self._cache_lock:
+                    cache.put(store_key, record.fingerprint, payload, time.monotonic(), record.expires_at - now)
+            if isinstance(decision, Conflict):
+                if not started:
+                    started = time.monotonic()
+                step = wait_or_answer(policy, decision, waited=time.monotonic() - started, delay=delay)
+                if isinstance(step, Wait):
+                    time.sleep(step.seconds)
+                    delay = step.seconds
+                    continue
+                return self.refuse("conflict", decision.error())
+            if isinstance(decision, Replay):
+                return self._replay(store_key, decision.payload)
+            if isinstance(decision, Mismatch):
+                return self.refuse("mismatch", decision.error())
+            outcome: Outcome = "replayed" if isinstance(decision, NotStored) else "outcome_unknown"
+            return self.refuse(outcome, decision.error())
+
+    def _claim_failed(self, exc: Exception, store_key: str, token: str | None) -> Answer | FailOpen:
+        if token is not None:  # release it, in case the store made it after all
+            _Recorder(self, store_key, "", 0).start_later(token, None, 0, time.monotonic() + self.policy.lease)
+        answer = on_store_failure(self.policy)
+        if isinstance(answer, FailOpen):
+            logger.warning("idempo: store %r failed (%s); running the request unprotected", self.store, exc)
+            return answer
+        logger.error("idempo: store %r failed: %s", self.store, exc)
+        status, headers, body = answer.problem(self.policy.problem_base_uri).render(retry_after=answer.retry_after)
+        return Answer(status, headers, body, "store_error")
+
+
+class Held:
+    """A claimed key, while the app runs under it and its response goes out. One per request.
+
+    The face calls :meth:`run` around the app (the lease is renewed meanwhile, and the app may report its outcome
+    unknown), :meth:`start` with the response's status and headers, :meth:`chunk` with each chunk of its body, and
+    :meth:`finish` once the body is over (or the app failed), before the last chunk leaves.
+    """
+
+    __slots__ = (
+        "chunks",
+        "fingerprint",
+        "guard",
+        "headers",
+        "keep",
+        "key",
+        "renewed_at",
+        "report",
+        "size",
+        "status",
+        "store_key",
+        "token",
+        "too_large",
+    )
+
+    def __init__(self, guard: Guard, key: str, store_key: str, fingerprint: str, token: str) -> None:
+        self.guard = guard
+        self.key = key
+        self.store_key = store_key
+        self.fingerprint = fingerprint
+        self.token = token
+        self.renewed_at = 0.0
+        self.report: OutcomeReport | None = None
+        self.status = 0
+        self.headers: Iterable[tuple[bytes, bytes]] = ()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.keep = False
+        self.too_large = False
+
+    def enter(self) -> None:
+        """The app is about to run: renew the lease while it does, and open its outcome report."""
+        self.guard.renewer.hold(self)
+        self.report = OutcomeReport.open()
+
+    def leave(self) -> None:
+        """The app returned (its response may still be streaming): its outcome report is closed. The lease is
+        renewed until :meth:`finish`."""
+        if self.report is not None:
+            self.report.close()
+
+    @property
+    def unknown(self) -> bool:
+        """Whether the app said its outcome is unknown (:func:`~idempo.mark_outcome_unknown`)."""
+        return self.report is not None and self.report.unknown
+
+    def mark_unknown(self) -> None:
+        """The app raised :class:`~idempo.OutcomeUnknownError`."""
+        if self.report is not None:
+            self.report.mark_unknown()
+        else:  # pragma: no cover - the faces enter() before the app runs
+            self.report = OutcomeReport()
+            self.report.unknown = True
+
+    def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """The response starts with *status* and *headers* (lower or mixed case bytes). Returns ``False`` if the
+        face must answer :meth:`Guard.unknown` instead: a framework turned an ``OutcomeUnknownError`` into a 500, and
+        a client told 500 would think the operation failed and try again under a new key."""
+        self.status = status
+        self.keep = should_store(status, store_server_errors=self.guard.policy.store_server_errors)
+        if self.keep:
+            self.headers = headers
+        elif status == 500 and self.unknown:
+            self.status = OutcomeUnknownError.status
+            return False
+        return True
+
+    def chunk(self, data: bytes) -> None:
+        """One chunk of the body, as it goes out."""
+        if self.keep and data and not self.too_large:
+            self.size += len(data)
+            if self.size > self.guard.policy.max_response_bytes:
+                self.too_large = True
+                self.chunks.clear()
+            else:
+                self.chunks.append(data if type(data) is bytes else bytes(data))
+
+    def finish(self, *, failed: bool = False, head: bool = False) -> None:
+        """Complete or release the claim, once, as :func:`~idempo._core.decide.record_for` says. If the store fails,
+        keep trying from a thread while the lease lasts (the response is the client's already, and must not wait)."""
+        if not self.token:
+            return
+        token, self.token = self.token, ""
+        guard = self.guard
+        guard.renewer.drop(self)
+        self.leave()
+        unknown = self.unknown
+        if unknown:
+            logger.warning("idempo: the outcome of a request is unknown; its key is kept until resolved or expired")
+            if not self.status:
+                self.status = OutcomeUnknownError.status
+        recorded = record_for(
+            guard.policy,
+            self.status,
+            self.headers,
+            self.chunks,
+            size=self.size,
+            failed=failed,
+            kept=self.keep,
+            too_large=self.too_large,
+            unknown=unknown,
+            head=head,
+        )
+        if recorded.unsendable is not None:
+            logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", recorded.unsendable)
+        recorder = _Recorder(guard, self.store_key, self.fingerprint, self.status)
+        try:
+            recorder.apply(token, recorded.payload, recorded.ttl, fall_back=False)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
+            logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
+            recorder.start_later(token, recorded.payload, recorded.ttl, self.renewed_at + guard.policy.lease)
+
+
+class _Recorder:
+    """How one claimed key's outcome reaches the store: completing or releasing it, falling back to the few bytes of
+    the "not stored" marker when the store is full, and trying again from a thread while the lease lasts."""
+
+    __slots__ = ("fingerprint", "guard", "status", "store_key")
+
+    def __init__(self, guard: Guard, store_key: str, fingerprint: str, status: int) -> None:
+        self.guard = guard
+        self.store_key = store_key
+        self.fingerprint = fingerprint
+        self.status = status
+
+    def apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
+        """Release the key (*payload* ``None``) or complete it with *payload* (or its fallback, if the store refuses
+        it for want of room, or fails otherwise and *fall_back*)."""
+        store = self.guard.calls
+        if payload is None:
+            store.release(self.store_key, token)
+            return
+        try:
+            done = store.complete(self.store_key, token, payload, ttl=ttl)
+        except Exception as exc:
+            smaller = fallback(payload, self.status) if fall_back or isinstance(exc, StoreFullError) else None
+            if smaller is None:
+                raise
+            logger.error("idempo: could not store a response (%s); storing that the request ran instead", exc)
+            done = store.complete(self.store_key, token, smaller, ttl=ttl)
+            payload = smaller
+        cache = self.guard.cache
+        if not done:
+            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+        elif cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
+            with self.guard._cache_lock:
+                cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
+
+    def start_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+        """Keep trying to record an outcome until *deadline* (monotonic clock), from a daemon thread."""
+        args = (token, payload, ttl, deadline)
+        threading.Thread(target=self._later, args=args, name="idempo-record", daemon=True).start()
+
+    def _later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+        delay = _RECORD_RETRY_FIRST
+        failure: Exception | None = None
+        while time.monotonic() + delay < deadline:
+            time.sleep(delay)
+            last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
+            try:
+                self.apply(token, payload, ttl, fall_back=last)
+            except Exception as exc:  # noqa: BLE001 - as in Held.finish
+                failure = exc
+                delay = min(delay * 2, _RECORD_RETRY_MAX)
+                continue
+            logger.warning("idempo: the outcome of a request was recorded after the store came back")
+            return
+        logger.error(
+            "idempo: gave up recording the outcome of a request (%s); once its lease runs out, a retry runs it again",
+            failure,
+        )
+
+
+_TIMED: Final = frozenset({"claim", "renew", "complete", "release"})
+
+
+class _ObservedSyncStore:
+    """A sync store's calls timed for an observer (``claim``, ``renew``, ``complete``, ``release``)."""
+
+    def __init__(self, store: SyncStore, observer: Observer) -> None:
+        self._inner = store
+        self._observer = observer
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        if name not in _TIMED:
+            return method
+        observer = self._observer
+        operation: StoreOperation = name  # type: ignore[assignment]
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                return method(*args, **kwargs)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                try:
+                    observer.on_store_call(operation, time.perf_counter() - started, error)
+                except Exception:
+                    logger.exception("idempo: an observer failed")
+
+        return timed

@@ -1,0 +1,90 @@
+"""Lease renewal for the keyed requests a blocking face is running: one daemon thread per face and process, never
+one per request. Strictly private."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Protocol
+
+from ..stores import SyncStore
+
+__all__ = ["ThreadRenewer"]
+
+logger = logging.getLogger("idempo")
+
+
+class Held(Protocol):
+    """A running request whose lease the renewer keeps: its store key, its token, and when it was last renewed."""
+
+    store_key: str
+    token: str
+    renewed_at: float
+
+
+class ThreadRenewer:
+    """Renews the leases of the keyed requests running in this process, from one daemon thread.
+
+    The thread wakes every ``lease / 3`` seconds while requests run and renews those that have held their key for at
+    least ``lease / 6`` (so each is renewed at the latest ``lease / 2`` after its claim or last renewal, leaving half
+    a lease for the store to answer), as the ASGI middleware's timer does. It sleeps while nothing runs. A forked
+    child (gunicorn with ``--preload``) starts its own thread: threads do not survive ``fork``.
+    """
+
+    def __init__(self, store: SyncStore, lease: float) -> None:
+        self.store = store
+        self.lease = lease
+        self.period = lease / 3
+        self._running: set[Held] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pid = 0  # the process whose thread runs, 0 before the first request
+
+    def hold(self, request: Held) -> None:
+        """Keep *request*'s lease from now until :meth:`drop`."""
+        request.renewed_at = time.monotonic()
+        with self._lock:
+            if self._pid != os.getpid():  # first request of this process (or of a forked child)
+                self._running = set()
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="idempo-renewer", daemon=True).start()
+            self._running.add(request)
+            if len(self._running) == 1:
+                self._wake.notify()
+
+    def drop(self, request: Held) -> None:
+        """Stop renewing *request*'s lease (its outcome is being recorded)."""
+        with self._lock:
+            self._running.discard(request)
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while True:
+            with self._lock:
+                while not self._running:
+                    self._wake.wait()
+                    if self._pid != pid:  # pragma: no cover - a forked child's copy of this thread does not run
+                        return
+            time.sleep(self.period)  # the one pause between sweeps: nothing waits on this thread
+            threshold = time.monotonic() - self.period / 2
+            with self._lock:
+                due = [request for request in self._running if request.renewed_at <= threshold]
+            for request in due:
+                self._renew(request)
+
+    def _renew(self, request: Held) -> None:
+        started = time.monotonic()
+        try:
+            owned = self.store.renew(request.store_key, request.token, lease=self.lease)
+        except Exception as exc:  # noqa: BLE001 - a failed renewal is tried again at the next sweep
+            logger.warning("idempo: could not renew the lease of a running request: %s", exc)
+            return
+        if owned:
+            request.renewed_at = started
+            return
+        with self._lock:
+            if request in self._running:
+                self._running.discard(request)
+                logger.warning("idempo: a running request lost its key (its lease ran out and a retry took it over)")
