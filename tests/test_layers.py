@@ -102,7 +102,7 @@ def test_an_import_that_breaks_a_contract_fails_it(copy: Path, module: str, stat
 
 
 def test_a_new_module_must_be_placed_in_the_layers(copy: Path) -> None:
-    (copy / "src" / "idempo" / "wsgi.py").write_text('"""A new face nobody placed yet."""\n', "utf-8")
+    (copy / "src" / "idempo" / "newface.py").write_text('"""A new face nobody placed yet."""\n', "utf-8")
     result = lint_imports(copy, "layers")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "idempo.wsgi" in result.stdout
