@@ -105,4 +105,4 @@ def test_a_new_module_must_be_placed_in_the_layers(copy: Path) -> None:
     (copy / "src" / "idempo" / "newface.py").write_text('"""A new face nobody placed yet."""\n', "utf-8")
     result = lint_imports(copy, "layers")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "idempo.wsgi" in result.stdout
+    assert "idempo.newface" in result.stdout
