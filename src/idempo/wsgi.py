@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Unpack
 from ._core.errors import ConfigurationError, OutcomeUnknownError, RequestError
 from ._core.policy import Policy, PolicyOptions
 from ._core.principal import principal_of
-from ._sync.guard import Answer, FailOpen, Guard, Held
+from ._sync.guard import Answer, FailOpen, Guard, Held, RecordedStream
 from ._sync.stores import check_at_start, check_store, sync_store
 from .observe import Observer
 from .stores import Store, SyncStore
@@ -290,7 +290,7 @@ class _Response:
             held.finish(head=self.head)
             self._start()
             return result
-        return _Streaming(self, result)
+        return _Streaming(self, held.stream(result, head=self.head, before=self._start))
 
     def _start_response(self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None) -> Any:
         if exc_info is not None and exc_info[0] is not None:
@@ -329,86 +329,34 @@ class _Response:
 
 
 class _Streaming:
-    """The app's iterable, captured chunk by chunk; the outcome is recorded before the last chunk is handed to the
-    server (one chunk is held back to know which is last). Closed by the server before its end (the client left), it
-    reads and records the rest of the response for the retry; it always closes the app's iterable."""
+    """A streaming response as the server reads it: the app's chunks (recorded as they go), or, if the app's status
+    turns out to be the 500 of an outcome it said is unknown, the 503 problem instead."""
 
-    __slots__ = ("iterator", "last", "over", "pending", "response", "result")
+    __slots__ = ("done", "response", "stream")
 
-    def __init__(self, response: _Response, result: Iterable[bytes]) -> None:
+    def __init__(self, response: _Response, stream: RecordedStream) -> None:
         self.response = response
-        self.result = result
-        self.iterator: Iterator[bytes] | None = None
-        self.pending: bytes | None = None
-        self.last = False  # the app's iterable is over; the pending chunk is the last one
-        self.over = False
+        self.stream = stream
+        self.done = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
-        response = self.response
-        while not self.last:
-            chunk = self._next()
-            if chunk is None:  # the end: recorded; the last chunk goes next
-                self.last = True
-                break
-            if not chunk:
-                continue
-            previous, self.pending = self.pending, chunk
-            if previous is not None and not response.swapped:
-                response._start()
-                return previous
-        if self.over:
+        if self.done:
             raise StopIteration
-        self.over = True
+        response = self.response
+        for chunk in self.stream:
+            if not response.swapped:
+                return chunk
+        self.done = True
         if not response.status:
             msg = "the application returned without calling start_response"
             raise RuntimeError(msg)
         response._start()
         if response.swapped:
             return response.held.guard.unknown().body
-        if self.pending is None:
-            raise StopIteration
-        return self.pending
-
-    def _next(self) -> bytes | None:
-        """The app's next chunk (recorded), or ``None`` at its end (the outcome recorded)."""
-        held = self.response.held
-        report = held.report
-        if report is not None:
-            report.enter()  # a generator runs the app's code: it may report its outcome unknown
-        try:
-            if self.iterator is None:
-                self.iterator = iter(self.result)
-            chunk = next(self.iterator)
-        except StopIteration:
-            if report is not None:
-                report.close()
-            held.finish(head=self.response.head)
-            return None
-        except OutcomeUnknownError:
-            if report is not None:
-                report.close()
-            held.mark_unknown()
-            held.finish(failed=True)
-            raise
-        except BaseException:
-            if report is not None:
-                report.close()
-            held.finish(failed=True)
-            raise
-        if report is not None:
-            report.close()
-        held.chunk(chunk)
-        return chunk
+        raise StopIteration
 
     def close(self) -> None:
-        try:
-            if self.response.held.token:  # stopped before the end (the client left): read on, and record
-                while self._next() is not None:
-                    pass
-        finally:
-            close = getattr(self.result, "close", None)
-            if close is not None:
-                close()
+        self.stream.close()

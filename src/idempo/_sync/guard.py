@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, Final, NamedTuple
 
 from .._core.cache import CompletedCache
@@ -58,7 +58,7 @@ from ..observe import Observer, Outcome, StoreOperation, tell
 from ..stores import SyncStore, takes_token
 from .leases import ThreadRenewer
 
-__all__ = ["Answer", "FailOpen", "Guard", "Held", "REPLAYED"]
+__all__ = ["REPLAYED", "Answer", "FailOpen", "Guard", "Held", "RecordedStream"]
 
 logger = logging.getLogger("idempo")
 
@@ -330,6 +330,15 @@ class Held:
             else:
                 self.chunks.append(data if type(data) is bytes else bytes(data))
 
+    def stream(
+        self, chunks: Iterable[bytes], *, head: bool = False, before: Callable[[], None] | None = None
+    ) -> RecordedStream:
+        """The body *chunks* of a streaming response (a WSGI iterable, Django's ``streaming_content``, Flask's
+        ``response.response``), recorded as they go and finished before the last one is handed on: see
+        :class:`RecordedStream`. *before* is called once, before the first chunk is handed on (or at the end, for an
+        empty body): a WSGI face starts its server's response there."""
+        return RecordedStream(self, chunks, head, before)
+
     def finish(self, *, failed: bool = False, head: bool = False) -> None:
         """Complete or release the claim, once, as :func:`~idempo._core.decide.record_for` says. If the store fails,
         keep trying from a thread while the lease lasts (the response is the client's already, and must not wait)."""
@@ -364,6 +373,98 @@ class Held:
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
             logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
             recorder.start_later(token, recorded.payload, recorded.ttl, self.renewed_at + guard.policy.lease)
+
+
+class RecordedStream:
+    """A streaming body, recorded chunk by chunk; the outcome is recorded before the last chunk is handed on (one chunk
+    is held back to know which is last), so that a client that has the whole response and retries at once finds the
+    final state. The app's code that produces the chunks runs with the request's outcome report current (it may say
+    the outcome is unknown). Closed before its end (the server stopped reading: the client left), it reads and
+    records the rest of the response for the retry; it always closes the app's iterable (PEP 3333's ``close()``)."""
+
+    __slots__ = ("before", "chunks", "head", "held", "iterator", "last", "over", "pending")
+
+    def __init__(self, held: Held, chunks: Iterable[bytes], head: bool, before: Callable[[], None] | None) -> None:
+        self.held = held
+        self.chunks = chunks
+        self.head = head
+        self.before = before
+        self.iterator: Iterator[bytes] | None = None
+        self.pending: bytes | None = None
+        self.last = False  # the app's iterable is over; the pending chunk is the last one
+        self.over = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self.last:
+            chunk = self._next()
+            if chunk is None:  # the end: recorded; the last chunk goes next
+                self.last = True
+                break
+            if not chunk:
+                continue
+            previous, self.pending = self.pending, chunk
+            if previous is not None:
+                self._before()
+                return previous
+        if self.over:
+            raise StopIteration
+        self.over = True
+        self._before()
+        if self.pending is None:
+            raise StopIteration
+        return self.pending
+
+    def _before(self) -> None:
+        if self.before is not None:
+            before, self.before = self.before, None
+            before()
+
+    def _next(self) -> bytes | None:
+        """The app's next chunk (recorded), or ``None`` at its end (the outcome recorded)."""
+        held = self.held
+        report = held.report
+        if report is not None:
+            report.enter()
+        try:
+            if self.iterator is None:
+                self.iterator = iter(self.chunks)
+            chunk = next(self.iterator)
+        except StopIteration:
+            if report is not None:
+                report.close()
+            held.finish(head=self.head)
+            return None
+        except OutcomeUnknownError:
+            if report is not None:
+                report.close()
+            held.mark_unknown()
+            held.finish(failed=True)
+            raise
+        except BaseException:
+            if report is not None:
+                report.close()
+            held.finish(failed=True)
+            raise
+        if report is not None:
+            report.close()
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        held.chunk(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Read and record the rest if the stream stopped early; close the app's iterable."""
+        try:
+            if self.held.token:  # stopped before the end (the client left): read on, and record
+                while self._next() is not None:
+                    pass
+        finally:
+            close = getattr(self.chunks, "close", None)
+            if close is not None:
+                close()
 
 
 class _Recorder:
