@@ -39,7 +39,7 @@ lint: install ## ruff: formatting and lints; import-linter: the import contracts
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache --no-logo
 
-typecheck: install ## mypy --strict over src, tests, examples and benchmarks
+typecheck: install ## mypy --strict over src, tests, examples, benchmarks and scripts
 	$(BIN)/mypy
 
 services: ## Redis and PostgreSQL on 127.0.0.1, started; as root, apt-get installs them if missing (listed first)
