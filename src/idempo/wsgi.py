@@ -245,7 +245,6 @@ class _Response:
     __slots__ = (
         "app",
         "environ",
-        "exc_info",
         "head",
         "headers",
         "held",
@@ -263,7 +262,6 @@ class _Response:
         self.head = environ["REQUEST_METHOD"] == "HEAD"
         self.status = ""
         self.headers: list[tuple[str, str]] = []
-        self.exc_info: ExcInfo | None = None
         self.server_write: Callable[[bytes], object] | None = None  # once the server's start_response was called
         self.swapped = False  # the response is the outcome-unknown problem, not the app's
 
@@ -299,9 +297,8 @@ class _Response:
         elif self.status:
             msg = "start_response was called twice without exc_info"
             raise AssertionError(msg)
-        self.status = status
+        self.status = status  # the server has not been called yet: exc_info need not reach it
         self.headers = headers
-        self.exc_info = exc_info
         encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
         self.swapped = not self.held.start(int(status[:3]), encoded)
         return self._write
@@ -313,8 +310,6 @@ class _Response:
         if self.swapped:
             answer = self.held.guard.unknown()
             self.server_write = self.start_response(_status_line(answer.status), _str_headers(answer.headers))
-        elif self.exc_info is not None:
-            self.server_write = self.start_response(self.status, self.headers, self.exc_info)
         else:
             self.server_write = self.start_response(self.status, self.headers)
 
