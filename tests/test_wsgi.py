@@ -326,3 +326,24 @@ def test_a_memory_store_object_of_the_async_api_works_too() -> None:
     with client(IdempotencyMiddleware(app, store=MemoryStore())) as http:
         assert http.post("/o", headers=keyed()).status_code == 201
         assert http.post("/o", headers=keyed()).headers["idempotent-replayed"] == "true"
+
+
+def test_the_renewing_thread_ends_once_idle_and_the_next_request_starts_another() -> None:
+    store = SyncMemoryStore()
+    renewer = ThreadRenewer(store, lease=0.2)
+    claim = store.claim("k", "f", lease=0.2, ttl=60)
+    held = _Held("k", claim.token)  # type: ignore[union-attr]
+    renewer.hold(held)
+    running = renewer._pid
+    assert running != 0
+    renewer.drop(held)
+    ended = threading.Event()
+    for _ in range(1000):  # a poll with a deadline (10 s): the thread ends a lease after the last request
+        if renewer._pid == 0:
+            ended.set()
+            break
+        ended.wait(0.01)
+    assert ended.is_set()
+    renewer.hold(held)
+    assert renewer._pid == running  # the same process, a new thread
+    renewer.drop(held)

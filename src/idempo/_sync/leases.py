@@ -29,8 +29,9 @@ class ThreadRenewer:
 
     The thread wakes every ``lease / 3`` seconds while requests run and renews those that have held their key for at
     least ``lease / 6`` (so each is renewed at the latest ``lease / 2`` after its claim or last renewal, leaving half
-    a lease for the store to answer), as the ASGI middleware's timer does. It sleeps while nothing runs. A forked
-    child (gunicorn with ``--preload``) starts its own thread: threads do not survive ``fork``.
+    a lease for the store to answer), as the ASGI middleware's timer does. Once nothing has run for a whole lease,
+    the thread ends (the next request starts another), so that idle faces hold no thread. A forked child (gunicorn
+    with ``--preload``) starts its own: threads do not survive ``fork``.
     """
 
     def __init__(self, store: SyncStore, lease: float) -> None:
@@ -40,16 +41,16 @@ class ThreadRenewer:
         self._running: set[Held] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._pid = 0  # the process whose thread runs, 0 before the first request
+        self._pid = 0  # the process whose thread runs, 0 when none does
 
     def hold(self, request: Held) -> None:
         """Keep *request*'s lease from now until :meth:`drop`."""
         request.renewed_at = time.monotonic()
         with self._lock:
-            if self._pid != os.getpid():  # first request of this process (or of a forked child)
+            if self._pid != os.getpid():  # no thread in this process (the first request, an idle end, a fork)
                 self._running = set()
                 self._pid = os.getpid()
-                threading.Thread(target=self._run, name="idempo-renewer", daemon=True).start()
+                threading.Thread(target=self._run, args=(self._pid,), name="idempo-renewer", daemon=True).start()
             self._running.add(request)
             if len(self._running) == 1:
                 self._wake.notify()
@@ -59,13 +60,14 @@ class ThreadRenewer:
         with self._lock:
             self._running.discard(request)
 
-    def _run(self) -> None:
-        pid = os.getpid()
+    def _run(self, pid: int) -> None:
         while True:
             with self._lock:
-                while not self._running:
-                    self._wake.wait()
-                    if self._pid != pid:  # pragma: no cover - a forked child's copy of this thread does not run
+                if not self._running:
+                    self._wake.wait(self.lease)
+                    if not self._running:  # idle for a lease: end; the next request starts another thread
+                        if self._pid == pid:
+                            self._pid = 0
                         return
             time.sleep(self.period)  # the one pause between sweeps: nothing waits on this thread
             threshold = time.monotonic() - self.period / 2
