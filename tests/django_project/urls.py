@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("orders", views.orders),
+    path("unknown", views.unknown),
+    path("mark-unknown", views.mark_unknown),
+    path("fail", views.fail),
+    path("boom", views.boom),
+    path("stream", views.stream),
+    path("file", views.download),
+    path("key", views.key),
+    path("health", views.health),
+]

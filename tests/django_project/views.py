@@ -1,0 +1,114 @@
+"""The test project's views. Each keyed view writes one :class:`~tests.django_project.models.Order` to the ledger
+database (``settings.LEDGER_DATABASE``), then answers; the order's ``sku`` comes from the JSON body, so that a test
+counts its own rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+
+from idempo import OutcomeUnknownError, mark_outcome_unknown
+
+from .models import Order
+
+
+class Gate:
+    """Holds a request inside its view until the test opens it: ``started`` is set once the view has written its
+    order, and the view then waits (a minute at most) for ``opened``."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.opened = threading.Event()
+
+
+GATES: dict[str, Gate] = {}
+"""The gates of the running test, by the name a request's body gives in ``"gate"``."""
+
+
+def _data(request: HttpRequest) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(request.body or b"{}")
+    return data
+
+
+def _write(request: HttpRequest) -> Order:
+    user = request.user.get_username() if request.user.is_authenticated else ""
+    order: Order = Order.objects.using(settings.LEDGER_DATABASE).create(
+        sku=_data(request).get("sku", ""), key=request.idempotency_key, user=user, pid=os.getpid()
+    )
+    return order
+
+
+def orders(request: HttpRequest) -> HttpResponse:
+    """``POST /orders``: write the order (then wait at the body's ``"gate"``, if any) and answer 201, with a
+    cookie."""
+    order = _write(request)
+    gate = GATES.get(_data(request).get("gate", ""))
+    if gate is not None:
+        gate.started.set()
+        gate.opened.wait(60)
+    response = JsonResponse(
+        {"id": order.pk, "sku": order.sku, "key": order.key, "user": order.user, "pid": order.pid}, status=201
+    )
+    response.set_cookie("session_hint", "1")
+    return response
+
+
+def unknown(request: HttpRequest) -> HttpResponse:
+    """``POST /unknown``: write the order, then raise ``OutcomeUnknownError`` (a provider that timed out)."""
+    _write(request)
+    msg = "the payment provider timed out"
+    raise OutcomeUnknownError(msg)
+
+
+def mark_unknown(request: HttpRequest) -> HttpResponse:
+    """``POST /mark-unknown``: write the order, say its outcome is unknown, and answer 202 all the same."""
+    _write(request)
+    mark_outcome_unknown()
+    return JsonResponse({"status": "pending"}, status=202)
+
+
+def fail(request: HttpRequest) -> HttpResponse:
+    """``POST /fail``: write the order and answer 502."""
+    _write(request)
+    return HttpResponse(b"upstream down", status=502)
+
+
+def boom(request: HttpRequest) -> HttpResponse:
+    """``POST /boom``: write the order and raise (Django answers 500)."""
+    _write(request)
+    msg = "the view failed"
+    raise RuntimeError(msg)
+
+
+def stream(request: HttpRequest) -> StreamingHttpResponse:
+    """``POST /stream``: write the order and stream ten numbered chunks."""
+    order = _write(request)
+
+    def chunks() -> Iterator[bytes]:
+        for number in range(10):
+            yield b"chunk %d of order %d\n" % (number, order.pk)
+
+    return StreamingHttpResponse(chunks(), status=201, content_type="text/plain")
+
+
+def download(request: HttpRequest) -> FileResponse:
+    """``POST /file``: write the order and answer a file (Django's ``FileResponse``)."""
+    order = _write(request)
+    return FileResponse(io.BytesIO(b"receipt %d\n" % order.pk * 5000), filename="receipt.txt")
+
+
+def key(request: HttpRequest) -> JsonResponse:
+    """``/key`` (any method): the request's ``idempotency_key``."""
+    return JsonResponse({"key": request.idempotency_key})
+
+
+def health(request: HttpRequest) -> HttpResponse:
+    """``GET /health``."""
+    return HttpResponse(b"ok")
