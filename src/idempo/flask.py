@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import pkgutil
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Final, Unpack, cast
 
@@ -46,7 +47,7 @@ from ._core.policy import Policy, PolicyOptions
 # Imported after the check, so that a missing extra says what to install.
 require("flask", extra="flask")
 
-from flask import Flask, Request, Response, current_app, g, request  # noqa: E402
+from flask import Flask, Request, Response, current_app, g, has_app_context, request  # noqa: E402
 from werkzeug.datastructures import Headers  # noqa: E402
 
 from ._sync.guard import Answer, FailOpen, Guard, Held  # noqa: E402
@@ -130,13 +131,14 @@ class Idempotency:
         self.fingerprint = fingerprint
         self.observer = observer
         self.app: Flask | None = None
+        self._faces: weakref.WeakKeyDictionary[Flask, _Face] = weakref.WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
         """Protect *app*: read its configuration, open the store, run the start-up check, and register the hooks.
 
-        The last application initialised is the one :attr:`policy`, :attr:`store` and :attr:`guard` describe.
+        One extension may protect several applications, each with its own configuration.
 
         Raises:
             ConfigurationError: as for the class.
@@ -174,11 +176,28 @@ class Idempotency:
         app.teardown_request(face.teardown_request)
         app.register_error_handler(OutcomeUnknownError, face.outcome_unknown)
         app.extensions[EXTENSION] = self
+        self._faces[app] = face
         self.app = app
-        self.guard = guard
-        self.policy = policy
-        self.store = sync
-        self.principal = principal
+
+    @property
+    def guard(self) -> Guard:
+        """The guard of the current application (in an application context), else of the last one initialised."""
+        app: Flask | None = current_app._get_current_object() if has_app_context() else self.app  # type: ignore[attr-defined]
+        face = self._faces.get(app) if app is not None else None
+        if face is None:
+            msg = "this Idempotency was not initialised for the application: call init_app(app)"
+            raise ConfigurationError(msg)
+        return face.guard
+
+    @property
+    def policy(self) -> Policy:
+        """The policy of the current application (as :attr:`guard`)."""
+        return self.guard.policy
+
+    @property
+    def store(self) -> SyncStore:
+        """The store of the current application (as :attr:`guard`)."""
+        return self.guard.store
 
     def check_store(self) -> None:
         """Ask the store once (a ``get``), as the start-up check does in :meth:`init_app`; e.g. for a readiness probe.
