@@ -8,7 +8,9 @@ import io
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -46,13 +48,21 @@ def _write(request: HttpRequest) -> Order:
 
 
 def orders(request: HttpRequest) -> HttpResponse:
-    """``POST /orders``: write the order (then wait at the body's ``"gate"``, if any) and answer 201, with a
+    """``POST /orders``: write the order, then wait at the body's ``"gate"`` (in the test's process) or while the
+    file the body's ``"hold"`` names exists (it touches ``<hold>.started`` first), if any; answer 201, with a
     cookie."""
     order = _write(request)
-    gate = GATES.get(_data(request).get("gate", ""))
+    data = _data(request)
+    gate = GATES.get(data.get("gate", ""))
     if gate is not None:
         gate.started.set()
         gate.opened.wait(60)
+    hold = data.get("hold")
+    if hold:  # the gate of a server in another process: a file, which the test deletes to let the view go on
+        Path(f"{hold}.started").touch()
+        deadline = time.monotonic() + 60
+        while Path(hold).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
     response = JsonResponse(
         {"id": order.pk, "sku": order.sku, "key": order.key, "user": order.user, "pid": order.pid}, status=201
     )
