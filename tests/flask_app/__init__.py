@@ -8,6 +8,8 @@ Configuration (``app.config``; under gunicorn, each from the environment variabl
 - ``IDEMPO_STORE``, and any other ``IDEMPO_*`` key: the extension's, read by ``init_app`` (the app factory pattern:
   the extension is made once, at import, and initialised per application).
 - ``BUSINESS_DB``: ``sqlite:///<path>`` or a ``postgresql://`` URL; ``BUSINESS_TABLE``: the table (``orders``).
+- ``ORDER_DELAY``: seconds each order's view works before it writes its row (0), so that concurrent requests
+  overlap under gunicorn.
 - ``GATES``: (test client only) a mapping of order name to a :class:`Gate`, which holds that order's view until
   the test opens it.
 
@@ -28,6 +30,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +165,9 @@ def _execute(name: str) -> dict[str, Any]:
         if not gate.opened.wait(60):
             msg = f"the gate of {name!r} was never opened"
             raise RuntimeError(msg)
+    delay = float(current_app.config.get("ORDER_DELAY", 0))
+    if delay:
+        time.sleep(delay)  # the order's work
     key = g.idempotency_key
     user = session.get("user_id")
     order_id = _business().insert(name, key, user)
@@ -221,7 +227,7 @@ def order_header(response: Response) -> Response:
     return response
 
 
-_ENVIRONMENT = ("BUSINESS_DB", "BUSINESS_TABLE", "IDEMPO_STORE", "IDEMPO_PRINCIPAL", "IDEMPO_LEASE", "SECRET_KEY")
+_ENVIRONMENT = ("BUSINESS_DB", "BUSINESS_TABLE", "IDEMPO_STORE", "IDEMPO_PRINCIPAL", "ORDER_DELAY")
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -231,8 +237,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["BUSINESS_TABLE"] = "orders"
     if config is None:
         app.config.update({name: os.environ[name] for name in _ENVIRONMENT if name in os.environ})
-        if "IDEMPO_LEASE" in app.config:
-            app.config["IDEMPO_LEASE"] = float(app.config["IDEMPO_LEASE"])
     else:
         app.config.update(config)
     business = Business(app.config["BUSINESS_DB"], app.config["BUSINESS_TABLE"])
