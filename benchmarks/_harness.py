@@ -8,7 +8,7 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -186,13 +186,14 @@ class CaseResult:
     server_ops_us: float | None = None
     remainder_us: float = 0.0
 
-    def summarize(self, server: ServerResult | None) -> None:
+    def summarize(self, server: ServerResult | None, targets: Mapping[tuple[str, str], float] = TARGETS) -> None:
         """Medians; the ratio is the median of the repetitions' ratios (each one of a bare and a wrapped run
-        that saw the same noise), which is steadier than a ratio of medians on a busy machine."""
+        that saw the same noise), which is steadier than a ratio of medians on a busy machine. The target is
+        *targets*' (the ASGI ones by default)."""
         self.us_per_request = statistics.median(self.samples_us)
         self.bare_us_per_request = statistics.median(self.bare_samples_us)
         self.ratio = statistics.median(w / b for w, b in zip(self.samples_us, self.bare_samples_us, strict=True))
-        self.target = TARGETS.get((self.case, self.store))
+        self.target = targets.get((self.case, self.store))
         if self.target is not None:
             self.verdict = "PASS" if self.ratio <= self.target else "MISS"
         if self.store_calls_samples_us:
@@ -213,4 +214,5 @@ class Outcome:
 
     results: list[CaseResult] = field(default_factory=list)
     servers: list[ServerResult] = field(default_factory=list)
+    wsgi_results: list[CaseResult] = field(default_factory=list)  # the WSGI middleware's cases (_wsgi.py)
     skipped: dict[str, str] = field(default_factory=dict)

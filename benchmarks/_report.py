@@ -100,28 +100,31 @@ def to_json(outcome: Outcome, settings: Settings, quick: bool, wall_s: float) ->
             }
             for s in outcome.servers
         },
-        "results": [
-            {
-                "case": r.case,
-                "store": r.store,
-                "n": r.n,
-                "us_per_request": r.us_per_request,
-                "bare_us_per_request": r.bare_us_per_request,
-                "ratio": r.ratio,
-                "ratios": [w / b for w, b in zip(r.samples_us, r.bare_samples_us, strict=True)],
-                "target": r.target,
-                "verdict": r.verdict,
-                "round_trips": r.round_trips,
-                "samples_us": r.samples_us,
-                "bare_samples_us": r.bare_samples_us,
-                "split_us": {
-                    "app": r.app_us,
-                    "store_calls": r.store_calls_us,
-                    "server_ops": r.server_ops_us,
-                    "remainder": r.remainder_us,
-                },
-                "store_calls_samples_us": r.store_calls_samples_us,
-            }
-            for r in outcome.results
-        ],
+        "results": [_row(r) for r in outcome.results],
+        "wsgi_results": [_row(r) for r in outcome.wsgi_results],
+    }
+
+
+def _row(r: CaseResult) -> dict[str, Any]:
+    """One case on one store, as the JSON keeps it."""
+    return {
+        "case": r.case,
+        "store": r.store,
+        "n": r.n,
+        "us_per_request": r.us_per_request,
+        "bare_us_per_request": r.bare_us_per_request,
+        "ratio": r.ratio,
+        "ratios": [w / b for w, b in zip(r.samples_us, r.bare_samples_us, strict=True)],
+        "target": r.target,
+        "verdict": r.verdict,
+        "round_trips": r.round_trips,
+        "samples_us": r.samples_us,
+        "bare_samples_us": r.bare_samples_us,
+        "split_us": {
+            "app": r.app_us,
+            "store_calls": r.store_calls_us,
+            "server_ops": r.server_ops_us,
+            "remainder": r.remainder_us,
+        },
+        "store_calls_samples_us": r.store_calls_samples_us,
     }

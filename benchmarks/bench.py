@@ -20,6 +20,10 @@ stores, the store's client library and its round trips to the store's server), n
     the same key again and again: one claim finds the completed record and the stored response is sent; the app
     is not called.
 
+The WSGI middleware (:mod:`idempo.wsgi`) is timed in the same run, on memory and SQLite, by ``_wsgi.py``: a
+trivial Flask endpoint bare and wrapped, called in process with prebuilt environs, cases ``no-key``, ``fresh-key``
+and ``replay``, in the same alternating blocks; its table is printed beside the ASGI figures.
+
 Each case is timed in repetitions of N requests per side (N calibrated per case, see ``Settings``). In a repetition
 the bare and the wrapped app take turns in blocks of requests, after one ``gc.collect()``, so that drift and noise of
 the machine affect both alike; which side starts alternates between repetitions. Every request is followed by one
@@ -70,6 +74,7 @@ from _apps import KeyFactory, call, make_app, make_requests, wrap
 from _harness import CaseResult, Outcome, Probe, ServerResult, Settings, calibrate, time_pair
 from _report import format_split, format_table, to_json
 from _servers import DEFAULT_URLS, NETWORK_STORES, SERVERS, CountingStore, Server, StoreCalls, Unavailable, open_store
+from _wsgi import WSGI_STORES, bench_wsgi, format_wsgi
 from fastapi import FastAPI
 
 from idempo import Store
@@ -222,6 +227,8 @@ async def run(
                 outcome.results.extend(results)
                 if server_result is not None:
                     outcome.servers.append(server_result)
+                if name in WSGI_STORES:
+                    outcome.wsgi_results.extend(bench_wsgi(name, Path(tmp), settings, keys, log))
     finally:
         for server in servers.values():
             await server.aclose()
@@ -309,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"never enforced. {wall:.1f} s in all.\n"
         )
         print(format_split(outcome.results, outcome.servers))
+    if outcome.wsgi_results:
+        print()
+        print(format_wsgi(outcome.results, outcome.wsgi_results))
     for name, reason in outcome.skipped.items():
         print(f"note: {unavailable_note(name, reason)}.")
     if args.json is not None:

@@ -1,4 +1,5 @@
-"""``benchmarks/bench.py --quick`` runs, covers every case on every store, and makes the store calls it should.
+"""``benchmarks/bench.py --quick`` runs, covers every case on every store (and the WSGI middleware's on memory and
+SQLite), and makes the store calls it should.
 
 Timings are never asserted: they depend on the machine. Only that they are there and positive, and the round trips.
 The Redis and PostgreSQL runs need their servers (``redis_url``, ``postgres_url``: skipped locally without them,
@@ -75,6 +76,23 @@ def check_rows(data: dict[str, Any], stores: tuple[str, ...]) -> None:
         assert len(row["store_calls_samples_us"]) == (len(row["samples_us"]) if EXPECTED_TRIPS[case] else 0)
 
 
+WSGI_EXPECTED_TRIPS = {case: EXPECTED_TRIPS[case] for case in ("no-key", "fresh-key", "replay")}
+
+
+def check_wsgi_rows(data: dict[str, Any], stores: tuple[str, ...]) -> None:
+    """The WSGI middleware's cases, timed in the same run: bare and wrapped, and the store calls they made."""
+    rows = {(row["case"], row["store"]): row for row in data["wsgi_results"]}
+    assert set(rows) == {(case, store) for case in WSGI_EXPECTED_TRIPS for store in stores}
+    for (case, store), row in rows.items():
+        for name in ("us_per_request", "bare_us_per_request", "ratio"):
+            assert row[name] > 0, f"WSGI {case} on {store}: {name} = {row[name]!r}"
+        assert row["samples_us"], f"WSGI {case} on {store}: no samples"
+        assert all(sample > 0 for sample in row["samples_us"] + row["bare_samples_us"])
+        expected = {method: WSGI_EXPECTED_TRIPS[case].get(method, 0) for method in METHODS}
+        assert row["round_trips"] == expected, f"WSGI {case} on {store}"
+        assert (row["verdict"] in {"PASS", "MISS"}) == (case == "no-key"), f"WSGI {case} on {store}: a target?"
+
+
 def check_server(data: dict[str, Any], store: str, op: str) -> dict[str, Any]:
     """The server's bare operation was timed, and its share of the requests computed from the counted trips."""
     server: dict[str, Any] = data["servers"][store]
@@ -93,6 +111,7 @@ def test_quick_benchmark_covers_every_case_and_counts_round_trips(tmp_path: Path
     data = run_quick(tmp_path / "bench.json", "--stores", "memory,sqlite")
 
     check_rows(data, ("memory", "sqlite"))
+    check_wsgi_rows(data, ("memory", "sqlite"))
     assert data["servers"] == {}
     assert data["skipped"] == {}
 
@@ -101,6 +120,7 @@ def test_quick_benchmark_on_redis_counts_round_trips_and_leaves_no_keys(tmp_path
     data = run_quick(tmp_path / "bench.json", "--stores", "redis", "--redis-url", redis_url, "--require-services")
 
     check_rows(data, ("redis",))
+    assert data["wsgi_results"] == []  # the WSGI cases run on memory and SQLite only
     server = check_server(data, "redis", "PING")
     prefix = server["prefix"]
     assert prefix.startswith("idempo-bench-")
