@@ -380,3 +380,38 @@ def test_the_core_imports_without_flask() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "pip install 'idempo[flask]'" in result.stdout
+
+
+def test_an_exception_releases_even_when_5xx_are_stored(tmp_path: Path) -> None:
+    """With store_server_errors, a 502 the view answers is stored and replayed, but Flask's 500 for an exception is
+    not the app's answer: the key is released (the got_request_exception signal), with and without propagation."""
+    app, business = make_app(tmp_path, IDEMPO_STORE_SERVER_ERRORS=True)
+    client = app.test_client()
+    key = new_key()
+    assert post(client, "/error/orders/kept", key, json={}).status_code == 502
+    assert post(client, "/error/orders/kept", key, json={}).headers["idempotent-replayed"] == "true"
+    assert business.count("kept") == 1
+    key = new_key()
+    assert post(client, "/fail/orders/released", key, json={}).status_code == 500
+    assert post(client, "/fail/orders/released", key, json={}).status_code == 500
+    assert business.count("released") == 2
+
+
+def test_a_500_after_mark_outcome_unknown_is_503(tmp_path: Path) -> None:
+    """A view that says its outcome is unknown and answers 500 (or whose exception a handler of the app's turned
+    into a 500) gets the 503 outcome-unknown problem, and the key is kept."""
+    runs: list[str] = []
+
+    def view() -> tuple[str, int]:
+        runs.append("ran")
+        idempo.mark_outcome_unknown()
+        return "provider timed out", 500
+
+    client = flask_app({"/charge": view}).test_client()
+    key = new_key()
+    for _ in range(2):
+        response = post(client, "/charge", key)
+        assert response.status_code == 503
+        assert response.json is not None
+        assert response.json["type"] == "urn:idempo:problem:outcome-unknown"
+    assert runs == ["ran"]

@@ -24,9 +24,11 @@ taken inside the request context:
   and the outcome is recorded before its last chunk goes (:class:`~idempo._sync.guard.RecordedStream`).
 - an error handler for :class:`~idempo.OutcomeUnknownError`: raised by a keyed request's view, it answers the 503
   ``outcome-unknown`` problem and keeps the key (never Flask's 500), with ``PROPAGATE_EXCEPTIONS`` too.
-- a ``teardown_request`` hook, which releases a key that an exception left claimed: with ``PROPAGATE_EXCEPTIONS``
-  (testing, debug) Flask re-raises without running the ``after_request`` hooks. Without it, Flask answers 500
-  through them, and the 500 releases the key as any 5xx does.
+- a receiver of Flask's ``got_request_exception`` signal, sent when an exception escapes the view, before Flask
+  answers its 500 (through the ``after_request`` hooks) or re-raises it (``PROPAGATE_EXCEPTIONS``, in testing and
+  debug): it releases the key then, so that the 500 is not recorded even with ``store_server_errors``.
+- a ``teardown_request`` hook, which releases a key still claimed when the request ends (an exception Flask does not
+  handle: ``KeyboardInterrupt``, a worker's exit).
 
 Wrapping ``app.wsgi_app`` with :class:`idempo.wsgi.IdempotencyMiddleware` works too, but runs outside the request
 context: its principal sees the WSGI environ only.
@@ -47,7 +49,7 @@ from ._core.policy import Policy, PolicyOptions
 # Imported after the check, so that a missing extra says what to install.
 require("flask", extra="flask")
 
-from flask import Flask, Request, Response, current_app, g, has_app_context, request  # noqa: E402
+from flask import Flask, Request, Response, current_app, g, got_request_exception, has_app_context, request  # noqa: E402
 from werkzeug.datastructures import Headers  # noqa: E402
 
 from ._sync.guard import Answer, FailOpen, Guard, Held  # noqa: E402
@@ -66,6 +68,7 @@ EXTENSION: Final = "idempo"
 """The key of the extension in ``app.extensions``."""
 
 _HELD: Final = "_idempo_held"  # the attribute of flask.g that holds the request's claim while the app runs
+_UNKNOWN: Final = "_idempo_unknown"  # the guard of a request whose exception said its outcome is unknown
 _POLICY_KEYS: Final = {CONFIG_PREFIX + field.name.upper(): field.name for field in dataclasses.fields(Policy)}
 _OWN_KEYS: Final = frozenset({"IDEMPO_STORE", "IDEMPO_PRINCIPAL", *_POLICY_KEYS})
 
@@ -175,6 +178,7 @@ class Idempotency:
         app.after_request_funcs.setdefault(None, []).insert(0, face.after_request)
         app.teardown_request(face.teardown_request)
         app.register_error_handler(OutcomeUnknownError, face.outcome_unknown)
+        got_request_exception.connect(face.request_failed, app)
         app.extensions[EXTENSION] = self
         self._faces[app] = face
         self.app = app
@@ -227,7 +231,7 @@ def _principal(value: object) -> Principal:
 class _Face:
     """The hooks of one application: its guard, principal and fingerprint. Strictly private."""
 
-    __slots__ = ("fingerprint", "guard", "principal")
+    __slots__ = ("__weakref__", "fingerprint", "guard", "principal")
 
     def __init__(self, guard: Guard, principal: Principal, fingerprint: Fingerprint | None) -> None:
         self.guard = guard
@@ -282,6 +286,10 @@ class _Face:
         """Record the final response of a claimed request (or, if streamed, wrap its body to record it as it goes)."""
         held: Held | None = g.pop(_HELD, None)
         if held is None:  # not claimed, or answered from before_request (a replay, a problem)
+            unknown: Guard | None = g.pop(_UNKNOWN, None)
+            if unknown is not None:  # Flask's 500 of an OutcomeUnknownError raised past the error handler
+                response.close()
+                return _response(unknown.unknown())
             return response
         head = request.method == "HEAD"
         headers = response.get_wsgi_headers(request.environ)  # as the server will send them
@@ -310,6 +318,18 @@ class _Face:
         held.mark_unknown()
         held.finish(failed=True)
         return _send(held.guard, held.guard.unknown())
+
+    def request_failed(self, sender: Flask, exception: BaseException, **extra: object) -> None:
+        """An exception escaped the view (Flask's ``got_request_exception``, before its 500 or its re-raise):
+        release the key, even with ``store_server_errors`` (that 500 is not the app's answer); or keep it if the
+        exception says the outcome is unknown, and answer the 503 in place of the 500."""
+        held: Held | None = g.pop(_HELD, None)
+        if held is None:
+            return
+        if isinstance(exception, OutcomeUnknownError):
+            held.mark_unknown()
+            setattr(g, _UNKNOWN, held.guard)
+        held.finish(failed=True)
 
     def teardown_request(self, error: BaseException | None) -> None:
         """Release a key still claimed when the request ends: an exception skipped the ``after_request`` hooks."""
