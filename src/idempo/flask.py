@@ -13,7 +13,9 @@ taken inside the request context:
 
 - a ``before_request`` hook, registered when :meth:`Idempotency.init_app` runs (hooks run in registration order:
   those registered before it run before it, e.g. one that loads the user), admits the request (400 for a bad key,
-  413 for a body over ``max_request_bytes``), fingerprints it and claims the key. A replay or a problem (409, 422,
+  413 for a body over ``max_request_bytes``), fingerprints it and claims the key. It reads the body from the WSGI
+  input (bounded, as :mod:`idempo.wsgi` does) and hands it back for the view to read: a hook that runs before it
+  must not read the body. A replay or a problem (409, 422,
   410, 503) is returned from the hook, so the view does not run; the key goes to ``flask.g.idempotency_key``.
 - an ``after_request`` hook placed **first** in the app's list, so that Flask, which runs them in reverse order,
   runs it **last**: it records the final response, with what the app's other ``after_request`` hooks (and the
