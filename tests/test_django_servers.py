@@ -147,7 +147,8 @@ def test_gunicorn_four_sync_workers_forty_requests_one_key_one_row(
 def test_django_asgi_handler_under_uvicorn(tmp_path: Path) -> None:
     """Django's ASGI handler runs the sync middleware in a thread of each request's own: a keyed POST held in its
     view does not hold up the others (they get 409 at once), one row is written and the retry replayed; the outcome
-    report crosses Django's sync/async adapters (a view's mark_outcome_unknown keeps the key: 503 to the retry)."""
+    report crosses Django's sync/async adapters (a view's mark_outcome_unknown keeps the key: 503 to the retry); a
+    streaming response of an async iterator is recorded and replayed."""
     sku = f"asgi-{uuid.uuid4().hex}"
     env = environment(f"sqlite:///{tmp_path}/idempo.db", "default")
     with uvicorn(env, tmp_path / "uvicorn.log") as base_url:
@@ -157,6 +158,9 @@ def test_django_asgi_handler_under_uvicorn(tmp_path: Path) -> None:
             marked = client.post("/mark-unknown", json={"sku": sku + "-unknown"}, headers=unknown)
             retried = client.post("/mark-unknown", json={"sku": sku + "-unknown"}, headers=unknown)
             raised = client.post("/unknown", json={"sku": sku + "-raised"}, headers={"Idempotency-Key": sku})
+            stream_key = {"Idempotency-Key": str(uuid.uuid4())}
+            streamed = client.post("/astream", json={"sku": sku + "-stream"}, headers=stream_key)
+            restreamed = client.post("/astream", json={"sku": sku + "-stream"}, headers=stream_key)
     check_race(responses, 5)
     assert rows(sku, "default") == 1
     assert marked.status_code == 202
@@ -164,3 +168,8 @@ def test_django_asgi_handler_under_uvicorn(tmp_path: Path) -> None:
     assert raised.status_code == 503
     assert raised.json()["type"].endswith("outcome-unknown")
     assert rows(sku + "-unknown", "default") == 1
+    assert streamed.status_code == 201
+    assert streamed.content.count(b"\n") == 5
+    assert restreamed.content == streamed.content
+    assert restreamed.headers["idempotent-replayed"] == "true"
+    assert rows(sku + "-stream", "default") == 1

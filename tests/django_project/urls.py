@@ -11,6 +11,7 @@ urlpatterns = [
     path("fail", views.fail),
     path("boom", views.boom),
     path("stream", views.stream),
+    path("astream", views.astream),
     path("file", views.download),
     path("key", views.key),
     path("health", views.health),

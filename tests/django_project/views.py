@@ -9,7 +9,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,17 @@ def stream(request: HttpRequest) -> StreamingHttpResponse:
     def chunks() -> Iterator[bytes]:
         for number in range(10):
             yield b"chunk %d of order %d\n" % (number, order.pk)
+
+    return StreamingHttpResponse(chunks(), status=201, content_type="text/plain")
+
+
+def astream(request: HttpRequest) -> StreamingHttpResponse:
+    """``POST /astream``: write the order and stream five chunks from an async iterator."""
+    order = _write(request)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for number in range(5):
+            yield b"async chunk %d of order %d\n" % (number, order.pk)
 
     return StreamingHttpResponse(chunks(), status=201, content_type="text/plain")
 
