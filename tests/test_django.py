@@ -235,6 +235,25 @@ def test_a_5xx_or_an_exception_releases_the_key(store: Any, path: str, status: i
     assert rows(sku) == 2
 
 
+@pytest.mark.parametrize("store_server_errors", [False, True])
+def test_an_exception_django_answers_4xx_is_the_apps_answer_and_kept(store_server_errors: bool) -> None:
+    """``Http404`` raised by a view is Django's 404, an answer (kept and replayed, as a 404 response is), while an
+    exception that ends in a 500 is a failure (released, even with ``store_server_errors``)."""
+    sku = new_sku()
+    key = str(uuid.uuid4())
+    with project("memory://", store_server_errors=store_server_errors):
+        http = client()
+        first = post(http, "/missing", key, {"sku": sku})
+        again = post(http, "/missing", key, {"sku": sku})
+        boom = [post(http, "/boom", key + "-boom", {"sku": sku}) for _ in range(2)]
+    assert first.status_code == again.status_code == 404
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+    assert [answer.status_code for answer in boom] == [500, 500]
+    assert all("Idempotent-Replayed" not in answer.headers for answer in boom)
+    assert rows(sku) == 1 + 2  # the 404 once; the 500 twice
+
+
 @pytest.mark.parametrize("path", ["/stream", "/astream", "/file"])
 def test_a_streaming_response_is_recorded(store: Any, path: str) -> None:
     """A StreamingHttpResponse (of a sync or an async iterator) and a FileResponse are recorded as they stream, and

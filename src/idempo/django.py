@@ -68,6 +68,9 @@ from django.utils.module_loading import import_string  # noqa: E402
 __all__ = ["IdempotencyMiddleware", "authorization_principal", "default_principal"]
 
 _HELD: Final = "_idempo_held"  # the request's attribute where process_exception finds its claim
+_RAISED: Final = (
+    "_idempo_raised"  # set by process_exception: the view raised (an exception that is not the app's answer)
+)
 _OWN_SETTINGS: Final = ("STORE", "PRINCIPAL", "FINGERPRINT", "OBSERVER")
 _POLICY_SETTINGS: Final = {option.name.upper(): option.name for option in dataclasses.fields(Policy)}
 
@@ -215,13 +218,18 @@ class IdempotencyMiddleware:
         return self._run(request, claimed)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
-        """Django's hook for a view's exception (which it then turns into a 500 before this middleware sees the
-        response): an :class:`~idempo.OutcomeUnknownError` marks the request's outcome unknown, so that its 500
-        becomes the 503 ``outcome-unknown`` problem and its key is kept."""
+        """Django's hook for a view's exception (which it then turns into a response before this middleware sees
+        it): an :class:`~idempo.OutcomeUnknownError` marks the request's outcome unknown, so that its 500 becomes the
+        503 ``outcome-unknown`` problem and its key is kept. Any other exception that ends in a 5xx is the failure of
+        an exception, and releases the key even with ``store_server_errors`` (which keeps the app's own 5xx
+        answers); one Django turns into a 4xx (``Http404``, ``PermissionDenied``) is the app's answer, kept."""
+        held: Held | None = getattr(request, _HELD, None)
+        if held is None:
+            return
         if isinstance(exception, OutcomeUnknownError):
-            held: Held | None = getattr(request, _HELD, None)
-            if held is not None:
-                held.mark_unknown()
+            held.mark_unknown()
+        else:
+            setattr(request, _RAISED, True)
 
     def check_store(self) -> None:
         """Ask the store once (a ``get``), as the start-up check does when the middleware is built; e.g. for a
@@ -254,6 +262,9 @@ class IdempotencyMiddleware:
             held.leave()
             delattr(request, _HELD)
         head = request.method == "HEAD"
+        if response.status_code >= 500 and getattr(request, _RAISED, False) and not held.unknown:  # an exception's
+            held.finish(failed=True)  # 5xx: released
+            return response
         if not held.start(response.status_code, _headers(response)):  # the 500 of an unknown outcome
             held.finish(failed=True)
             response.close()

@@ -10,6 +10,7 @@ urlpatterns = [
     path("mark-unknown", views.mark_unknown),
     path("fail", views.fail),
     path("boom", views.boom),
+    path("missing", views.missing),
     path("stream", views.stream),
     path("astream", views.astream),
     path("file", views.download),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
 from idempo import OutcomeUnknownError, mark_outcome_unknown
 
@@ -95,6 +95,13 @@ def boom(request: HttpRequest) -> HttpResponse:
     _write(request)
     msg = "the view failed"
     raise RuntimeError(msg)
+
+
+def missing(request: HttpRequest) -> HttpResponse:
+    """``POST /missing``: write the order and raise ``Http404`` (Django answers 404: the app's answer, kept)."""
+    _write(request)
+    msg = "no such thing"
+    raise Http404(msg)
 
 
 def stream(request: HttpRequest) -> StreamingHttpResponse:
