@@ -47,6 +47,7 @@ from typing import Final, Unpack, cast
 from ._core.errors import ConfigurationError, OutcomeUnknownError, RequestError
 from ._core.extras import require
 from ._core.policy import Policy, PolicyOptions
+from ._core.principal import principal_of
 
 # Imported after the check, so that a missing extra says what to install.
 require("flask", extra="flask")
@@ -54,11 +55,11 @@ require("flask", extra="flask")
 from flask import Flask, Request, Response, current_app, g, got_request_exception, has_app_context, request  # noqa: E402
 from werkzeug.datastructures import Headers  # noqa: E402
 
+from ._sync.environ import authorization, give_body, read_body, request_path  # noqa: E402
 from ._sync.guard import Answer, FailOpen, Guard, Held  # noqa: E402
 from ._sync.stores import check_at_start, check_store, sync_store  # noqa: E402
 from .observe import Observer  # noqa: E402
 from .stores import Store, SyncStore  # noqa: E402
-from .wsgi import _give_body, _read_body, authorization_principal, request_path  # noqa: E402
 
 __all__ = ["CONFIG_PREFIX", "EXTENSION", "Idempotency", "default_principal"]
 
@@ -85,7 +86,7 @@ def default_principal(request: Request) -> bytes:
     Raises:
         RequestError: more than one ``Authorization`` header (400).
     """
-    return authorization_principal(request.environ)
+    return principal_of(None, authorization(request.environ))
 
 
 class Idempotency:
@@ -256,10 +257,10 @@ class _Face:
             return None
         if isinstance(admitted, Answer):
             return _send(guard, admitted)
-        body = _read_body(guard, environ)
+        body = read_body(guard, environ)
         if isinstance(body, Answer):
             return _send(guard, body)
-        _give_body(environ, body)  # before the principal runs: it may read the request's form or JSON
+        give_body(environ, body)  # before the principal runs: it may read the request's form or JSON
         try:
             principal = self.principal(request)
         except RequestError as exc:

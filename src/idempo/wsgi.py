@@ -20,7 +20,6 @@ For one keyed request:
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Unpack
 from ._core.errors import ConfigurationError, OutcomeUnknownError, RequestError
 from ._core.policy import Policy, PolicyOptions
 from ._core.principal import principal_of
+from ._sync.environ import authorization, give_body, read_body, request_path
 from ._sync.guard import Answer, FailOpen, Guard, Held, RecordedStream
 from ._sync.stores import check_at_start, check_store, sync_store
 from .observe import Observer
@@ -56,13 +56,12 @@ KEY_ENVIRON: Final = "idempo.key"
 """The environ entry where the app finds the request's key (``None`` on every request the middleware lets through
 without one)."""
 
-_READ_CHUNK: Final = 64 * 1024
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 
 
 def authorization_principal(environ: WSGIEnvironment) -> bytes:
     """The principal of the request's ``Authorization`` header (``b""`` when there is none)."""
-    return principal_of(None, _authorization(environ))
+    return principal_of(None, authorization(environ))
 
 
 def default_principal(environ: WSGIEnvironment) -> bytes:
@@ -70,19 +69,7 @@ def default_principal(environ: WSGIEnvironment) -> bytes:
     with ``id``, ``pk`` or ``username``), else the ``Authorization`` header, else ``b""``, which every anonymous
     caller shares (the middleware warns once). Behind cookie sessions, pass ``principal=`` (see the production
     guide)."""
-    return principal_of(environ.get("idempo.user"), _authorization(environ))
-
-
-def _authorization(environ: WSGIEnvironment) -> tuple[bytes, ...]:
-    value = environ.get("HTTP_AUTHORIZATION")
-    return () if value is None else (value.encode("latin-1"),)
-
-
-def request_path(environ: WSGIEnvironment) -> str:
-    """The request's path (``SCRIPT_NAME`` + ``PATH_INFO``), decoded from the latin-1 of PEP 3333 as UTF-8, as the
-    ASGI ``path`` is (bytes that are not UTF-8 kept as surrogates)."""
-    raw: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-    return raw.encode("latin-1").decode("utf-8", "surrogateescape")
+    return principal_of(environ.get("idempo.user"), authorization(environ))
 
 
 class IdempotencyMiddleware:
@@ -143,7 +130,7 @@ class IdempotencyMiddleware:
             return self._pass(environ, start_response)
         if isinstance(admitted, Answer):
             return _send(guard, environ, start_response, admitted)
-        body = _read_body(guard, environ)
+        body = read_body(guard, environ)
         if isinstance(body, Answer):
             return _send(guard, environ, start_response, body)
         try:
@@ -161,7 +148,7 @@ class IdempotencyMiddleware:
         claimed = guard.claim(admitted, principal, fingerprint)
         if isinstance(claimed, Answer):
             return _send(guard, environ, start_response, claimed)
-        _give_body(environ, body)
+        give_body(environ, body)
         environ[KEY_ENVIRON] = admitted
         if isinstance(claimed, FailOpen):
             guard.observe("store_error", environ)
@@ -182,44 +169,6 @@ class IdempotencyMiddleware:
         environ[KEY_ENVIRON] = None
         self.guard.observe("passthrough", environ)
         return self.app(environ, start_response)
-
-
-def _read_body(guard: Guard, environ: WSGIEnvironment) -> bytes | Answer:
-    """The whole body, bounded by ``max_request_bytes``; a chunked body (``wsgi.input_terminated``, as gunicorn and
-    uWSGI set) is read to its end. Without either a ``Content-Length`` or that flag, the body is empty (PEP 3333: the
-    app must not read beyond ``Content-Length``), as werkzeug and Django read it."""
-    stream = environ.get("wsgi.input")
-    declared = environ.get("CONTENT_LENGTH", "")
-    if stream is None:
-        return b""
-    if declared and declared.strip().isdigit():
-        length = int(declared)
-        too_large = guard.too_large(length, declared=True)
-        if too_large is not None:
-            return too_large
-        return bytes(stream.read(length)) if length else b""
-    if not environ.get("wsgi.input_terminated"):
-        return b""
-    limit = guard.policy.max_request_bytes
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = stream.read(min(_READ_CHUNK, limit + 1 - size))
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        chunks.append(chunk)
-        too_large = guard.too_large(size, declared=False)
-        if too_large is not None:
-            return too_large
-
-
-def _give_body(environ: WSGIEnvironment, body: bytes) -> None:
-    """Hand the buffered body to the app, as a stream of its declared length."""
-    environ["wsgi.input"] = io.BytesIO(body)
-    environ["CONTENT_LENGTH"] = str(len(body))
-    environ.pop("HTTP_TRANSFER_ENCODING", None)
-    environ["wsgi.input_terminated"] = True
 
 
 def _status_line(status: int) -> str:
