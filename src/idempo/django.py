@@ -68,9 +68,7 @@ from django.utils.module_loading import import_string  # noqa: E402
 __all__ = ["IdempotencyMiddleware", "authorization_principal", "default_principal"]
 
 _HELD: Final = "_idempo_held"  # the request's attribute where process_exception finds its claim
-_RAISED: Final = (
-    "_idempo_raised"  # set by process_exception: the view raised (an exception that is not the app's answer)
-)
+_RAISED: Final = "_idempo_raised"  # set by process_exception: the view raised
 _OWN_SETTINGS: Final = ("STORE", "PRINCIPAL", "FINGERPRINT", "OBSERVER")
 _POLICY_SETTINGS: Final = {option.name.upper(): option.name for option in dataclasses.fields(Policy)}
 
