@@ -119,9 +119,8 @@ def _business(db: Path, side_dir: Path) -> WSGIApplication:
 
 
 def _observe(inner: WSGIApplication, side_dir: Path) -> WSGIApplication:
-    pid = str(os.getpid())
-
     def application(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        pid = str(os.getpid())  # per request: with --preload, the app is built in gunicorn's master
         tag = environ.get("HTTP_X_E2E_TAG", "")
         if _NAME.fullmatch(tag):
             _append(side_dir / f"{tag}.arrivals", pid)
