@@ -1,6 +1,7 @@
 """End to end for the WSGI middleware: real gunicorn processes (``tests.support.gunicorn``) serving
 ``tests.e2e.wsgi_app`` over TCP, their keyed POSTs counted in a business database (a SQLite file every worker writes
-to), on SQLite, Redis and PostgreSQL stores, with sync workers and with gthread workers.
+to), on SQLite, Redis and PostgreSQL stores, with sync workers, gthread workers and sync workers under ``--preload``
+(the app and its store built in gunicorn's master, before the fork).
 
 - forty identical requests at once run the operation once (one row); every other answer is a 409, or, with
   ``on_conflict="wait"``, a replay;

@@ -1,7 +1,7 @@
 """Running a WSGI (or ASGI, through a worker class) application under a real gunicorn, for the end-to-end tests of
 the blocking faces (``idempo.wsgi``, Django, Flask).
 
-``run_gunicorn("tests.wsgi_app:app", workers=4)`` starts ``python -m gunicorn tests.wsgi_app:app`` from the
+``run_gunicorn("tests.e2e.wsgi_app:create_app()", workers=4)`` starts ``python -m gunicorn <that>`` from the
 repository's root, bound to a free port of 127.0.0.1, in a session (process group) of its own; it returns once every
 worker has loaded the application (each one writes ``ready-<pid>`` into a directory of the runner's own, from
 gunicorn's ``post_worker_init`` hook, which this very module provides as gunicorn's ``--config python:...``), and
@@ -10,9 +10,12 @@ on exit it stops the whole group (SIGTERM, then SIGKILL after a bounded grace). 
 
 Example::
 
-    with run_gunicorn("tests.wsgi_app:app", workers=4, env={"WSGI_APP_STORE": url}) as server:
-        httpx.post(f"{server.base_url}/orders", headers={"Idempotency-Key": "k"})
+    with run_gunicorn("tests.e2e.wsgi_app:create_app()", workers=4, env={"WSGI_E2E_STORE": url, ...}) as server:
+        httpx.post(f"{server.base_url}/orders/x", headers={"Idempotency-Key": "k"})
         assert len(server.worker_pids()) == 4
+
+``extra_args=("--preload",)`` builds the app in the master before the fork (the ready files still come from each
+worker). ``server.wait_for_workers(n)`` waits for gunicorn to replace a worker a test killed.
 
 Keep the signature of :func:`run_gunicorn` stable: the Django and Flask tests call it too.
 """
@@ -107,7 +110,7 @@ def run_gunicorn(
     """Run ``python -m gunicorn <app>`` on a free port of 127.0.0.1 for as long as the ``with`` block runs.
 
     Args:
-        app: the ``module:callable`` gunicorn serves (``tests.wsgi_app:app``), imported from the repository's root.
+        app: what gunicorn serves, ``module:callable`` or ``module:factory()``, imported from the repository's root.
         workers: how many worker processes (``--workers``); the runner waits for each to load the application.
         worker_class: gunicorn's ``--worker-class`` (``sync``, ``gthread``, or a class path).
         threads: ``--threads`` per worker (gthread).
