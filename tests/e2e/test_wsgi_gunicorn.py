@@ -17,7 +17,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -380,6 +380,33 @@ async def test_a_request_longer_than_its_lease_keeps_its_key(sqlite_served: Serv
     assert response.status_code == 201, response.text
     assert "idempotent-replayed" not in response.headers
     assert len(served.started(name)) == 1
+    assert served.rows(name) == 1
+
+
+async def test_a_chunked_body_through_gunicorn_is_the_same_request_as_a_sized_one(sqlite_served: Served) -> None:
+    # gunicorn hands a chunked body to the app with wsgi.input_terminated and no Content-Length.
+    served = sqlite_served
+    name = f"chunked-{uuid.uuid4().hex}"
+    headers = _headers(str(uuid.uuid4()), name)
+    path = f"/orders/{name}"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield BODY[:10]
+        yield BODY[10:]
+
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=30.0) as client:
+        chunked = await client.post(path, content=chunks(), headers=headers)
+        assert chunked.request.headers["transfer-encoding"] == "chunked"
+        assert chunked.status_code == 201, chunked.text
+        assert chunked.json()["body"] == BODY.decode()  # the app read the whole body
+
+        sized = await client.post(path, content=BODY, headers=headers)  # the same request, with Content-Length
+        assert sized.headers["idempotent-replayed"] == "true"
+        assert sized.content == chunked.content
+
+        other = await client.post(path, content=b'{"amount": 1}', headers=headers)
+        assert other.status_code == 422, other.text
+
     assert served.rows(name) == 1
 
 
