@@ -7,6 +7,8 @@ Every test uses a table of its own, with a name unique to the run, and drops it 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -99,3 +101,70 @@ def test_sync_store_from_url(postgres_url: str, table: str) -> None:
 
 
 # -- failures and recovery ---------------------------------------------------------------------------------------------
+
+
+# -- a fork: gunicorn --preload opens the store in the master, then forks its workers ----------------------------------
+
+_FORKING = """
+import asyncio, os, sys
+from idempo.stores.postgres import PostgresStore, SyncPostgresStore
+
+url, table, children = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = SyncPostgresStore(url, table=table, max_size=2)
+async_store = PostgresStore(url, table=table, max_size=2)
+store.claim("parent", "fp", lease=30, ttl=60)  # both pools are open before the fork
+asyncio.run(async_store.claim("parent-async", "fp", lease=30, ttl=60))
+
+
+def work(name):
+    for n in range(20):
+        key = f"{name}-{n}"
+        token = store.claim(key, "fp", lease=30, ttl=60).token
+        assert store.complete(key, token, key.encode(), ttl=60)
+        assert store.get(key).payload == key.encode()
+
+
+async def work_async(name):
+    for n in range(20):
+        key = f"{name}-async-{n}"
+        token = (await async_store.claim(key, "fp", lease=30, ttl=60)).token
+        assert await async_store.complete(key, token, key.encode(), ttl=60)
+
+
+pids = []
+for index in range(children):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work(f"child{index}")
+            asyncio.run(work_async(f"child{index}"))
+        except BaseException as exc:
+            print(f"child {index}: {exc!r}", flush=True)
+            os._exit(1)
+        os._exit(0)
+    pids.append(pid)
+work("parent")  # meanwhile, on the parent's own connections
+statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+work("parent-after")  # the children did not end the parent's sessions
+print("statuses", statuses, flush=True)
+store.close()
+"""
+
+
+def test_a_forked_child_opens_a_pool_of_its_own(postgres_url: str, table: str) -> None:
+    """What ``gunicorn --preload`` does: the pools are open in the parent (its start-up check), then it forks. Each
+    child opens pools of its own; the parent's sessions stay the parent's, and it goes on using them."""
+    result = subprocess.run(
+        [sys.executable, "-c", _FORKING, postgres_url, table, "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "statuses [0, 0, 0]", result.stdout + result.stderr
+    store = SyncPostgresStore(postgres_url, table=table)
+    try:
+        assert len(list(store.scan("child"))) == 3 * 40
+    finally:
+        store.close()

@@ -48,6 +48,7 @@ __all__ = [
     "WSGIEnvironment",
     "authorization_principal",
     "default_principal",
+    "request_path",
 ]
 
 logger = logging.getLogger("idempo")

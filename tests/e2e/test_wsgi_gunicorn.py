@@ -240,11 +240,6 @@ async def test_forty_identical_requests_wait_and_all_get_the_one_response(served
     assert replayed.count(None) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SyncPostgresStore keeps the pool it opened in gunicorn's master (the start-up check, under --preload): "
-    "the forked workers share its connections (DuplicatePreparedStatement, 503; under load, hangs)",
-)
 async def test_postgres_store_opened_before_the_fork_serves_every_worker(
     postgres_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

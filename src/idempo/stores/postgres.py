@@ -29,6 +29,12 @@ to read, so when its socket is readable, the store checks it with an empty query
 away and takes another, at no cost to healthy connections (no round trip). The pool replaces broken connections
 in the background, so the store recovers when the server is back, without a restart.
 
+Forks. A process forked from one whose store had opened its pool (``gunicorn --preload``, where the start-up check
+runs in the master) must not use the parent's connections: two processes on one socket interleave their messages
+(``DuplicatePreparedStatement``, answers read by the wrong process). The child opens a pool of its own on first
+use; the pool it inherited is kept, never used nor closed (closing would tell the server to end the parent's
+sessions), for as long as the child lives.
+
 Sync. :class:`SyncPostgresStore` is the blocking twin, on psycopg's ``Connection`` and ``ConnectionPool``. Each
 operation is written once, as a plan (see :mod:`idempo._core.plans` and ``._postgres_operations``) that yields the
 statements to run (the same prepared SQL) and receives their results, and so is the look for a live connection of
@@ -47,7 +53,9 @@ The table (created on first use, with an index on ``expires_at`` for ``purge_exp
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
 from typing import Any
@@ -85,6 +93,21 @@ _strip_options = strip_options  # the benchmark's name for it
 _Connection = psycopg.AsyncConnection[TupleRow]
 _SyncConnection = psycopg.Connection[TupleRow]
 
+# Pools a forked child inherited from its parent: their connections are the parent's sessions, so the child never
+# uses them, and never closes them either (that would end the parent's sessions on the server).
+_INHERITED_POOLS: list[object] = []
+# Every store, told when the process forks.
+_STORES: weakref.WeakSet[PostgresStore | SyncPostgresStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_STORES):
+        store._forked()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class PostgresStore(PostgresOperations):
     """Records in a PostgreSQL table: one statement per operation, shared by every process and machine.
@@ -119,6 +142,13 @@ class PostgresStore(PostgresOperations):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Task[AsyncConnectionPool[_Connection]] | None = None
         self._sync_twin: SyncPostgresStore | None = None
+        _STORES.add(self)
+
+    def _forked(self) -> None:
+        # In a forked child: the parent's pool (and its event loop's task) are not ours. The sync twin is told too.
+        if self._pool is not None:
+            _INHERITED_POOLS.append(self._pool)
+        self._pool, self._loop, self._opening = None, None, None
 
     def sync(self) -> SyncPostgresStore:
         """The blocking twin of this store (for the decorator on sync functions): a :class:`SyncPostgresStore`
@@ -296,6 +326,13 @@ class SyncPostgresStore(PostgresOperations):
         self._lock = threading.Lock()  # one thread opens the pool; the others wait for it
         self._finished = 0
         self._failure: StoreError | None = None
+        _STORES.add(self)
+
+    def _forked(self) -> None:
+        # In a forked child: the parent's pool is not ours, and a lock another of its threads held is never released.
+        if self._pool is not None:
+            _INHERITED_POOLS.append(self._pool)
+        self._pool, self._lock, self._finished, self._failure = None, threading.Lock(), 0, None
 
     # -- the pool -------------------------------------------------------------------------------------------
 
