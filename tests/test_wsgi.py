@@ -156,6 +156,7 @@ class _Held:
         self.store_key = store_key
         self.token = token
         self.renewed_at = 0.0
+        self.in_transaction = 0  # OPEN: the app recorded nothing in a transaction of its own
 
 
 def test_one_thread_renews_every_running_request_until_it_is_dropped() -> None:

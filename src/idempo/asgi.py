@@ -41,7 +41,7 @@ from ._core.errors import ConfigurationError, RequestError, StoreError
 from ._core.policy import Policy, PolicyOptions
 from ._core.problem import Problem
 from .observe import Observer, Outcome, _ObservedStore, tell
-from .stores import Store, takes_token
+from .stores import Store, takes_token, transaction_target
 
 logger = logging.getLogger("idempo")
 
@@ -128,6 +128,7 @@ class IdempotencyMiddleware:
         self.observer = observer
         # What the requests call: the store itself, or, for an observer, the store's calls timed.
         self._calls: Store = self.store if observer is None else _ObservedStore(self.store, observer)
+        self._target = transaction_target(self.store)
         self._renewer: Renewer | None = None
         self._warned_anonymous = False
         self._claims_with_token = takes_token(self.store)

@@ -246,7 +246,7 @@ class IdempotencyMiddleware:
         """Run the view under the claim, and record its response before it leaves."""
         guard = self.guard
         setattr(request, _HELD, held)
-        held.enter()
+        held.enter(head=request.method == "HEAD")
         try:
             response = self.get_response(request)
         except OutcomeUnknownError:  # it escaped Django's own handling (DEBUG_PROPAGATE_EXCEPTIONS)

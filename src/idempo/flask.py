@@ -281,7 +281,7 @@ class _Face:
             guard.observe("store_error", environ)
             return None
         guard.observe("executed", environ)
-        claimed.enter()
+        claimed.enter(head=method == "HEAD")
         setattr(g, _HELD, claimed)
         return None
 

@@ -217,7 +217,7 @@ class _Response:
 
     def run(self) -> Iterable[bytes]:
         held = self.held
-        held.enter()
+        held.enter(head=self.head)
         try:
             result = self.app(self.environ, self._start_response)
         except OutcomeUnknownError:

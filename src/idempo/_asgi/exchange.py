@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
+from .._core.bound import COMMITTED, Bound
 from .._core.decide import (
     MISMATCH,
     Conflict,
@@ -217,6 +218,7 @@ class Exchange(Recording):
         if renewer.timer is None:
             renewer.arm()
         self.outcome = outcome = OutcomeReport.open()
+        outcome.bound = Bound(policy, mw.store, mw._target, self.store_key, claim.token, head=scope["method"] == "HEAD")
         try:
             await mw.app(scope, self._app_receive, self._send)
         except OutcomeUnknownError as exc:
@@ -468,6 +470,9 @@ class Exchange(Recording):
         token, self.token = self.token, ""
         if self.renewer is not None:
             self.renewer.running.discard(self)
+        if self.in_transaction == COMMITTED:  # the app's transaction completed the key: nothing to write
+            self._recorded_in_transaction()
+            return
         outcome = self.outcome
         unknown = outcome is not None and outcome.unknown
         if unknown:

@@ -21,6 +21,10 @@ class Held(Protocol):
     token: str
     renewed_at: float
 
+    @property
+    def in_transaction(self) -> int:
+        """Not ``OPEN`` once the app recorded the response in a transaction of its own (idempo._core.bound)."""
+
 
 class Renewer:
     """Renews the leases of the keyed requests running on one event loop. Strictly private.
@@ -72,4 +76,5 @@ class Renewer:
             exchange.renewed_at = started
         elif exchange in self.running:
             self.running.discard(exchange)
-            logger.warning("idempo: a running request lost its key (its lease ran out and a retry took it over)")
+            if not exchange.in_transaction:  # else the app's transaction completed the key: it is not lost
+                logger.warning("idempo: a running request lost its key (its lease ran out and a retry took it over)")

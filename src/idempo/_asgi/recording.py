@@ -9,8 +9,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final
 
+from .._core.bound import OPEN
 from .._core.decide import fallback
 from .._core.errors import StoreFullError
+from .._core.outcome import OutcomeReport
 from ..stores import Store
 
 if TYPE_CHECKING:
@@ -32,10 +34,19 @@ class Recording:
     __slots__ = ()
 
     mw: IdempotencyMiddleware
+    outcome: OutcomeReport | None
     store: Store
     store_key: str
     fingerprint: str
     status: int
+
+    @property
+    def in_transaction(self) -> int:
+        """Whether the app recorded the response in a transaction of its own: ``OPEN`` (no), ``RECORDED`` (yes, and
+        no one saw that transaction commit: it may have rolled back) or ``COMMITTED``."""
+        outcome = self.outcome
+        bound = None if outcome is None else outcome.bound
+        return OPEN if bound is None else bound.state
 
     def _record_in_background(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
         """Keep trying to record an outcome (*payload* ``None``: release) until *deadline* (monotonic clock),
@@ -63,9 +74,20 @@ class Recording:
             done = await store.complete(self.store_key, token, smaller, ttl=ttl)
             payload = smaller
         if not done:
-            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+            if self.in_transaction == OPEN:
+                logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+            else:  # the app's transaction completed the key (it committed): nothing more to write
+                self._recorded_in_transaction()
         elif self.mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
             self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
+
+    def _recorded_in_transaction(self) -> None:
+        """The app's transaction completed the key: remember its response, if the cache is on."""
+        outcome = self.outcome
+        bound = None if outcome is None else outcome.bound
+        payload = None if bound is None else bound.payload
+        if self.mw.cache is not None and bound is not None and payload is not None and payload[:1] == b"\x01":
+            self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), bound.ttl)
 
     async def _record_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
         delay = _RECORD_RETRY_FIRST

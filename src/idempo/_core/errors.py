@@ -7,6 +7,10 @@ The tree::
         + MissingDependency     an extra isn't installed; also an ImportError
       x StoreError              the backend failed or timed out; ``__cause__`` is the driver's exception
         + StoreFullError        the backend refused a write for want of room (Redis at maxmemory, a full disk)
+      x TransactionError        recording a response in the application's own database transaction went wrong
+        + NotClaimedError       no keyed request is running here (no key, fail-open, outside the app, done)
+        + WrongDatabaseError    the transaction is not on the store's database (or the store is not SQL)
+        + KeyTakenOverError     the key is no longer this request's: the transaction must not commit
       x RequestError            the client's fault; ``.status``, ``.title``, ``.slug`` -> problem+json
         + InvalidKeyError       400  the key is empty, too long or not visible ASCII
         + MissingKeyError       400  a key is required here and none was sent
@@ -31,13 +35,17 @@ __all__ = [
     "InProgressError",
     "InvalidKeyError",
     "KeyReuseError",
+    "KeyTakenOverError",
     "MissingDependency",
     "MissingKeyError",
+    "NotClaimedError",
     "OutcomeUnknownError",
     "RequestError",
     "ResponseNotStoredError",
     "StoreError",
     "StoreFullError",
+    "TransactionError",
+    "WrongDatabaseError",
 ]
 
 
@@ -66,6 +74,30 @@ class StoreFullError(StoreError):
     middleware and the decorator complete its key with the few bytes of the "not stored" marker instead of its
     response, and a retry gets a 410 rather than running it again.
     """
+
+
+class TransactionError(IdempoError):
+    """Recording a response inside the application's own database transaction
+    (:func:`idempo.transactions.record`) went wrong. Raised inside that transaction: let it propagate, so that the
+    transaction rolls back with the business writes."""
+
+
+class NotClaimedError(TransactionError, RuntimeError):
+    """No keyed request is running here: the request had no ``Idempotency-Key``, the store failed and
+    ``on_store_error="fail_open"`` let it through, the call is outside a request idempo runs, or the request's
+    response was recorded already. Check :func:`idempo.transactions.current` first where that can happen."""
+
+
+class WrongDatabaseError(TransactionError, ConfigurationError):
+    """The transaction is on another database than the store's, or the store cannot take part in a transaction of
+    the application's (the memory and Redis stores). Point the store at the application's database
+    (:func:`idempo.transactions.store_for`)."""
+
+
+class KeyTakenOverError(TransactionError):
+    """The key is no longer this request's: its lease ran out and a retry took it over (or this request's response
+    was recorded by another transaction already). The transaction must roll back, so that the operation does not
+    take effect twice: let the exception propagate."""
 
 
 class RequestError(IdempoError):

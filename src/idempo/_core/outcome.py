@@ -10,6 +10,10 @@ records the outcome. Strictly private, except :func:`mark_outcome_unknown`.
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .bound import Bound
 
 __all__ = ["OutcomeReport", "current", "mark_outcome_unknown"]
 
@@ -21,11 +25,13 @@ class OutcomeReport:
     report as its *parent*: an inner outcome that is unknown makes the outer one unknown too.
     """
 
-    __slots__ = ("_context", "parent", "unknown")
+    __slots__ = ("_context", "bound", "parent", "unknown")
 
     def __init__(self, parent: OutcomeReport | None = None) -> None:
         self.unknown = False
         self.parent = parent
+        # The request's claim as the transaction bindings see it (idempo._core.bound.Bound), where a face set one.
+        self.bound: Bound | None = None
         self._context: Token[OutcomeReport | None] | None = None
 
     @classmethod
@@ -34,6 +40,7 @@ class OutcomeReport:
         (:meth:`enter` on a new report, in one call: the middleware makes one per keyed request)."""
         report = cls.__new__(cls)
         report.unknown = False
+        report.bound = None
         report.parent = current.get()
         report._context = current.set(report)
         return report

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, Final, NamedTuple
 
+from .._core.bound import COMMITTED, OPEN, Bound
 from .._core.cache import CompletedCache
 from .._core.decide import (
     MISMATCH,
@@ -55,7 +56,7 @@ from .._core.principal import ANONYMOUS_WARNING
 from .._core.problem import Problem
 from .._core.records import Acquired, Claim, State, new_token
 from ..observe import Observer, Outcome, StoreOperation, tell
-from ..stores import SyncStore, takes_token
+from ..stores import SyncStore, takes_token, transaction_target
 from .leases import ThreadRenewer
 
 __all__ = ["REPLAYED", "Answer", "FailOpen", "Guard", "Held", "RecordedStream"]
@@ -94,6 +95,7 @@ class Guard:
         self.observer = observer
         self.calls: SyncStore = store if observer is None else _ObservedSyncStore(store, observer)
         self.renewer = ThreadRenewer(self.calls, policy.lease)
+        self.target = transaction_target(store)
         self.claims_with_token = takes_token(store)
         self.header = policy.header_name
         self.methods = policy.methods
@@ -283,10 +285,22 @@ class Held:
         self.keep = False
         self.too_large = False
 
-    def enter(self) -> None:
-        """The app is about to run: renew the lease while it does, and open its outcome report."""
-        self.guard.renewer.hold(self)
-        self.report = OutcomeReport.open()
+    def enter(self, *, head: bool = False) -> None:
+        """The app is about to run: renew the lease while it does, and open its outcome report, where the app finds
+        the claim to record its response in a transaction of its own (:mod:`idempo.transactions`). *head*: the
+        request is a HEAD."""
+        guard = self.guard
+        guard.renewer.hold(self)
+        self.report = report = OutcomeReport.open()
+        report.bound = Bound(guard.policy, guard.store, guard.target, self.store_key, self.token, head=head)
+
+    @property
+    def in_transaction(self) -> int:
+        """Whether the app recorded the response in a transaction of its own: ``OPEN`` (no), ``RECORDED`` (yes, and
+        no one saw that transaction commit: it may have rolled back) or ``COMMITTED``."""
+        report = self.report
+        bound = None if report is None else report.bound
+        return OPEN if bound is None else bound.state
 
     def leave(self) -> None:
         """The app returned (its response may still be streaming): its outcome report is closed. The lease is
@@ -348,6 +362,12 @@ class Held:
         guard = self.guard
         guard.renewer.drop(self)
         self.leave()
+        in_transaction = self.in_transaction
+        if in_transaction == COMMITTED:  # the app's transaction completed the key: nothing to write
+            _Recorder(guard, self.store_key, self.fingerprint, self.status, in_transaction).recorded_in_transaction(
+                self.report
+            )
+            return
         unknown = self.unknown
         if unknown:
             logger.warning("idempo: the outcome of a request is unknown; its key is kept until resolved or expired")
@@ -367,7 +387,7 @@ class Held:
         )
         if recorded.unsendable is not None:
             logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", recorded.unsendable)
-        recorder = _Recorder(guard, self.store_key, self.fingerprint, self.status)
+        recorder = _Recorder(guard, self.store_key, self.fingerprint, self.status, in_transaction)
         try:
             recorder.apply(token, recorded.payload, recorded.ttl, fall_back=False)
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
@@ -471,13 +491,23 @@ class _Recorder:
     """How one claimed key's outcome reaches the store: completing or releasing it, falling back to the few bytes of
     the "not stored" marker when the store is full, and trying again from a thread while the lease lasts."""
 
-    __slots__ = ("fingerprint", "guard", "status", "store_key")
+    __slots__ = ("fingerprint", "guard", "in_transaction", "status", "store_key")
 
-    def __init__(self, guard: Guard, store_key: str, fingerprint: str, status: int) -> None:
+    def __init__(self, guard: Guard, store_key: str, fingerprint: str, status: int, in_transaction: int = OPEN) -> None:
         self.guard = guard
         self.store_key = store_key
         self.fingerprint = fingerprint
         self.status = status
+        self.in_transaction = in_transaction
+
+    def recorded_in_transaction(self, report: OutcomeReport | None) -> None:
+        """The app's transaction completed the key: remember its response, if the cache is on."""
+        bound = None if report is None else report.bound
+        payload = None if bound is None else bound.payload
+        cache = self.guard.cache
+        if cache is not None and bound is not None and payload is not None and payload[:1] == b"\x01":
+            with self.guard._cache_lock:
+                cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), bound.ttl)
 
     def apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
         """Release the key (*payload* ``None``) or complete it with *payload* (or its fallback, if the store refuses
@@ -497,7 +527,9 @@ class _Recorder:
             payload = smaller
         cache = self.guard.cache
         if not done:
-            logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+            if self.in_transaction == OPEN:
+                logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
+            # else the app's transaction completed the key (it committed): nothing more to write
         elif cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
             with self.guard._cache_lock:
                 cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)

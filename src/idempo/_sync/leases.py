@@ -23,6 +23,10 @@ class Held(Protocol):
     token: str
     renewed_at: float
 
+    @property
+    def in_transaction(self) -> int:
+        """Not ``OPEN`` once the app recorded the response in a transaction of its own (idempo._core.bound)."""
+
 
 class ThreadRenewer:
     """Renews the leases of the keyed requests running in this process, from one daemon thread.
@@ -89,4 +93,7 @@ class ThreadRenewer:
         with self._lock:
             if request in self._running:
                 self._running.discard(request)
-                logger.warning("idempo: a running request lost its key (its lease ran out and a retry took it over)")
+                if not request.in_transaction:  # else the app's transaction completed the key: it is not lost
+                    logger.warning(
+                        "idempo: a running request lost its key (its lease ran out and a retry took it over)"
+                    )

@@ -20,6 +20,7 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final, Protocol, runtime_checkable
 
+from .._core.bound import Target
 from .._core.errors import ConfigurationError
 from .._core.extras import require
 from .._core.records import Claim, Record
@@ -39,6 +40,7 @@ __all__ = [
     "store_from_url",
     "sync_store_from_url",
     "takes_token",
+    "transaction_target",
 ]
 
 
@@ -112,6 +114,18 @@ def takes_token(store: Store | SyncStore) -> bool:
     except (TypeError, ValueError):
         return False
     return "token" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def transaction_target(store: object) -> Target | None:
+    """Where *store* (or the store a wrapper of it forwards to) keeps its records, if a transaction of the
+    application's can complete a key there (the PostgreSQL and SQLite stores); else ``None``."""
+    while True:
+        if getattr(type(store), "_transaction_target", None) is not None:
+            target: Target = store._transaction_target()  # type: ignore[attr-defined]
+            return target
+        store = getattr(store, "_inner", None)
+        if store is None:
+            return None
 
 
 _REDIS = "idempo.stores.redis:RedisStore"

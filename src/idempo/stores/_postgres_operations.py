@@ -5,16 +5,19 @@
 
 from __future__ import annotations
 
+import getpass
 import math
+import os
 import re
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, Final, NamedTuple, Self, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import PoolTimeout
 
+from .._core.bound import Target
 from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, new_token
 from ._postgres_deadlines import has_input
@@ -50,6 +53,17 @@ _PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGN
 
 FAILURES = (psycopg.Error, PoolTimeout, OSError, TimeoutError)
 """psycopg's errors, the pool's, and what the socket layer or a client-side timeout may raise."""
+
+
+def conninfo_identity(params: Mapping[str, Any]) -> tuple[str, str, str]:
+    """``(host, port, dbname)`` of a connection string's parameters, with libpq's defaults and environment: which
+    database a connection opened with them reaches, as far as the client can tell."""
+    environ = os.environ
+    host = str(params.get("host") or params.get("hostaddr") or environ.get("PGHOST") or "")
+    port = str(params.get("port") or environ.get("PGPORT") or "5432")
+    user = params.get("user") or environ.get("PGUSER") or getpass.getuser()
+    dbname = str(params.get("dbname") or environ.get("PGDATABASE") or user)
+    return host, port, dbname
 
 
 def _display(conninfo: str) -> str:
@@ -202,6 +216,18 @@ class PostgresOperations:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._display!r}, table={self._table!r})"
+
+    def _transaction_target(self) -> Target:
+        """Where this store keeps its records, for a transaction of the application's on the same database
+        (:mod:`idempo.transactions`)."""
+        clock = self._clock
+        return Target(
+            "postgresql",
+            conninfo_identity(self._conninfo_params),
+            self._sql.complete_named,
+            (lambda: None) if clock is None else clock,
+            repr(self),
+        )
 
     def _closed_error(self) -> StoreError:
         return StoreError(f"PostgreSQL store {self._display!r} is closed")

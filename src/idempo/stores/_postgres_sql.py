@@ -7,6 +7,8 @@ returns).
 
 from __future__ import annotations
 
+import re
+
 from psycopg import sql
 
 from ._rows import COMPLETED, IN_PROGRESS
@@ -17,6 +19,7 @@ __all__ = ["Statements"]
 # The server's clock, unless a clock was given (tests): then the parameter %(now)s. statement_timestamp(), not
 # clock_timestamp(): it is STABLE, so that "expires_at <= now" can be an index condition.
 _NOW = sql.SQL("COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)")
+_NOW_CAST = "COALESCE(CAST(%(now)s AS float8), extract(epoch FROM statement_timestamp())::float8)"
 
 
 class Statements:
@@ -29,7 +32,7 @@ class Statements:
         fmt: dict[str, sql.Composable] = {"t": t, "cols": cols, "now": _NOW}
 
         def render(template: str, **extra: sql.Composable) -> bytes:
-            return sql.SQL(template).format(**fmt, **extra).as_bytes(None)
+            return sql.SQL(template).format(**{**fmt, **extra}).as_bytes(None)
 
         self.create = [
             render(
@@ -79,10 +82,19 @@ class Statements:
         self.renew = render(
             "UPDATE {t} SET lease_expires_at = now.t + %(lease)s FROM (SELECT {now} AS t) AS now WHERE " + fenced
         )
-        self.complete = render(
+        complete = (
             f"UPDATE {{t}} SET state = {COMPLETED}, token = '', payload = %(payload)s,"
             " lease_expires_at = now.t, expires_at = now.t + %(ttl)s"
             " FROM (SELECT {now} AS t) AS now WHERE " + fenced
+        )
+        self.complete = render(complete)
+        # The same, run by the application inside its own transaction (idempo.transactions), in any driver's
+        # parameter style: named parameters, and a cast rather than "::" after one (SQLAlchemy's text() would read
+        # ":now::float8" as no parameter at all).
+        self.complete_named = re.sub(
+            r"%\((\w+)\)s",
+            r":\1",
+            render(complete, now=sql.SQL(_NOW_CAST)).decode(),
         )
         self.release = render("DELETE FROM {t} USING (SELECT {now} AS t) AS now WHERE " + fenced)
         self.get = render("SELECT {cols} FROM {t} WHERE key = %(key)s AND expires_at > {now}")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from .._core.bound import Target
 from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, new_token
 from ._rows import COMPLETED, IN_PROGRESS, record_from_row
@@ -95,9 +96,12 @@ class SQLiteOperations:
             f"UPDATE {table} SET lease_expires_at = ? "
             f"WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
         )
+        # Named parameters: the application runs this very statement inside its own transaction too
+        # (idempo.transactions), through whichever driver it uses.
         self._sql_complete = (
-            f"UPDATE {table} SET state = {COMPLETED}, token = '', payload = ?, lease_expires_at = ?, expires_at = ? "
-            f"WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
+            f"UPDATE {table} SET state = {COMPLETED}, token = '', payload = :payload, lease_expires_at = :now, "
+            f"expires_at = :now + :ttl "
+            f"WHERE key = :key AND token = :token AND state = {IN_PROGRESS} AND expires_at > :now"
         )
         self._sql_release = (
             f"DELETE FROM {table} WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
@@ -106,6 +110,11 @@ class SQLiteOperations:
         self._sql_delete = f"DELETE FROM {table} WHERE key = ?"
         self._sql_purge = f"DELETE FROM {table} WHERE expires_at <= ?"
         self._scan_page_size = _SCAN_PAGE
+
+    def _transaction_target(self) -> Target:
+        """Where this store keeps its records, for a transaction of the application's on the same file
+        (:mod:`idempo.transactions`)."""
+        return Target("sqlite", (os.path.realpath(self._path),), self._sql_complete, self._clock, repr(self))
 
     @staticmethod
     def _path_from_url(url: StoreURL, options: dict[str, Any]) -> str:
@@ -203,8 +212,8 @@ class SQLiteOperations:
         return conn.execute(self._sql_renew, (now + lease, key, token, now)).rowcount == 1
 
     def _complete(self, conn: sqlite3.Connection, key: str, token: str, payload: bytes, ttl: float) -> bool:
-        now = self._clock()
-        return conn.execute(self._sql_complete, (payload, now, now + ttl, key, token, now)).rowcount == 1
+        params = {"payload": payload, "now": self._clock(), "ttl": float(ttl), "key": key, "token": token}
+        return conn.execute(self._sql_complete, params).rowcount == 1
 
     def _release(self, conn: sqlite3.Connection, key: str, token: str) -> bool:
         return conn.execute(self._sql_release, (key, token, self._clock())).rowcount == 1
