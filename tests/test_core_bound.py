@@ -111,7 +111,9 @@ def test_a_kept_response_is_the_stores_completion_with_its_parameters(report: Ou
     assert params["now"] == 1000.0
     assert params["ttl"] == Policy().ttl
     assert params["payload"] == claim.payload
-    status, headers, body = decode_parts(params["payload"])
+    decoded = decode_parts(params["payload"])
+    assert isinstance(decoded, tuple)
+    status, headers, body = decoded
     assert (status, body) == (201, b'{"id": 1}')
     assert (b"content-type", b"application/json") in headers
 
