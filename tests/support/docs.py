@@ -292,11 +292,15 @@ def _local_servers(source: str) -> str:
     if DOC_REDIS in source or "redis://127.0.0.1:6379" in source:
         redis = require_server(REDIS_URL, 6379, "Redis", "run 'make services' or 'apt-get install redis-server'")
         source = source.replace(DOC_REDIS, redis).replace("redis://127.0.0.1:6379", redis.rsplit("/", 1)[0])
-    if DOC_POSTGRES in source:
+    if _DOC_POSTGRES.search(source):  # also as SQLAlchemy names it with a driver: postgresql+psycopg://...
         install = "run 'make services' or 'apt-get install postgresql'"
         postgres = require_server(POSTGRES_URL, 5432, "PostgreSQL", install)
-        source = source.replace(DOC_POSTGRES, postgres)
+        scheme, _, rest = postgres.partition("://")
+        source = _DOC_POSTGRES.sub(lambda match: f"{scheme}{match[1] or ''}://{rest}", source)
     return source
+
+
+_DOC_POSTGRES = re.compile(r"postgresql(\+\w+)?://postgres@127\.0\.0\.1:5432/postgres\b")
 
 
 # -- helpers for the invisible checks ----------------------------------------------------------------------------
