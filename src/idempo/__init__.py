@@ -10,8 +10,9 @@ operation once and answers every retry with the stored response::
     app.add_middleware(IdempotencyMiddleware, store="sqlite:///idempo.db")
 
 The public API is what this module exports (user-facing names: the middleware and its :class:`Policy`, the decorator,
-the stores and their protocol's types, the errors), plus the public modules ``idempo.asgi``, ``idempo.decorators``,
-``idempo.stores``, ``idempo.client``, ``idempo.observe``, ``idempo.metrics``, ``idempo.testing`` and ``idempo.proxy``.
+the stores and their protocol's types, the errors), plus the public modules ``idempo.asgi``, ``idempo.wsgi``,
+``idempo.django``, ``idempo.flask``, ``idempo.decorators``, ``idempo.transactions``, ``idempo.stores``,
+``idempo.client``, ``idempo.observe``, ``idempo.metrics``, ``idempo.testing`` and ``idempo.proxy``.
 Everything in a module whose name starts with ``_`` is private, the sans-I/O decision table (``idempo._core``)
 included: it is how idempo is built, described for contributors in docs/DESIGN-NOTES.md.
 """
@@ -27,13 +28,17 @@ from ._core.errors import (
     InProgressError,
     InvalidKeyError,
     KeyReuseError,
+    KeyTakenOverError,
     MissingDependency,
     MissingKeyError,
+    NotClaimedError,
     OutcomeUnknownError,
     RequestError,
     ResponseNotStoredError,
     StoreError,
     StoreFullError,
+    TransactionError,
+    WrongDatabaseError,
 )
 from ._core.fingerprint import canonical_json_body, fingerprint_request
 from ._core.outcome import mark_outcome_unknown
@@ -57,9 +62,11 @@ __all__ = [
     "InProgressError",
     "InvalidKeyError",
     "KeyReuseError",
+    "KeyTakenOverError",
     "MemoryStore",
     "MissingDependency",
     "MissingKeyError",
+    "NotClaimedError",
     "Observer",
     "OutcomeUnknownError",
     "Policy",
@@ -72,6 +79,8 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "SyncStore",
+    "TransactionError",
+    "WrongDatabaseError",
     "authorization_principal",
     "canonical_json_body",
     "default_principal",
