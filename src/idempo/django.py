@@ -29,7 +29,15 @@ Settings (``settings.IDEMPO``, a dict, read when the middleware is built: once p
 under ``runserver`` and the test client, and at start-up under ASGI and WSGI servers):
 
 ``"STORE"`` (required)
-    A store URL (:func:`~idempo.sync_store_from_url`), a :class:`~idempo.SyncStore`, or a built-in async store.
+    A store URL (:func:`~idempo.sync_store_from_url`), a :class:`~idempo.SyncStore`, a built-in async store, or
+    ``"django:<alias>"``: a store keeping its records in that Django database (PostgreSQL or a SQLite file; see
+    :func:`idempo.transactions.store_for`), e.g. ``"django:default"`` or ``"django:default?table=idempo_records"``.
+``"ATOMIC"``
+    ``True`` (the default with a ``"django:<alias>"`` store; refused with any other store): each keyed request runs
+    the rest of the chain (the view) inside ``transaction.atomic(using=alias)``, and its response is recorded in
+    that transaction, just before it commits: the view's rows and the completed key commit together, or neither
+    does, so that a crash after the commit leaves the retry a replay, never a second run. ``False``: the store is
+    used as any other.
 ``"PRINCIPAL"``
     A callable ``(request) -> str | bytes``, or its dotted path: who is asking; records are namespaced by its digest.
     Defaults to :func:`default_principal`. It may raise :class:`~idempo.RequestError` to refuse a request (400).
@@ -45,8 +53,10 @@ under ``runserver`` and the test client, and at start-up under ASGI and WSGI ser
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
 from ._core.errors import ConfigurationError, OutcomeUnknownError, RequestError
 from ._core.extras import require
@@ -55,12 +65,15 @@ from ._core.principal import principal_of
 from ._sync.guard import Answer, FailOpen, Guard, Held
 from ._sync.stores import check_at_start, check_store, sync_store
 from .observe import Observer
+from .stores import SyncStore
+from .transactions import record_django, store_for
 
 require("django", extra="django")
 
 from asgiref.sync import async_to_sync  # noqa: E402 - Django's own dependency, there once Django is
 from django.conf import settings  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.db import connections, transaction  # noqa: E402
 from django.http import HttpRequest, HttpResponse, HttpResponseBase  # noqa: E402
 from django.utils.functional import LazyObject, empty  # noqa: E402
 from django.utils.module_loading import import_string  # noqa: E402
@@ -69,8 +82,25 @@ __all__ = ["IdempotencyMiddleware", "authorization_principal", "default_principa
 
 _HELD: Final = "_idempo_held"  # the request's attribute where process_exception finds its claim
 _RAISED: Final = "_idempo_raised"  # set by process_exception: the view raised
-_OWN_SETTINGS: Final = ("STORE", "PRINCIPAL", "FINGERPRINT", "OBSERVER")
+_OWN_SETTINGS: Final = ("STORE", "ATOMIC", "PRINCIPAL", "FINGERPRINT", "OBSERVER")
 _POLICY_SETTINGS: Final = {option.name.upper(): option.name for option in dataclasses.fields(Policy)}
+_DATABASE: Final = "django:"  # "STORE": "django:<alias>", a store on that Django database
+# The query options of a "django:<alias>" store, by the database's vendor: the store's own (as in its URLs).
+_STORE_OPTIONS: Final[Mapping[str, Mapping[str, Callable[[str], object]]]] = {
+    "sqlite": {"table": str, "busy_timeout": float, "synchronous": str},
+    "postgresql": {
+        "table": str,
+        "statement_timeout": float,
+        "connect_timeout": float,
+        "pool_timeout": float,
+        "reconnect_timeout": float,
+        "min_size": int,
+        "max_size": int,
+    },
+}
+
+logger = logging.getLogger("idempo")
+_warned_nested: set[str] = set()  # the aliases whose nested transaction was warned of, once per process
 
 
 def authorization_principal(request: HttpRequest) -> bytes:
@@ -111,6 +141,46 @@ def _raw(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape")
 
 
+def _database_store(setting: str) -> tuple[str, SyncStore]:
+    """The alias ``"django:<alias>?options"`` names, and a store on that database (:func:`~idempo.transactions.
+    store_for`, its own connections), with the query's options.
+
+    Raises:
+        ImproperlyConfigured: no such alias in ``settings.DATABASES``, an option the store does not take, or a
+            database that cannot hold the records (neither PostgreSQL nor a SQLite file).
+    """
+    alias, _, query = setting.removeprefix(_DATABASE).partition("?")
+    databases = getattr(settings, "DATABASES", {})
+    if alias not in databases:
+        msg = (
+            f"settings.IDEMPO['STORE'] = {setting!r}: there is no database {alias!r} in settings.DATABASES (known: "
+            f"{', '.join(databases) or 'none'})"
+        )
+        raise ImproperlyConfigured(msg)
+    connection = connections[alias]  # no round trip: the store reads its settings
+    known = _STORE_OPTIONS.get(connection.vendor, {})
+    options: dict[str, object] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        convert = known.get(name)
+        if convert is None:
+            msg = (
+                f"settings.IDEMPO['STORE'] = {setting!r}: {name!r} is not an option of a store on a "
+                f"{connection.vendor} database (known: {', '.join(known) or 'none'})"
+            )
+            raise ImproperlyConfigured(msg)
+        try:
+            options[name] = convert(value)
+        except ValueError:
+            msg = f"settings.IDEMPO['STORE'] = {setting!r}: {name}={value!r} is not a {convert.__name__}"
+            raise ImproperlyConfigured(msg) from None
+    try:
+        store = store_for(connection, sync=True, **options)
+    except ConfigurationError as exc:
+        msg = f"settings.IDEMPO['STORE'] = {setting!r}: {exc}"
+        raise ImproperlyConfigured(msg) from exc
+    return alias, sync_store(store)
+
+
 def _callable(config: Mapping[str, Any], name: str) -> Any:
     value = config.get(name)
     if isinstance(value, str):
@@ -133,7 +203,9 @@ class IdempotencyMiddleware:
 
     Raises:
         ImproperlyConfigured: ``settings.IDEMPO`` is missing, lacks ``"STORE"``, holds an unknown key, an option out
-            of its range, a bad store URL, or a dotted path that does not import.
+            of its range, a bad store URL, a ``"django:<alias>"`` store on no such database (or on one that cannot
+            hold the records), ``"ATOMIC": True`` with a store that is not on a Django database, or a dotted path
+            that does not import.
         StoreError: the store does not answer when the middleware is built (``"STARTUP_CHECK": "fail"``, the
             default: the worker does not boot; ``"warn"`` logs it and goes on, ``"off"`` does not ask).
     """
@@ -158,12 +230,30 @@ class IdempotencyMiddleware:
             msg = "settings.IDEMPO['STORE'] is required: a store URL (e.g. 'redis://127.0.0.1:6379/0') or a store"
             raise ImproperlyConfigured(msg)
         options = {_POLICY_SETTINGS[name]: value for name, value in config.items() if name in _POLICY_SETTINGS}
+        setting = config["STORE"]
+        alias: str | None = None
         try:
             self.policy = Policy(**options)
-            self.store = sync_store(config["STORE"])
+            if isinstance(setting, str) and setting.startswith(_DATABASE):
+                alias, self.store = _database_store(setting)
+            else:
+                self.store = sync_store(setting)
         except ConfigurationError as exc:
             msg = f"settings.IDEMPO: {exc}"
             raise ImproperlyConfigured(msg) from exc
+        atomic = config.get("ATOMIC", alias is not None)
+        if not isinstance(atomic, bool):
+            msg = f"settings.IDEMPO['ATOMIC'] must be True or False, not {atomic!r}"
+            raise ImproperlyConfigured(msg)
+        if atomic and alias is None:
+            msg = (
+                "settings.IDEMPO['ATOMIC'] = True needs the store in the Django database the views write to, e.g. "
+                f"'STORE': 'django:default', so that their transaction can record the response; the store is "
+                f"{self.store!r}, which cannot take part in it"
+            )
+            raise ImproperlyConfigured(msg)
+        self.database: str | None = alias if atomic else None
+        """The alias of the database whose transaction each keyed request runs in (``"ATOMIC"``), or ``None``."""
         self.principal: Callable[[HttpRequest], str | bytes] = _callable(config, "PRINCIPAL") or default_principal
         self.fingerprint: Callable[[HttpRequest, bytes], str] | None = _callable(config, "FINGERPRINT")
         observer = config.get("OBSERVER")
@@ -226,8 +316,7 @@ class IdempotencyMiddleware:
             return
         if isinstance(exception, OutcomeUnknownError):
             held.mark_unknown()
-        else:
-            setattr(request, _RAISED, True)
+        setattr(request, _RAISED, True)  # and under "ATOMIC", the view's writes roll back
 
     def check_store(self) -> None:
         """Ask the store once (a ``get``), as the start-up check does when the middleware is built; e.g. for a
@@ -248,7 +337,10 @@ class IdempotencyMiddleware:
         setattr(request, _HELD, held)
         held.enter(head=request.method == "HEAD")
         try:
-            response = self.get_response(request)
+            if self.database is None:
+                response = self.get_response(request)
+            else:
+                response = self._atomic(request, held, self.database)
         except OutcomeUnknownError:  # it escaped Django's own handling (DEBUG_PROPAGATE_EXCEPTIONS)
             held.mark_unknown()
             held.finish(failed=True)
@@ -282,6 +374,46 @@ class IdempotencyMiddleware:
         # left, then closes) must come before the view's iterator or file is closed.
         closers.remove(stream.close)
         closers.insert(0, stream.close)
+        return response
+
+    def _atomic(self, request: HttpRequest, held: Held, alias: str) -> HttpResponseBase:
+        """The rest of the chain (the view) inside ``transaction.atomic(using=alias)``, its response recorded in that
+        transaction just before it commits (Django's ``on_commit`` then tells the claim, and :meth:`Held.finish`
+        makes no store call): the view's rows and the completed key commit together, or neither does.
+
+        As with ``ATOMIC_REQUESTS``: an exception in the view (which Django turns into a response before it gets
+        here; ``process_exception`` marks it) rolls the transaction back, and the key is then released or kept by
+        the usual path; a response the view returns commits, a 5xx too (not recorded: its key is released after). A
+        streaming response commits without its record (its body is not known yet), which the usual path writes as
+        it streams. Inside a transaction opened before this middleware (another middleware's, a ``TestCase``'s),
+        the block is a savepoint and records nothing: the outer transaction would commit after the response left,
+        and the usual path writes the record then, on the store's own connections.
+
+        Raises:
+            KeyTakenOverError: the key was taken over (this request's lease ran out) before the transaction
+                committed: it rolled back, and Django answers 500.
+        """
+        connection = connections[alias]
+        nested = connection.in_atomic_block
+        if nested and alias not in _warned_nested:
+            _warned_nested.add(alias)
+            logger.warning(
+                "idempo: a keyed request reached the middleware inside a transaction already open on database %r (a "
+                "middleware listed before idempo's, or a TestCase): its response is recorded after the request, "
+                "not in that transaction, and a crash in between may run it twice",
+                alias,
+            )
+        with transaction.atomic(using=alias):
+            response = self.get_response(request)
+            if getattr(request, _RAISED, False):  # the view raised: its writes roll back
+                transaction.set_rollback(True, using=alias)
+            elif not nested and not response.streaming:
+                report = held.report
+                if report is not None and report.bound is not None:
+                    # The middleware's own view of the response (its cookies as Set-Cookie headers), as recorded
+                    # without a transaction.
+                    parts = (response.status_code, _headers(response), response.content)
+                    record_django(report.bound, connection, parts)
         return response
 
 

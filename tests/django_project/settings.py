@@ -6,6 +6,7 @@ test that starts it):
 - ``IDEMPO_DJANGO_LEDGER``: the database the views write orders to, ``default`` or ``pg`` (``LEDGER_DATABASE``).
 - ``IDEMPO_DJANGO_STORE``: idempo's store (``IDEMPO["STORE"]``), ``memory://`` by default.
 - ``IDEMPO_DJANGO_LEASE``: idempo's lease, in seconds (30 by default).
+- ``IDEMPO_DJANGO_ATOMIC``: idempo's ``IDEMPO["ATOMIC"]``, ``1`` or ``0`` (unset: its default).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ DATABASES = {
 }
 LEDGER_DATABASE = os.environ.get("IDEMPO_DJANGO_LEDGER", "default")
 
-IDEMPO = {
+IDEMPO: dict[str, object] = {
     "STORE": os.environ.get("IDEMPO_DJANGO_STORE", "memory://"),
     "LEASE": float(os.environ.get("IDEMPO_DJANGO_LEASE", "30")),
 }
+if "IDEMPO_DJANGO_ATOMIC" in os.environ:
+    IDEMPO["ATOMIC"] = os.environ["IDEMPO_DJANGO_ATOMIC"] == "1"
 
 LOGGING = {
     "version": 1,

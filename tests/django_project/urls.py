@@ -6,6 +6,8 @@ from . import views
 
 urlpatterns = [
     path("orders", views.orders),
+    path("atomic-orders", views.atomic_orders),
+    path("takeover", views.takeover),
     path("unknown", views.unknown),
     path("mark-unknown", views.mark_unknown),
     path("fail", views.fail),

@@ -1,12 +1,19 @@
 """The test project's views. Each keyed view writes one :class:`~tests.django_project.models.Order` to the ledger
 database (``settings.LEDGER_DATABASE``), then answers; the order's ``sku`` comes from the JSON body, so that a test
-counts its own rows."""
+counts its own rows.
+
+The fault hook of the crash tests: a request with ``X-Fault: before-commit`` SIGKILLs its worker right after the
+view's insert (inside the transaction, under the middleware's ``"ATOMIC"``); with ``X-Fault: after-commit``, right
+after the transaction that holds the insert commits (a ``transaction.on_commit`` callback the view registers before
+idempo's; without a transaction, at once after the insert, which committed on its own).
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
-from idempo import OutcomeUnknownError, mark_outcome_unknown
+from idempo import OutcomeUnknownError, SyncStore, mark_outcome_unknown
+from idempo._core.bound import current
 
 from .models import Order
 
@@ -39,35 +48,72 @@ def _data(request: HttpRequest) -> dict[str, Any]:
     return data
 
 
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _write(request: HttpRequest) -> Order:
     user = request.user.get_username() if request.user.is_authenticated else ""
-    order: Order = Order.objects.using(settings.LEDGER_DATABASE).create(
+    ledger = settings.LEDGER_DATABASE
+    order: Order = Order.objects.using(ledger).create(
         sku=_data(request).get("sku", ""), key=request.idempotency_key, user=user, pid=os.getpid()
     )
+    fault = request.headers.get("X-Fault")
+    if fault == "before-commit":
+        _kill()
+    elif fault == "after-commit":  # registered before idempo's own on_commit callback: it runs first
+        transaction.on_commit(_kill, using=ledger)
     return order
+
+
+def _hold(hold: str) -> None:
+    """The gate of a server in another process: touch ``<hold>.started``, then wait (a minute at most) while the
+    file *hold* exists; the test deletes it to let the view go on."""
+    Path(f"{hold}.started").touch()
+    deadline = time.monotonic() + 60
+    while Path(hold).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def orders(request: HttpRequest) -> HttpResponse:
     """``POST /orders``: write the order, then wait at the body's ``"gate"`` (in the test's process) or while the
-    file the body's ``"hold"`` names exists (it touches ``<hold>.started`` first), if any; answer 201, with a
-    cookie."""
-    order = _write(request)
+    file the body's ``"hold"`` names exists (:func:`_hold`; ``"hold_before"``: the same, before the order is
+    written), if any; answer 201, with a cookie."""
     data = _data(request)
+    if data.get("hold_before"):
+        _hold(data["hold_before"])
+    order = _write(request)
     gate = GATES.get(data.get("gate", ""))
     if gate is not None:
         gate.started.set()
         gate.opened.wait(60)
-    hold = data.get("hold")
-    if hold:  # the gate of a server in another process: a file, which the test deletes to let the view go on
-        Path(f"{hold}.started").touch()
-        deadline = time.monotonic() + 60
-        while Path(hold).exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+    if data.get("hold"):
+        _hold(data["hold"])
     response = JsonResponse(
         {"id": order.pk, "sku": order.sku, "key": order.key, "user": order.user, "pid": order.pid}, status=201
     )
     response.set_cookie("session_hint", "1")
     return response
+
+
+def atomic_orders(request: HttpRequest) -> HttpResponse:
+    """``POST /atomic-orders``: write the order in an atomic block of the view's own, then answer 201."""
+    with transaction.atomic(using=settings.LEDGER_DATABASE):
+        order = _write(request)
+    return JsonResponse({"id": order.pk, "sku": order.sku}, status=201)
+
+
+def takeover(request: HttpRequest) -> HttpResponse:
+    """``POST /takeover``: the request's key taken over on the store's own connections, as a retry does once the
+    request's lease ran out (its record deleted, then claimed under the token ``"intruder"``), before the view
+    writes its order and answers 201."""
+    bound = current()
+    assert bound is not None, "a keyed request"
+    store: SyncStore = bound.store  # type: ignore[assignment]  # a Bound keeps the face's SyncStore
+    store.delete(bound.store_key)
+    store.claim(bound.store_key, "intruder", lease=60, ttl=60, token="intruder")
+    order = _write(request)
+    return JsonResponse({"id": order.pk}, status=201)
 
 
 def unknown(request: HttpRequest) -> HttpResponse:
