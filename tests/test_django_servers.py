@@ -173,3 +173,26 @@ def test_django_asgi_handler_under_uvicorn(tmp_path: Path) -> None:
     assert restreamed.content == streamed.content
     assert restreamed.headers["idempotent-replayed"] == "true"
     assert rows(sku + "-stream", "default") == 1
+
+
+def test_django_asgi_handler_runs_the_view_in_the_middlewares_transaction(tmp_path: Path) -> None:
+    """``"STORE": "django:default"`` under Django's ASGI handler: the sync view, which Django runs through its
+    sync/async adapters, still runs in the thread (and on the connection) of the middleware's transaction: its order
+    commits with the record (the retry replayed), rolls back when it raises (no row, the key released: the retry
+    runs), and rolls back when its key was taken over before the commit."""
+    sku = f"asgi-atomic-{uuid.uuid4().hex}"
+    env = environment(f"django:default?table=idempo_{uuid.uuid4().hex}", "default")
+    with uvicorn(env, tmp_path / "uvicorn.log") as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        first = client.post("/orders", json={"sku": sku}, headers=key)
+        again = client.post("/orders", json={"sku": sku}, headers=key)
+        boom = [client.post("/boom", json={"sku": sku + "-boom"}, headers=key | {"Idempotency-Key": sku}) for _ in "ab"]
+        taken = client.post("/takeover", json={"sku": sku + "-taken"}, headers={"Idempotency-Key": sku + "-taken"})
+    assert first.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert rows(sku, "default") == 1
+    assert [response.status_code for response in boom] == [500, 500]
+    assert rows(sku + "-boom", "default") == 0
+    assert taken.status_code == 500
+    assert rows(sku + "-taken", "default") == 0
