@@ -316,7 +316,10 @@ def _django_identity(connection: Any) -> tuple[str, tuple[str, ...]]:
     settings = connection.settings_dict
     if connection.vendor == "sqlite":
         name = str(settings["NAME"])
-        return "sqlite", (os.path.realpath(name) if name and ":memory:" not in name else ":memory:",)
+        # Django's test database is in memory under a URI name ("file:memorydb_default?mode=memory&cache=shared").
+        if not name or ":memory:" in name or connection.is_in_memory_db():
+            return "sqlite", (":memory:",)
+        return "sqlite", (os.path.realpath(name),)
     if connection.vendor == "postgresql":
         return "postgresql", (str(settings.get("HOST") or ""), str(settings.get("PORT") or 5432), str(settings["NAME"]))
     return str(connection.vendor), (str(settings.get("NAME")),)
