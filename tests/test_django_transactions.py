@@ -343,3 +343,11 @@ def test_atomic_is_off_by_default_with_any_other_store() -> None:
         assert app.post("/orders", "m", new_sku()).status_code == 201
         assert app.middleware.database is None
     assert app.calls.store == ["claim", "complete"]
+
+
+def test_a_django_store_on_djangos_in_memory_test_database_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Django's test runner puts a SQLite database in memory under a URI name: no store can share it (it would be
+    a file of that name, another database), so the middleware is not built."""
+    monkeypatch.setitem(connections["default"].settings_dict, "NAME", "file:memorydb_default?mode=memory&cache=shared")
+    with override_settings(IDEMPO={"STORE": "django:default"}), pytest.raises(ImproperlyConfigured, match="in-memory"):
+        idempo.django.IdempotencyMiddleware(lambda request: None)
