@@ -24,6 +24,12 @@ The WSGI middleware (:mod:`idempo.wsgi`) is timed in the same run, on memory and
 trivial Flask endpoint bare and wrapped, called in process with prebuilt environs, cases ``no-key``, ``fresh-key``
 and ``replay``, in the same alternating blocks; its table is printed beside the ASGI figures.
 
+A keyed request recorded in the handler's own transaction (:mod:`idempo.transactions`) is timed in the same run too,
+on SQLite and PostgreSQL, by ``_transactions.py``: a FastAPI handler that inserts a ledger row in an
+``AsyncSession`` transaction, bare, behind the plain middleware, and bound (``record_async`` in its transaction),
+the three taking turns in blocks; with the store calls, the handler's statements and, on PostgreSQL, the round trips
+and transactions on the wire, counted. Its table is printed after the ASGI figures.
+
 Each case is timed in repetitions of N requests per side (N calibrated per case, see ``Settings``). In a repetition
 the bare and the wrapped app take turns in blocks of requests, after one ``gc.collect()``, so that drift and noise of
 the machine affect both alike; which side starts alternates between repetitions. Every request is followed by one
@@ -67,6 +73,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -74,6 +81,7 @@ from _apps import KeyFactory, call, make_app, make_requests, wrap
 from _harness import CaseResult, Outcome, Probe, ServerResult, Settings, calibrate, time_pair
 from _report import format_split, format_table, to_json
 from _servers import DEFAULT_URLS, NETWORK_STORES, SERVERS, CountingStore, Server, StoreCalls, Unavailable, open_store
+from _transactions import TX_STORES, TxResult, bench_transactions, format_transactions
 from _wsgi import WSGI_STORES, bench_wsgi, format_wsgi
 from fastapi import FastAPI
 
@@ -86,6 +94,14 @@ IN_CI: Final = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 FULL: Final = Settings(reps=11, warmup=300, block=100)
 QUICK: Final = Settings(reps=3, warmup=20, block=20, n=40)
+
+
+@dataclass
+class RunOutcome(Outcome):
+    """A run's :class:`Outcome`, and the cases of a response recorded in the handler's transaction."""
+
+    transaction_results: list[TxResult] = field(default_factory=list)
+    transaction_tables: list[str] = field(default_factory=list)  # made on the PostgreSQL server, and dropped
 
 
 async def count_round_trips(
@@ -198,12 +214,12 @@ async def run(
     urls: Mapping[str, str] | None = None,
     *,
     require_services: bool = False,
-) -> Outcome:
+) -> RunOutcome:
     """Benchmark each store in turn. Raises :class:`Unavailable` if a server does not answer and
     *require_services*; otherwise that store is skipped."""
     urls = {**DEFAULT_URLS, **(urls or {})}
     keys = KeyFactory()
-    outcome = Outcome()
+    outcome = RunOutcome()
     servers: dict[str, Server] = {}
     try:
         for name in store_names:
@@ -229,6 +245,12 @@ async def run(
                     outcome.servers.append(server_result)
                 if name in WSGI_STORES:
                     outcome.wsgi_results.extend(bench_wsgi(name, Path(tmp), settings, keys, log))
+                if name in TX_STORES:
+                    tx_results, tables = await bench_transactions(
+                        name, Path(tmp), urls["postgres"], settings, keys, log
+                    )
+                    outcome.transaction_results.extend(tx_results)
+                    outcome.transaction_tables.extend(tables)
     finally:
         for server in servers.values():
             await server.aclose()
@@ -319,10 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcome.wsgi_results:
         print()
         print(format_wsgi(outcome.results, outcome.wsgi_results))
+    if outcome.transaction_results:
+        print()
+        print(format_transactions(outcome.results, outcome.transaction_results))
     for name, reason in outcome.skipped.items():
         print(f"note: {unavailable_note(name, reason)}.")
     if args.json is not None:
-        args.json.write_text(json.dumps(to_json(outcome, settings, args.quick, wall), indent=2) + "\n")
+        data = to_json(outcome, settings, args.quick, wall)
+        data["transaction_results"] = [result.to_json() for result in outcome.transaction_results]
+        data["transaction_tables"] = outcome.transaction_tables
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 

@@ -1,5 +1,6 @@
 """``benchmarks/bench.py --quick`` runs, covers every case on every store (and the WSGI middleware's on memory and
-SQLite), and makes the store calls it should.
+SQLite, and the response recorded in the handler's transaction on SQLite and PostgreSQL), and makes the store calls
+it should.
 
 Timings are never asserted: they depend on the machine. Only that they are there and positive, and the round trips.
 The Redis and PostgreSQL runs need their servers (``redis_url``, ``postgres_url``: skipped locally without them,
@@ -93,6 +94,38 @@ def check_wsgi_rows(data: dict[str, Any], stores: tuple[str, ...]) -> None:
         assert (row["verdict"] in {"PASS", "MISS"}) == (case == "no-key"), f"WSGI {case} on {store}: a target?"
 
 
+# A handler's transaction, per case and variant: the middleware's store calls, the handler's statements and commits,
+# and on PostgreSQL the round trips and the transactions ended, on the wire (the store's and the handler's).
+TX_EXPECTED: dict[tuple[str, str], tuple[dict[str, float], dict[str, float], float, int, int]] = {
+    ("fresh-key", "bare"): ({}, {"INSERT": 1}, 1, 3, 1),
+    ("fresh-key", "plain"): ({"claim": 1, "complete": 1}, {"INSERT": 1}, 1, 5, 3),
+    # The completion is one more statement in the handler's transaction: no store call, no commit of its own.
+    ("fresh-key", "bound"): ({"claim": 1}, {"INSERT": 1, "UPDATE": 1}, 1, 5, 2),
+    ("replay", "bare"): ({}, {"INSERT": 1}, 1, 3, 1),
+    ("replay", "plain"): ({"claim": 1}, {}, 0, 1, 1),
+    ("replay", "bound"): ({"claim": 1}, {}, 0, 1, 1),
+}
+
+
+def check_transaction_rows(data: dict[str, Any], stores: tuple[str, ...]) -> None:
+    """The three variants of the transactional handler, timed in the same run, and what one request of each did."""
+    rows = {(row["case"], row["store"], row["variant"]): row for row in data["transaction_results"]}
+    assert set(rows) == {(case, store, variant) for case, variant in TX_EXPECTED for store in stores}
+    for (case, store, variant), row in rows.items():
+        assert row["us_per_request"] > 0, f"{variant} {case} on {store}"
+        assert row["samples_us"], f"{variant} {case} on {store}: no samples"
+        assert all(sample > 0 for sample in row["samples_us"] + row["ratios"])
+        assert (row["ratio"] == 1) == (variant == "bare"), f"{variant} {case} on {store}: ratio {row['ratio']}"
+        calls, statements, commits, trips, transactions = TX_EXPECTED[case, variant]
+        assert row["store_calls"] == calls, f"{variant} {case} on {store}"
+        assert row["statements"] == statements, f"{variant} {case} on {store}"
+        assert row["app_commits"] == commits, f"{variant} {case} on {store}"
+        if store == "postgres":
+            assert (row["round_trips"], row["transactions"]) == (trips, transactions), f"{variant} {case}"
+        else:
+            assert (row["round_trips"], row["transactions"]) == (None, None), f"{variant} {case} on {store}"
+
+
 def check_server(data: dict[str, Any], store: str, op: str) -> dict[str, Any]:
     """The server's bare operation was timed, and its share of the requests computed from the counted trips."""
     server: dict[str, Any] = data["servers"][store]
@@ -112,6 +145,8 @@ def test_quick_benchmark_covers_every_case_and_counts_round_trips(tmp_path: Path
 
     check_rows(data, ("memory", "sqlite"))
     check_wsgi_rows(data, ("memory", "sqlite"))
+    check_transaction_rows(data, ("sqlite",))
+    assert data["transaction_tables"] == []
     assert data["servers"] == {}
     assert data["skipped"] == {}
 
@@ -121,6 +156,7 @@ def test_quick_benchmark_on_redis_counts_round_trips_and_leaves_no_keys(tmp_path
 
     check_rows(data, ("redis",))
     assert data["wsgi_results"] == []  # the WSGI cases run on memory and SQLite only
+    assert data["transaction_results"] == []  # and the transactional ones on SQLite and PostgreSQL
     server = check_server(data, "redis", "PING")
     prefix = server["prefix"]
     assert prefix.startswith("idempo-bench-")
@@ -138,12 +174,15 @@ def test_quick_benchmark_on_postgres_counts_round_trips_and_drops_its_table(tmp_
     )
 
     check_rows(data, ("postgres",))
+    check_transaction_rows(data, ("postgres",))
     server = check_server(data, "postgres", "SELECT 1")
-    table = server["table"]
-    assert table.startswith("idempo_bench_")
+    tables = [server["table"], *data["transaction_tables"]]
+    assert len(tables) == 3
+    assert all(table.startswith("idempo_bench_") for table in tables)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        row = conn.execute("SELECT to_regclass(%s) IS NULL", [table]).fetchone()
-    assert row == (True,), f"the benchmark left its table {table}"
+        for table in tables:
+            row = conn.execute("SELECT to_regclass(%s) IS NULL", [table]).fetchone()
+            assert row == (True,), f"the benchmark left its table {table}"
 
 
 def _closed_port() -> int:
