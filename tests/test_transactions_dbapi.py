@@ -28,7 +28,7 @@ import httpx
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,7 +39,7 @@ from idempo import Acquired, ConfigurationError, IdempotencyMiddleware, Record, 
 from idempo._core.bound import current
 from idempo.flask import Idempotency
 from idempo.observe import Outcome, StoreOperation
-from idempo.stores import Store, SyncStore
+from idempo.stores import Store, SyncStore, transaction_target
 from idempo.stores._forwarding import ForwardingStore
 from idempo.stores.postgres import PostgresStore, SyncPostgresStore
 from idempo.stores.sqlite import SQLiteStore, SyncSQLiteStore
@@ -712,6 +712,32 @@ async def test_store_for_a_psycopg_pool_is_a_postgres_store_of_its_kind(postgres
         result = store.close()
         if isinstance(result, Awaitable):
             await result
+
+
+def test_store_for_a_psycopg_pool_connects_where_the_pool_does(postgres_url: str, table: str) -> None:
+    """The pool's kwargs that say where it connects count (its dbname here), the others (autocommit) do not."""
+    params = conninfo_to_dict(postgres_url)
+    dbname = params.pop("dbname")
+    pool: ConnectionPool[Any] = ConnectionPool(
+        make_conninfo("", **params), kwargs={"dbname": dbname, "autocommit": True}, min_size=1, open=False
+    )
+    pool.open(wait=True)
+    store = store_for(pool, table=table)
+    try:
+        target = transaction_target(store)
+        assert target is not None
+        with pool.connection() as conn:
+            assert target.identity[2] == conn.info.dbname == dbname
+        assert store.get("a key") is None  # the store's own connections: same database, its table made there
+    finally:
+        store.close()
+        pool.close()
+
+
+def test_store_for_a_psycopg_pool_with_a_callable_conninfo_is_refused(postgres_url: str) -> None:
+    pool: ConnectionPool[Any] = ConnectionPool(lambda: postgres_url, open=False)
+    with pytest.raises(ConfigurationError, match="callable"):
+        store_for(pool)
 
 
 def test_store_for_a_sqlite3_connection_is_a_store_on_its_file(tmp_path: Path) -> None:

@@ -368,7 +368,8 @@ def store_for(database: Any, *, sync: bool | None = None, **options: Any) -> Sto
         the handler's transaction begins, for concurrent requests to see it.
 
     Raises:
-        ConfigurationError: the database is neither PostgreSQL nor a SQLite file.
+        ConfigurationError: the database is neither PostgreSQL nor a SQLite file, or a psycopg pool connects through
+            a callable (its ``conninfo`` or ``kwargs``: where it connects is not known before it does).
     """
     module = type(database).__module__.partition(".")[0]
     name = type(database).__name__
@@ -384,7 +385,7 @@ def store_for(database: Any, *, sync: bool | None = None, **options: Any) -> Sto
         return _unsupported(dialect)
     if module == "psycopg_pool":
         asynchronous = name == "AsyncConnectionPool" if sync is None else not sync
-        return _postgres(database.conninfo, asynchronous, options)
+        return _postgres(_pool_conninfo(database), asynchronous, options)
     if module == "django":
         dialect, identity = _django_identity(database)
         if dialect == "sqlite":
@@ -396,6 +397,25 @@ def store_for(database: Any, *, sync: bool | None = None, **options: Any) -> Sto
         return _sqlite(_sqlite_identity(database)[0], sync is False, options)
     msg = f"store_for() takes a SQLAlchemy engine, a psycopg pool, a Django or sqlite3 connection, not {name!r}"
     raise ConfigurationError(msg)
+
+
+def _pool_conninfo(pool: Any) -> str:
+    """Where a psycopg pool connects: its ``conninfo`` with the libpq parameters of its ``kwargs`` (``dbname``,
+    ``host``, ``password``...), as the pool passes both to ``connect()``; its other ``kwargs`` (``autocommit``,
+    ``prepare_threshold``...) are the application's connections' own, not the store's."""
+    from psycopg import pq
+    from psycopg.conninfo import make_conninfo
+
+    conninfo, kwargs = pool.conninfo, pool.kwargs
+    if callable(conninfo) or callable(kwargs):
+        msg = (
+            "store_for() cannot tell where a psycopg pool connects when its conninfo or kwargs is a callable: build "
+            "the store from the same connection string (idempo.stores.postgres.PostgresStore(conninfo, table=...))"
+        )
+        raise ConfigurationError(msg)
+    keywords = {default.keyword.decode() for default in pq.Conninfo.get_defaults()}
+    params = {key: value for key, value in (kwargs or {}).items() if key in keywords and value is not None}
+    return make_conninfo(conninfo or "", **params)
 
 
 def _django_conninfo(settings: dict[str, Any]) -> str:
