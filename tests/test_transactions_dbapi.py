@@ -212,8 +212,11 @@ def charge_psycopg(
 @contextlib.asynccontextmanager
 async def _psycopg_target_async(
     conn: psycopg.AsyncConnection[Any], conninfo: str, fault: str
-) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    if fault == "autocommit":
+) -> AsyncIterator[psycopg.AsyncConnection[Any] | psycopg.Connection[Any]]:
+    if fault == "sync-connection":  # record_async() on a blocking connection
+        with psycopg.connect(conninfo) as blocking:
+            yield blocking
+    elif fault == "autocommit":
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as other:
             yield other
     elif fault == "other-db":
@@ -237,15 +240,18 @@ async def charge_psycopg_async(
                 with contextlib.suppress(psycopg.errors.DivisionByZero):
                     await conn.execute("SELECT 1 / 0")
             async with _psycopg_target_async(conn, conninfo, fault) as target:
-                await record_async(target, response)
+                if fault == "sync-record":  # record() on an async connection
+                    record(target, response)
+                else:
+                    await record_async(target, response)
             if fault == "rollback":
                 raise Declined
             if fault == "raise":
                 raise AppFailed
     except Declined:
         return respond(402, {"declined": name})
-    except RECORD_ERRORS as exc:
-        return respond(422, {"error": type(exc).__name__})
+    except (*RECORD_ERRORS, TypeError) as exc:
+        return respond(422, {"error": type(exc).__name__, "detail": str(exc)})
     return response
 
 
@@ -593,7 +599,7 @@ async def test_a_key_taken_over_before_record_rolls_the_business_rows_back(
     key = new_key()
     response = await binding.post("a", key, fault="taken-over")
     assert response.status_code == 422, response.text
-    assert response.json() == {"error": "KeyTakenOverError"}  # raised inside the transaction, which rolled back
+    assert response.json()["error"] == "KeyTakenOverError"  # raised inside the transaction, which rolled back
     assert binding.rows() == 0
     stored = await binding.get(key)
     assert stored is not None
@@ -644,7 +650,7 @@ async def test_a_connection_outside_a_transaction_is_refused(binding: Binding) -
     key = new_key()
     response = await binding.post("a", key, fault="autocommit")
     assert response.status_code == 422, response.text
-    assert response.json() == {"error": "TransactionError"}
+    assert response.json()["error"] == "TransactionError"
     assert binding.rows() == 0
     assert binding.answers == [True]  # nothing was recorded: the face completes the key with the 422
 
@@ -654,7 +660,7 @@ async def test_a_connection_to_another_database_is_refused(binding: Binding) -> 
     key = new_key()
     response = await binding.post("a", key, fault="other-db")
     assert response.status_code == 422, response.text
-    assert response.json() == {"error": "WrongDatabaseError"}
+    assert response.json()["error"] == "WrongDatabaseError"
     assert binding.rows() == 0
     assert binding.answers == [True]
 
@@ -664,7 +670,27 @@ async def test_a_failed_psycopg_transaction_is_refused(binding: Binding) -> None
     key = new_key()
     response = await binding.post("a", key, fault="in-error")
     assert response.status_code == 422, response.text
-    assert response.json() == {"error": "TransactionError"}
+    assert response.json()["error"] == "TransactionError"
+    assert binding.rows() == 0
+    assert binding.answers == [True]
+
+
+@pytest.mark.parametrize(
+    ("binding", "fault", "hint"),
+    [
+        pytest.param("asgi-psycopg-async", "sync-record", "use record_async", id="record-on-async"),
+        pytest.param("asgi-psycopg-async", "sync-connection", "use record for", id="record_async-on-sync"),
+    ],
+    indirect=["binding"],
+)
+async def test_record_and_record_async_refuse_the_other_kind_of_psycopg_connection(
+    binding: Binding, fault: str, hint: str
+) -> None:
+    """Before any statement runs (and without an un-awaited coroutine, which the warnings filter would fail)."""
+    response = await binding.post("a", new_key(), fault=fault)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "TypeError"
+    assert hint in response.json()["detail"]
     assert binding.rows() == 0
     assert binding.answers == [True]
 
@@ -672,7 +698,7 @@ async def test_a_failed_psycopg_transaction_is_refused(binding: Binding) -> None
 async def test_record_in_a_request_without_a_key_is_not_claimed(binding: Binding) -> None:
     response = await binding.post("a", None)
     assert response.status_code == 422, response.text
-    assert response.json() == {"error": "NotClaimedError"}
+    assert response.json()["error"] == "NotClaimedError"
     assert binding.rows() == 0
     assert binding.calls.store_calls == []
     assert binding.calls.outcomes == ["passthrough"]

@@ -116,7 +116,7 @@ def record(connection: Any, response: Any) -> bool:
     kind = _kind(connection)
     if kind == "sqlalchemy":
         return _record_sqlalchemy(bound, connection, response)
-    if kind == "psycopg":
+    if kind == "psycopg" and not _psycopg_async(connection):
         return _record_psycopg(bound, connection, response)
     if kind == "sqlite3":
         return _record_sqlite3(bound, connection, response)
@@ -133,7 +133,7 @@ async def record_async(connection: Any, response: Any) -> bool:
     kind = _kind(connection)
     if kind == "sqlalchemy":
         return await _record_sqlalchemy_async(bound, connection, response)
-    if kind == "psycopg":
+    if kind == "psycopg" and _psycopg_async(connection):
         return await _record_psycopg_async(bound, connection, response)
     msg = f"cannot record in a transaction of {type(connection).__name__!r}: use record for sync connections"
     raise TypeError(msg)
@@ -184,6 +184,12 @@ def _record_sqlite3(bound: Bound, connection: Any, response: Any) -> bool:
 def _psycopg_identity(connection: Any) -> tuple[str, str, str]:
     info = connection.info
     return str(info.host or ""), str(info.port or "5432"), str(info.dbname)
+
+
+def _psycopg_async(connection: Any) -> bool:
+    from psycopg import AsyncConnection
+
+    return isinstance(connection, AsyncConnection)
 
 
 def _psycopg_check(connection: Any) -> None:
