@@ -74,7 +74,7 @@ screenshot: install browser ## docs/demo.png: the demo page after a payment, tak
 serve: install ## the example app under uvicorn on http://127.0.0.1:8000 (SQLite store)
 	$(BIN)/python examples/demo.py --serve $(ARGS)
 
-bench: install ## in-process ASGI benchmark: bare app vs. wrapped, per store; then idempo proxy vs. direct over HTTP
+bench: install ## in-process benchmarks: bare app vs. wrapped, per store (ASGI, and WSGI on memory/SQLite); then idempo proxy vs. direct over HTTP
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 	$(BIN)/python benchmarks/proxy.py $(PROXY_ARGS)
 

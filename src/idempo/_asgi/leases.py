@@ -55,7 +55,12 @@ class Renewer:
         if not self.running:
             return
         threshold = time.monotonic() - self.period / 2
-        due = [exchange for exchange in self.running if exchange.renewed_at <= threshold]
+        # Not one whose response the app recorded in its own transaction: on PostgreSQL the renewal would wait for
+        # that transaction's row lock (renewals piling up, each holding a connection of the pool), and until it ends
+        # no other request can take the key over anyway (on SQLite, the app's transaction holds the write lock).
+        due = [
+            exchange for exchange in self.running if exchange.renewed_at <= threshold and not exchange.in_transaction
+        ]
         if due:
             task = self.loop.create_task(self._renew(due))
             self.tasks.add(task)

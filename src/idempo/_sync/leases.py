@@ -76,7 +76,14 @@ class ThreadRenewer:
             time.sleep(self.period)  # the one pause between sweeps: nothing waits on this thread
             threshold = time.monotonic() - self.period / 2
             with self._lock:
-                due = [request for request in self._running if request.renewed_at <= threshold]
+                # Not one whose response the app recorded in its own transaction: on PostgreSQL the renewal would
+                # wait for that transaction's row lock (holding a connection of the pool, and this thread), and until
+                # it ends no other request can take the key over anyway (SQLite: the write lock is the app's).
+                due = [
+                    request
+                    for request in self._running
+                    if request.renewed_at <= threshold and not request.in_transaction
+                ]
             for request in due:
                 self._renew(request)
 
