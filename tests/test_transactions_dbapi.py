@@ -704,6 +704,39 @@ async def test_record_in_a_request_without_a_key_is_not_claimed(binding: Binding
     assert binding.calls.outcomes == ["passthrough"]
 
 
+def test_the_completion_prepared_by_psycopg_on_the_apps_connection_still_records(postgres_url: str, table: str) -> None:
+    """psycopg prepares a statement run five times on a connection (prepare_threshold): the pool's one connection
+    prepares the completion, and the keyed requests after that are recorded and replayed as the first ones."""
+    pool: ConnectionPool[Any] = ConnectionPool(postgres_url, min_size=1, max_size=1, open=False)
+    pool.open(wait=True)
+    store = store_for(pool, table=table)
+    assert isinstance(store, SyncPostgresStore)
+    calls, answers = Calls(), SyncAnswers(store)
+
+    def application(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        response = parts(201, {"charged": environ["PATH_INFO"]})
+        with pool.connection() as conn, conn.transaction():
+            record(conn, response)
+        start_response("201 Created", response[1])
+        return [response[2]]
+
+    app = WSGIIdempotencyMiddleware(application, store=answers, observer=calls)
+    try:
+        with httpx.Client(transport=httpx.WSGITransport(app), base_url="http://tx") as client:
+            firsts = [client.post(f"/charge/{n}", headers={"Idempotency-Key": f"k{n}"}) for n in range(8)]
+            retries = [client.post(f"/charge/{n}", headers={"Idempotency-Key": f"k{n}"}) for n in range(8)]
+        with pool.connection() as conn:
+            prepared = [row[0] for row in conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()]
+    finally:
+        store.close()
+        pool.close()
+    assert [response.status_code for response in firsts] == [201] * 8
+    assert [retry.headers.get("idempotent-replayed") for retry in retries] == ["true"] * 8
+    assert [retry.content for retry in retries] == [first.content for first in firsts]
+    assert answers.completed == [False] * 8  # each one completed by the app's transaction
+    assert any(statement.startswith(f'UPDATE "{table}" SET state') for statement in prepared), prepared
+
+
 def test_record_outside_any_request_is_not_claimed(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "app.db")
     try:
