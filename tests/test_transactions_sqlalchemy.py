@@ -490,3 +490,40 @@ async def test_a_streaming_response_cannot_be_recorded(charges: Charges) -> None
     assert "streaming" in str(raised) or "not known" in str(raised)
     assert charges.rows() == 0
     assert await charges.store.get(store_key("k-1")) is None
+
+
+async def test_the_sync_and_async_entry_points_refuse_each_others_sessions(tmp_path: Path) -> None:
+    """record() on an AsyncSession (or AsyncConnection), record_async() on a Session: a TypeError before anything
+    runs, not a coroutine read as a result, nor a blocking statement on the event loop."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    store = cast("Store", store_for(engine, sync=False))
+    api = FastAPI()
+    raised: list[BaseException] = []
+
+    @api.post("/mixed")
+    async def mixed() -> JSONResponse:
+        response = JSONResponse({}, status_code=201)
+        async with AsyncSession(async_engine) as session, session.begin():
+            with pytest.raises(TypeError, match="use record_async") as wrong_async:
+                record(session, response)
+            raised.append(wrong_async.value)
+        async with async_engine.connect() as connection:
+            with pytest.raises(TypeError, match="use record_async"):
+                record(connection, response)
+        with Session(engine) as sync_session, sync_session.begin():
+            with pytest.raises(TypeError, match="use record for sync") as wrong_sync:
+                await record_async(sync_session, response)
+            raised.append(wrong_sync.value)
+        return response
+
+    api.add_middleware(IdempotencyMiddleware, store=store)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://test") as client:
+            answered = await client.post("/mixed", headers={"Idempotency-Key": "mixed"})
+        assert answered.status_code == 201
+        assert len(raised) == 2
+    finally:
+        await store.close()
+        await async_engine.dispose()
+        engine.dispose()

@@ -114,7 +114,7 @@ def record(connection: Any, response: Any) -> bool:
     """
     bound = _bound()
     kind = _kind(connection)
-    if kind == "sqlalchemy":
+    if kind == "sqlalchemy" and not _sqlalchemy_async(connection):
         return _record_sqlalchemy(bound, connection, response)
     if kind == "psycopg" and not _psycopg_async(connection):
         return _record_psycopg(bound, connection, response)
@@ -131,12 +131,17 @@ async def record_async(connection: Any, response: Any) -> bool:
     ``psycopg.AsyncConnection``."""
     bound = _bound()
     kind = _kind(connection)
-    if kind == "sqlalchemy":
+    if kind == "sqlalchemy" and _sqlalchemy_async(connection):
         return await _record_sqlalchemy_async(bound, connection, response)
     if kind == "psycopg" and _psycopg_async(connection):
         return await _record_psycopg_async(bound, connection, response)
     msg = f"cannot record in a transaction of {type(connection).__name__!r}: use record for sync connections"
     raise TypeError(msg)
+
+
+def _sqlalchemy_async(connection: object) -> bool:
+    """Whether *connection* is one of SQLAlchemy's asyncio objects (``AsyncSession``, ``AsyncConnection``)."""
+    return type(connection).__module__.startswith("sqlalchemy.ext.asyncio")
 
 
 def _kind(connection: object) -> str:

@@ -76,8 +76,8 @@ class Recording:
         if not done:
             if self.in_transaction == OPEN:
                 logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
-            else:  # the app's transaction completed the key (it committed): nothing more to write
-                self._recorded_in_transaction()
+            # else the app's transaction completed the key (it committed: nothing more to write), or it rolled back
+            # unseen and the key was taken over since: either way, not a response to cache
         elif self.mw.cache is not None and payload[:1] == b"\x01":  # a response; markers are never cached
             self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
 
