@@ -21,8 +21,10 @@ the store and the handler does not run; the bare handler, which knows no keys, r
 
 Theory of operation: as for the ASGI cases (see ``bench.py``'s docstring), the app is called directly with scopes
 as uvicorn builds them, one loop turn after each request. The three variants take turns in blocks of requests
-within each repetition, after one ``gc.collect()``; which one starts rotates between repetitions. The figures are
-the median over the repetitions of µs per request, and the median of the repetitions' ratios to ``bare``.
+within each repetition, after one ``gc.collect()``, in an order that changes between repetitions: a block runs
+colder after a variant that waits on the database, so each variant follows each of the others in as many
+repetitions, and starts in as many. The figures are the median over the repetitions of µs per request, and the
+median of the repetitions' ratios to ``bare``.
 
 What a request does is counted in a separate, untimed pass, on apps built the same way but watched: the store calls
 (an :class:`~idempo.observe.Observer`'s ``on_store_call``), the handler's SQL statements and commits (SQLAlchemy's
@@ -72,6 +74,16 @@ __all__ = ["TX_CASES", "TX_STORES", "VARIANTS", "TxResult", "bench_transactions"
 TX_STORES: Final = ("sqlite", "postgres")
 TX_CASES: Final = ("fresh-key", "replay")
 VARIANTS: Final = ("bare", "plain", "bound")
+# The orders of the variants' blocks, one per repetition in turn. Blocks cycle, so what matters is which variant a
+# block follows: half the orders cycle bare, plain, bound and half the other way round; each variant starts as often.
+ORDERS: Final = (
+    ("bare", "plain", "bound"),
+    ("bound", "plain", "bare"),
+    ("plain", "bound", "bare"),
+    ("bare", "bound", "plain"),
+    ("bound", "bare", "plain"),
+    ("plain", "bare", "bound"),
+)
 _CHECK_REQUESTS: Final = 20
 _BLOCK: Final = 20  # requests per block at most: a request costs milliseconds here, and the variants take turns often
 _WARMUP: Final = 60  # requests per variant at most before a case is calibrated
@@ -326,11 +338,12 @@ def label(store: str, variant: str) -> str:
 
 
 async def time_rep(
-    apps: Mapping[str, ASGIApp], case: str, store: str, n: int, block: int, keys: KeyFactory, *, start: int = 0
+    apps: Mapping[str, ASGIApp], case: str, store: str, n: int, block: int, keys: KeyFactory, *, rep: int = 0
 ) -> dict[str, float]:
-    """One repetition: *n* requests through each variant, in blocks that take turns, the variant at *start* first;
-    one short untimed block of each before, after a ``gc.collect()``. Returns µs per request by variant."""
-    order = list(VARIANTS[start:] + VARIANTS[:start])
+    """One repetition: *n* requests through each variant, in blocks that take turns in the *rep*-th order of
+    :data:`ORDERS`; one short untimed block of each before, after a ``gc.collect()``. Returns µs per request by
+    variant."""
+    order = ORDERS[rep % len(ORDERS)]
     requests = {variant: make_requests(case, label(store, variant), n, keys) for variant in order}
     settling = {variant: make_requests(case, label(store, variant), min(block, 10), keys) for variant in order}
     elapsed = dict.fromkeys(order, 0)
@@ -469,7 +482,7 @@ async def bench_transactions(
                 result.n = n
             by_variant = {r.variant: r for r in counted}
             for rep in range(settings.reps):
-                us = await time_rep(timed.apps, case, store, n, block, keys, start=rep % len(VARIANTS))
+                us = await time_rep(timed.apps, case, store, n, block, keys, rep=rep)
                 for variant, result in by_variant.items():
                     result.samples_us.append(us[variant])
                     result.bare_samples_us.append(us["bare"])
