@@ -515,3 +515,26 @@ def test_this_test_process_finds_no_other_worker() -> None:
     """The pytest process, even while it listens, shares that socket with nobody."""
     with socket.create_server(("127.0.0.1", 0)):
         assert other_workers() == []
+
+
+def test_looking_for_other_workers_keeps_this_processs_sqlite_locks(tmp_path: Path) -> None:
+    """The search reads this process's descriptors without copying and closing any: closing a copy of a SQLite
+    file's descriptor would drop every lock this process holds on it, so that another process, closing its last
+    connection, takes itself for the last one and deletes the WAL under this one's connection, which then never
+    sees the rows written after (a Django app on SQLite with a memory:// store, in the Django tests)."""
+    import sqlite3
+
+    db = tmp_path / "app.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        with socket.create_server(("127.0.0.1", 0)):  # a listening socket, so that the search looks further
+            assert other_workers() == []
+        for end in ("c.close()", "os._exit(0)"):  # one process closes (the last one?), the next leaves its WAL
+            code = f"import os, sqlite3; c = sqlite3.connect({str(db)!r}, isolation_level=None); "
+            subprocess.run([sys.executable, "-c", code + f"c.execute('INSERT INTO t VALUES (2)'); {end}"], check=True)
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (3,)
+    finally:
+        conn.close()

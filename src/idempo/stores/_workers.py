@@ -43,24 +43,30 @@ def _listening_inodes() -> set[int]:
         return set()
     inodes = set()
     for name in descriptors:
+        # No descriptor is copied or closed here: closing a copy of a file's descriptor drops every POSIX lock this
+        # process holds on that file (SQLite's among them: another process then takes itself for the last one and
+        # deletes the WAL under this one's connections). Only sockets are looked at, through their links, and
+        # through a socket object that never closes what it wraps (detached).
         try:
-            fd = os.dup(int(name))  # our own copy: the descriptor may be closed meanwhile by another thread
-        except OSError:
-            continue  # closed since the listing (the listing's own descriptor, for one)
-        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:["):
+                continue
+            fd = int(name)
             info = os.fstat(fd)
-            sock = socket.socket(fileno=fd) if stat.S_ISSOCK(info.st_mode) else None
-        except OSError:  # a socket of a family Python does not know
-            sock = None
-        if sock is None:
-            os.close(fd)
+        except (OSError, ValueError):
+            continue  # closed since the listing (the listing's own descriptor, for one)
+        if not stat.S_ISSOCK(info.st_mode):
+            continue  # closed and reused since its link was read
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # closed meanwhile, or a socket of a family Python does not know
             continue
-        with sock:  # closes our copy
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    inodes.add(info.st_ino)
-            except OSError:
-                pass
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                inodes.add(info.st_ino)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
     return inodes
 
 
