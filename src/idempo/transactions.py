@@ -42,6 +42,7 @@ request can take the key over between the completion and the commit.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ._core.bound import Bound, pyformat, response_parts
@@ -245,27 +246,43 @@ def _sqlalchemy_identity(url: Any) -> tuple[str, tuple[str, ...]]:
     return dialect, (str(url),)
 
 
-def _sqlalchemy_url(connection: Any) -> Any:
+# Per engine (its URL never changes): which database it is on, so that a request does not work it out again.
+_ENGINES: weakref.WeakKeyDictionary[Any, tuple[str, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+# The completion statements as SQLAlchemy text() clauses, made once per statement (one per store table).
+_TEXTS: dict[str, Any] = {}
+
+
+def _sqlalchemy_database(connection: Any) -> tuple[str, tuple[str, ...]]:
     bind = connection.get_bind() if hasattr(connection, "get_bind") else connection
-    return bind.engine.url
+    engine = bind.engine
+    known = _ENGINES.get(engine)
+    if known is None:
+        known = _ENGINES[engine] = _sqlalchemy_identity(engine.url)
+    return known
 
 
 _SESSION_BOUND = "idempo.bound"  # session.info's key for the claim whose completion the session's transaction holds
 
 
 def _watch_session(session: Any, bound: Bound) -> None:
-    """Tell *bound* when *session*'s transaction commits or rolls back (the face then needs no store call). The
-    listeners are added once per session, and read the claim from ``session.info``."""
-    info = session.info
-    if _SESSION_BOUND not in info:
+    """Tell *bound* when *session*'s transaction commits or rolls back (the face then needs no store call): the claim
+    goes in ``session.info``, where listeners of every session (registered once, on the ``Session`` class) find it."""
+    global _LISTENING
+    if not _LISTENING:
         from sqlalchemy import event
+        from sqlalchemy.orm import Session
 
-        event.listen(session, "after_commit", _session_committed)
-        event.listen(session, "after_rollback", _session_rolled_back)
-    info[_SESSION_BOUND] = bound
+        event.listen(Session, "after_commit", _session_committed)
+        event.listen(Session, "after_rollback", _session_rolled_back)
+        _LISTENING = True
+    session.info[_SESSION_BOUND] = bound
+
+
+_LISTENING = False
 
 
 def _session_committed(session: Any) -> None:
+    # Called at every commit of every session of the application: one lookup in a dict, nothing more.
     bound = session.info.get(_SESSION_BOUND)
     if bound is not None:
         session.info[_SESSION_BOUND] = None
@@ -282,14 +299,17 @@ def _session_rolled_back(session: Any) -> None:
 def _sqlalchemy_completion(bound: Bound, connection: Any, response: Any) -> tuple[Any, dict[str, Any]] | None:
     from sqlalchemy import text
 
-    dialect, identity = _sqlalchemy_identity(_sqlalchemy_url(connection))
+    dialect, identity = _sqlalchemy_database(connection)
     target = bound.require(dialect, identity)
     status, headers, body = response_parts(response)
     completion = bound.completion(target, status, headers, body)
     if completion is None:
         return None
     statement, params = completion
-    return text(statement), params
+    clause = _TEXTS.get(statement)
+    if clause is None:
+        clause = _TEXTS[statement] = text(statement)
+    return clause, params
 
 
 def _record_sqlalchemy(bound: Bound, connection: Any, response: Any) -> bool:
