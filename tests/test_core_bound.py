@@ -302,6 +302,9 @@ def test_the_frameworks_own_responses() -> None:
 
     assert response_parts(JSONResponse({"a": 1}, status_code=201))[::2] == (201, b'{"a":1}')
     assert response_parts(HttpResponse(b"hi", status=202))[::2] == (202, b"hi")
+    with_cookie = HttpResponse(b"hi")
+    with_cookie.set_cookie("session", "s1", httponly=True)
+    assert (b"set-cookie", b"session=s1; HttpOnly; Path=/") in response_parts(with_cookie)[1]
     assert response_parts(FlaskResponse(b"yo", status=203))[::2] == (203, b"yo")
 
     def chunks() -> Iterator[bytes]:

@@ -227,7 +227,11 @@ def response_parts(response: object) -> tuple[int, list[tuple[bytes, bytes]], by
         return status, _headers(response.headers.items()), bytes(get_data())  # type: ignore[attr-defined]
     content = getattr(response, "content", None)  # Django
     if isinstance(content, bytes):
-        return status, _headers(response.items()), content  # type: ignore[attr-defined]
+        headers = _headers(response.items())  # type: ignore[attr-defined]
+        cookies = getattr(response, "cookies", None)  # Django keeps Set-Cookie apart from the other headers
+        if cookies:
+            headers.extend((b"set-cookie", morsel.OutputString().encode("latin-1")) for morsel in cookies.values())
+        return status, headers, content
     msg = f"a {type(response).__name__} response's body is not known before it is sent: it cannot be recorded"
     raise TypeError(msg)
 

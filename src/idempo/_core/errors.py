@@ -85,7 +85,7 @@ class TransactionError(IdempoError):
 class NotClaimedError(TransactionError, RuntimeError):
     """No keyed request is running here: the request had no ``Idempotency-Key``, the store failed and
     ``on_store_error="fail_open"`` let it through, the call is outside a request idempo runs, or the request's
-    response was recorded already. Check :func:`idempo.transactions.current` first where that can happen."""
+    response was recorded already. Check :func:`idempo.transactions.claimed` first where that can happen."""
 
 
 class WrongDatabaseError(TransactionError, ConfigurationError):
