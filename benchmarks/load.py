@@ -1,0 +1,725 @@
+"""Under real load: uvicorn (1 and 2 workers) driven by wrk; requests/s of the bare app, idempo and the floor.
+
+Run it with ``make bench-load`` (which installs wrk with ``scripts/wrk`` and starts the servers with
+``scripts/services``) or ``.venv/bin/python benchmarks/load.py``; ``--quick`` is a smoke run, ``--json PATH`` and
+``--chart PATH`` write the raw results and a PNG chart (matplotlib), ``--markdown`` prints the table as Markdown too,
+``--stores sqlite,redis,postgres`` and ``--workers 1,2`` pick what runs.
+
+Theory of operation. For each store and number of workers, three uvicorn servers run side by side on free ports of
+127.0.0.1 (``load_app.py``, one per variant, ``--workers N``, access log off): the trivial FastAPI endpoint bare,
+behind idempo's ``IdempotencyMiddleware`` (configured as ``make bench`` configures it), and behind the floor
+(``floor.py``: the least an Idempotency-Key middleware must do, one store round trip to claim or read and one to
+record, and NOT safe). wrk keeps *connections* keep-alive connections busy (a closed loop: each sends its next
+request as soon as its answer is in) for *duration* seconds at a time. Cases, all ``POST /orders`` with a small JSON
+body and an ``Authorization`` header (a caller, as in ``make bench``):
+
+``fresh-key``
+    a new ``Idempotency-Key`` on every request (wrk's ``request()`` hook: a prefix of the run and round, the wrk
+    thread and a counter): claim, run the app, record.
+``replay``
+    one key, completed before the timing starts, on every request: the stored response is sent, the app not run.
+
+The bare app gets the same requests (it ignores the key). Each variant is warmed up first; then the variants take
+turns in rounds (in each round, each case, each variant one timed run; the order of the variants rotates from round
+to round, so that none always follows another), and the table shows medians over the rounds: requests/s, and wrk's
+50th and 99th percentile latency. The ratios: idempo/bare and floor/bare (throughput, below 1: the cost of the
+middleware and its store), and **floor/idempo**, the floor's throughput over idempo's: the target of issue 17 is
+floor/idempo <= 1.15 (PASS, else MISS). The noise is shown as the spread of the rounds (max-min over the median).
+
+Checks. Before a server is timed, a few requests check it takes the path it should: two fresh keys each run the app
+(201 and two bodies), a replay answers the stored body (201, ``Idempotent-Replayed: true`` from idempo and the
+floor). Every timed run must have no errors (wrk counts answers that are not 2xx or 3xx, and socket errors and
+timeouts): a run that measured 409s or 422s fails the benchmark.
+
+Stores. SQLite: two files in a temporary directory, one per middleware. Redis and PostgreSQL: the servers at
+``--redis-url`` and ``--postgres-url`` (``IDEMPO_TEST_REDIS_URL``, ``IDEMPO_TEST_POSTGRES_URL``, else the local
+servers ``make services`` starts), under names of the run's own (a key prefix ``idempo-load-<random>:``, tables
+``idempo_load_<random>`` and ``idempo_load_<random>_floor``), removed at the end (``SCAN`` + ``UNLINK``, never a
+``FLUSH``; ``DROP TABLE``). A server that does not answer is skipped, with a note.
+
+The load generator, the servers' workers, and Redis or PostgreSQL share the machine's cores: these are figures for
+comparing the variants with each other in one run, not capacity figures. Without wrk (``scripts/wrk`` installs it),
+``--generator python`` (chosen automatically) drives the servers from this process with asyncio, the same requests
+on as many connections; it costs more CPU than wrk, which the servers then do not get, and says so in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import importlib.util
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from _apps import BODY, PATH
+from _servers import DEFAULT_URLS, PostgresServer, RedisServer, Server, Unavailable
+
+HERE: Final = Path(__file__).resolve()
+STORES: Final = ("sqlite", "redis", "postgres")
+VARIANTS: Final = ("bare", "idempo", "floor")
+CASES: Final = ("fresh-key", "replay")
+TARGET: Final = 1.15  # floor req/s over idempo's, at most (issue 17)
+AUTHORIZATION: Final = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEyMyJ9.c2lnbmF0dXJl"
+STARTUP_DEADLINE: Final = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: int  # seconds of one timed run (wrk takes whole seconds)
+    warmup: int  # seconds of untimed load per variant and case, before the rounds
+    rounds: int
+    connections: int
+    threads: int  # wrk's
+
+
+FULL: Final = Settings(duration=5, warmup=2, rounds=5, connections=32, threads=1)
+QUICK: Final = Settings(duration=1, warmup=1, rounds=1, connections=8, threads=1)
+
+
+# -- wrk ----------------------------------------------------------------------------------------------------------
+
+_LUA_COMMON: Final = """
+wrk.method = "POST"
+wrk.body = '%(body)s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%(authorization)s"
+
+-- The figures of the run, as one line of JSON (latencies in microseconds).
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, "status": %%d, ' ..
+    '"timeout": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+# A new key per request: "<prefix>-<thread>-<n>" (wrk runs one Lua state per thread; setup() numbers them).
+FRESH_LUA: Final = (
+    """-- benchmarks/load.py, fresh-key: a new Idempotency-Key on every request. Arguments: the run's prefix.
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("thread_number", threads)
+end
+
+local prefix, counter = "", 0
+function init(args)
+  prefix = args[1] .. "-" .. thread_number .. "-"
+end
+
+function request()
+  counter = counter + 1
+  wrk.headers["Idempotency-Key"] = prefix .. counter
+  return wrk.format()
+end
+"""
+    + _LUA_COMMON
+)
+
+# One key on every request: no request() hook, so wrk builds the request once.
+REPLAY_LUA: Final = (
+    """-- benchmarks/load.py, replay: the same Idempotency-Key on every request. Arguments: the key.
+function init(args)
+  wrk.headers["Idempotency-Key"] = args[1]
+end
+"""
+    + _LUA_COMMON
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one timed run measured."""
+
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # answers neither 2xx nor 3xx, socket errors, timeouts
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def wrk_version() -> str | None:
+    if shutil.which("wrk") is None:
+        return None
+    done = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    first = (done.stdout or done.stderr or "wrk").splitlines()[0]
+    return first.split(" Copyright")[0].strip()  # "wrk debian/4.1.0-3+b2 [epoll]"
+
+
+def run_wrk(port: int, script: Path, argument: str, seconds: int, settings: Settings) -> Run:
+    command = ["wrk", f"-t{settings.threads}", f"-c{settings.connections}", f"-d{seconds}s", "--timeout", "5s"]
+    command += ["-s", str(script), f"http://127.0.0.1:{port}{PATH}", "--", argument]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=seconds + 60)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"error: wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    figures = json.loads(lines[-1])
+    errors = sum(figures[name] for name in ("connect", "read", "write", "status", "timeout"))
+    return Run(
+        figures["requests"], figures["duration_us"] / 1e6, figures["p50_us"] / 1e3, figures["p99_us"] / 1e3, errors
+    )
+
+
+# -- the fallback load generator -----------------------------------------------------------------------------------
+
+
+def request_bytes(port: int, key: str) -> bytes:
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: {AUTHORIZATION}\r\nContent-Length: {len(BODY)}\r\nIdempotency-Key: {key}\r\n\r\n"
+    )
+    return head.encode() + BODY
+
+
+async def _python_load(port: int, case: str, argument: str, seconds: int, connections: int) -> Run:
+    from proxy import Connection
+
+    fixed = request_bytes(port, argument)
+    counter = 0
+    latencies: list[float] = []
+    errors = 0
+    opened = [await Connection.open(port) for _ in range(connections)]
+    deadline = time.perf_counter() + seconds
+
+    async def drive(connection: Connection) -> None:
+        nonlocal counter, errors
+        while time.perf_counter() < deadline:
+            if case == "fresh-key":
+                counter += 1
+                data = request_bytes(port, f"{argument}-{counter}")
+            else:
+                data = fixed
+            started = time.perf_counter()
+            status, _ = await connection.request(data)
+            latencies.append((time.perf_counter() - started) * 1000)
+            errors += not 200 <= status < 400
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(drive(connection) for connection in opened))
+    finally:
+        elapsed = time.perf_counter() - started
+        for connection in opened:
+            await connection.close()
+    ordered = sorted(latencies) or [0.0]
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return Run(len(latencies), elapsed, statistics.median(ordered), p99, errors)
+
+
+class Generator:
+    """wrk, or the fallback, with the scripts of both cases."""
+
+    def __init__(self, kind: str, work: Path, settings: Settings) -> None:
+        self.kind = kind
+        self.settings = settings
+        self.scripts = {"fresh-key": work / "fresh.lua", "replay": work / "replay.lua"}
+        values = {"body": BODY.decode(), "authorization": AUTHORIZATION}
+        self.scripts["fresh-key"].write_text(FRESH_LUA % values)
+        self.scripts["replay"].write_text(REPLAY_LUA % values)
+
+    def run(self, port: int, case: str, argument: str, seconds: int) -> Run:
+        """*case* against *port* for *seconds*; *argument*: the prefix of fresh keys, or the replayed key."""
+        if self.kind == "wrk":
+            return run_wrk(port, self.scripts[case], argument, seconds, self.settings)
+        return asyncio.run(_python_load(port, case, argument, seconds, self.settings.connections))
+
+
+# -- the servers ------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def with_query(url: str, **options: str) -> str:
+    parts = urlsplit(url)
+    query = urlencode([*parse_qsl(parts.query), *options.items()])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+class Stores:
+    """Where one store's variants keep their records in this run, and the clean-up."""
+
+    def __init__(self, store: str, url: str | None, work: Path, tag: str) -> None:
+        self.store = store
+        self.servers: list[Server] = []
+        self.env: dict[str, dict[str, str]] = {"bare": {}}
+        self.names: dict[str, str] = {}  # where the records are, for the JSON
+        if store == "sqlite":
+            self.display = "SQLite files (WAL) in a temporary directory"
+            self.names = {"idempo": "idempo.db", "floor": "floor.db"}
+            self.env["idempo"] = {"IDEMPO_LOAD_STORE": f"sqlite:///{work / 'idempo.db'}"}
+            self.env["floor"] = {"IDEMPO_FLOOR_STORE": "sqlite", "IDEMPO_FLOOR_URL": str(work / "floor.db")}
+        elif store == "redis":
+            assert url is not None
+            redis = RedisServer(url)
+            redis.prefix = f"idempo-load-{tag}:"  # both variants' keys under it: one SCAN removes them
+            self.servers.append(redis)
+            self.display = redis.display
+            self.names = {"idempo": f"{redis.prefix}idempo:*", "floor": f"{redis.prefix}floor:*"}
+            self.env["idempo"] = {"IDEMPO_LOAD_STORE": with_query(url, prefix=f"{redis.prefix}idempo:")}
+            self.env["floor"] = {
+                "IDEMPO_FLOOR_STORE": "redis",
+                "IDEMPO_FLOOR_URL": url,
+                "IDEMPO_FLOOR_PREFIX": f"{redis.prefix}floor:",
+            }
+        else:
+            assert url is not None
+            idempo_pg, floor_pg = PostgresServer(url), PostgresServer(url)
+            idempo_pg.table, floor_pg.table = f"idempo_load_{tag}", f"idempo_load_{tag}_floor"
+            self.servers += [idempo_pg, floor_pg]
+            self.display = idempo_pg.display
+            self.names = {"idempo": idempo_pg.table, "floor": floor_pg.table}
+            self.env["idempo"] = {"IDEMPO_LOAD_STORE": with_query(url, table=idempo_pg.table)}
+            self.env["floor"] = {
+                "IDEMPO_FLOOR_STORE": "postgres",
+                "IDEMPO_FLOOR_URL": url,
+                "IDEMPO_FLOOR_TABLE": floor_pg.table,
+            }
+
+    def check(self) -> None:
+        """Raises :class:`Unavailable` if a server does not answer."""
+        for server in self.servers:
+            asyncio.run(_connect_and_close(server))
+
+    def cleanup(self) -> list[str]:
+        return [asyncio.run(_cleanup(server)) for server in self.servers]
+
+
+async def _connect_and_close(server: Server) -> None:
+    await server.connect()
+    await server.aclose()
+
+
+async def _cleanup(server: Server) -> str:
+    try:
+        await server.connect()
+    except Unavailable as exc:
+        return f"not cleaned up: {exc}"
+    try:
+        return await server.cleanup()
+    finally:
+        await server.aclose()
+
+
+class Uvicorn:
+    """One variant's uvicorn, ``--workers N``, in a process group of its own."""
+
+    def __init__(self, variant: str, workers: int, env: dict[str, str], work: Path) -> None:
+        self.variant = variant
+        self.port = free_port()
+        self.ready = work / f"ready-{variant}-{workers}"
+        self.ready.mkdir()
+        self.log = work / f"uvicorn-{variant}-{workers}.log"
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(HERE.parent), "--factory", "load_app:create_app"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)]
+        command += ["--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "2"]
+        path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, **env, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+        environment |= {"IDEMPO_LOAD_VARIANT": variant, "IDEMPO_LOAD_READY_DIR": str(self.ready)}
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                command, cwd=work, env=environment, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.workers = workers
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        while len(list(self.ready.iterdir())) < self.workers or not self._accepts():
+            if self.process.poll() is not None:
+                raise SystemExit(
+                    f"error: uvicorn ({self.variant}) exited with {self.process.returncode}:\n{self.text()}"
+                )
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: uvicorn ({self.variant}) not serving in {STARTUP_DEADLINE} s:\n{self.text()}")
+            time.sleep(0.05)  # another process's readiness: nothing to wait on but a poll
+
+    def _accepts(self) -> bool:
+        with suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+        return False
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def post(port: int, key: str) -> tuple[int, bool, bytes]:
+    """One request, on a connection of its own: the status, whether it was a replay, the body."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"Content-Type": "application/json", "Authorization": AUTHORIZATION, "Idempotency-Key": key}
+        connection.request("POST", PATH, body=BODY, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, response.getheader("idempotent-replayed") == "true", body
+    finally:
+        connection.close()
+
+
+def check_paths(server: Uvicorn, replay_key: str, tag: str) -> list[str]:
+    """Fresh keys run the app; the replay key (completed here) is replayed. Returns what went wrong."""
+    failures = []
+    where = f"{server.variant} on port {server.port}"
+    first, second = post(server.port, f"{tag}-check-1"), post(server.port, f"{tag}-check-2")
+    if first[0] != 201 or second[0] != 201 or first[2] == second[2] or first[1] or second[1]:
+        failures.append(f"{where}: two fresh keys answered {first} and {second}, not two new 201s")
+    primed, again = post(server.port, replay_key), post(server.port, replay_key)
+    if primed[0] != 201 or again[0] != 201:
+        failures.append(f"{where}: the replay key answered {primed[0]}, then {again[0]}, not 201")
+    elif server.variant != "bare" and (primed[1] or not again[1] or primed[2] != again[2]):
+        failures.append(f"{where}: the replay key was not replayed ({primed} then {again})")
+    return failures
+
+
+@contextmanager
+def serving(stores: Stores, workers: int, work: Path) -> Iterator[dict[str, Uvicorn]]:
+    with ExitStack() as stack:
+        servers = {}
+        for variant in VARIANTS:
+            servers[variant] = Uvicorn(variant, workers, stores.env[variant], work)
+            stack.callback(servers[variant].stop)
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def spread(values: Sequence[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) if values and statistics.median(values) else 0.0
+
+
+def summarize(store: str, workers: int, case: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"store": store, "workers": workers, "case": case}
+    for variant, measured in runs.items():
+        rps = [run.rps for run in measured]
+        row[variant] = {
+            "rps": round(statistics.median(rps), 1),
+            "p50_ms": round(statistics.median(run.p50_ms for run in measured), 3),
+            "p99_ms": round(statistics.median(run.p99_ms for run in measured), 3),
+            "spread": round(spread(rps), 3),
+            "rounds": [asdict(run) | {"rps": round(run.rps, 1)} for run in measured],
+        }
+    bare, idempo, floor = (row[variant]["rps"] for variant in VARIANTS)
+    row["idempo_over_bare"] = round(idempo / bare, 3)
+    row["floor_over_bare"] = round(floor / bare, 3)
+    row["floor_over_idempo"] = round(floor / idempo, 3)
+    paired = [f.rps / i.rps for f, i in zip(runs["floor"], runs["idempo"], strict=True) if i.rps]
+    row["floor_over_idempo_rounds"] = [round(min(paired), 3), round(max(paired), 3)] if paired else []
+    row["verdict"] = "PASS" if row["floor_over_idempo"] <= TARGET else "MISS"
+    return row
+
+
+def bench_store(
+    stores: Stores, workers: int, settings: Settings, generator: Generator, work: Path, tag: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    failures: list[str] = []
+    replay_key = f"{tag}-replay-{workers}"
+    runs: dict[str, dict[str, list[Run]]] = {case: {variant: [] for variant in VARIANTS} for case in CASES}
+    label = f"{stores.store}, {workers} worker{'s' if workers > 1 else ''}"
+    with serving(stores, workers, work) as servers:
+        for server in servers.values():
+            failures += check_paths(server, replay_key, f"{tag}-{workers}")
+        if failures:
+            return [], failures
+        say(f"{label}: warming up")
+        for variant, server in servers.items():
+            for case in CASES:
+                argument = f"{tag}-{workers}-warm-{variant}" if case == "fresh-key" else replay_key
+                generator.run(server.port, case, argument, settings.warmup)
+        for round_number in range(settings.rounds):
+            shift = round_number % len(VARIANTS)
+            order = VARIANTS[shift:] + VARIANTS[:shift]
+            for case in CASES:
+                for variant in order:
+                    argument = f"{tag}-{workers}-{round_number}-{variant}" if case == "fresh-key" else replay_key
+                    run = generator.run(servers[variant].port, case, argument, settings.duration)
+                    runs[case][variant].append(run)
+                    if run.errors:
+                        failures.append(f"{label}, {case}, {variant}, round {round_number + 1}: {run.errors} errors")
+                    say(
+                        f"{label}: round {round_number + 1}/{settings.rounds} {case:<9} {variant:<6} "
+                        f"{run.rps:8.0f} req/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms"
+                    )
+    return [summarize(stores.store, workers, case, runs[case]) for case in CASES], failures
+
+
+def bench(args: argparse.Namespace, settings: Settings, generator_kind: str, work: Path) -> dict[str, Any]:
+    tag = secrets.token_hex(4)
+    generator = Generator(generator_kind, work, settings)
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    skipped: dict[str, str] = {}
+    names: dict[str, dict[str, str]] = {}
+    cleanup: dict[str, list[str]] = {}
+    load_before = os.getloadavg()
+    started = time.time()
+    for store in args.stores:
+        url = {"redis": args.redis_url, "postgres": args.postgres_url}.get(store)
+        store_work = work / store
+        store_work.mkdir()
+        stores = Stores(store, url, store_work, tag)
+        try:
+            stores.check()
+        except Unavailable as exc:
+            skipped[store] = str(exc)
+            say(f"{store}: skipped ({exc})")
+            continue
+        names[store] = stores.names
+        try:
+            for workers in args.workers:
+                rows, failed = bench_store(stores, workers, settings, generator, store_work, tag)
+                results += rows
+                failures += failed
+        finally:
+            cleanup[store] = stores.cleanup()
+    return {
+        "settings": asdict(settings) | {"quick": settings is QUICK, "target_floor_over_idempo": TARGET},
+        "environment": environment(generator_kind),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
+        "stores": {store: {"names": names.get(store, {}), "cleanup": cleanup.get(store, [])} for store in names},
+        "skipped": skipped,
+        "results": results,
+        "failures": failures,
+    }
+
+
+def environment(generator_kind: str) -> dict[str, Any]:
+    import uvicorn
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "uvicorn": uvicorn.__version__,
+        # uvicorn's "auto": uvloop and httptools when installed, else asyncio's loop and h11.
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "generator": wrk_version() if generator_kind == "wrk" else "python (asyncio, benchmarks/load.py)",
+    }
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+
+STORE_NAMES: Final = {"sqlite": "SQLite", "redis": "Redis", "postgres": "PostgreSQL"}
+
+
+def report(data: dict[str, Any]) -> str:
+    settings, env = data["settings"], data["environment"]
+    lines = [
+        f"uvicorn {env['uvicorn']} ({env['loop']}, {env['http']}) under {env['generator']}: "
+        f"{settings['connections']} connections, {settings['rounds']} rounds of {settings['duration']} s per "
+        f"variant and case, medians; {env['cpus']} CPUs shared by everything",
+        f"{'store':<10} {'w':>1} {'case':<9} {'bare':>7} {'idempo':>7} {'floor':>7} {'i/bare':>6} {'f/bare':>6} "
+        f"{'floor/idempo':>12} {'(rounds)':>11} {'':<4}  {'p50 ms b/i/f':>17}  {'p99 ms b/i/f':>17}  spread b/i/f",
+    ]
+    for row in data["results"]:
+        bare, idempo, floor = (row[variant] for variant in VARIANTS)
+        low, high = row["floor_over_idempo_rounds"] or [0, 0]
+        lines.append(
+            f"{STORE_NAMES[row['store']]:<10} {row['workers']:>1} {row['case']:<9} {bare['rps']:>7.0f} "
+            f"{idempo['rps']:>7.0f} {floor['rps']:>7.0f} "
+            f"{row['idempo_over_bare']:>6.2f} {row['floor_over_bare']:>6.2f} "
+            f"{row['floor_over_idempo']:>11.2f}x {f'{low:.2f}-{high:.2f}':>11} {row['verdict']:<4}  "
+            + "  ".join("/".join(f"{row[v][k]:.1f}" for v in VARIANTS).rjust(17) for k in ("p50_ms", "p99_ms"))
+            + "  "
+            + "/".join(f"{row[v]['spread'] * 100:.0f}%" for v in VARIANTS)
+        )
+    lines.append(
+        f"req/s, medians over the rounds; floor/idempo: the floor's req/s over idempo's (target <= {TARGET}), "
+        "(rounds): its range over the rounds' pairs; spread: (max - min) / median of each variant's rounds"
+    )
+    lines.append(f"load average before {data['load_average']['before']}, after {data['load_average']['after']}")
+    lines.extend(f"skipped {store}: {why}" for store, why in data["skipped"].items())
+    for store, notes in data["stores"].items():
+        lines.extend(f"{store}: {note}" for note in notes["cleanup"])
+    lines.extend(f"FAILED: {failure}" for failure in data["failures"])
+    return "\n".join(lines)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [
+        "| store | workers | case | bare req/s | idempo req/s | floor req/s | idempo/bare | floor/bare "
+        "| floor/idempo | p50 ms (bare / idempo / floor) | p99 ms (bare / idempo / floor) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in data["results"]:
+        bare, idempo, floor = (row[variant] for variant in VARIANTS)
+        ratio = f"{row['floor_over_idempo']:.2f}\N{MULTIPLICATION SIGN} {row['verdict']}"
+        lines.append(
+            f"| {STORE_NAMES[row['store']]} | {row['workers']} | {row['case']} | {bare['rps']:.0f} | "
+            f"{idempo['rps']:.0f} | {floor['rps']:.0f} | {row['idempo_over_bare']:.2f} | {row['floor_over_bare']:.2f} "
+            f"| {ratio} | "
+            + " | ".join(" / ".join(f"{row[v][k]:.1f}" for v in VARIANTS) for k in ("p50_ms", "p99_ms"))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+COLORS: Final = {"bare": "#9e9e9e", "idempo": "#ef6c00", "floor": "#1e88e5"}
+
+
+def chart(data: dict[str, Any], path: Path) -> bool:
+    """Requests/s per store, case and workers, bare, idempo and floor side by side; False without matplotlib."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        say("no chart: it needs matplotlib (pip install 'matplotlib>=3.8')")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stores = [store for store in STORES if any(row["store"] == store for row in data["results"])]
+    if not stores:
+        return False
+    figure, axes = plt.subplots(
+        len(CASES), len(stores), figsize=(3.6 * len(stores) + 0.6, 7.2), squeeze=False, constrained_layout=True
+    )
+    width = 0.27
+    for column, store in enumerate(stores):
+        for line, case in enumerate(CASES):
+            axis = axes[line][column]
+            rows = [row for row in data["results"] if row["store"] == store and row["case"] == case]
+            for offset, variant in enumerate(VARIANTS):
+                xs = [index + (offset - 1) * width for index in range(len(rows))]
+                medians = [row[variant]["rps"] for row in rows]
+                lows = [m - min(r["rps"] for r in row[variant]["rounds"]) for m, row in zip(medians, rows, strict=True)]
+                highs = [
+                    max(r["rps"] for r in row[variant]["rounds"]) - m for m, row in zip(medians, rows, strict=True)
+                ]
+                axis.bar(
+                    xs, medians, width, yerr=[lows, highs], capsize=2, color=COLORS[variant], label=variant,
+                    error_kw={"elinewidth": 0.8, "ecolor": "#424242"},
+                )  # fmt: skip
+            for index, row in enumerate(rows):
+                top = max(max(r["rps"] for r in row[v]["rounds"]) for v in VARIANTS)
+                axis.annotate(
+                    f"floor/idempo\n{row['floor_over_idempo']:.2f}\N{MULTIPLICATION SIGN}",
+                    (index, top),
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=8,
+                    color="#2e7d32" if row["verdict"] == "PASS" else "#c62828",
+                )
+            axis.set_xticks(range(len(rows)), [f"{row['workers']} worker{'s' * (row['workers'] > 1)}" for row in rows])
+            axis.set_title(f"{STORE_NAMES[store]}: {'new key' if case == 'fresh-key' else 'replay'}", fontsize=10)
+            axis.margins(y=0.25)
+            axis.tick_params(labelsize=8)
+            if column == 0:
+                axis.set_ylabel("requests/s", fontsize=9)
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    settings, env = data["settings"], data["environment"]
+    figure.suptitle(
+        f"uvicorn under {env['generator'].split(' ')[0]}, {settings['connections']} connections, {env['cpus']} CPUs "
+        f"shared with it and the store's server\nrequests/s: median of {settings['rounds']} rounds "
+        "(error bars: min-max)",
+        fontsize=10,
+    )
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="1 s runs, one round, 8 connections: a smoke run")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
+    parser.add_argument("--chart", type=Path, metavar="PATH", help="draw the chart into PATH (PNG; needs matplotlib)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--stores", default=",".join(STORES), help="of sqlite,redis,postgres (default: all three)")
+    parser.add_argument("--workers", default="1,2", help="uvicorn's --workers, in turn (default: 1,2)")
+    parser.add_argument("--rounds", type=int, help="timed runs per variant and case (default 5)")
+    parser.add_argument("--duration", type=int, help="seconds per timed run (default 5)")
+    parser.add_argument("--connections", type=int, help="connections at once (default 32)")
+    parser.add_argument("--threads", type=int, help="wrk's threads (default 1)")
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto", help="default: wrk if any")
+    parser.add_argument("--redis-url", default=DEFAULT_URLS["redis"], help="default: %(default)s")
+    parser.add_argument("--postgres-url", default=DEFAULT_URLS["postgres"], help="default: %(default)s")
+    args = parser.parse_args(argv)
+    args.stores = [store.strip() for store in args.stores.split(",") if store.strip()]
+    unknown = set(args.stores) - set(STORES)
+    if unknown:
+        parser.error(f"unknown stores {sorted(unknown)}; known: {', '.join(STORES)}")
+    args.workers = [int(n) for n in args.workers.split(",")]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    settings = Settings(
+        duration=args.duration or base.duration,
+        warmup=base.warmup,
+        rounds=args.rounds or base.rounds,
+        connections=args.connections or base.connections,
+        threads=args.threads or base.threads,
+    )
+    kind = args.generator
+    if kind == "auto":
+        kind = "wrk" if shutil.which("wrk") else "python"
+        if kind == "python":
+            say("wrk is not installed (scripts/wrk installs it): the load comes from this process instead")
+    elif kind == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("error: wrk is not installed (scripts/wrk installs it, as root)")
+    with tempfile.TemporaryDirectory(prefix="idempo-load-") as work:
+        data = bench(args, settings, kind, Path(work))
+    print(report(data))
+    if args.markdown:
+        print(markdown(data))
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    if args.chart and data["results"]:
+        chart(data, args.chart)
+    return 1 if data["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
