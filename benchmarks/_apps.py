@@ -12,6 +12,9 @@ from idempo import IdempotencyMiddleware, Store
 from idempo.asgi import ASGIApp, Message, Receive, Scope
 
 BODY: Final = b'{"item":"widget","quantity":3,"note":"leave at the door"}'
+# The fresh-key-1k case: a JSON document of exactly 1 KiB, the same order with a longer note.
+_ORDER_1K: Final = b'{"item":"widget","quantity":3,"note":"%s"}'
+BODY_1K: Final = _ORDER_1K % (b"leave at the door; " * 60)[: 1024 - len(_ORDER_1K % b"")]
 PATH: Final = "/orders"
 # The middleware's ttl and lease, on every store. A short ttl: a network store's records go away on their own too.
 TTL: Final = 600.0
@@ -43,14 +46,13 @@ _BASE_HEADERS: Final[list[tuple[bytes, bytes]]] = [
     (b"connection", b"keep-alive"),
     (b"authorization", b"Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEyMyJ9.c2lnbmF0dXJl"),
     (b"content-type", b"application/json"),
-    (b"content-length", str(len(BODY)).encode("ascii")),
 ]
 
 
-def make_scope(key: str | None) -> Scope:
-    """A fresh scope as uvicorn builds it for ``POST /orders`` (apps and middleware write into the scope, so
-    every request gets its own)."""
-    headers = list(_BASE_HEADERS)
+def make_scope(key: str | None, body: bytes = BODY) -> Scope:
+    """A fresh scope as uvicorn builds it for ``POST /orders`` with *body* (apps and middleware write into the
+    scope, so every request gets its own)."""
+    headers = [*_BASE_HEADERS, (b"content-length", str(len(body)).encode("ascii"))]
     if key is not None:
         headers.append((b"idempotency-key", key.encode("ascii")))
     return {
@@ -107,16 +109,18 @@ class KeyFactory:
 
 
 def make_requests(case: str, store: str, count: int, keys: KeyFactory) -> list[Request]:
-    """*count* requests of *case*, built ahead so that building them is never timed."""
+    """*count* requests of *case*, built ahead so that building them is never timed. ``fresh-key-1k`` is a fresh key
+    with a body of 1 KiB (:data:`BODY_1K`); every other case sends :data:`BODY`."""
+    body = BODY_1K if case == "fresh-key-1k" else BODY
     requests: list[Request] = []
     for _ in range(count):
         if case == "no-key":
             key = None
-        elif case == "fresh-key":
+        elif case.startswith("fresh-key"):
             key = keys.fresh()
         else:
             key = keys.replay(store)
-        requests.append((make_scope(key), receive_once(BODY)))
+        requests.append((make_scope(key, body), receive_once(body)))
     return requests
 
 

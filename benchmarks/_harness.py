@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,6 +28,10 @@ TARGETS: Final[dict[tuple[str, str], float]] = {
     ("replay", "redis"): 2.0,
     ("fresh-key", "postgres"): 8.0,
 }
+# Issue 17's target: idempo's time per request at most this many times the floor's (benchmarks/floor.py), in the
+# same run, on every store, for each of these cases. Report only.
+FLOOR_TARGET: Final = 1.15
+FLOOR_CASES: Final = ("no-key", "fresh-key", "replay", "fresh-key-1k")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,42 @@ def blocks(requests: list[Request], size: int) -> list[list[Request]]:
     return [requests[i : i + size] for i in range(0, len(requests), size)]
 
 
+def rotation(sides: int, rep: int) -> tuple[int, ...]:
+    """The order the *sides* take turns in, in repetition *rep*: each of their orders in turn (with two sides,
+    which one starts alternates; with three, the six orders), so that no side always runs right after the same one
+    (the side after the bare app runs colder)."""
+    orders = list(itertools.permutations(range(sides)))
+    return orders[rep % len(orders)]
+
+
+async def time_sides(
+    apps: Sequence[ASGIApp],
+    case: str,
+    store: str,
+    n: int,
+    block: int,
+    keys: KeyFactory,
+    *,
+    order: Sequence[int] | None = None,
+) -> list[float]:
+    """One repetition: *n* requests through each of *apps*, in blocks that strictly take turns between them in
+    *order* (indexes of *apps*; by default as given), so that all see the same noise and no block follows one of its
+    own side (which runs warmer). One short untimed block of each goes first, after the ``gc.collect()``, so that
+    none pays for the cold start alone. Returns µs per request of each app, in the order of *apps*."""
+    order = range(len(apps)) if order is None else order
+    settle = min(block, 10)
+    timed = {i: blocks(make_requests(case, store, n, keys), block) for i in order}
+    settling = {i: make_requests(case, store, settle, keys) for i in order}
+    total_ns = dict.fromkeys(order, 0)
+    gc.collect()
+    for i in order:
+        await time_block(apps[i], settling[i])
+    for turn in range(len(timed[order[0]])):
+        for i in order:
+            total_ns[i] += await time_block(apps[i], timed[i][turn])
+    return [total_ns[i] / n / 1000 for i in range(len(apps))]
+
+
 async def time_pair(
     bare: ASGIApp,
     wrapped: ASGIApp,
@@ -76,27 +117,12 @@ async def time_pair(
     *,
     bare_first: bool = True,
 ) -> tuple[float, float]:
-    """One repetition: *n* requests through each app, in blocks that strictly alternate between the two, so that
-    both see the same noise and every block follows one of the other side (a block right after one of its own
-    side runs warmer). One short untimed block of each goes first, after the ``gc.collect()``, so that neither
-    pays for the cold start alone. Returns µs per request, bare and wrapped."""
-    settle = min(block, 10)
-    bare_blocks = blocks(make_requests(case, store, n, keys), block)
-    wrapped_blocks = blocks(make_requests(case, store, n, keys), block)
-    settling = [make_requests(case, store, settle, keys) for _ in range(2)]
-    sides = [(bare, bare_blocks, settling[0]), (wrapped, wrapped_blocks, settling[1])]
-    if not bare_first:
-        sides.reverse()
-    (first, first_blocks, first_settle), (second, second_blocks, second_settle) = sides
-    first_ns = second_ns = 0
-    gc.collect()
-    await time_block(first, first_settle)
-    await time_block(second, second_settle)
-    for first_requests, second_requests in zip(first_blocks, second_blocks, strict=True):
-        first_ns += await time_block(first, first_requests)
-        second_ns += await time_block(second, second_requests)
-    bare_ns, wrapped_ns = (first_ns, second_ns) if bare_first else (second_ns, first_ns)
-    return bare_ns / n / 1000, wrapped_ns / n / 1000
+    """:func:`time_sides` of the bare and the wrapped app, the bare one's block first if *bare_first*. Returns µs
+    per request, bare and wrapped."""
+    bare_us, wrapped_us = await time_sides(
+        [bare, wrapped], case, store, n, block, keys, order=(0, 1) if bare_first else (1, 0)
+    )
+    return bare_us, wrapped_us
 
 
 Operation = Callable[[], Awaitable[None]]
@@ -138,12 +164,10 @@ class Probe:
         return statistics.median(self.samples_us)
 
 
-async def calibrate(
-    bare: ASGIApp, wrapped: ASGIApp, case: str, store: str, settings: Settings, keys: KeyFactory
-) -> int:
-    """N such that a repetition of *case* (N requests per side) takes about ``settings.budget_ms``."""
-    bare_us, wrapped_us = await time_pair(bare, wrapped, case, store, settings.block, settings.block, keys)
-    n = int(settings.budget_ms * 1000 / (bare_us + wrapped_us)) // settings.block * settings.block
+async def calibrate(apps: Sequence[ASGIApp], case: str, store: str, settings: Settings, keys: KeyFactory) -> int:
+    """N such that a repetition of *case* (N requests through each of *apps*) takes about ``settings.budget_ms``."""
+    us = await time_sides(apps, case, store, settings.block, settings.block, keys)
+    n = int(settings.budget_ms * 1000 / sum(us)) // settings.block * settings.block
     return max(2 * settings.block, min(settings.max_n, n))
 
 
@@ -185,6 +209,8 @@ class CaseResult:
     store_calls_samples_us: list[float] = field(default_factory=list)
     server_ops_us: float | None = None
     remainder_us: float = 0.0
+    # The floor (benchmarks/floor.py), timed in the same blocks, for the cases of FLOOR_CASES.
+    floor: FloorResult | None = None
 
     def summarize(self, server: ServerResult | None, targets: Mapping[tuple[str, str], float] = TARGETS) -> None:
         """Medians; the ratio is the median of the repetitions' ratios (each one of a bare and a wrapped run
@@ -201,11 +227,35 @@ class CaseResult:
         if server is not None:
             self.server_ops_us = sum(self.round_trips.values()) * server.us_per_op
         self.remainder_us = self.us_per_request - self.app_us - self.store_calls_us
+        if self.floor is not None:
+            self.floor.summarize(self)
 
     @property
     def app_us(self) -> float:
         """The app's share of a wrapped request: the bare request's time, or nothing on a replay."""
         return 0.0 if self.case.startswith("replay") else self.bare_us_per_request
+
+
+@dataclass
+class FloorResult:
+    """The floor on one case of one store, timed in the same blocks as the bare app and idempo (a third side)."""
+
+    round_trips: dict[str, float] = field(default_factory=dict)
+    samples_us: list[float] = field(default_factory=list)
+    us_per_request: float = 0.0
+    ratio: float = 0.0  # the floor / bare
+    idempo_ratio: float = 0.0  # idempo / the floor: the figure of the target
+    idempo_ratios: list[float] = field(default_factory=list)
+    target: float = FLOOR_TARGET
+    verdict: str = "-"
+
+    def summarize(self, case: CaseResult) -> None:
+        """Medians, and medians of the repetitions' ratios (each of runs that saw the same noise), as for *case*."""
+        self.us_per_request = statistics.median(self.samples_us)
+        self.ratio = statistics.median(f / b for f, b in zip(self.samples_us, case.bare_samples_us, strict=True))
+        self.idempo_ratios = [w / f for w, f in zip(case.samples_us, self.samples_us, strict=True)]
+        self.idempo_ratio = statistics.median(self.idempo_ratios)
+        self.verdict = "PASS" if self.idempo_ratio <= self.target else "MISS"
 
 
 @dataclass
@@ -216,3 +266,5 @@ class Outcome:
     servers: list[ServerResult] = field(default_factory=list)
     wsgi_results: list[CaseResult] = field(default_factory=list)  # the WSGI middleware's cases (_wsgi.py)
     skipped: dict[str, str] = field(default_factory=dict)
+    floor_clients: dict[str, str] = field(default_factory=dict)  # per store: the floor's client (floor.py)
+    floor_skipped: dict[str, str] = field(default_factory=dict)  # per store: why the floor was not run there

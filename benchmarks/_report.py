@@ -64,6 +64,47 @@ def format_split(results: Sequence[CaseResult], servers: Sequence[ServerResult])
     return "\n".join(lines)
 
 
+def format_floor(outcome: Outcome) -> str:
+    """idempo beside the floor (``floor.py``), per store and case: µs per request, the ratios to the bare app and
+    idempo's to the floor, the round trips of each, and the verdict against issue 17's target."""
+    rows = [r for r in outcome.results if r.floor is not None]
+    header = (
+        f"{'case':<13} {'store':<8} {'bare µs':>8} {'idempo µs':>10} {'floor µs':>9} {'idempo/bare':>12} "
+        f"{'floor/bare':>11} {'idempo/floor':>13} {'':<5} round trips idempo/floor"
+    )
+    lines = [
+        "Beside the floor (benchmarks/floor.py: per keyed request, the body hashed, one store round trip to claim or",
+        "read and one to record; NOT safe), timed in the same blocks as the bare app and idempo, taking turns:",
+        header,
+        "-" * len(header),
+    ]
+    misses: list[str] = []
+    for r in rows:
+        floor = r.floor
+        assert floor is not None
+        trips = f"{sum(r.round_trips.values()):g}/{sum(floor.round_trips.values()):g}"
+        lines.append(
+            f"{r.case:<13} {r.store:<8} {r.bare_us_per_request:>8.1f} {r.us_per_request:>10.1f} "
+            f"{floor.us_per_request:>9.1f} {r.ratio:>11.2f}x {floor.ratio:>10.2f}x {floor.idempo_ratio:>12.2f}x "
+            f"{floor.verdict:<5} {trips}"
+        )
+        if floor.verdict != "PASS":
+            misses.append(f"{r.case} on {r.store} {floor.idempo_ratio:.2f}x")
+    if rows:
+        target = rows[0].floor.target if rows[0].floor is not None else 0.0
+        if misses:
+            lines.append(
+                f"Target idempo ≤ {target:g}x the floor: MISS ({len(misses)} of {len(rows)}: {', '.join(misses)})"
+            )
+        else:
+            lines.append(f"Target idempo ≤ {target:g}x the floor: PASS (all {len(rows)})")
+    for store, client in outcome.floor_clients.items():
+        lines.append(f"floor on {store}: {client}.")
+    for store, reason in outcome.floor_skipped.items():
+        lines.append(f"floor on {store}: not run ({reason}).")
+    return "\n".join(lines)
+
+
 def to_json(outcome: Outcome, settings: Settings, quick: bool, wall_s: float) -> dict[str, Any]:
     return {
         "settings": {
@@ -102,6 +143,29 @@ def to_json(outcome: Outcome, settings: Settings, quick: bool, wall_s: float) ->
         },
         "results": [_row(r) for r in outcome.results],
         "wsgi_results": [_row(r) for r in outcome.wsgi_results],
+        "floor": {"clients": outcome.floor_clients, "skipped": outcome.floor_skipped},
+        "floor_results": [_floor_row(r) for r in outcome.results if r.floor is not None],
+    }
+
+
+def _floor_row(r: CaseResult) -> dict[str, Any]:
+    """The floor on one case of one store, beside idempo's figures of the same blocks."""
+    floor = r.floor
+    assert floor is not None
+    return {
+        "case": r.case,
+        "store": r.store,
+        "n": r.n,
+        "us_per_request": floor.us_per_request,
+        "samples_us": floor.samples_us,
+        "ratio": floor.ratio,  # the floor / bare
+        "ratios": [f / b for f, b in zip(floor.samples_us, r.bare_samples_us, strict=True)],
+        "round_trips": floor.round_trips,
+        "idempo_us_per_request": r.us_per_request,
+        "idempo_ratio": floor.idempo_ratio,  # idempo / the floor
+        "idempo_ratios": floor.idempo_ratios,
+        "target": floor.target,
+        "verdict": floor.verdict,
     }
 
 

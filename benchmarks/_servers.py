@@ -8,11 +8,13 @@ import abc
 import asyncio
 import os
 import secrets
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from _apps import LEASE, TTL
+from floor import Backend, Found, MemoryBackend, PostgresBackend, RedisBackend, SQLiteBackend
 
 import idempo
 from idempo import Claim, MemoryStore, SQLiteStore, Store, store_from_url
@@ -62,6 +64,28 @@ class CountingStore(ForwardingStore):
         return await super().complete(key, token, payload, ttl=ttl)
 
 
+class CountingBackend:
+    """A floor :class:`~floor.Backend` that forwards to another and counts its calls (each one round trip)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.calls: dict[str, int] = {"claim": 0, "record": 0}
+
+    def reset(self) -> None:
+        self.calls = dict.fromkeys(self.calls, 0)
+
+    async def claim(self, key: str, fingerprint: bytes) -> Found | None:
+        self.calls["claim"] += 1
+        return await self.inner.claim(key, fingerprint)
+
+    async def record(self, key: str, fingerprint: bytes, response: bytes) -> None:
+        self.calls["record"] += 1
+        await self.inner.record(key, fingerprint, response)
+
+    async def aclose(self) -> None:
+        """Nothing: the inner backend is the bench's, closed by it."""
+
+
 # -- network servers --------------------------------------------------------------------------------------------
 
 
@@ -94,6 +118,14 @@ class Server(abc.ABC):
     @abc.abstractmethod
     def open_store(self) -> Store:
         """The store, as a user opens it (``store_from_url``), under the run's own names."""
+
+    @abc.abstractmethod
+    def floor_backend(self) -> Backend:
+        """The floor's backend on this server (``floor.py``), under the run's own names."""
+
+    def floor_client(self) -> str:
+        """The floor's client library, for the report."""
+        return "?"
 
     @abc.abstractmethod
     async def bare_op(self) -> None:
@@ -161,6 +193,20 @@ class RedisServer(Server):
     def open_store(self) -> Store:
         return store_from_url(self.url, prefix=self.prefix)
 
+    def floor_backend(self) -> Backend:
+        """Under the run's prefix (removed at the end with the store's keys), records kept ``TTL`` seconds too."""
+        if self.cluster:
+            raise Unavailable("the floor has no Redis Cluster backend")
+        parts = urlsplit(self.url)
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in _REDIS_STORE_OPTIONS])
+        url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        return RedisBackend(url, prefix=f"{self.prefix}floor:", ttl=int(TTL))
+
+    def floor_client(self) -> str:
+        from redis.utils import HIREDIS_AVAILABLE
+
+        return f"{self.client}{' + hiredis' if HIREDIS_AVAILABLE else ''}, Lua EVALSHA"
+
     async def bare_op(self) -> None:
         assert self._client is not None
         if self.cluster:
@@ -198,6 +244,7 @@ class PostgresServer(Server):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.table = f"idempo_bench_{self.tag}"
+        self.floor_table = f"{self.table}_floor"
         self.op = "SELECT 1"
         self._conn: AsyncConnection[Any] | None = None
 
@@ -223,6 +270,21 @@ class PostgresServer(Server):
     def open_store(self) -> Store:
         return store_from_url(self.url, table=self.table)
 
+    def floor_backend(self) -> Backend:
+        """asyncpg on the libpq URL the store connects to, in a table of the run's own (dropped at the end)."""
+        try:
+            import asyncpg  # type: ignore[import-untyped]  # noqa: F401
+        except ModuleNotFoundError as exc:
+            raise Unavailable("asyncpg is not installed (the floor's PostgreSQL client: pip install asyncpg)") from exc
+        from idempo.stores.postgres import _strip_options
+
+        return PostgresBackend(_strip_options(parse_store_url(self.url)), table=self.floor_table)
+
+    def floor_client(self) -> str:
+        import asyncpg
+
+        return f"asyncpg {asyncpg.__version__}, prepared statements"
+
     async def bare_op(self) -> None:
         """Prepared and in binary, as the store sends its statements."""
         assert self._conn is not None
@@ -232,14 +294,19 @@ class PostgresServer(Server):
     async def cleanup(self) -> str:
         from psycopg import sql
 
-        assert self._conn is not None
-        table = sql.Identifier(self.table)
-        exists = await (await self._conn.execute("SELECT to_regclass(%s) IS NOT NULL", [self.table])).fetchone()
-        if not exists or not exists[0]:
-            return f"table {self.table} never made"
-        rows = await (await self._conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table))).fetchone()
-        await self._conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-        return f"table {self.table} ({rows[0] if rows else '?'} rows) dropped at the end"
+        conn = self._conn
+        assert conn is not None
+        said = []
+        for name in (self.table, self.floor_table):
+            table = sql.Identifier(name)
+            exists = await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [name])).fetchone()
+            if not exists or not exists[0]:
+                said.append(f"table {name} never made")
+                continue
+            rows = await (await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table))).fetchone()
+            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+            said.append(f"table {name} ({rows[0] if rows else '?'} rows) dropped at the end")
+        return ", ".join(said)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -247,7 +314,7 @@ class PostgresServer(Server):
             await conn.close()
 
     def names(self) -> dict[str, str]:
-        return {"table": self.table}
+        return {"table": self.table, "floor_table": self.floor_table}
 
 
 SERVERS: Final[dict[str, type[Server]]] = {"redis": RedisServer, "postgres": PostgresServer}
@@ -258,6 +325,21 @@ def open_store(name: str, server: Server | None, tmp: Path) -> Store:
     if server is not None:
         return server.open_store()
     return MemoryStore() if name == "memory" else SQLiteStore(tmp / "bench.db")
+
+
+def open_floor(name: str, server: Server | None, tmp: Path) -> Backend:
+    """The floor's backend for *name*: on its server for a network store (:class:`Unavailable` if it has none
+    there), else a dict or an SQLite file of its own in *tmp*."""
+    if server is not None:
+        return server.floor_backend()
+    return MemoryBackend() if name == "memory" else SQLiteBackend(str(tmp / "floor.db"))
+
+
+def floor_client(name: str, server: Server | None) -> str:
+    """The floor's client on *name*, for the report."""
+    if server is not None:
+        return server.floor_client()
+    return "a dict" if name == "memory" else f"sqlite3 (SQLite {sqlite3.sqlite_version}), WAL, synchronous=NORMAL"
 
 
 # -- the store calls timed alone ----------------------------------------------------------------------------------

@@ -19,6 +19,18 @@ stores, the store's client library and its round trips to the store's server), n
 ``replay``
     the same key again and again: one claim finds the completed record and the stored response is sent; the app
     is not called.
+``fresh-key-1k``
+    a fresh key with a body of 1 KiB (the others send 58 bytes): what reading and hashing a body adds.
+``replay-cached``
+    a replay with the middleware's cache of completed responses on (``cache_size``): after the first, no store call.
+
+The floor (issue 17). ``floor.py`` is the least an Idempotency-Key middleware must do (read and hash the body, one
+store round trip to claim or read, one to record; NOT safe), on each store's fastest Python client. In the cases
+no-key, fresh-key, replay and fresh-key-1k it is a third side of the same blocks: bare, idempo and the floor take
+turns, in each of their six orders in turn from one repetition to the next. Its round trips are counted (its
+backend's calls) and its answers checked in the same untimed pass as idempo's. A third table puts idempo beside it:
+µs per request, the ratios to bare, idempo's ratio to the floor (the median of the repetitions' ratios), and the
+verdict against the target of the issue, idempo ≤ 1.15x the floor, on every store and each of these cases.
 
 The WSGI middleware (:mod:`idempo.wsgi`) is timed in the same run, on memory and SQLite, by ``_wsgi.py``: a
 trivial Flask endpoint bare and wrapped, called in process with prebuilt environs, cases ``no-key``, ``fresh-key``
@@ -31,8 +43,8 @@ the three taking turns in blocks; with the store calls, the handler's statements
 and transactions on the wire, counted. Its table is printed after the ASGI figures.
 
 Each case is timed in repetitions of N requests per side (N calibrated per case, see ``Settings``). In a repetition
-the bare and the wrapped app take turns in blocks of requests, after one ``gc.collect()``, so that drift and noise of
-the machine affect both alike; which side starts alternates between repetitions. Every request is followed by one
+the bare and the wrapped app (and the floor) take turns in blocks of requests, after one ``gc.collect()``, so that
+drift and noise of the machine affect them alike; which side starts rotates between repetitions. Every request is followed by one
 turn of the event loop, as in a server. The table shows the medians over the repetitions of µs per request, and the
 median of the repetitions' ratios wrapped/bare.
 
@@ -44,8 +56,10 @@ Network stores. ``redis`` and ``postgres`` run against the servers at ``--redis-
 (by default ``IDEMPO_TEST_REDIS_URL`` and ``IDEMPO_TEST_POSTGRES_URL``, else the local servers ``make services``
 starts). A server that does not answer is skipped with a note; under ``CI=true`` or with ``--require-services`` that
 is an error instead. A run keeps its records under names of its own, a key prefix ``idempo-bench-<random>:`` and a
-table ``idempo_bench_<random>``, so a shared server is safe; records are kept ``TTL`` seconds, and at the end the run
-deletes its keys (``SCAN`` + ``UNLINK`` of its prefix, never a ``FLUSH``) and drops its table.
+table ``idempo_bench_<random>`` (the floor's: ``<prefix>floor:`` and ``idempo_bench_<random>_floor``), so a shared
+server is safe; records are kept ``TTL`` seconds, and at the end the run deletes its keys (``SCAN`` + ``UNLINK`` of
+its prefix, never a ``FLUSH``) and drops its tables. The floor's PostgreSQL client, asyncpg, is a dev dependency; the
+floor is left out (with a note) where its client is missing, and on a Redis Cluster.
 
 Where the time goes. In every repetition, after the cases, the store calls of each case are also timed alone,
 straight on the store, without the middleware (fresh key: a claim and a complete of the payload the middleware
@@ -77,17 +91,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from _apps import KeyFactory, call, make_app, make_requests, wrap
-from _harness import CaseResult, Outcome, Probe, ServerResult, Settings, calibrate, time_pair
-from _report import format_split, format_table, to_json
-from _servers import DEFAULT_URLS, NETWORK_STORES, SERVERS, CountingStore, Server, StoreCalls, Unavailable, open_store
+from _apps import KeyFactory, Request, call, make_app, make_requests, wrap
+from _harness import (
+    FLOOR_CASES,
+    CaseResult,
+    FloorResult,
+    Outcome,
+    Probe,
+    ServerResult,
+    Settings,
+    calibrate,
+    rotation,
+    time_sides,
+)
+from _report import format_floor, format_split, format_table, to_json
+from _servers import (
+    DEFAULT_URLS,
+    NETWORK_STORES,
+    SERVERS,
+    CountingBackend,
+    CountingStore,
+    Server,
+    StoreCalls,
+    Unavailable,
+    floor_client,
+    open_floor,
+    open_store,
+)
 from _transactions import TX_STORES, TxResult, bench_transactions, format_transactions
 from _wsgi import WSGI_STORES, bench_wsgi, format_wsgi
 from fastapi import FastAPI
+from floor import Backend, FloorMiddleware
 
 from idempo import Store
+from idempo.asgi import ASGIApp
 
-CASES: Final = ("no-key", "fresh-key", "replay", "replay-cached")
+CASES: Final = ("no-key", "fresh-key", "replay", "fresh-key-1k", "replay-cached")
 STORES: Final = ("memory", "sqlite", "redis", "postgres")
 CHECK_REQUESTS: Final = 20
 IN_CI: Final = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -111,20 +150,36 @@ async def count_round_trips(
     the proxy too, with the last calls it saw."""
     counting = CountingStore(store)
     wrapped = wrap(app, counting, case)
-    requests = make_requests(case, store_name, CHECK_REQUESTS, keys)
-    _, _, expected_body = await call(app, make_requests("no-key", store_name, 1, keys)[0])
     if case == "replay-cached":  # what the cache is for: the replays after the first one this process sees
         await call(wrapped, make_requests(case, store_name, 1, keys)[0])
         counting.reset()
+    requests = make_requests(case, store_name, CHECK_REQUESTS, keys)
+    await check_answers(app, wrapped, requests, f"{case} on {store_name}", replay=case.startswith("replay"))
+    return {method: count / CHECK_REQUESTS for method, count in counting.calls.items()}, counting
+
+
+async def count_floor_round_trips(
+    app: FastAPI, backend: Backend, store_name: str, case: str, keys: KeyFactory
+) -> dict[str, float]:
+    """The floor's store round trips per request of *case* (its backend's calls, counted), its answers checked
+    as idempo's are."""
+    counting = CountingBackend(backend)
+    floor = FloorMiddleware(app, counting)
+    requests = make_requests(case, store_name, CHECK_REQUESTS, keys)
+    await check_answers(app, floor, requests, f"the floor's {case} on {store_name}", replay=case.startswith("replay"))
+    return {method: count / CHECK_REQUESTS for method, count in counting.calls.items()}
+
+
+async def check_answers(app: FastAPI, wrapped: ASGIApp, requests: list[Request], what: str, *, replay: bool) -> None:
+    """Each of *requests* through *wrapped* answers 200 and the bare app's body, and says it is a replay exactly
+    when *replay*; else the benchmark would measure the wrong path (a 409, a 422)."""
+    _, _, expected_body = await call(app, make_requests("no-key", "", 1, KeyFactory())[0])
     for request in requests:
         status, headers, body = await call(wrapped, request)
         replayed = headers.get(b"idempotent-replayed") == b"true"
-        if status != 200 or body != expected_body or replayed != case.startswith("replay"):
-            msg = (
-                f"{case} on {store_name}: answered {status} {headers!r} {body!r}; the benchmark measures the wrong path"
-            )
+        if status != 200 or body != expected_body or replayed != replay:
+            msg = f"{what}: answered {status} {headers!r} {body!r}; the benchmark measures the wrong path"
             raise RuntimeError(msg)
-    return {method: count / CHECK_REQUESTS for method, count in counting.calls.items()}, counting
 
 
 async def bench_store(
@@ -134,22 +189,31 @@ async def bench_store(
     keys: KeyFactory,
     log: Callable[[str], None],
     server: Server | None = None,
+    floor_backend: Backend | None = None,
 ) -> tuple[list[CaseResult], ServerResult | None]:
     app = make_app()
     wrapped = wrap(app, store)
+    floor = None if floor_backend is None else FloorMiddleware(app, floor_backend)
     # The replay case needs its response stored first.
-    status, _, _ = await call(wrapped, make_requests("replay", store_name, 1, keys)[0])
-    if status != 200:
-        msg = f"seeding the replay key on {store_name} answered {status}"
-        raise RuntimeError(msg)
+    for seeded, label in ((wrapped, "idempo"), *(((floor, "the floor"),) if floor is not None else ())):
+        status, _, _ = await call(seeded, make_requests("replay", store_name, 1, keys)[0])
+        if status != 200:
+            msg = f"seeding the replay key of {label} on {store_name} answered {status}"
+            raise RuntimeError(msg)
     results = {case: CaseResult(case, store_name) for case in CASES}
-    wrapped_for = {case: wrapped if case != "replay-cached" else wrap(app, store, case) for case in CASES}
+    sides: dict[str, list[ASGIApp]] = {}
+    for case in CASES:
+        sides[case] = [app, wrapped if case != "replay-cached" else wrap(app, store, case)]
+        if floor is not None and floor_backend is not None and case in FLOOR_CASES:
+            sides[case].append(floor)
+            trips = await count_floor_round_trips(app, floor_backend, store_name, case, keys)
+            results[case].floor = FloorResult(round_trips=trips)
     seen: dict[str, CountingStore] = {}
     for case in CASES:
         result = results[case]
         result.round_trips, seen[case] = await count_round_trips(app, store, store_name, case, keys)
-        await time_pair(app, wrapped_for[case], case, store_name, settings.warmup, settings.block, keys)
-        result.n = settings.n or await calibrate(app, wrapped_for[case], case, store_name, settings, keys)
+        await time_sides(sides[case], case, store_name, settings.warmup, settings.block, keys)
+        result.n = settings.n or await calibrate(sides[case], case, store_name, settings, keys)
     fresh, replay = seen["fresh-key"], seen["replay"]
     if fresh.last_claim is None or fresh.last_payload is None or replay.last_claim is None:
         msg = f"the middleware made no claim or no complete on {store_name}"
@@ -158,6 +222,9 @@ async def bench_store(
     probes = {"fresh-key": Probe("fresh-key", calls.fresh_key), "replay": Probe("replay", calls.replay)}
     server_probe = None if server is None else Probe(server.op, server.bare_op)
     every_probe = [*probes.values(), *([server_probe] if server_probe else [])]
+    # A fresh key with a 1 KiB body makes the same store calls as one with the short body (a fingerprint of the
+    # same size, the same response): they are timed once.
+    probes["fresh-key-1k"] = probes["fresh-key"]
     for probe in every_probe:
         await probe.calibrate(settings)
     log(
@@ -168,18 +235,20 @@ async def bench_store(
     )
     for rep in range(settings.reps):
         for result in results.values():
-            bare_us, wrapped_us = await time_pair(
-                app,
-                wrapped_for[result.case],
+            case_sides = sides[result.case]
+            us = await time_sides(
+                case_sides,
                 result.case,
                 store_name,
                 result.n,
                 settings.block,
                 keys,
-                bare_first=rep % 2 == 0,
+                order=rotation(len(case_sides), rep),
             )
-            result.bare_samples_us.append(bare_us)
-            result.samples_us.append(wrapped_us)
+            result.bare_samples_us.append(us[0])
+            result.samples_us.append(us[1])
+            if result.floor is not None:
+                result.floor.samples_us.append(us[2])
         gc.collect()
         for probe in every_probe:
             await probe.sample()
@@ -239,7 +308,9 @@ async def run(
             for name in store_names:
                 if name in outcome.skipped:
                     continue
-                results, server_result = await bench_one(name, servers.get(name), Path(tmp), settings, keys, log)
+                results, server_result = await bench_one(
+                    name, servers.get(name), Path(tmp), settings, keys, log, outcome
+                )
                 outcome.results.extend(results)
                 if server_result is not None:
                     outcome.servers.append(server_result)
@@ -258,15 +329,31 @@ async def run(
 
 
 async def bench_one(
-    name: str, server: Server | None, tmp: Path, settings: Settings, keys: KeyFactory, log: Callable[[str], None]
+    name: str,
+    server: Server | None,
+    tmp: Path,
+    settings: Settings,
+    keys: KeyFactory,
+    log: Callable[[str], None],
+    outcome: Outcome,
 ) -> tuple[list[CaseResult], ServerResult | None]:
-    """One store, opened, benchmarked, closed, and what it left on its server removed."""
+    """One store and the floor on it, opened, benchmarked, closed, and what they left on its server removed. The
+    floor's client goes in *outcome* (or why it has none there)."""
     store = open_store(name, server, tmp)
+    floor: Backend | None = None
     try:
-        results, server_result = await bench_store(name, store, settings, keys, log, server)
+        floor = open_floor(name, server, tmp)
+        outcome.floor_clients[name] = floor_client(name, server)
+    except Unavailable as exc:
+        outcome.floor_skipped[name] = str(exc)
+        log(f"  {name}: no floor ({exc})")
+    try:
+        results, server_result = await bench_store(name, store, settings, keys, log, server, floor)
     finally:
         try:
             await store.close()
+            if floor is not None:
+                await floor.aclose()
         finally:
             cleaned = await server.cleanup() if server is not None else ""
     if server_result is not None:
@@ -333,11 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcome.results:
         print(format_table(outcome.results))
         print(
-            f"\nµs/req: median of {settings.reps} repetitions of N requests per side, bare and wrapped alternating in "
-            f"blocks of {settings.block}.\nratio: median of the repetitions' wrapped/bare. Targets are reported, "
+            f"\nµs/req: median of {settings.reps} repetitions of N requests per side, bare and wrapped (and the floor) "
+            f"taking turns in blocks of {settings.block}.\nratio: median of the repetitions' wrapped/bare. Targets are reported, "
             f"never enforced. {wall:.1f} s in all.\n"
         )
         print(format_split(outcome.results, outcome.servers))
+        print()
+        print(format_floor(outcome))
     if outcome.wsgi_results:
         print()
         print(format_wsgi(outcome.results, outcome.wsgi_results))

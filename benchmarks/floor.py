@@ -21,8 +21,9 @@ client for it:
 ``sqlite``
     the standard library's ``sqlite3``, in WAL mode with ``synchronous=NORMAL`` (idempo's default durability), one
     connection in autocommit, statements run on the event loop's thread (as idempo's default ``inline`` store does).
-    Claim: ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, and only if that inserted nothing, the read; record:
-    one ``UPDATE``.
+    Claim: a read, and only if it found nothing, ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` (so a replay is one
+    plain read, as idempo's is; inserting first costs a replay ~7 µs more, a write transaction that changes nothing,
+    and saves a fresh key ~5 µs, the read of a missing key: measured on the 2-core machine); record: one ``UPDATE``.
 ``redis``
     redis-py's asyncio client (with hiredis when installed), a Lua script (``EVALSHA``) for claim-or-read (``SET NX``,
     else ``GET``), a plain ``SET`` to record. Records expire after *ttl*.
@@ -68,6 +69,7 @@ __all__ = [
     "STORES",
     "Backend",
     "FloorMiddleware",
+    "Found",
     "MemoryBackend",
     "PostgresBackend",
     "RedisBackend",
@@ -229,9 +231,11 @@ class SQLiteBackend:
 
     async def claim(self, key: str, fingerprint: bytes) -> Found | None:
         conn = self._conn or self._open()
-        if conn.execute(self._claim, (key, fingerprint)).fetchone() is not None:
-            return None
         row: Found | None = conn.execute(self._read, (key,)).fetchone()
+        if row is None:
+            if conn.execute(self._claim, (key, fingerprint)).fetchone() is not None:
+                return None
+            row = conn.execute(self._read, (key,)).fetchone()  # another process's claim, between the two
         return row
 
     async def record(self, key: str, fingerprint: bytes, response: bytes) -> None:
