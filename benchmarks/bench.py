@@ -44,9 +44,9 @@ and transactions on the wire, counted. Its table is printed after the ASGI figur
 
 Each case is timed in repetitions of N requests per side (N calibrated per case, see ``Settings``). In a repetition
 the bare and the wrapped app (and the floor) take turns in blocks of requests, after one ``gc.collect()``, so that
-drift and noise of the machine affect them alike; which side starts rotates between repetitions. Every request is followed by one
-turn of the event loop, as in a server. The table shows the medians over the repetitions of µs per request, and the
-median of the repetitions' ratios wrapped/bare.
+drift and noise of the machine affect them alike; which side starts rotates between repetitions. Every request is
+followed by one turn of the event loop, as in a server. The table shows the medians over the repetitions of µs per
+request, and the median of the repetitions' ratios wrapped/bare.
 
 Store round trips are counted in a separate, untimed pass through a counting proxy of the store, so that the proxy's
 own cost never shows in the timings. That pass also checks each case answers what it should (200, and
@@ -420,9 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcome.results:
         print(format_table(outcome.results))
         print(
-            f"\nµs/req: median of {settings.reps} repetitions of N requests per side, bare and wrapped (and the floor) "
-            f"taking turns in blocks of {settings.block}.\nratio: median of the repetitions' wrapped/bare. Targets are reported, "
-            f"never enforced. {wall:.1f} s in all.\n"
+            f"\nµs/req: median of {settings.reps} repetitions of N requests per side, bare and wrapped (and the "
+            f"floor) taking turns in blocks of {settings.block}.\nratio: median of the repetitions' wrapped/bare. "
+            f"Targets are reported, never enforced. {wall:.1f} s in all.\n"
         )
         print(format_split(outcome.results, outcome.servers))
         print()
