@@ -3,7 +3,8 @@
 Run it with ``make bench-load`` (which installs wrk with ``scripts/wrk`` and starts the servers with
 ``scripts/services``) or ``.venv/bin/python benchmarks/load.py``; ``--quick`` is a smoke run, ``--json PATH`` and
 ``--chart PATH`` write the raw results and a PNG chart (matplotlib), ``--markdown`` prints the table as Markdown too,
-``--stores sqlite,redis,postgres`` and ``--workers 1,2`` pick what runs.
+``--stores sqlite,redis,postgres`` and ``--workers 1,2`` pick what runs. Its parts: ``load_app.py`` (what uvicorn
+serves), ``_load_generator.py`` (wrk and its scripts, and the fallback) and ``_load_report.py`` (tables and chart).
 
 Theory of operation. For each store and number of workers, three uvicorn servers run side by side on free ports of
 127.0.0.1 (``load_app.py``, one per variant, ``--workers N``, access log off): the trivial FastAPI endpoint bare,
@@ -69,14 +70,14 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from _apps import BODY, PATH
+from _load_generator import AUTHORIZATION, Generator, Run, wrk_version
+from _load_report import CASES, STORES, TARGET, VARIANTS, chart, markdown, report
 from _servers import DEFAULT_URLS, PostgresServer, RedisServer, Server, Unavailable
 
+from idempo.stores import parse_store_url
+from idempo.stores.postgres import _strip_options
+
 HERE: Final = Path(__file__).resolve()
-STORES: Final = ("sqlite", "redis", "postgres")
-VARIANTS: Final = ("bare", "idempo", "floor")
-CASES: Final = ("fresh-key", "replay")
-TARGET: Final = 1.15  # floor req/s over idempo's, at most (issue 17)
-AUTHORIZATION: Final = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEyMyJ9.c2lnbmF0dXJl"
 STARTUP_DEADLINE: Final = 30.0
 
 
@@ -91,160 +92,6 @@ class Settings:
 
 FULL: Final = Settings(duration=5, warmup=2, rounds=5, connections=32, threads=1)
 QUICK: Final = Settings(duration=1, warmup=1, rounds=1, connections=8, threads=1)
-
-
-# -- wrk ----------------------------------------------------------------------------------------------------------
-
-_LUA_COMMON: Final = """
-wrk.method = "POST"
-wrk.body = '%(body)s'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "%(authorization)s"
-
--- The figures of the run, as one line of JSON (latencies in microseconds).
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, "status": %%d, ' ..
-    '"timeout": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-# A new key per request: "<prefix>-<thread>-<n>" (wrk runs one Lua state per thread; setup() numbers them).
-FRESH_LUA: Final = (
-    """-- benchmarks/load.py, fresh-key: a new Idempotency-Key on every request. Arguments: the run's prefix.
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("thread_number", threads)
-end
-
-local prefix, counter = "", 0
-function init(args)
-  prefix = args[1] .. "-" .. thread_number .. "-"
-end
-
-function request()
-  counter = counter + 1
-  wrk.headers["Idempotency-Key"] = prefix .. counter
-  return wrk.format()
-end
-"""
-    + _LUA_COMMON
-)
-
-# One key on every request: no request() hook, so wrk builds the request once.
-REPLAY_LUA: Final = (
-    """-- benchmarks/load.py, replay: the same Idempotency-Key on every request. Arguments: the key.
-function init(args)
-  wrk.headers["Idempotency-Key"] = args[1]
-end
-"""
-    + _LUA_COMMON
-)
-
-
-@dataclass(frozen=True)
-class Run:
-    """What one timed run measured."""
-
-    requests: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
-    errors: int  # answers neither 2xx nor 3xx, socket errors, timeouts
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
-
-
-def wrk_version() -> str | None:
-    if shutil.which("wrk") is None:
-        return None
-    done = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
-    first = (done.stdout or done.stderr or "wrk").splitlines()[0]
-    return first.split(" Copyright")[0].strip()  # "wrk debian/4.1.0-3+b2 [epoll]"
-
-
-def run_wrk(port: int, script: Path, argument: str, seconds: int, settings: Settings) -> Run:
-    command = ["wrk", f"-t{settings.threads}", f"-c{settings.connections}", f"-d{seconds}s", "--timeout", "5s"]
-    command += ["-s", str(script), f"http://127.0.0.1:{port}{PATH}", "--", argument]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=seconds + 60)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"error: wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    figures = json.loads(lines[-1])
-    errors = sum(figures[name] for name in ("connect", "read", "write", "status", "timeout"))
-    return Run(
-        figures["requests"], figures["duration_us"] / 1e6, figures["p50_us"] / 1e3, figures["p99_us"] / 1e3, errors
-    )
-
-
-# -- the fallback load generator -----------------------------------------------------------------------------------
-
-
-def request_bytes(port: int, key: str) -> bytes:
-    head = (
-        f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Authorization: {AUTHORIZATION}\r\nContent-Length: {len(BODY)}\r\nIdempotency-Key: {key}\r\n\r\n"
-    )
-    return head.encode() + BODY
-
-
-async def _python_load(port: int, case: str, argument: str, seconds: int, connections: int) -> Run:
-    from proxy import Connection
-
-    fixed = request_bytes(port, argument)
-    counter = 0
-    latencies: list[float] = []
-    errors = 0
-    opened = [await Connection.open(port) for _ in range(connections)]
-    deadline = time.perf_counter() + seconds
-
-    async def drive(connection: Connection) -> None:
-        nonlocal counter, errors
-        while time.perf_counter() < deadline:
-            if case == "fresh-key":
-                counter += 1
-                data = request_bytes(port, f"{argument}-{counter}")
-            else:
-                data = fixed
-            started = time.perf_counter()
-            status, _ = await connection.request(data)
-            latencies.append((time.perf_counter() - started) * 1000)
-            errors += not 200 <= status < 400
-
-    started = time.perf_counter()
-    try:
-        await asyncio.gather(*(drive(connection) for connection in opened))
-    finally:
-        elapsed = time.perf_counter() - started
-        for connection in opened:
-            await connection.close()
-    ordered = sorted(latencies) or [0.0]
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    return Run(len(latencies), elapsed, statistics.median(ordered), p99, errors)
-
-
-class Generator:
-    """wrk, or the fallback, with the scripts of both cases."""
-
-    def __init__(self, kind: str, work: Path, settings: Settings) -> None:
-        self.kind = kind
-        self.settings = settings
-        self.scripts = {"fresh-key": work / "fresh.lua", "replay": work / "replay.lua"}
-        values = {"body": BODY.decode(), "authorization": AUTHORIZATION}
-        self.scripts["fresh-key"].write_text(FRESH_LUA % values)
-        self.scripts["replay"].write_text(REPLAY_LUA % values)
-
-    def run(self, port: int, case: str, argument: str, seconds: int) -> Run:
-        """*case* against *port* for *seconds*; *argument*: the prefix of fresh keys, or the replayed key."""
-        if self.kind == "wrk":
-            return run_wrk(port, self.scripts[case], argument, seconds, self.settings)
-        return asyncio.run(_python_load(port, case, argument, seconds, self.settings.connections))
 
 
 # -- the servers ------------------------------------------------------------------------------------------------------
@@ -268,11 +115,10 @@ class Stores:
 
     def __init__(self, store: str, url: str | None, work: Path, tag: str) -> None:
         self.store = store
-        self.servers: list[Server] = []
+        self.server: Server | None = None
         self.env: dict[str, dict[str, str]] = {"bare": {}}
         self.names: dict[str, str] = {}  # where the records are, for the JSON
         if store == "sqlite":
-            self.display = "SQLite files (WAL) in a temporary directory"
             self.names = {"idempo": "idempo.db", "floor": "floor.db"}
             self.env["idempo"] = {"IDEMPO_LOAD_STORE": f"sqlite:///{work / 'idempo.db'}"}
             self.env["floor"] = {"IDEMPO_FLOOR_STORE": "sqlite", "IDEMPO_FLOOR_URL": str(work / "floor.db")}
@@ -280,36 +126,32 @@ class Stores:
             assert url is not None
             redis = RedisServer(url)
             redis.prefix = f"idempo-load-{tag}:"  # both variants' keys under it: one SCAN removes them
-            self.servers.append(redis)
-            self.display = redis.display
+            self.server = redis
             self.names = {"idempo": f"{redis.prefix}idempo:*", "floor": f"{redis.prefix}floor:*"}
             self.env["idempo"] = {"IDEMPO_LOAD_STORE": with_query(url, prefix=f"{redis.prefix}idempo:")}
-            self.env["floor"] = {
-                "IDEMPO_FLOOR_STORE": "redis",
-                "IDEMPO_FLOOR_URL": url,
-                "IDEMPO_FLOOR_PREFIX": f"{redis.prefix}floor:",
-            }
+            parts = urlsplit(url)  # redis-py's URL: without idempo's options
+            query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("prefix", "eviction")])
+            floor_url = urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+            self.env["floor"] = {"IDEMPO_FLOOR_STORE": "redis", "IDEMPO_FLOOR_URL": floor_url}
+            self.env["floor"]["IDEMPO_FLOOR_PREFIX"] = f"{redis.prefix}floor:"
         else:
             assert url is not None
-            idempo_pg, floor_pg = PostgresServer(url), PostgresServer(url)
-            idempo_pg.table, floor_pg.table = f"idempo_load_{tag}", f"idempo_load_{tag}_floor"
-            self.servers += [idempo_pg, floor_pg]
-            self.display = idempo_pg.display
-            self.names = {"idempo": idempo_pg.table, "floor": floor_pg.table}
-            self.env["idempo"] = {"IDEMPO_LOAD_STORE": with_query(url, table=idempo_pg.table)}
-            self.env["floor"] = {
-                "IDEMPO_FLOOR_STORE": "postgres",
-                "IDEMPO_FLOOR_URL": url,
-                "IDEMPO_FLOOR_TABLE": floor_pg.table,
-            }
+            postgres = PostgresServer(url)  # drops both tables at the end
+            postgres.table, postgres.floor_table = f"idempo_load_{tag}", f"idempo_load_{tag}_floor"
+            self.server = postgres
+            self.names = {"idempo": postgres.table, "floor": postgres.floor_table}
+            self.env["idempo"] = {"IDEMPO_LOAD_STORE": with_query(url, table=postgres.table)}
+            floor_url = _strip_options(parse_store_url(url))  # the libpq URL idempo's store connects to
+            self.env["floor"] = {"IDEMPO_FLOOR_STORE": "postgres", "IDEMPO_FLOOR_URL": floor_url}
+            self.env["floor"]["IDEMPO_FLOOR_TABLE"] = postgres.floor_table
 
     def check(self) -> None:
-        """Raises :class:`Unavailable` if a server does not answer."""
-        for server in self.servers:
-            asyncio.run(_connect_and_close(server))
+        """Raises :class:`Unavailable` if the server does not answer."""
+        if self.server is not None:
+            asyncio.run(_connect_and_close(self.server))
 
     def cleanup(self) -> list[str]:
-        return [asyncio.run(_cleanup(server)) for server in self.servers]
+        return [asyncio.run(_cleanup(self.server))] if self.server is not None else []
 
 
 async def _connect_and_close(server: Server) -> None:
@@ -400,7 +242,13 @@ def check_paths(server: Uvicorn, replay_key: str, tag: str) -> list[str]:
     first, second = post(server.port, f"{tag}-check-1"), post(server.port, f"{tag}-check-2")
     if first[0] != 201 or second[0] != 201 or first[2] == second[2] or first[1] or second[1]:
         failures.append(f"{where}: two fresh keys answered {first} and {second}, not two new 201s")
-    primed, again = post(server.port, replay_key), post(server.port, replay_key)
+    primed = post(server.port, replay_key)
+    again = post(server.port, replay_key)
+    for _ in range(100):  # the floor records a response after sending it: 409 until its record is in
+        if again[0] != 409:
+            break
+        time.sleep(0.02)
+        again = post(server.port, replay_key)
     if primed[0] != 201 or again[0] != 201:
         failures.append(f"{where}: the replay key answered {primed[0]}, then {again[0]}, not 201")
     elif server.variant != "bare" and (primed[1] or not again[1] or primed[2] != again[2]):
@@ -488,7 +336,7 @@ def bench_store(
 
 def bench(args: argparse.Namespace, settings: Settings, generator_kind: str, work: Path) -> dict[str, Any]:
     tag = secrets.token_hex(4)
-    generator = Generator(generator_kind, work, settings)
+    generator = Generator(generator_kind, work, settings.connections, settings.threads)
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     skipped: dict[str, str] = {}
@@ -541,128 +389,6 @@ def environment(generator_kind: str) -> dict[str, Any]:
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
         "generator": wrk_version() if generator_kind == "wrk" else "python (asyncio, benchmarks/load.py)",
     }
-
-
-# -- the report ---------------------------------------------------------------------------------------------------
-
-STORE_NAMES: Final = {"sqlite": "SQLite", "redis": "Redis", "postgres": "PostgreSQL"}
-
-
-def report(data: dict[str, Any]) -> str:
-    settings, env = data["settings"], data["environment"]
-    lines = [
-        f"uvicorn {env['uvicorn']} ({env['loop']}, {env['http']}) under {env['generator']}: "
-        f"{settings['connections']} connections, {settings['rounds']} rounds of {settings['duration']} s per "
-        f"variant and case, medians; {env['cpus']} CPUs shared by everything",
-        f"{'store':<10} {'w':>1} {'case':<9} {'bare':>7} {'idempo':>7} {'floor':>7} {'i/bare':>6} {'f/bare':>6} "
-        f"{'floor/idempo':>12} {'(rounds)':>11} {'':<4}  {'p50 ms b/i/f':>17}  {'p99 ms b/i/f':>17}  spread b/i/f",
-    ]
-    for row in data["results"]:
-        bare, idempo, floor = (row[variant] for variant in VARIANTS)
-        low, high = row["floor_over_idempo_rounds"] or [0, 0]
-        lines.append(
-            f"{STORE_NAMES[row['store']]:<10} {row['workers']:>1} {row['case']:<9} {bare['rps']:>7.0f} "
-            f"{idempo['rps']:>7.0f} {floor['rps']:>7.0f} "
-            f"{row['idempo_over_bare']:>6.2f} {row['floor_over_bare']:>6.2f} "
-            f"{row['floor_over_idempo']:>11.2f}x {f'{low:.2f}-{high:.2f}':>11} {row['verdict']:<4}  "
-            + "  ".join("/".join(f"{row[v][k]:.1f}" for v in VARIANTS).rjust(17) for k in ("p50_ms", "p99_ms"))
-            + "  "
-            + "/".join(f"{row[v]['spread'] * 100:.0f}%" for v in VARIANTS)
-        )
-    lines.append(
-        f"req/s, medians over the rounds; floor/idempo: the floor's req/s over idempo's (target <= {TARGET}), "
-        "(rounds): its range over the rounds' pairs; spread: (max - min) / median of each variant's rounds"
-    )
-    lines.append(f"load average before {data['load_average']['before']}, after {data['load_average']['after']}")
-    lines.extend(f"skipped {store}: {why}" for store, why in data["skipped"].items())
-    for store, notes in data["stores"].items():
-        lines.extend(f"{store}: {note}" for note in notes["cleanup"])
-    lines.extend(f"FAILED: {failure}" for failure in data["failures"])
-    return "\n".join(lines)
-
-
-def markdown(data: dict[str, Any]) -> str:
-    lines = [
-        "| store | workers | case | bare req/s | idempo req/s | floor req/s | idempo/bare | floor/bare "
-        "| floor/idempo | p50 ms (bare / idempo / floor) | p99 ms (bare / idempo / floor) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for row in data["results"]:
-        bare, idempo, floor = (row[variant] for variant in VARIANTS)
-        ratio = f"{row['floor_over_idempo']:.2f}\N{MULTIPLICATION SIGN} {row['verdict']}"
-        lines.append(
-            f"| {STORE_NAMES[row['store']]} | {row['workers']} | {row['case']} | {bare['rps']:.0f} | "
-            f"{idempo['rps']:.0f} | {floor['rps']:.0f} | {row['idempo_over_bare']:.2f} | {row['floor_over_bare']:.2f} "
-            f"| {ratio} | "
-            + " | ".join(" / ".join(f"{row[v][k]:.1f}" for v in VARIANTS) for k in ("p50_ms", "p99_ms"))
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-COLORS: Final = {"bare": "#9e9e9e", "idempo": "#ef6c00", "floor": "#1e88e5"}
-
-
-def chart(data: dict[str, Any], path: Path) -> bool:
-    """Requests/s per store, case and workers, bare, idempo and floor side by side; False without matplotlib."""
-    try:
-        import matplotlib
-    except ModuleNotFoundError:
-        say("no chart: it needs matplotlib (pip install 'matplotlib>=3.8')")
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stores = [store for store in STORES if any(row["store"] == store for row in data["results"])]
-    if not stores:
-        return False
-    figure, axes = plt.subplots(
-        len(CASES), len(stores), figsize=(3.6 * len(stores) + 0.6, 7.2), squeeze=False, constrained_layout=True
-    )
-    width = 0.27
-    for column, store in enumerate(stores):
-        for line, case in enumerate(CASES):
-            axis = axes[line][column]
-            rows = [row for row in data["results"] if row["store"] == store and row["case"] == case]
-            for offset, variant in enumerate(VARIANTS):
-                xs = [index + (offset - 1) * width for index in range(len(rows))]
-                medians = [row[variant]["rps"] for row in rows]
-                lows = [m - min(r["rps"] for r in row[variant]["rounds"]) for m, row in zip(medians, rows, strict=True)]
-                highs = [
-                    max(r["rps"] for r in row[variant]["rounds"]) - m for m, row in zip(medians, rows, strict=True)
-                ]
-                axis.bar(
-                    xs, medians, width, yerr=[lows, highs], capsize=2, color=COLORS[variant], label=variant,
-                    error_kw={"elinewidth": 0.8, "ecolor": "#424242"},
-                )  # fmt: skip
-            for index, row in enumerate(rows):
-                top = max(max(r["rps"] for r in row[v]["rounds"]) for v in VARIANTS)
-                axis.annotate(
-                    f"floor/idempo\n{row['floor_over_idempo']:.2f}\N{MULTIPLICATION SIGN}",
-                    (index, top),
-                    xytext=(0, 4),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=8,
-                    color="#2e7d32" if row["verdict"] == "PASS" else "#c62828",
-                )
-            axis.set_xticks(range(len(rows)), [f"{row['workers']} worker{'s' * (row['workers'] > 1)}" for row in rows])
-            axis.set_title(f"{STORE_NAMES[store]}: {'new key' if case == 'fresh-key' else 'replay'}", fontsize=10)
-            axis.margins(y=0.25)
-            axis.tick_params(labelsize=8)
-            if column == 0:
-                axis.set_ylabel("requests/s", fontsize=9)
-    axes[0][0].legend(fontsize=8, loc="upper left")
-    settings, env = data["settings"], data["environment"]
-    figure.suptitle(
-        f"uvicorn under {env['generator'].split(' ')[0]}, {settings['connections']} connections, {env['cpus']} CPUs "
-        f"shared with it and the store's server\nrequests/s: median of {settings['rounds']} rounds "
-        "(error bars: min-max)",
-        fontsize=10,
-    )
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return True
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
