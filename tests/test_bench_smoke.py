@@ -1,6 +1,7 @@
 """``benchmarks/bench.py --quick`` runs, covers every case on every store (and the WSGI middleware's on memory and
 SQLite, and the response recorded in the handler's transaction on SQLite and PostgreSQL), and makes the store calls
-it should.
+it should; the floor (``benchmarks/floor.py``) runs beside idempo on every store, one store round trip per replay and
+two per fresh key.
 
 Timings are never asserted: they depend on the machine. Only that they are there and positive, and the round trips.
 The Redis and PostgreSQL runs need their servers (``redis_url``, ``postgres_url``: skipped locally without them,
@@ -29,7 +30,15 @@ EXPECTED_TRIPS = {
     "no-key": {},
     "fresh-key": {"claim": 1, "complete": 1},
     "replay": {"claim": 1},
+    "fresh-key-1k": {"claim": 1, "complete": 1},
     "replay-cached": {},
+}
+# The floor's store round trips per request (its backend's calls): one to claim or read, one to record.
+FLOOR_EXPECTED_TRIPS = {
+    "no-key": {"claim": 0, "record": 0},
+    "fresh-key": {"claim": 1, "record": 1},
+    "replay": {"claim": 1, "record": 0},
+    "fresh-key-1k": {"claim": 1, "record": 1},
 }
 METHODS = ("claim", "complete", "release", "renew", "get", "delete", "purge_expired")
 
@@ -75,6 +84,25 @@ def check_rows(data: dict[str, Any], stores: tuple[str, ...]) -> None:
         assert set(row["split_us"]) == {"app", "store_calls", "server_ops", "remainder"}
         assert (row["split_us"]["store_calls"] > 0) == bool(EXPECTED_TRIPS[case]), f"{case} on {store}"
         assert len(row["store_calls_samples_us"]) == (len(row["samples_us"]) if EXPECTED_TRIPS[case] else 0)
+
+
+def check_floor_rows(data: dict[str, Any], stores: tuple[str, ...]) -> None:
+    """The floor, timed in the same blocks as idempo: its times, its ratios and verdicts, and its round trips."""
+    assert data["floor"]["skipped"] == {}
+    assert set(data["floor"]["clients"]) == set(stores)
+    idempo = {(row["case"], row["store"]): row for row in data["results"]}
+    rows = {(row["case"], row["store"]): row for row in data["floor_results"]}
+    assert set(rows) == {(case, store) for case in FLOOR_EXPECTED_TRIPS for store in stores}
+    for (case, store), row in rows.items():
+        assert row["round_trips"] == FLOOR_EXPECTED_TRIPS[case], f"the floor's {case} on {store}"
+        assert row["us_per_request"] > 0, f"the floor's {case} on {store}"
+        assert len(row["samples_us"]) == len(idempo[case, store]["samples_us"])
+        assert all(sample > 0 for sample in row["samples_us"] + row["ratios"] + row["idempo_ratios"])
+        assert row["ratio"] > 0
+        assert row["idempo_ratio"] > 0
+        assert row["idempo_us_per_request"] == idempo[case, store]["us_per_request"]
+        assert row["target"] == 1.15
+        assert row["verdict"] == ("PASS" if row["idempo_ratio"] <= 1.15 else "MISS")
 
 
 WSGI_EXPECTED_TRIPS = {case: EXPECTED_TRIPS[case] for case in ("no-key", "fresh-key", "replay")}
@@ -144,6 +172,7 @@ def test_quick_benchmark_covers_every_case_and_counts_round_trips(tmp_path: Path
     data = run_quick(tmp_path / "bench.json", "--stores", "memory,sqlite")
 
     check_rows(data, ("memory", "sqlite"))
+    check_floor_rows(data, ("memory", "sqlite"))
     check_wsgi_rows(data, ("memory", "sqlite"))
     check_transaction_rows(data, ("sqlite",))
     assert data["transaction_tables"] == []
@@ -155,6 +184,7 @@ def test_quick_benchmark_on_redis_counts_round_trips_and_leaves_no_keys(tmp_path
     data = run_quick(tmp_path / "bench.json", "--stores", "redis", "--redis-url", redis_url, "--require-services")
 
     check_rows(data, ("redis",))
+    check_floor_rows(data, ("redis",))
     assert data["wsgi_results"] == []  # the WSGI cases run on memory and SQLite only
     assert data["transaction_results"] == []  # and the transactional ones on SQLite and PostgreSQL
     server = check_server(data, "redis", "PING")
@@ -174,10 +204,11 @@ def test_quick_benchmark_on_postgres_counts_round_trips_and_drops_its_table(tmp_
     )
 
     check_rows(data, ("postgres",))
+    check_floor_rows(data, ("postgres",))
     check_transaction_rows(data, ("postgres",))
     server = check_server(data, "postgres", "SELECT 1")
-    tables = [server["table"], *data["transaction_tables"]]
-    assert len(tables) == 3
+    tables = [server["table"], server["floor_table"], *data["transaction_tables"]]
+    assert len(tables) == 4
     assert all(table.startswith("idempo_bench_") for table in tables)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         for table in tables:
