@@ -9,9 +9,11 @@ keyed request (``Idempotency-Key`` present, any method):
 
 1. read the body, and hash it: SHA-256 over method, path and body;
 2. ONE store round trip: claim the key, or read what holds it;
-3. a new key: run the app, passing its messages through as they come and keeping them; then ONE round trip to
-   record the response (status, headers, body, ``marshal``-ed). A key held by another fingerprint: 422; one still
-   in progress: 409; a completed one: its response, with ``Idempotent-Replayed: true`` (a replay is ONE round trip).
+3. a new key: run the app, passing its messages through as they come and keeping them; ONE round trip to record
+   the response (status, headers, body, ``marshal``-ed) before its last message goes to the client (as idempo
+   does, so that a retry sent the moment the response arrives is replayed). A key held by another fingerprint:
+   422; one still in progress: 409; a completed one: its response, with ``Idempotent-Replayed: true`` (a replay is
+   ONE round trip).
 
 A request without the header goes straight to the app. One backend per store, each on the fastest well-kept Python
 client for it:
@@ -162,11 +164,14 @@ class FloorMiddleware:
                 start.update(message)
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # Recorded before the client has the whole response (as idempo does), so that a retry sent the
+                    # moment it arrives finds the response, not the key in progress.
+                    response = marshal.dumps((start["status"], list(start.get("headers", ())), b"".join(chunks)))
+                    await self.backend.record(key, fingerprint, response)
             await send(message)
 
         await self.app(scope, replay_body, keep)
-        response = marshal.dumps((start["status"], list(start.get("headers", ())), b"".join(chunks)))
-        await self.backend.record(key, fingerprint, response)
 
     @staticmethod
     async def _answer(found: Found, fingerprint: bytes, send: Send) -> None:
