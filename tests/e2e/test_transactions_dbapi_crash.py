@@ -85,13 +85,13 @@ class Database:
             return sync_store_from_url(with_options(self.location, table=self.table))
         return sync_store_from_url(f"sqlite:///{self.location}?table={self.table}")
 
-    def env(self, mode: str) -> dict[str, str]:
+    def env(self, mode: str, lease: float = LEASE) -> dict[str, str]:
         return {
             "TX_E2E_DATABASE": self.location,
             "TX_E2E_TABLE": self.table,
             "TX_E2E_LEDGER": self.ledger,
             "TX_E2E_MODE": mode,
-            "TX_E2E_LEASE": str(LEASE),
+            "TX_E2E_LEASE": str(lease),
         }
 
 
@@ -128,19 +128,19 @@ class Servers:
         self.request = request
         self.stack = stack
         self.side_dir = side_dir  # the gates' files
-        self.running: dict[tuple[str, str], Gunicorn] = {}
+        self.running: dict[tuple[str, str, float], Gunicorn] = {}
 
     def database(self, kind: str) -> Database:
         database: Database = self.request.getfixturevalue(f"{kind}_database")
         return database
 
-    def get(self, kind: str, mode: str) -> Gunicorn:
-        if (kind, mode) not in self.running:
+    def get(self, kind: str, mode: str, *, lease: float = LEASE) -> Gunicorn:
+        if (kind, mode, lease) not in self.running:
             workers = 4 if (kind, mode) == ("postgres", "bound") else 2
-            env = {**self.database(kind).env(mode), "TX_E2E_DIR": str(self.side_dir)}
+            env = {**self.database(kind).env(mode, lease), "TX_E2E_DIR": str(self.side_dir)}
             server = run_gunicorn(APP, workers=workers, env=env)
-            self.running[kind, mode] = self.stack.enter_context(server)
-        return self.running[kind, mode]
+            self.running[kind, mode, lease] = self.stack.enter_context(server)
+        return self.running[kind, mode, lease]
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +276,13 @@ async def test_bound_a_crash_before_the_commit_leaves_nothing_and_the_retry_runs
 async def test_forty_requests_at_once_under_one_key_charge_once(servers: Servers) -> None:
     """The first request is held inside its transaction, after its record (the row of the key locked by its
     uncommitted completion): the others, across the workers, find the key in progress (409) at once, none waits
-    on the lock; once it commits, a retry is replayed."""
-    server, database = servers.get("postgres", "bound"), servers.database("postgres")
+    on the lock; once it commits, a retry is replayed.
+
+    With a lease longer than the test: a transaction held open past its lease (which is not renewed once the response
+    is recorded) is one a retry may try to take over, and that claim waits for the row lock (up to the store's
+    statement_timeout, then a 503): the docs say to keep transactions shorter than the lease. On a slow machine the
+    forty requests took longer than LEASE."""
+    server, database = servers.get("postgres", "bound", lease=30.0), servers.database("postgres")
     name, key = f"forty-{uuid.uuid4().hex}", str(uuid.uuid4())
     path = f"/charge/{name}"
     hold = servers.side_dir / f"{name}.hold"
