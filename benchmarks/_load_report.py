@@ -116,7 +116,8 @@ def chart(data: dict[str, Any], path: Path) -> bool:
             axis.tick_params(labelsize=8)
             if column == 0:
                 axis.set_ylabel("requests/s", fontsize=9)
-    axes[0][0].legend(fontsize=8, loc="upper left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=len(VARIANTS), fontsize=9, frameon=False)
     settings, env = data["settings"], data["environment"]
     figure.suptitle(
         f"uvicorn under {env['generator'].split(' ')[0]}, {settings['connections']} connections, {env['cpus']} CPUs "
