@@ -244,7 +244,7 @@ def check_paths(server: Uvicorn, replay_key: str, tag: str) -> list[str]:
         failures.append(f"{where}: two fresh keys answered {first} and {second}, not two new 201s")
     primed = post(server.port, replay_key)
     again = post(server.port, replay_key)
-    for _ in range(100):  # the floor records a response after sending it: 409 until its record is in
+    for _ in range(100):  # a middleware that records after it answers is 409 until its record is in
         if again[0] != 409:
             break
         time.sleep(0.02)
