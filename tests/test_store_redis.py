@@ -379,6 +379,96 @@ def test_a_hung_server_gives_store_errors_within_the_timeout(twin: Twin, private
     twin.run(scenario())
 
 
+def hanging_store(timeout: float, on_cancel: Callable[[], object] | None = None) -> RedisStore:
+    """An async store whose ``HMGET`` (``get``) never answers: *on_cancel* runs when it is cancelled, and returns
+    ``get``'s reply instead of letting the cancellation through if it returns something. Nothing is connected."""
+    store = open_url(f"redis://127.0.0.1:{free_port()}/0?timeout={timeout}")
+
+    async def hmget(*_: object) -> object:
+        try:
+            await asyncio.sleep(HANG_GUARD)
+        except asyncio.CancelledError:
+            reply = on_cancel() if on_cancel is not None else None
+            if reply is None:
+                raise
+            return reply
+        raise AssertionError  # pragma: no cover - never answers
+
+    store._bound().client.hmget = hmget
+    return store
+
+
+async def test_commands_in_flight_each_time_out_after_their_own_timeout() -> None:
+    """One timer bounds every command of a loop (``_redis_timeouts``): each still gets its own timeout, whenever
+    it started, and the task goes on uncancelled."""
+    store = hanging_store(0.2)
+
+    async def get_after(delay: float) -> float:
+        await asyncio.sleep(delay)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"get failed: TimeoutError: no reply within 0\.2 s") as raised:
+            await store.get("k")
+        assert isinstance(raised.value.__cause__, redis.exceptions.TimeoutError)
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+        return time.monotonic() - started
+
+    async with asyncio.timeout(HANG_GUARD):
+        waited = await asyncio.gather(*(get_after(0.07 * n) for n in range(4)))
+        assert all(0.19 <= took < BOUND for took in waited), waited
+        assert 0.19 <= await get_after(0) < BOUND  # after a pause, with no command in flight
+    await store.close()
+
+
+async def test_a_command_cancelled_by_its_caller_is_cancelled_not_timed_out() -> None:
+    store = hanging_store(0.3)
+    async with asyncio.timeout(HANG_GUARD):
+        task = asyncio.create_task(store.get("k"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(TimeoutError):  # the caller's own timeout, shorter than the store's
+            async with asyncio.timeout(0.05):
+                await store.get("k")
+    await store.close()
+
+
+async def test_a_cancellation_that_meets_the_timeout_is_a_cancellation() -> None:
+    """Cancelled by its caller as the store's timeout cancels it: the task is cancelled (as under
+    ``asyncio.timeout``)."""
+
+    def cancel_again() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+
+    store = hanging_store(0.05, on_cancel=cancel_again)
+    async with asyncio.timeout(HANG_GUARD):
+        task = asyncio.create_task(store.get("k"))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+    await store.close()
+
+
+async def test_a_command_that_answers_its_timeout_keeps_its_answer() -> None:
+    """A command that still answers once the store's timeout cancelled it: its answer stands, and the timeout's
+    cancellation is taken back."""
+    fields = [b"completed", b"fp", b"", b"1000", b"1000", b"2000", b"late"]
+    store = hanging_store(0.05, on_cancel=lambda: fields)
+    async with asyncio.timeout(HANG_GUARD):
+        record = await store.get("k")
+        assert record is not None
+        assert record.payload == b"late"
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+        await asyncio.sleep(0)  # no cancellation left pending either
+    await store.close()
+
+
 def test_an_unreachable_server_gives_a_store_error(twin: Twin) -> None:
     store = twin.open(f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0")
 
@@ -432,11 +522,19 @@ def test_passwords_never_show(twin: Twin, tmp_path: Path) -> None:
 
 
 def client_options(store: Any) -> Generator[Any, Any, dict[str, Any]]:
-    """The connection options of the client *store* makes (the client is closed again)."""
-    client = store._bound().client
+    """The connection options of the client *store* makes (the client is closed again), and under ``"timeout"``
+    what bounds each command: the async store's own bound (its client for one server has no ``socket_timeout``:
+    see ``_redis_timeouts``), the sync twin's client's ``socket_timeout``."""
+    bound = store._bound()
+    client = bound.client
     assert isinstance(client, redis.asyncio.Redis | redis.Redis)
     options = dict(client.connection_pool.connection_kwargs)
     options["connection_class"] = client.connection_pool.connection_class
+    if isinstance(store, RedisStore):
+        assert options["socket_timeout"] is None
+        options["timeout"] = bound.deadlines.timeout
+    else:
+        options["timeout"] = options["socket_timeout"]
     yield store.close()
     return options
 
@@ -448,7 +546,7 @@ def test_redis_url_defaults(twin: Twin) -> None:
     def scenario() -> Scenario:
         options = yield from client_options(store)
         assert (options["host"], options["port"], options["db"]) == ("localhost", 6379, 0)
-        assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2.0, 1.0)
+        assert (options["timeout"], options["socket_connect_timeout"]) == (2.0, 1.0)
         assert options["password"] is None
         assert options["decode_responses"] is False
         retry = options["retry"]  # once more after a connection error; never after a timeout (the server may run it)
@@ -468,7 +566,7 @@ def test_redis_url_with_everything(twin: Twin) -> None:
         options = yield from client_options(store)
         assert (options["host"], options["port"], options["db"]) == ("cache.internal", 6380, 3)
         assert (options["username"], options["password"]) == ("app", "p@ss:word")
-        assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.5, 0.25)
+        assert (options["timeout"], options["socket_connect_timeout"]) == (0.5, 0.25)
 
     twin.run(scenario())
 
@@ -480,7 +578,7 @@ def test_keyword_options_override_the_url_and_reach_redis_py(twin: Twin) -> None
     def scenario() -> Scenario:
         assert store._bound().client.connection_pool.max_connections == 7
         options = yield from client_options(store)
-        assert options["socket_timeout"] == 4
+        assert options["timeout"] == 4
 
     twin.run(scenario())
 

@@ -154,7 +154,18 @@ class ClientOptions:
             msg = f"invalid option for redis-py's {name} ({redact(self.url.raw)!r}): {exc}"
             raise ConfigurationError(msg) from None
 
+    @property
+    def reply_timeout(self) -> float | None:
+        """Seconds the asyncio store itself lets one command on one server take (see :meth:`async_client`);
+        ``None`` for a cluster, whose client keeps ``socket_timeout``."""
+        return None if self.cluster else float(self.options["socket_timeout"])
+
     def async_client(self) -> Client:
+        """An asyncio client. On one server it is made without ``socket_timeout``: with one, redis-py's asyncio
+        connection runs every command's write in ``asyncio.wait_for`` (a task and two more turns of the event loop
+        per command) and its read under a timeout, and the store bounds each command instead, under one timeout of
+        :attr:`reply_timeout` seconds (``RedisStore._perform``), the same bound. A cluster client keeps it: it
+        moves on to another node after a node's timeout."""
         from redis.asyncio import Redis, RedisCluster
         from redis.asyncio.cluster import ClusterNode
         from redis.asyncio.retry import Retry
@@ -163,6 +174,7 @@ class ClientOptions:
         if self.cluster:
             return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self.nodes], **options)
         ((host, port),) = self.nodes
+        options["socket_timeout"] = None
         return Redis(host=host, port=port, **options)
 
     def sync_client(self) -> SyncClient:

@@ -32,13 +32,15 @@ bytes at most, and an operation that ran is recorded. A larger ``complete`` fail
 the marker. A server without script flags (Redis 6) cannot compile a shebang: the store then runs the plain scripts
 on it, and at maxmemory those fail too.
 
-Failures are bounded. Every socket read waits at most ``socket_timeout`` seconds and every connect at most
+Failures are bounded. Every reply is waited for at most ``socket_timeout`` seconds and every connect at most
 ``socket_connect_timeout``; a command is retried once, and only after a connection error (e.g. a pooled connection
 to a server that restarted), never after a timeout (a hung server may run it later, and waiting again would double
 the delay). So a server that is down or hangs turns into :class:`~idempo.StoreError` within a few timeouts, and the
 same store works again once it is back. (A connection that breaks after the command reached the server makes the
 retry run it twice: harmless for ``claim``, ``renew`` and ``release``; a ``complete`` then reports ``False`` although
-the payload was stored.) A cluster tries its nodes in turn, so its bound grows with the number of nodes.
+the payload was stored.) The asyncio store on one server bounds each command itself, its connect and retry
+included, to ``socket_timeout`` in all, with one timer per event loop rather than redis-py's task and two timers
+per command (``._redis_timeouts``). A cluster tries its nodes in turn, so its bound grows with the number of nodes.
 
 Event loops. redis-py's asyncio connections belong to the event loop that opened them. A store built from a URL
 (or a client factory) creates its client lazily, inside the running loop, on first use, and one client per loop
@@ -88,6 +90,7 @@ from ._redis_operations import (
     scan_plan,
     send,
 )
+from ._redis_timeouts import Deadlines
 from ._url import StoreURL
 
 if TYPE_CHECKING:
@@ -102,12 +105,13 @@ class _Bound:
     """One client, the store's scripts registered on it, and whether it is ready for concurrent use (an asyncio
     cluster client is not, until :meth:`prepare`)."""
 
-    __slots__ = ("client", "ready", "scripts")
+    __slots__ = ("client", "deadlines", "ready", "scripts")
 
-    def __init__(self, client: Any, *, ready: bool) -> None:
+    def __init__(self, client: Any, *, ready: bool, deadlines: Deadlines | None = None) -> None:
         self.client = client
         self.scripts: dict[str, Any] = register(client)
         self.ready = ready
+        self.deadlines = deadlines  # the store's bound on each command, if the client has no socket_timeout
 
     async def prepare(self) -> None:
         """Learn a cluster's slots before the first command. redis-py routes the commands that arrive while it is
@@ -200,6 +204,9 @@ class RedisStore(_RedisBase):
         else:
             self._factory = client
             self._where = repr(client)
+        # Seconds a command may take, bounded by the store (a client made from a URL for one server); None: by the
+        # client's own socket_timeout.
+        self._timeout = client.config.reply_timeout if isinstance(client, ClientFactory) else None
         self._guard = Guard(check_mode(eviction), self._where)
 
     @classmethod
@@ -273,15 +280,30 @@ class RedisStore(_RedisBase):
 
                 client = self._factory()
                 check_client(client)
-                bound = self._by_loop[loop] = _Bound(client, ready=isinstance(client, Redis))
+                deadlines = None if self._timeout is None else Deadlines(loop, self._timeout)
+                bound = self._by_loop[loop] = _Bound(client, ready=isinstance(client, Redis), deadlines=deadlines)
         return bound
 
     async def _perform(self, effect: Effect) -> Any:
         bound = self._bound()
         if not bound.ready:
             await bound.prepare()
-        reply = send(bound.client, bound.scripts, self._where, effect)
-        return reply if answered_at_once(effect) else await reply
+        deadlines = bound.deadlines
+        if deadlines is None or answered_at_once(effect):
+            reply = send(bound.client, bound.scripts, self._where, effect)
+            return reply if answered_at_once(effect) else await reply
+        task = deadlines.start()
+        try:
+            return await send(bound.client, bound.scripts, self._where, effect)
+        except asyncio.CancelledError:
+            if not deadlines.ran_out(task):
+                raise
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+
+            msg = f"no reply within {deadlines.timeout:g} s"
+            raise RedisTimeoutError(msg) from None
+        finally:
+            deadlines.finish(task)
 
     # -- the Store protocol -------------------------------------------------------------------------------------
 
