@@ -37,8 +37,8 @@ def report(data: dict[str, Any]) -> str:
             + "/".join(f"{row[v]['spread'] * 100:.0f}%" for v in VARIANTS)
         )
     lines.append(
-        f"req/s, medians over the rounds; floor/idempo: the floor's req/s over idempo's (target <= {TARGET}), "
-        "(rounds): its range over the rounds' pairs; spread: (max - min) / median of each variant's rounds"
+        f"req/s: medians over the rounds; floor/idempo: the floor's req/s over idempo's, the median of the rounds' "
+        f"ratios (target <= {TARGET}), (rounds) their range; spread: (max - min) / median of each variant's rounds"
     )
     lines.append(f"load average before {data['load_average']['before']}, after {data['load_average']['after']}")
     lines.extend(f"skipped {store}: {why}" for store, why in data["skipped"].items())
