@@ -3,8 +3,9 @@ Strictly private (see ``postgres.py``'s docstring).
 
 A statement is bounded on the server by ``statement_timeout``; a server that does not answer at all (frozen, or cut
 off by the network) is given a second more, after which the connection's socket is shut down, so that the pending
-read fails at once and the pool discards the connection: by a timer of the event loop (:class:`Deadline`) for the
-async store, by one watchdog thread (:data:`watchdog`) for every sync store.
+read fails at once and the pool discards the connection: by one timer of the event loop for all the statements of an
+async store (:class:`Deadlines`; :class:`Deadline` where a statement has a bound of its own), by one watchdog thread
+(:data:`watchdog`) for every sync store.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Any, Self
 
 import psycopg
 
-__all__ = ["Deadline", "Guard", "Watchdog", "has_input", "shut_down", "watchdog"]
+__all__ = ["Deadline", "Deadlines", "Guard", "Watchdog", "has_input", "shut_down", "watchdog"]
 
 
 def has_input(conn: psycopg.BaseConnection[Any]) -> bool:
@@ -81,7 +82,7 @@ class Deadline:
 
 
 class Guard:
-    """One statement the watchdog keeps an eye on; see :class:`Watchdog`."""
+    """One statement the watchdog (or :class:`Deadlines`) keeps an eye on; see :class:`Watchdog`."""
 
     __slots__ = ("conn", "done", "expired")
 
@@ -89,6 +90,55 @@ class Guard:
         self.conn = conn
         self.done = False
         self.expired = False
+
+
+class Deadlines:
+    """:class:`Deadline` for every statement of one event loop's store, all bounded alike to *seconds*: one timer
+    for them all rather than one each (a timer costs more than the rest of the store's own code per statement).
+
+    Every statement gets the same bound, so they run out in the order they started: the timer waits for the
+    oldest one; when it fires, it shuts down the sockets of those that ran out, and waits for the oldest still
+    running. A statement costs two dictionary writes and a clock read. Used as ``guard = deadlines.start(conn)``,
+    the statement awaited, then ``deadlines.finish(guard)`` in a ``finally``; ``guard.expired`` says whether the
+    socket was shut down."""
+
+    __slots__ = ("_kill", "_loop", "_running", "_timer", "seconds")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, seconds: float, kill: Callable[[Any], object] = shut_down
+    ) -> None:
+        self.seconds = seconds
+        self._loop = loop
+        self._kill = kill  # what makes a connection's pending read fail at once
+        self._running: dict[Guard, float] = {}  # guard -> its deadline, oldest first
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, conn: Any) -> Guard:
+        """Bound the statement about to be sent on *conn*."""
+        guard = Guard(conn)
+        deadline = self._loop.time() + self.seconds
+        self._running[guard] = deadline
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._expire, deadline)
+        return guard
+
+    def finish(self, guard: Guard) -> None:
+        """The statement of *guard* is over (answered, failed, or cancelled)."""
+        del self._running[guard]
+
+    def _expire(self, due: float) -> None:
+        """The timer set for *due*: shut down the connections that ran out by then, and wait for the oldest other."""
+        self._timer = None
+        ran_out = []
+        for guard, deadline in self._running.items():
+            if deadline > due:
+                self._timer = self._loop.call_at(deadline, self._expire, deadline)
+                break
+            if not guard.expired:
+                guard.expired = True
+                ran_out.append(guard.conn)
+        for conn in ran_out:
+            self._kill(conn)
 
 
 class Watchdog:

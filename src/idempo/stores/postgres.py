@@ -73,7 +73,7 @@ import psycopg  # noqa: E402
 from psycopg.rows import TupleRow  # noqa: E402
 from psycopg_pool import AsyncConnectionPool, ConnectionPool  # noqa: E402
 
-from ._postgres_deadlines import Deadline, watchdog  # noqa: E402
+from ._postgres_deadlines import Deadline, Deadlines, watchdog  # noqa: E402
 from ._postgres_operations import (  # noqa: E402
     ALL,
     FAILURES,
@@ -140,6 +140,7 @@ class PostgresStore(PostgresOperations):
     def _set_up_runner(self) -> None:
         self._pool: AsyncConnectionPool[_Connection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: Deadlines | None = None  # of the pool's loop
         self._opening: asyncio.Task[AsyncConnectionPool[_Connection]] | None = None
         self._sync_twin: SyncPostgresStore | None = None
         _STORES.add(self)
@@ -148,7 +149,7 @@ class PostgresStore(PostgresOperations):
         # In a forked child: the parent's pool (and its event loop's task) are not ours. The sync twin is told too.
         if self._pool is not None:
             _INHERITED_POOLS.append(self._pool)
-        self._pool, self._loop, self._opening = None, None, None
+        self._pool, self._loop, self._opening, self._deadlines = None, None, None, None
 
     def sync(self) -> SyncPostgresStore:
         """The blocking twin of this store (for the decorator on sync functions): a :class:`SyncPostgresStore`
@@ -209,6 +210,7 @@ class PostgresStore(PostgresOperations):
         if self._closed:  # while this was opening
             await pool.close()
             raise self._closed_error()
+        self._deadlines = Deadlines(asyncio.get_running_loop(), self._answer_timeout)
         self._pool, self._loop = pool, asyncio.get_running_loop()
         return pool
 
@@ -231,25 +233,28 @@ class PostgresStore(PostgresOperations):
 
     async def _perform(self, step: Step) -> Any:
         """Run *step* on a live connection of the pool: its row count and first row, or all its rows."""
-        deadline = None
+        guard = None
         try:
             pool = self._pool
             if pool is None or self._loop is not asyncio.get_running_loop():
                 pool = await self._open()
             conn = await run_async(self._live_connection_plan(), lambda effect: self._perform_on_pool(pool, effect))
+            deadlines = self._deadlines
+            assert deadlines is not None  # set with the pool
+            guard = deadlines.start(conn)
             try:
-                with Deadline(conn, self._answer_timeout) as deadline:
-                    cursor = await conn.execute(step.query, step.params, prepare=self._prepare, binary=True)
-                    # Not cursor.description: it builds column objects, which costs more than the rest of this.
-                    if step.rows == ALL:
-                        return await cursor.fetchall()
-                    return cursor.rowcount, await cursor.fetchone() if step.rows == FIRST else None
+                cursor = await conn.execute(step.query, step.params, prepare=self._prepare, binary=True)
+                # Not cursor.description: it builds column objects, which costs more than the rest of this.
+                if step.rows == ALL:
+                    return await cursor.fetchall()
+                return cursor.rowcount, await cursor.fetchone() if step.rows == FIRST else None
             finally:
+                deadlines.finish(guard)
                 await pool.putconn(conn)
         except StoreError:
             raise
         except FAILURES as exc:
-            raise self._error(exc, step.doing, no_answer=deadline is not None and deadline.expired) from exc
+            raise self._error(exc, step.doing, no_answer=guard is not None and guard.expired) from exc
 
     # -- the Store protocol ---------------------------------------------------------------------------------
 
