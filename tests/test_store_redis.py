@@ -210,7 +210,8 @@ def test_a_claim_sent_twice_is_acquired_once(twin: Twin, redis_url: str) -> None
     key = uuid.uuid4().hex
 
     def scenario() -> Scenario:
-        claim = store._bound().scripts["claim"]
+        bound = store._bound()
+        claim = bound.client.register_script(bound.scripts["claim"].source)
         args: list[str | int] = ["fp", "a-token-of-ours", 30_000, 60_000]
         assert (yield claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args)) == 1
         assert (yield claim(keys=[f"{RUN_PREFIX}twice:{key}"], args=args)) == 1
@@ -279,6 +280,8 @@ def test_scripts_are_reloaded_after_script_flush(twin: Twin, private_redis: Redi
             admin.script_flush()
             assert admin.script_exists(store._bound().scripts["complete"].sha) == [False]
         assert (yield store.complete("k", claim.token, b"after the flush", ttl=60))  # NOSCRIPT, loaded, run again
+        with private_redis.client() as admin:
+            assert admin.script_exists(store._bound().scripts["complete_at_oom"].sha) == [True]  # the digest LOAD gave
         with private_redis.client() as admin:
             admin.script_flush()
         replay = yield store.claim("k", "fp", lease=30, ttl=60)

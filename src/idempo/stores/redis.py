@@ -109,7 +109,7 @@ class _Bound:
 
     def __init__(self, client: Any, *, ready: bool, deadlines: Deadlines | None = None) -> None:
         self.client = client
-        self.scripts: dict[str, Any] = register(client)
+        self.scripts = register()
         self.ready = ready
         self.deadlines = deadlines  # the store's bound on each command, if the client has no socket_timeout
 
