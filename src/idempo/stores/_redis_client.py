@@ -161,11 +161,11 @@ class ClientOptions:
         return None if self.cluster else float(self.options["socket_timeout"])
 
     def async_client(self) -> Client:
-        """An asyncio client. On one server it is made without ``socket_timeout``: with one, redis-py's asyncio
+        """An asyncio client. On one server it is made without ``socket_timeout``, and the store bounds each
+        command to :attr:`reply_timeout` seconds itself (``._redis_timeouts``): with one, redis-py's asyncio
         connection runs every command's write in ``asyncio.wait_for`` (a task and two more turns of the event loop
-        per command) and its read under a timeout, and the store bounds each command instead, under one timeout of
-        :attr:`reply_timeout` seconds (``RedisStore._perform``), the same bound. A cluster client keeps it: it
-        moves on to another node after a node's timeout."""
+        per command) and its read under a timeout of its own. A cluster client keeps it: redis-py acts on a node's
+        timeout (it refreshes its view of the cluster, then tries again)."""
         from redis.asyncio import Redis, RedisCluster
         from redis.asyncio.cluster import ClusterNode
         from redis.asyncio.retry import Retry

@@ -38,8 +38,8 @@ __all__ = [
     "fenced_plan",
     "get_plan",
     "operation",
-    "register",
     "scan_plan",
+    "script_table",
     "send",
 ]
 
@@ -47,7 +47,7 @@ _T = TypeVar("_T")
 logger = logging.getLogger("idempo")
 
 _SCRIPTS = ("claim", "renew", "complete", "release")
-_AT_OOM = ("renew", "complete")  # each also registered as "<name>_at_oom": its script headed by _ALLOW_OOM
+_AT_OOM = ("renew", "complete")  # each also as "<name>_at_oom": its script headed by _ALLOW_OOM
 _ALLOW_OOM = "#!lua flags=allow-oom\n"
 _NO_FLAGS = "Error compiling script"  # what a server without script flags (Redis 6) answers to a shebang
 OOM_PAYLOAD_LIMIT: Final = 64
@@ -78,7 +78,7 @@ def _lua(source: str) -> Lua:
     return Lua(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
 
 
-def register() -> dict[str, Lua]:
+def script_table() -> dict[str, Lua]:
     """The store's scripts for one client, each under its name, and the variants that may write at maxmemory under
     ``<name>_at_oom`` (a client of a server without script flags swaps those for the plain ones: see
     :class:`WithoutFlags`). The server loads a script when it is first run (:func:`_evalsha`)."""

@@ -86,8 +86,8 @@ from ._redis_operations import (
     fenced_plan,
     get_plan,
     operation,
-    register,
     scan_plan,
+    script_table,
     send,
 )
 from ._redis_timeouts import Deadlines
@@ -102,16 +102,17 @@ _T = TypeVar("_T")
 
 
 class _Bound:
-    """One client, the store's scripts registered on it, and whether it is ready for concurrent use (an asyncio
-    cluster client is not, until :meth:`prepare`)."""
+    """One client, the store's scripts on it (a server without script flags gets the plain ones for good), the
+    store's bound on its commands (``None``: the client's own ``socket_timeout``), and whether it is ready for
+    concurrent use (an asyncio cluster client is not, until :meth:`prepare`)."""
 
     __slots__ = ("client", "deadlines", "ready", "scripts")
 
     def __init__(self, client: Any, *, ready: bool, deadlines: Deadlines | None = None) -> None:
         self.client = client
-        self.scripts = register()
+        self.scripts = script_table()
         self.ready = ready
-        self.deadlines = deadlines  # the store's bound on each command, if the client has no socket_timeout
+        self.deadlines = deadlines
 
     async def prepare(self) -> None:
         """Learn a cluster's slots before the first command. redis-py routes the commands that arrive while it is
@@ -288,10 +289,11 @@ class RedisStore(_RedisBase):
         bound = self._bound()
         if not bound.ready:
             await bound.prepare()
+        if answered_at_once(effect):
+            return send(bound.client, bound.scripts, self._where, effect)
         deadlines = bound.deadlines
-        if deadlines is None or answered_at_once(effect):
-            reply = send(bound.client, bound.scripts, self._where, effect)
-            return reply if answered_at_once(effect) else await reply
+        if deadlines is None:
+            return await send(bound.client, bound.scripts, self._where, effect)
         task = deadlines.start()
         try:
             return await send(bound.client, bound.scripts, self._where, effect)
