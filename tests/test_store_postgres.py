@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+import asyncpg  # type: ignore[import-untyped]
 import httpx
 import psycopg
 import pytest
@@ -65,6 +66,12 @@ def twin(request: pytest.FixtureRequest) -> Twin:
 def opened(twin: Twin, conninfo: str, **options: Any) -> Any:
     """A :class:`PostgresStore`, or a :class:`SyncPostgresStore`, with these options."""
     return (PostgresStore if twin.is_async else SyncPostgresStore)(conninfo, **options)
+
+
+def driver_error(twin: Twin, psycopg_error: type[Exception], asyncpg_error: type[Exception]) -> type[Exception]:
+    """The client's exception a store error of *twin* has as its cause: the async store's client is asyncpg, the
+    sync store's psycopg."""
+    return asyncpg_error if twin.is_async else psycopg_error
 
 
 @pytest.fixture
@@ -361,7 +368,8 @@ def test_backend_terminated_during_a_statement(
                 terminate(sync_admin, name)
                 with pytest.raises(StoreError) as raised:
                     yield twin.outcome(completing)
-                assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+                cause = driver_error(twin, psycopg.OperationalError, asyncpg.ConnectionDoesNotExistError)
+                assert isinstance(raised.value.__cause__, cause)
                 locker.rollback()
                 assert (yield store.complete("k", token, b"done", ttl=60))  # rolled back: do it again
             finally:
@@ -393,7 +401,8 @@ def test_statement_timeout_is_honoured(twin: Twin, postgres_url: str, table: str
                 )
                 with pytest.raises(StoreError, match="complete") as raised:
                     yield store.complete("k", token, b"done", ttl=60)
-                assert isinstance(raised.value.__cause__, psycopg.errors.QueryCanceled)
+                cause = driver_error(twin, psycopg.errors.QueryCanceled, asyncpg.QueryCanceledError)
+                assert isinstance(raised.value.__cause__, cause)
                 # Reads never wait for the lock: a replay or an in-progress answer comes at once.
                 assert record_of((yield store.claim("k", "fp", lease=60, ttl=60))).token == token
                 locker.rollback()
@@ -419,7 +428,7 @@ def test_unreachable_server_is_a_store_error(twin: Twin) -> None:
             for _ in range(2):  # and again: nothing was left half open
                 with pytest.raises(StoreError) as raised:
                     yield store.claim("k", "fp", lease=60, ttl=60)
-                assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+                assert isinstance(raised.value.__cause__, driver_error(twin, psycopg.OperationalError, OSError))
                 assert "s3cr3t-pw" not in str(raised.value)
                 assert "s3cr3t-pw" not in str(raised.value.__cause__)
                 assert "app:***@127.0.0.1" in str(raised.value)
@@ -583,7 +592,8 @@ def test_server_that_does_not_answer(twin: Twin, postgres_url: str, table: str) 
         proxy.frozen = True
         with pytest.raises(StoreError, match=r"complete: no answer within 1\.3 s") as raised:
             yield store.complete("k", token, b"done", ttl=60)
-        assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+        cause = driver_error(twin, psycopg.OperationalError, asyncpg.ConnectionDoesNotExistError)
+        assert isinstance(raised.value.__cause__, cause)
         proxy.frozen = False
         while True:  # a new connection, once the pool has made one
             try:
@@ -665,7 +675,7 @@ def test_is_a_store(twin: Twin, postgres_url: str) -> None:
 
 
 def test_missing_psycopg_is_a_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
-    for module in ("psycopg", "psycopg_pool"):
+    for module in ("psycopg", "psycopg_pool", "asyncpg"):
         with monkeypatch.context() as patch:
             patch.delitem(sys.modules, "idempo.stores.postgres")
             patch.setitem(sys.modules, module, None)  # None in sys.modules blocks the import

@@ -25,7 +25,7 @@ from typing import Any, Self
 
 import psycopg
 
-__all__ = ["Deadline", "Deadlines", "Guard", "Watchdog", "has_input", "shut_down", "watchdog"]
+__all__ = ["Deadline", "Deadlines", "Guard", "Watchdog", "has_input", "readable", "shut_down", "watchdog"]
 
 
 def has_input(conn: psycopg.BaseConnection[Any]) -> bool:
@@ -34,12 +34,17 @@ def has_input(conn: psycopg.BaseConnection[Any]) -> bool:
         fd = conn.pgconn.socket
     except psycopg.OperationalError:
         return True
+    return readable(fd)
+
+
+def readable(fd: int) -> bool:
+    """Whether the socket *fd* has something to read (or its peer closed it), without waiting."""
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         return bool(poller.poll(0))
-    readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
-    return bool(readable)
+    ready, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
+    return bool(ready)
 
 
 def shut_down(conn: psycopg.BaseConnection[Any]) -> None:
@@ -55,22 +60,24 @@ def shut_down(conn: psycopg.BaseConnection[Any]) -> None:
 class Deadline:
     """Shuts a connection's socket down if the server has not answered within *seconds*.
 
-    Not ``asyncio.timeout``: a psycopg query cancelled by the event loop sends the server a cancel request and
-    waits for it, which with a libpq older than 17 runs in a thread with no time limit of its own, so a frozen
-    server would hold it forever. A socket shut down makes the pending read fail at once instead; the connection
-    is broken, and the pool discards it.
+    Not ``asyncio.timeout`` (nor asyncpg's ``timeout=``): a query cancelled that way sends the server a cancel
+    request, on a connection of its own, and the connection waits for the answer before its next statement; psycopg
+    with a libpq older than 17 sends it from a thread with no time limit of its own. A frozen server would hold
+    either. A socket shut down (*kill*: by default a psycopg connection's; asyncpg's ``terminate()``) makes the
+    pending read fail at once instead; the connection is broken, and the pool discards it.
     """
 
-    __slots__ = ("_conn", "_handle", "expired")
+    __slots__ = ("_conn", "_handle", "_kill", "expired")
 
-    def __init__(self, conn: psycopg.BaseConnection[Any], seconds: float) -> None:
+    def __init__(self, conn: Any, seconds: float, kill: Callable[[Any], object] = shut_down) -> None:
         self._conn = conn
+        self._kill = kill  # what makes the connection's pending read fail at once
         self.expired = False
         self._handle = asyncio.get_running_loop().call_later(seconds, self._expire)
 
     def _expire(self) -> None:
         self.expired = True
-        shut_down(self._conn)
+        self._kill(self._conn)
 
     def __enter__(self) -> Self:
         return self

@@ -20,7 +20,7 @@ from psycopg_pool import PoolTimeout
 from .._core.bound import Target
 from .._core.errors import ConfigurationError, StoreError
 from .._core.records import Acquired, Claim, Existing, Record, new_token
-from ._postgres_deadlines import has_input
+from ._postgres_pool import PoolTimeout as AsyncPoolTimeout
 from ._postgres_sql import Statements
 from ._rows import record_from_row
 from ._scan import Page, ScanPlan, keyset_plan, like_prefix
@@ -106,7 +106,8 @@ class Take(NamedTuple):
 
 
 class Probe(NamedTuple):
-    """Effect: read what an idle connection of the pool holds (a notice, or the server's goodbye: then it fails)."""
+    """Effect: read what an idle connection of the pool holds (a notice, or the server's goodbye). Its result: whether
+    the connection is alive."""
 
     conn: Any
 
@@ -235,7 +236,7 @@ class PostgresOperations:
     def _error(self, exc: BaseException, doing: str, *, no_answer: bool = False) -> StoreError:
         if no_answer:
             detail = f"no answer within {self._answer_timeout:g} s; connection closed ({type(exc).__name__}: {exc})"
-        elif isinstance(exc, PoolTimeout):
+        elif isinstance(exc, PoolTimeout | AsyncPoolTimeout):
             detail = f"no connection within {self._pool_timeout:g} s (is the server up? is the pool too small?)"
         elif isinstance(exc, TimeoutError):
             detail = f"no answer within {self._answer_timeout:g} s"
@@ -345,11 +346,13 @@ class PostgresOperations:
         deadline = time.monotonic() + self._pool_timeout
         while True:
             conn = yield Take(max(0.0, deadline - time.monotonic()))
-            if not has_input(conn):
+            if not self._has_input(conn):
                 return conn
-            try:
-                yield Probe(conn)
-            except psycopg.Error:
-                yield Drop(conn)  # broken: the pool discards it, and opens a new one in the background
-                continue
-            return conn
+            alive: bool = yield Probe(conn)
+            if alive:
+                return conn
+            yield Drop(conn)  # broken: the pool discards it, and opens a new one in the background
+
+    def _has_input(self, conn: Any) -> bool:
+        """Whether an idle connection of the pool has something to read (then it is probed before it is used)."""
+        raise NotImplementedError

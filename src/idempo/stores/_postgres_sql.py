@@ -3,6 +3,9 @@
 Every statement reads *now* from the server's clock (``statement_timestamp()``), unless the store was given a clock
 (tests); each is one round trip, and the claim is one statement in three parts (``live``, ``taken``, and what it
 returns).
+
+Each statement is rendered once, with named parameters (``%(key)s``: psycopg, for the sync store), and each of those
+is turned into positional parameters (``$1``: asyncpg, for the async store) by :func:`positional`: one SQL source.
 """
 
 from __future__ import annotations
@@ -14,12 +17,30 @@ from psycopg import sql
 from ._rows import COMPLETED, IN_PROGRESS
 from ._scan import LIKE_ESCAPE
 
-__all__ = ["Statements"]
+__all__ = ["Statements", "positional"]
 
 # The server's clock, unless a clock was given (tests): then the parameter %(now)s. statement_timestamp(), not
 # clock_timestamp(): it is STABLE, so that "expires_at <= now" can be an index condition.
 _NOW = sql.SQL("COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)")
+_NAMED = re.compile(rb"%\((\w+)\)s|%%")
 _NOW_CAST = "COALESCE(CAST(%(now)s AS float8), extract(epoch FROM statement_timestamp())::float8)"
+
+
+def positional(query: bytes) -> tuple[str, tuple[str, ...]]:
+    """*query*, written with psycopg's named parameters, in PostgreSQL's own positional style: ``$1`` for the first
+    name, ``$2`` for the next new one..., and the names in that order (an argument list is made of a parameter
+    dictionary as ``[params[name] for name in names]``)."""
+    names: list[str] = []
+
+    def number(match: re.Match[bytes]) -> bytes:
+        if match.group(0) == b"%%":
+            return b"%"
+        name = match.group(1).decode()
+        if name not in names:
+            names.append(name)
+        return b"$%d" % (names.index(name) + 1)
+
+    return _NAMED.sub(number, query).decode(), tuple(names)
 
 
 class Statements:
@@ -112,3 +133,7 @@ class Statements:
         self.scan_next = render(
             "SELECT {cols} FROM {t} WHERE key > %(after)s AND " + like + " ORDER BY key LIMIT %(size)s"
         )
+        # Every statement in the positional style, by the named one.
+        named = [*self.create, self.exists, self.lock, self.claim, self.renew, self.complete, self.release, self.get]
+        named += [self.delete, self.purge, self.scan_first, self.scan_next]
+        self.positional = {query: positional(query) for query in named}

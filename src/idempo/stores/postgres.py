@@ -1,7 +1,12 @@
-"""``postgresql://`` and ``postgres://``: records in a PostgreSQL table, on psycopg 3 and its connection pool.
+"""``postgresql://`` and ``postgres://``: records in a PostgreSQL table, on asyncpg (the async store) and psycopg 3
+(its sync twin), each with a connection pool.
 
-Theory of operation. Every operation is one SQL statement, sent on an autocommit connection of the store's pool
-(psycopg_pool's ``AsyncConnectionPool``) as a prepared statement: one round trip, one transaction, atomic.
+Theory of operation. Every operation is one SQL statement, sent on an autocommit connection of the store's pool as a
+prepared statement: one round trip, one transaction, atomic. The async store runs on asyncpg, in a pool of its own
+(``._postgres_pool``, which behaves as psycopg_pool's), because asyncpg costs half the CPU time per statement that
+psycopg's ``AsyncConnection`` does (``._postgres_asyncpg``); the sync store on psycopg and psycopg_pool's
+``ConnectionPool``. Both run the same SQL, written once (``._postgres_sql``) with named parameters, and turned into
+asyncpg's positional ones.
 
 Clock. Times are ``double precision`` seconds since the epoch, as in :class:`~idempo.Record`, and *now* is the
 database server's clock, read by each statement (``extract(epoch FROM statement_timestamp())``, the moment the
@@ -21,28 +26,29 @@ Fencing. ``renew``, ``complete`` and ``release`` are ``UPDATE``/``DELETE ... WHE
 state = in progress AND expires_at > now``: they touch the row only if the caller still owns it.
 
 Failures. Each part is bounded: ``connect_timeout`` for a new connection, ``pool_timeout`` to get one from the
-pool, ``statement_timeout`` (set on every connection) for a statement on the server; and if the server does not
-answer at all (frozen, or cut off by the network), the client shuts the connection down one second after that.
-Every failure is a :class:`~idempo.StoreError` with psycopg's exception as ``__cause__``. A connection the
-server closed (a restart, ``pg_terminate_backend``) is noticed before it is used: an idle connection has nothing
-to read, so when its socket is readable, the store checks it with an empty query and, if it is dead, throws it
-away and takes another, at no cost to healthy connections (no round trip). The pool replaces broken connections
+pool, ``statement_timeout`` (a server setting of every connection) for a statement on the server; and if the server
+does not answer at all (frozen, or cut off by the network), the client shuts the connection down one second after
+that. Every failure is a :class:`~idempo.StoreError` with the client's exception as ``__cause__`` (asyncpg's or
+psycopg's). A connection the server closed (a restart, ``pg_terminate_backend``) is noticed before it is used: an
+idle connection has nothing to read, so when its socket is readable (or asyncpg already knows it closed), the store
+checks it with a query and, if it is dead, throws it away and takes another, at no cost to healthy connections (no
+round trip). The pool replaces broken connections
 in the background, so the store recovers when the server is back, without a restart.
 
 Forks. A process forked from one whose store had opened its pool (``gunicorn --preload``, where the start-up check
 runs in the master) must not use the parent's connections: two processes on one socket interleave their messages
 (``DuplicatePreparedStatement``, answers read by the wrong process). The child opens a pool of its own on first
 use; the pool it inherited is kept, never used nor closed (closing would tell the server to end the parent's
-sessions), for as long as the child lives.
+sessions, or take the parent's sockets out of the epoll set both share), for as long as the child lives.
 
 Sync. :class:`SyncPostgresStore` is the blocking twin, on psycopg's ``Connection`` and ``ConnectionPool``. Each
 operation is written once, as a plan (see :mod:`idempo._core.plans` and ``._postgres_operations``) that yields the
-statements to run (the same prepared SQL) and receives their results, and so is the look for a live connection of
-the pool; the async store performs their effects with ``await``, the sync one with blocking calls, so the claim's
+statements to run (the same SQL) and receives their results, and so is the look for a live connection of the pool;
+the async store performs their effects with ``await`` on asyncpg, the sync one with blocking calls, so the claim's
 retry, the fencing, the paging of a scan, the dead connections and the table creation are the same code in both.
-Where the async store's deadline is a timer of its event loop, the sync store's is a watchdog thread, which shuts
-the socket down just the same (``._postgres_deadlines``). What each store keeps of its own is how it opens its pool
-once for every caller: a shared task of the event loop, or a lock.
+Where the async store's deadline is one timer of its event loop for every statement in flight, the sync store's is a
+watchdog thread, which shuts the socket down just the same (``._postgres_deadlines``). What each store keeps of its
+own is how it opens its pool once for every caller: a shared task of the event loop, or a lock.
 
 The table (created on first use, with an index on ``expires_at`` for ``purge_expired``)::
 
@@ -54,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -68,12 +75,16 @@ from . import require
 # Imported after the check, so that a missing extra says what to install.
 require("psycopg", extra="postgres")
 require("psycopg_pool", extra="postgres")
+require("asyncpg", extra="postgres")
 
 import psycopg  # noqa: E402
 from psycopg.rows import TupleRow  # noqa: E402
-from psycopg_pool import AsyncConnectionPool, ConnectionPool  # noqa: E402
+from psycopg_pool import ConnectionPool  # noqa: E402
 
+from ._postgres_asyncpg import FAILURES as _FAILURES  # noqa: E402
+from ._postgres_asyncpg import asyncpg_dsn, connect, count_of, disown, has_input, kill  # noqa: E402
 from ._postgres_deadlines import Deadline, Deadlines, watchdog  # noqa: E402
+from ._postgres_deadlines import has_input as has_input_sync  # noqa: E402
 from ._postgres_operations import (  # noqa: E402
     ALL,
     FAILURES,
@@ -85,13 +96,15 @@ from ._postgres_operations import (  # noqa: E402
     Take,
     strip_options,
 )
+from ._postgres_pool import Pool, Pooled  # noqa: E402
 
 __all__ = ["PostgresStore", "SyncPostgresStore"]
 
 _strip_options = strip_options  # the benchmark's name for it
 
-_Connection = psycopg.AsyncConnection[TupleRow]
 _SyncConnection = psycopg.Connection[TupleRow]
+
+_MAX_LIFETIME = 3600.0  # seconds a connection of the async store's pool is kept, less up to 5% (as psycopg_pool's)
 
 # Pools a forked child inherited from its parent: their connections are the parent's sessions, so the child never
 # uses them, and never closes them either (that would end the parent's sessions on the server).
@@ -119,35 +132,44 @@ class PostgresStore(PostgresOperations):
 
     Args:
         conninfo: a libpq connection string or URL, e.g. ``"postgresql://app:secret@db.internal/app"`` or
-            ``"host=db dbname=app"``. libpq's environment variables (``PGHOST``, ``PGPASSWORD``...) apply.
+            ``"host=db dbname=app"``. libpq's environment variables (``PGHOST``, ``PGPASSWORD``...) apply. The
+            async store connects with asyncpg, which takes libpq's parameters but a few (``gssencmode=require``,
+            ``requirepeer``...: a :class:`~idempo.ConfigurationError`; TCP's tuning, e.g. ``keepalives``, is ignored).
         table: the table's name (letters, digits and underscores, at most 48); created on first use, with an
             index ``<table>_expires_at``.
         min_size: connections the pool keeps open.
         max_size: connections the pool may open; more concurrent operations wait for one.
-        connect_timeout: seconds to open a connection (libpq counts whole seconds, at least 2).
-        statement_timeout: seconds a statement may run on the server (set as ``statement_timeout`` on every
-            connection), e.g. while it waits for a row lock.
+        connect_timeout: seconds to open a connection (whole seconds, at least 2, as libpq counts them).
+        statement_timeout: seconds a statement may run on the server (the server setting ``statement_timeout`` of
+            every connection), e.g. while it waits for a row lock.
         pool_timeout: seconds an operation waits for a connection of the pool, e.g. while the server is down.
         reconnect_timeout: seconds the pool keeps retrying a connection that fails before giving up on it (the
             next operation starts a new attempt); a short one means a quick recovery once the server is back.
         application_name: the ``application_name`` the server shows for the store's connections; by default the
             one in *conninfo*, else ``"idempo"``.
         prepare: use prepared statements (one round trip per operation). Turn it off behind a connection
-            pooler that does not support them (PgBouncer before 1.21 in transaction mode).
+            pooler that does not support them (PgBouncer before 1.21 in transaction mode); then the async store
+            takes two round trips per operation (asyncpg describes each statement before it runs it).
         clock: for tests only: seconds since the epoch, instead of the server's clock.
     """
 
     def _set_up_runner(self) -> None:
-        self._pool: AsyncConnectionPool[_Connection] | None = None
+        self._dsn = asyncpg_dsn(self._conninfo_params, self._display)
+        self._server_settings = {
+            "application_name": self._application_name,
+            "statement_timeout": str(int(self._statement_timeout * 1000)),
+        }
+        self._pool: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: Deadlines | None = None  # of the pool's loop
-        self._opening: asyncio.Task[AsyncConnectionPool[_Connection]] | None = None
+        self._opening: asyncio.Task[Pool] | None = None
         self._sync_twin: SyncPostgresStore | None = None
         _STORES.add(self)
 
     def _forked(self) -> None:
         # In a forked child: the parent's pool (and its event loop's task) are not ours. The sync twin is told too.
         if self._pool is not None:
+            disown(self._pool)
             _INHERITED_POOLS.append(self._pool)
         self._pool, self._loop, self._opening, self._deadlines = None, None, None, None
 
@@ -163,11 +185,18 @@ class PostgresStore(PostgresOperations):
 
     # -- the pool -------------------------------------------------------------------------------------------
 
-    async def _configure(self, conn: _Connection) -> None:
-        with Deadline(conn, self._answer_timeout):
-            await conn.execute(self._set_timeout)
+    async def _connect(self) -> Pooled:
+        loop = asyncio.get_running_loop()
+        return await connect(
+            self._dsn,
+            connect_timeout=self._connect_timeout,
+            server_settings=self._server_settings,
+            prepare=self._prepare,
+            lifetime=_MAX_LIFETIME * random.uniform(0.95, 1.0),
+            now=loop.time(),
+        )
 
-    async def _open(self) -> AsyncConnectionPool[_Connection]:
+    async def _open(self) -> Pool:
         """The pool, opened (and the table made) on first use.
 
         Operations that arrive while it opens wait for that one attempt, and share its failure: each waits for
@@ -186,49 +215,58 @@ class PostgresStore(PostgresOperations):
         # Shielded: an operation cancelled while it waits must not cancel the others' attempt.
         return await asyncio.shield(opening)
 
-    async def _start(self) -> AsyncConnectionPool[_Connection]:
+    async def _start(self) -> Pool:
+        loop = asyncio.get_running_loop()
         deadline = None
         try:
-            # On a connection of its own, so that a wrong password or database name comes out as such,
-            # not as a pool timeout.
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._connect_kwargs())
+            # A connection of its own first, so that a wrong password or database name comes out as such, not as a
+            # pool timeout; it then joins the pool.
+            first = await self._connect()
             try:
-                await self._configure(conn)
                 # A few statements, one of which may wait for another process's lock (statement_timeout).
-                with Deadline(conn, self._answer_timeout * 3) as deadline:
-                    async with conn.transaction():
-                        await run_async(self._create_table_plan(), lambda step: self._execute_on(conn, step))
-            finally:
-                await conn.close()
-        except FAILURES as exc:
+                with Deadline(first, self._answer_timeout * 3, kill) as deadline:
+                    async with first.conn.transaction():
+                        await run_async(
+                            self._create_table_plan(), lambda step: _run(first.conn, step, self._sql.positional)
+                        )
+            except BaseException:
+                first.conn.terminate()
+                raise
+        except _FAILURES as exc:
             no_answer = deadline is not None and deadline.expired
             raise self._error(exc, "creating the table", no_answer=no_answer) from exc
-        pool: AsyncConnectionPool[_Connection] = AsyncConnectionPool(
-            self._conninfo, configure=self._configure, **self._pool_options()
-        )
-        await pool.open(wait=False)
         if self._closed:  # while this was opening
-            await pool.close()
+            first.conn.terminate()
             raise self._closed_error()
-        self._deadlines = Deadlines(asyncio.get_running_loop(), self._answer_timeout)
-        self._pool, self._loop = pool, asyncio.get_running_loop()
+        pool = Pool(
+            self._connect,
+            failures=_FAILURES,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            reconnect_timeout=self._reconnect_timeout,
+        )
+        pool.open(first)
+        self._deadlines = Deadlines(loop, self._answer_timeout, kill)
+        self._pool, self._loop = pool, loop
         return pool
 
     # -- performing the plans' effects, awaited ---------------------------------------------------------------
 
-    @staticmethod
-    async def _execute_on(conn: _Connection, step: Step) -> tuple[int, TupleRow | None]:
-        cursor = await conn.execute(step.query, step.params)
-        return cursor.rowcount, await cursor.fetchone() if step.rows == FIRST else None
+    def _has_input(self, conn: Any) -> bool:
+        return has_input(conn)
 
-    async def _perform_on_pool(self, pool: AsyncConnectionPool[_Connection], effect: Take | Probe | Drop) -> Any:
+    async def _perform_on_pool(self, pool: Pool, effect: Take | Probe | Drop) -> Any:
         if isinstance(effect, Take):
-            return await pool.getconn(timeout=effect.timeout)
+            return await pool.getconn(effect.timeout)
         if isinstance(effect, Probe):
-            with Deadline(effect.conn, self._answer_timeout):
-                await effect.conn.execute(b"")  # reads what is there: a notice, or the server's goodbye
-            return None
-        await pool.putconn(effect.conn)
+            # Reads what is there first: a notice, or the server's goodbye (then the connection is closed).
+            with Deadline(effect.conn, self._answer_timeout, kill):
+                try:
+                    await effect.conn.conn.execute("SELECT 1")
+                except _FAILURES:
+                    return False
+            return True
+        pool.putconn(effect.conn)
         return None
 
     async def _perform(self, step: Step) -> Any:
@@ -238,22 +276,25 @@ class PostgresStore(PostgresOperations):
             pool = self._pool
             if pool is None or self._loop is not asyncio.get_running_loop():
                 pool = await self._open()
-            conn = await run_async(self._live_connection_plan(), lambda effect: self._perform_on_pool(pool, effect))
+            free = pool.free_connection()
+            if free is not None and not has_input(free):
+                pooled = free  # the common case, at no more cost than that
+            else:
+                if free is not None:
+                    pool.putconn(free)  # for the plan to look at it first
+                plan = self._live_connection_plan()
+                pooled = await run_async(plan, lambda effect: self._perform_on_pool(pool, effect))
             deadlines = self._deadlines
             assert deadlines is not None  # set with the pool
-            guard = deadlines.start(conn)
+            guard = deadlines.start(pooled)
             try:
-                cursor = await conn.execute(step.query, step.params, prepare=self._prepare, binary=True)
-                # Not cursor.description: it builds column objects, which costs more than the rest of this.
-                if step.rows == ALL:
-                    return await cursor.fetchall()
-                return cursor.rowcount, await cursor.fetchone() if step.rows == FIRST else None
+                return await _run(pooled.conn, step, self._sql.positional)
             finally:
                 deadlines.finish(guard)
-                await pool.putconn(conn)
+                pool.putconn(pooled)
         except StoreError:
             raise
-        except FAILURES as exc:
+        except _FAILURES as exc:
             raise self._error(exc, step.doing, no_answer=guard is not None and guard.expired) from exc
 
     # -- the Store protocol ---------------------------------------------------------------------------------
@@ -301,13 +342,27 @@ class PostgresStore(PostgresOperations):
         opening, self._opening = self._opening, None
         if opening is not None and not opening.done():
             with suppress(StoreError):
-                await opening  # bounded by connect_timeout and statement_timeout; closes its pool itself
+                await opening  # bounded by connect_timeout and statement_timeout; closes its connection itself
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
         twin, self._sync_twin = self._sync_twin, None
         if twin is not None:
             await asyncio.to_thread(twin.close)
+
+
+async def _run(conn: Any, step: Step, positional: dict[bytes, tuple[str, tuple[str, ...]]]) -> Any:
+    """Run *step* on an asyncpg connection, in the positional style of its statement (*positional*, by the named
+    one): its row count and first row, or all its rows."""
+    sql, names = positional[step.query]
+    params = step.params
+    args = [params[name] for name in names] if params else ()
+    if step.rows == FIRST:
+        row = await conn.fetchrow(sql, *args)
+        return (0 if row is None else 1), row
+    if step.rows == ALL:
+        return await conn.fetch(sql, *args)
+    return count_of(await conn.execute(sql, *args)), None
 
 
 class SyncPostgresStore(PostgresOperations):
@@ -395,13 +450,19 @@ class SyncPostgresStore(PostgresOperations):
         cursor = conn.execute(step.query, step.params)
         return cursor.rowcount, cursor.fetchone() if step.rows == FIRST else None
 
+    def _has_input(self, conn: Any) -> bool:
+        return has_input_sync(conn)
+
     def _perform_on_pool(self, pool: ConnectionPool[_SyncConnection], effect: Take | Probe | Drop) -> Any:
         if isinstance(effect, Take):
             return pool.getconn(timeout=effect.timeout)
         if isinstance(effect, Probe):
             with watchdog.deadline(effect.conn, self._answer_timeout):
-                effect.conn.execute(b"")  # reads what is there: a notice, or the server's goodbye
-            return None
+                try:
+                    effect.conn.execute(b"")  # reads what is there: a notice, or the server's goodbye
+                except psycopg.Error:
+                    return False
+            return True
         pool.putconn(effect.conn)
         return None
 
