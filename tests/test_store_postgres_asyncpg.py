@@ -153,8 +153,7 @@ def opener(url: str, *, lifetime: float = 3600.0) -> Callable[[], Any]:
 
     async def open_one() -> Pooled:
         open_one.attempts += 1  # type: ignore[attr-defined]
-        now = asyncio.get_running_loop().time()
-        return await connect(dsn, connect_timeout=2, server_settings={}, prepare=True, lifetime=lifetime, now=now)
+        return await connect(dsn, connect_timeout=2, server_settings={}, prepare=True, lifetime=lifetime)
 
     open_one.attempts = 0  # type: ignore[attr-defined]
     return open_one

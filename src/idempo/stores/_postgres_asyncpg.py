@@ -17,6 +17,7 @@ the store is made, rather than ignored.
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Final
@@ -24,7 +25,6 @@ from typing import Any, Final
 import asyncpg  # type: ignore[import-untyped]
 
 from .._core.errors import ConfigurationError
-from ._postgres_deadlines import readable
 from ._postgres_pool import Pool, Pooled, PoolTimeout
 
 __all__ = ["FAILURES", "ConnectTimeoutError", "asyncpg_dsn", "connect", "count_of", "disown", "has_input", "kill"]
@@ -115,9 +115,9 @@ def asyncpg_dsn(params: Mapping[str, Any], display: str) -> str:
 
 
 async def connect(
-    dsn: str, *, connect_timeout: float, server_settings: dict[str, str], prepare: bool, lifetime: float, now: float
+    dsn: str, *, connect_timeout: float, server_settings: dict[str, str], prepare: bool, lifetime: float
 ) -> Pooled:
-    """A new connection, as the pool keeps it."""
+    """A new connection, as the pool keeps it, to be closed *lifetime* seconds from now."""
     try:
         conn = await asyncpg.connect(
             dsn, timeout=connect_timeout, server_settings=server_settings, statement_cache_size=100 if prepare else 0
@@ -127,13 +127,13 @@ async def connect(
         raise ConnectTimeoutError(msg) from exc
     # asyncpg has no public way to its socket; the transport's is the one the connection reads.
     fd = conn._transport.get_extra_info("socket").fileno()
-    return Pooled(conn, fd, now + lifetime)
+    return Pooled(conn, fd, time.monotonic() + lifetime)
 
 
 def has_input(pooled: Pooled) -> bool:
     """Whether an idle connection is closed, or its socket readable (the server closed it, or sent a notice the event
     loop has not read yet). No round trip."""
-    return pooled.conn.is_closed() or readable(pooled.fd)
+    return pooled.conn.is_closed() or pooled.poller()
 
 
 def kill(pooled: Pooled) -> None:

@@ -25,7 +25,17 @@ from typing import Any, Self
 
 import psycopg
 
-__all__ = ["Deadline", "Deadlines", "Guard", "Watchdog", "has_input", "readable", "shut_down", "watchdog"]
+__all__ = [
+    "Deadline",
+    "Deadlines",
+    "Guard",
+    "Watchdog",
+    "has_input",
+    "readable",
+    "readable_poller",
+    "shut_down",
+    "watchdog",
+]
 
 
 def has_input(conn: psycopg.BaseConnection[Any]) -> bool:
@@ -39,12 +49,17 @@ def has_input(conn: psycopg.BaseConnection[Any]) -> bool:
 
 def readable(fd: int) -> bool:
     """Whether the socket *fd* has something to read (or its peer closed it), without waiting."""
+    return readable_poller(fd)()
+
+
+def readable_poller(fd: int) -> Callable[[], bool]:
+    """:func:`readable` of *fd*, made once per socket: each call is then one system call."""
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    ready, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
-    return bool(ready)
+        poll = poller.poll
+        return lambda: bool(poll(0))
+    return lambda: bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
 
 
 def shut_down(conn: psycopg.BaseConnection[Any]) -> None:

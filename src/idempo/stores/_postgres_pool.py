@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from ._postgres_deadlines import readable_poller
 
 __all__ = ["Pool", "PoolTimeout", "Pooled"]
 
@@ -43,14 +46,14 @@ class PoolTimeout(Exception):
 
 
 class Pooled:
-    """One connection of the pool: the connection, its socket's file descriptor (for a look at what an idle one has
-    to read), and when it is to be closed."""
+    """One connection of the pool: the connection, a poller of its socket (for a look at what an idle one has to
+    read), and when it is to be closed (``time.monotonic()``)."""
 
-    __slots__ = ("conn", "expires_at", "fd", "idle_since")
+    __slots__ = ("conn", "expires_at", "idle_since", "poller")
 
     def __init__(self, conn: Any, fd: int, expires_at: float) -> None:
         self.conn = conn
-        self.fd = fd
+        self.poller = readable_poller(fd)
         self.expires_at = expires_at
         self.idle_since = 0.0
 
@@ -89,7 +92,7 @@ class Pool:
         if first is not None:
             self._size += 1
             self._all.add(first)
-            self._give(first, self._loop.time())
+            self._give(first, time.monotonic())
         self._replenish()
 
     def connections(self) -> list[Pooled]:
@@ -137,7 +140,7 @@ class Pool:
         if self._closed or conn.is_closed() or conn.is_in_transaction():
             self._discard(pooled, graceful=False)
             return
-        now = self._loop.time()
+        now = time.monotonic()
         if now >= pooled.expires_at:
             self._discard(pooled, graceful=True)
             return
@@ -186,7 +189,7 @@ class Pool:
             pooled.conn.terminate()
             return
         self._all.add(pooled)
-        self._give(pooled, self._loop.time())
+        self._give(pooled, time.monotonic())
 
     async def _open_with_retries(self) -> Pooled:
         give_up_at = self._loop.time() + self._reconnect_timeout

@@ -186,14 +186,12 @@ class PostgresStore(PostgresOperations):
     # -- the pool -------------------------------------------------------------------------------------------
 
     async def _connect(self) -> Pooled:
-        loop = asyncio.get_running_loop()
         return await connect(
             self._dsn,
             connect_timeout=self._connect_timeout,
             server_settings=self._server_settings,
             prepare=self._prepare,
             lifetime=_MAX_LIFETIME * random.uniform(0.95, 1.0),
-            now=loop.time(),
         )
 
     async def _open(self) -> Pool:
