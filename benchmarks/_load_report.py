@@ -40,6 +40,10 @@ def report(data: dict[str, Any]) -> str:
         f"req/s: medians over the rounds; floor/idempo: the floor's req/s over idempo's, the median of the rounds' "
         f"ratios (target <= {TARGET}), (rounds) their range; spread: (max - min) / median of each variant's rounds"
     )
+    source = env.get("idempo", {})
+    if "commit" in source:
+        dirty = " with uncommitted changes" if source["uncommitted_changes"] else ""
+        lines.append(f"idempo: {source['path']} at {source['commit']}{dirty}")
     lines.append(f"load average before {data['load_average']['before']}, after {data['load_average']['after']}")
     lines.extend(f"skipped {store}: {why}" for store, why in data["skipped"].items())
     for store, notes in data["stores"].items():

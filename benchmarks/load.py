@@ -392,7 +392,25 @@ def environment(generator_kind: str) -> dict[str, Any]:
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
         "generator": wrk_version() if generator_kind == "wrk" else "python (asyncio, benchmarks/load.py)",
+        "idempo": idempo_source(),
     }
+
+
+def idempo_source() -> dict[str, Any]:
+    """Which idempo the servers import: its directory, and the commit of its checkout, with whether its ``src/``
+    differs from that commit (uncommitted changes are measured too)."""
+    import idempo
+
+    package = Path(idempo.__file__).resolve().parent
+    source: dict[str, Any] = {"path": str(package)}
+    git = ["git", "-C", str(package)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    if head.returncode == 0:
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, check=False
+        )
+        source |= {"commit": head.stdout.strip(), "uncommitted_changes": bool(changed.stdout.strip())}
+    return source
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
