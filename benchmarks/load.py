@@ -442,6 +442,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Stopped by SIGTERM (or SIGINT, which a background job ignores), the run still stops its servers and removes
+    # its records on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     base = QUICK if args.quick else FULL
     settings = Settings(
         duration=args.duration or base.duration,
