@@ -204,6 +204,50 @@ def test_current_is_the_nearest_claim_of_the_running_reports() -> None:
     assert current() is None
 
 
+class _Claimant:
+    """A face's per-request object: makes the Bound when a binding first asks for it."""
+
+    def __init__(self) -> None:
+        self.made: list[Bound] = []
+
+    def bind(self) -> Bound:
+        self.made.append(bound())
+        return self.made[-1]
+
+
+def _made(report: OutcomeReport) -> Bound | None:
+    return report.made
+
+
+def test_a_claimants_bound_is_made_once_and_only_when_asked_for() -> None:
+    claimant = _Claimant()
+    report = OutcomeReport.open(claimant)
+    try:
+        assert claimant.made == []
+        assert _made(report) is None  # what the faces read: not made, so OPEN
+        claim = current()
+        assert claim is not None
+        assert claimant.made == [claim]
+        assert current() is claim
+        assert report.bound is claim
+        assert _made(report) is claim
+        assert claimant.made == [claim]
+    finally:
+        report.close()
+    assert current() is None
+
+
+def test_a_bound_set_on_the_report_wins_over_its_claimant() -> None:
+    claimant = _Claimant()
+    report = OutcomeReport.open(claimant)
+    try:
+        claim = report.bound = bound()
+        assert current() is claim
+        assert claimant.made == []
+    finally:
+        report.close()
+
+
 # -- the statement in each driver's style ----------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from idempo._core.decide import (
     decide_cached,
     on_store_failure,
     record_for,
+    record_response,
     render_rows,
     replay,
     wait_or_answer,
@@ -201,6 +202,28 @@ def test_record_for(changes: dict[str, Any], payload: object, ttl: float) -> Non
     else:
         assert recorded.payload is not None
         assert decode_response(recorded.payload) == payload
+
+
+@pytest.mark.parametrize(
+    ("changes", "policy"),
+    [
+        pytest.param({}, Policy(ttl=100), id="a response"),
+        pytest.param({}, Policy(replay_set_cookie=True), id="Set-Cookie kept"),
+        pytest.param({"status": 204}, Policy(ttl=100), id="a body on a 204: unsendable"),
+        pytest.param({"headers": [(b"content-length", b"9")]}, Policy(ttl=100), id="a wrong length"),
+        pytest.param({"headers": [(b"content-length", b"9")], "head": True}, Policy(ttl=100), id="HEAD"),
+        pytest.param({"headers": [], "chunks": [], "size": 0}, Policy(ttl=5), id="nothing"),
+    ],
+)
+def test_record_response_is_record_for_of_a_response_kept_whole(changes: dict[str, Any], policy: Policy) -> None:
+    """The faces' way after a response like any other (kept, whole, its outcome known): what record_for says."""
+    arguments: dict[str, Any] = {"status": 201, "headers": _HEADERS, "chunks": [b"do", b"ne"], "size": 4, "head": False}
+    arguments |= changes
+    expected = record_for(policy, **arguments, failed=False, kept=True, too_large=False, unknown=False)
+    recorded = record_response(policy, **arguments)
+    assert type(recorded) is type(expected)
+    assert (recorded.payload, recorded.ttl) == (expected.payload, expected.ttl)
+    assert str(recorded.unsendable) == str(expected.unsendable)
 
 
 def test_replay_set_cookie_keeps_set_cookie() -> None:

@@ -5,8 +5,19 @@ from __future__ import annotations
 import pytest
 
 from idempo import InProgressError, KeyReuseError, Record, State
-from idempo._core.codec import encode_not_stored, encode_outcome_unknown, encode_too_large
-from idempo._core.decide import Conflict, Decision, Mismatch, NotStored, Replay, Unknown, decide, fallback, should_store
+from idempo._core.codec import encode_not_stored, encode_outcome_unknown, encode_response, encode_too_large
+from idempo._core.decide import (
+    Conflict,
+    Decision,
+    Mismatch,
+    NotStored,
+    Replay,
+    Unknown,
+    decide,
+    fallback,
+    replayable,
+    should_store,
+)
 
 NOW = 1_000_000.0
 
@@ -51,6 +62,31 @@ def record(state: State, fingerprint: str = "fp", *, lease_left: float = 30, pay
 )
 def test_decide(stored: Record, fingerprint: str, expected: Decision) -> None:
     assert decide(stored, fingerprint, now=NOW, retry_after=3600) == expected
+
+
+_RESPONSE = encode_response(200, [(b"content-type", b"application/json")], b"{}")
+
+
+@pytest.mark.parametrize(
+    ("stored", "fingerprint", "payload"),
+    [
+        pytest.param(record(State.COMPLETED, payload=_RESPONSE), "fp", _RESPONSE, id="a response, same: replayed"),
+        pytest.param(record(State.COMPLETED, payload=_RESPONSE), "other", None, id="a response, other: ask decide"),
+        pytest.param(record(State.IN_PROGRESS, payload=_RESPONSE), "fp", None, id="in progress: ask decide"),
+        pytest.param(record(State.IN_PROGRESS), "fp", None, id="in progress, no payload"),
+        pytest.param(record(State.COMPLETED, payload=None), "fp", None, id="completed without payload"),
+        pytest.param(record(State.COMPLETED, payload=b""), "fp", None, id="empty payload: ask decide"),
+        pytest.param(record(State.COMPLETED, payload=encode_too_large(201)), "fp", None, id="a marker"),
+        pytest.param(record(State.COMPLETED, payload=encode_outcome_unknown(504)), "fp", None, id="unknown marker"),
+        pytest.param(record(State.COMPLETED, payload=b"\x04result"), "fp", None, id="a function's result"),
+    ],
+)
+def test_replayable_is_decides_replay_of_a_response(stored: Record, fingerprint: str, payload: bytes | None) -> None:
+    """The fast path the middleware takes first: the payload exactly where decide() replays a response, else None
+    (and then decide() is asked)."""
+    assert replayable(stored, fingerprint) == payload
+    if payload is not None:
+        assert decide(stored, fingerprint, now=NOW) == Replay(payload)
 
 
 @pytest.mark.parametrize(

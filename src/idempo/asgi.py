@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Unpack
 
 from ._asgi.exchange import Exchange, send_problem
@@ -37,8 +37,11 @@ from ._asgi.startup import fail_startup, open_store
 from ._asgi.types import ASGIApp, Message, Receive, Scope, Send
 from ._core.cache import CompletedCache
 from ._core.decide import Refuse, admit
-from ._core.errors import ConfigurationError, RequestError, StoreError
+from ._core.errors import ConfigurationError, InvalidKeyError, RequestError, StoreError
+from ._core.fingerprint import principal_digest, scoped_key
+from ._core.keys import parse_key
 from ._core.policy import Policy, PolicyOptions
+from ._core.principal import ANONYMOUS_WARNING, principal_of
 from ._core.problem import Problem
 from .observe import Observer, Outcome, _ObservedStore, tell
 from .stores import Store, takes_token, transaction_target
@@ -47,6 +50,7 @@ logger = logging.getLogger("idempo")
 
 _STARTUP_PROBE = "idempo:startup-check"  # a key no one writes: its get is one harmless round trip
 _STARTUP_TIMEOUT = 10.0  # seconds the start-up check waits for the store, at most
+_NAMESPACES_MAX = 4096  # Authorization values whose namespace is remembered (then forgotten all at once)
 
 
 def _no_key(scope: Scope) -> None:
@@ -131,6 +135,9 @@ class IdempotencyMiddleware:
         self._target = transaction_target(self.store)
         self._renewer: Renewer | None = None
         self._warned_anonymous = False
+        # The store key's prefix for each Authorization header value seen (None: no header) of requests the default
+        # principal reads from that header alone: the same callers come back.
+        self._namespaces: dict[bytes | None, str] = {}
         self._claims_with_token = takes_token(self.store)
         self._background: set[asyncio.Task[None]] = set()  # outcomes still being recorded after a store failure
         self._header = self.policy.header_name
@@ -152,14 +159,30 @@ class IdempotencyMiddleware:
                     send = self._checking_startup(send)
             await self.app(scope, receive, send)
             return
-        header = self._header
-        keys = []  # a loop rather than a comprehension: no frame of its own (Python 3.11), on every request
-        for name, value in scope["headers"]:
-            if name == header:
-                keys.append(value)
+        raw = scope["headers"]
+        headers = dict(raw)  # made in C: the key, and the few headers the exchange reads, without a loop in Python
+        keys: Sequence[bytes]
+        if len(headers) == len(raw):  # no name twice: the dict holds every value
+            value = headers.get(self._header)
+            if value is not None:  # admit()'s first row, without its call: one key
+                try:
+                    key = parse_key(value)
+                except InvalidKeyError as exc:
+                    self._observe("bad_key", scope)
+                    await self._send_error(send, exc)
+                    return
+                await Exchange(self, scope, receive, send, key, headers).run()
+                return
+            keys = ()
+        else:
+            header = self._header
+            keys = []  # a loop rather than a comprehension: no frame of its own (Python 3.11)
+            for name, value in raw:
+                if name == header:
+                    keys.append(value)
         admission = admit(self.policy, keys, scope["path"])
         if type(admission) is str:  # admitted: its key
-            await Exchange(self, scope, receive, send, admission).run()
+            await Exchange(self, scope, receive, send, admission, headers).run()
             return
         if isinstance(admission, Refuse):
             self._observe("bad_key", scope)
@@ -204,6 +227,23 @@ class IdempotencyMiddleware:
             await send(message)
 
         return checking
+
+    def _namespace_of(self, authorization: bytes | None) -> str:
+        """The store key's prefix, ``<principal digest>:``, of a request without a user whose Authorization header is
+        *authorization* (``None``: none), under the default principal; remembered."""
+        principal = principal_of(None, () if authorization is None else (authorization,))
+        if not principal:
+            self._warn_anonymous()
+        namespaces = self._namespaces
+        if len(namespaces) >= _NAMESPACES_MAX:
+            namespaces.clear()
+        namespace = namespaces[authorization] = scoped_key(principal_digest(principal), "")
+        return namespace
+
+    def _warn_anonymous(self) -> None:
+        if not self._warned_anonymous:
+            self._warned_anonymous = True
+            logger.warning(ANONYMOUS_WARNING)
 
     def _observe(self, outcome: Outcome, scope: Scope) -> None:
         if self.observer is not None:

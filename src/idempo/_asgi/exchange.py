@@ -29,14 +29,16 @@ from .._core.decide import (
     decide_cached,
     on_store_failure,
     record_for,
+    record_response,
     replay,
+    replayable,
     should_store,
     wait_or_answer,
 )
 from .._core.errors import OutcomeUnknownError, RequestError, ResponseNotStoredError
 from .._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
 from .._core.outcome import OutcomeReport
-from .._core.principal import ANONYMOUS_WARNING, principal_of
+from .._core.principal import principal_of
 from .._core.problem import Problem
 from .._core.records import Acquired, Claim, State, new_token
 from ..observe import Outcome, tell
@@ -65,11 +67,16 @@ async def send_problem(send: Send, problem: Problem, retry_after: int | None = N
 
 
 class Exchange(Recording):
-    """One keyed request, from its body to its stored response. Strictly private: one per request."""
+    """One keyed request, from its body to its stored response. Strictly private: one per request.
+
+    Only what every request needs is set when it is made; what a request that runs the app needs (the response's
+    state, the lease's) is set once its key is claimed (:meth:`run`): a replay never pays for it.
+    """
 
     __slots__ = (
         "body",
         "chunks",
+        "claimed",
         "client_gone",
         "done",
         "fingerprint",
@@ -82,6 +89,7 @@ class Exchange(Recording):
         "receive",
         "renewed_at",
         "renewer",
+        "request_headers",
         "scope",
         "send",
         "size",
@@ -93,23 +101,36 @@ class Exchange(Recording):
         "too_large",
     )
 
-    def __init__(self, middleware: IdempotencyMiddleware, scope: Scope, receive: Receive, send: Send, key: str):
+    def __init__(
+        self,
+        middleware: IdempotencyMiddleware,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        key: str,
+        headers: dict[bytes, bytes],
+    ):
         self.mw = middleware
         self.scope = scope
         self.receive = receive
         self.send = send
         self.key = key
+        # The request's headers as a dict, made by the middleware (a name sent twice: its last value).
+        self.request_headers = headers
         self.store = middleware._calls
         self.store_key = ""
         self.fingerprint = ""
-        self.token = ""
         self.body: bytes | None = b""  # None once delivered to the app
-        self.renewed_at = 0.0
+        self.outcome: OutcomeReport | None = None  # what the app says of it (mark_outcome_unknown), once it runs
+
+    def _claimed(self, token: str) -> None:
+        """The key is ours, under *token*: the state of a request that runs the app."""
+        self.token = self.claimed = token
+        self.renewed_at = time.monotonic()
         self.renewer: Renewer | None = None
         # What the app answers.
         self.status = 0
         self.started = False  # whether the app's response has started (its status went out)
-        self.outcome: OutcomeReport | None = None  # what the app says of it (mark_outcome_unknown), once it runs
         self.headers: Iterable[tuple[bytes, bytes]] = ()
         self.chunks: list[bytes] = []
         self.size = 0
@@ -120,20 +141,26 @@ class Exchange(Recording):
         # Set once the response is over; made only if the app asks for a second message (rare).
         self.done: asyncio.Future[None] | None = None
 
+    def bind(self) -> Bound:
+        """The claim as the transaction bindings see it (made when one first asks: :class:`OutcomeReport`)."""
+        mw = self.mw
+        head = self.scope["method"] == "HEAD"
+        return Bound(mw.policy, mw.store, mw._target, self.store_key, self.claimed, head=head)
+
     async def run(self) -> None:
         mw = self.mw
         policy = mw.policy
         scope = self.scope
-        # A dict of the headers, made in C: cheaper than a loop in Python over them for the few we need here.
-        headers = dict(scope["headers"])
+        headers = self.request_headers
         declared = headers.get(b"content-length", b"")
         checked = -1  # the size body_too_large found fitting, if the body declared its length
         if declared.isdigit():
-            error = body_too_large(policy, int(declared), declared=True)
-            if error is not None:
-                await self._refuse("too_large", error)
-                return
             checked = int(declared)
+            if checked > policy.max_request_bytes:  # body_too_large's test, without its call when it fits
+                error = body_too_large(policy, checked, declared=True)
+                if error is not None:
+                    await self._refuse("too_large", error)
+                    return
         # The body: nearly always one message (read here: a coroutine less on every request).
         message = await self.receive()
         if message["type"] == "http.disconnect":
@@ -145,24 +172,32 @@ class Exchange(Recording):
             if body is None:
                 return  # the client left, or a 413 was answered
         self.body = body
-        try:
-            if mw.principal is default_principal:  # its rule, with the dict above when it can serve (no header
-                raw_headers = scope["headers"]  # name twice: it holds the only Authorization header there is)
-                if len(headers) == len(raw_headers):
-                    found = headers.get(b"authorization")
-                    authorization: Sequence[bytes] = () if found is None else (found,)
+        raw_headers = scope["headers"]
+        if mw.principal is default_principal and len(headers) == len(raw_headers) and scope.get("user") is None:
+            # The default principal of a request with no user and no header name twice: its Authorization header's
+            # (or none), whose namespace the middleware remembers.
+            authorization = headers.get(b"authorization")
+            namespace = mw._namespaces.get(authorization)
+            if namespace is None:
+                namespace = mw._namespace_of(authorization)
+            self.store_key = store_key = namespace + self.key
+        else:
+            try:
+                if mw.principal is default_principal:
+                    if len(headers) == len(raw_headers):  # the dict holds the only Authorization header there is
+                        found = headers.get(b"authorization")
+                        authorization_values: Sequence[bytes] = () if found is None else (found,)
+                    else:
+                        authorization_values = [value for name, value in raw_headers if name == b"authorization"]
+                    principal: str | bytes = principal_of(scope.get("user"), authorization_values)
+                    if not principal:
+                        mw._warn_anonymous()
                 else:
-                    authorization = [value for name, value in raw_headers if name == b"authorization"]
-                principal: str | bytes = principal_of(scope.get("user"), authorization)
-                if not principal and not mw._warned_anonymous:
-                    mw._warned_anonymous = True
-                    logger.warning(ANONYMOUS_WARNING)
-            else:
-                principal = mw.principal(scope)
-        except RequestError as exc:
-            await self._refuse("bad_key", exc)
-            return
-        self.store_key = scoped_key(principal_digest(principal), self.key)
+                    principal = mw.principal(scope)
+            except RequestError as exc:
+                await self._refuse("bad_key", exc)
+                return
+            self.store_key = store_key = scoped_key(principal_digest(principal), self.key)
         if mw.fingerprint is not None:
             fingerprint = mw.fingerprint(scope, body)
         else:
@@ -176,7 +211,7 @@ class Exchange(Recording):
         self.fingerprint = fingerprint
         cache = mw.cache
         if cache is not None:
-            cached = cache.get(self.store_key, time.monotonic())
+            cached = cache.get(store_key, time.monotonic())
             if cached is not None:  # a completed record: the store's answer, without asking it
                 answer = decide_cached(cached[0], cached[1], fingerprint)
                 if type(answer) is bytes:
@@ -184,18 +219,31 @@ class Exchange(Recording):
                 else:
                     await self._refuse("mismatch", MISMATCH.error())
                 return
-        token = new_token() if mw._claims_with_token else None
-        try:
-            claim = await self._claim(token)
-        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-            await self._claim_failed(exc, token)
-            return
+        # The claim, made here (not in a method of its own: a frame less on every request); see _claim.
+        if mw._claims_with_token:
+            token = new_token()
+            try:
+                claim = await self.store.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
+            except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+                await self._claim_failed(exc, token)
+                return
+        else:
+            try:
+                claim = await self.store.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
+            except Exception as exc:  # noqa: BLE001 - as above
+                await self._claim_failed(exc, None)
+                return
         if not isinstance(claim, Acquired):
+            # The usual answer first, as decide() would give it: the stored response, replayed.
+            payload = replayable(claim.record, fingerprint) if cache is None else None
+            if payload is not None:
+                await self._replay(payload)
+                return
             acquired = await self._answer_existing(claim)
             if acquired is None:
                 return
             claim = acquired
-        self.token = claim.token
+        self._claimed(claim.token)
         if mw.observer is not None:
             tell(mw.observer, "executed", scope)
         # Run the app (here rather than in a method of its own: one coroutine less on every message it sends).
@@ -207,7 +255,7 @@ class Exchange(Recording):
         if extensions and ("http.response.pathsend" in extensions or "http.response.zerocopy" in extensions):
             scope = dict(scope)
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
-        self.renewed_at = time.monotonic()
+        self.outcome = outcome = OutcomeReport.open(self)  # its Bound is made only if a binding asks (self.bind)
         loop = asyncio.get_running_loop()
         renewer = mw._renewer
         if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
@@ -217,8 +265,6 @@ class Exchange(Recording):
         running.add(self)
         if renewer.timer is None:
             renewer.arm()
-        self.outcome = outcome = OutcomeReport.open()
-        outcome.bound = Bound(policy, mw.store, mw._target, self.store_key, claim.token, head=scope["method"] == "HEAD")
         try:
             await mw.app(scope, self._app_receive, self._send)
         except OutcomeUnknownError as exc:
@@ -465,37 +511,55 @@ class Exchange(Recording):
         background while our lease lasts (the response is the client's already, and must not wait): a store that
         comes back within the lease still gets the outcome, so that a retry replays it instead of running the
         operation again."""
-        if self.token == "":
+        token = self.token
+        if token == "":
             return
-        token, self.token = self.token, ""
+        self.token = ""
         if self.renewer is not None:
             self.renewer.running.discard(self)
-        if self.in_transaction == COMMITTED:  # the app's transaction completed the key: nothing to write
-            self._recorded_in_transaction()
-            return
         outcome = self.outcome
-        unknown = outcome is not None and outcome.unknown
-        if unknown:
-            logger.warning("idempo: the outcome of a request is unknown; its key is kept until resolved or expired")
-        recorded = record_for(
-            self.mw.policy,
-            self.status,
-            self.headers,
-            self.chunks,
-            size=self.size,
-            failed=failed,
-            kept=self.keep,
-            too_large=self.too_large,
-            unknown=unknown,
-            head=self.scope["method"] == "HEAD",
-        )
-        if recorded.unsendable is not None:
-            logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", recorded.unsendable)
-        try:
-            await self._apply(token, recorded.payload, recorded.ttl, fall_back=False)  # one store call, at most
+        unknown = False
+        if outcome is not None:
+            bound = outcome.made  # made only if a binding asked for it
+            if bound is not None and bound.state == COMMITTED:  # the app's transaction completed the key
+                self._recorded_in_transaction()
+                return
+            unknown = outcome.unknown
+        policy = self.mw.policy
+        head = self.scope["method"] == "HEAD"
+        if not failed and self.keep and not self.too_large and not unknown:  # a response like any other
+            recorded = record_response(policy, self.status, self.headers, self.chunks, self.size, head)
+        else:
+            if unknown:
+                logger.warning("idempo: the outcome of a request is unknown; its key is kept until resolved or expired")
+            recorded = record_for(
+                policy,
+                self.status,
+                self.headers,
+                self.chunks,
+                size=self.size,
+                failed=failed,
+                kept=self.keep,
+                too_large=self.too_large,
+                unknown=unknown,
+                head=head,
+            )
+        payload, ttl, unsendable = recorded
+        if unsendable is not None:
+            logger.error("idempo: a response cannot be sent as it is (%s); it is not stored", unsendable)
+        try:  # one store call, at most (_apply's, without its coroutine)
+            if payload is None:
+                await self.store.release(self.store_key, token)
+            else:
+                try:
+                    done = await self.store.complete(self.store_key, token, payload, ttl=ttl)
+                except Exception as exc:  # noqa: BLE001 - raised again unless the fallback is what it calls for
+                    payload, done = await self._complete_smaller(exc, token, payload, ttl, fall_back=False)
+                if not done or self.mw.cache is not None:
+                    self._completed(done, payload, ttl)
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
             logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
-            self._record_in_background(token, recorded.payload, recorded.ttl, self.renewed_at + self.mw.policy.lease)
+            self._record_in_background(token, recorded.payload, ttl, self.renewed_at + policy.lease)
 
 
 _UNREADABLE_LOGGED: set[str] = set()

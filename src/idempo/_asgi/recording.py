@@ -45,7 +45,7 @@ class Recording:
         """Whether the app recorded the response in a transaction of its own: ``OPEN`` (no), ``RECORDED`` (yes, and
         no one saw that transaction commit: it may have rolled back) or ``COMMITTED``."""
         outcome = self.outcome
-        bound = None if outcome is None else outcome.bound
+        bound = None if outcome is None else outcome.made  # a Bound no binding asked for is OPEN
         return OPEN if bound is None else bound.state
 
     def _record_in_background(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
@@ -66,13 +66,23 @@ class Recording:
             return
         try:
             done = await store.complete(self.store_key, token, payload, ttl=ttl)
-        except Exception as exc:
-            smaller = fallback(payload, self.status) if fall_back or isinstance(exc, StoreFullError) else None
-            if smaller is None:
-                raise
-            logger.error("idempo: could not store a response (%s); storing that the request ran instead", exc)
-            done = await store.complete(self.store_key, token, smaller, ttl=ttl)
-            payload = smaller
+        except Exception as exc:  # noqa: BLE001 - raised again unless the fallback is what it calls for
+            payload, done = await self._complete_smaller(exc, token, payload, ttl, fall_back=fall_back)
+        self._completed(done, payload, ttl)
+
+    async def _complete_smaller(
+        self, exc: Exception, token: str, payload: bytes, ttl: float, *, fall_back: bool
+    ) -> tuple[bytes, bool]:
+        """Completing the key with *payload* failed with *exc*: complete it with the :func:`fallback` instead if that
+        is what the failure calls for (see :meth:`_apply`), and return it with the store's answer; else raise *exc*."""
+        smaller = fallback(payload, self.status) if fall_back or isinstance(exc, StoreFullError) else None
+        if smaller is None:
+            raise exc
+        logger.error("idempo: could not store a response (%s); storing that the request ran instead", exc)
+        return smaller, await self.store.complete(self.store_key, token, smaller, ttl=ttl)
+
+    def _completed(self, done: bool, payload: bytes, ttl: float) -> None:
+        """The store answered *done* to the completion with *payload*."""
         if not done:
             if self.in_transaction == OPEN:
                 logger.warning("idempo: a request finished after its key was taken over; its response is not stored")
@@ -84,7 +94,7 @@ class Recording:
     def _recorded_in_transaction(self) -> None:
         """The app's transaction completed the key: remember its response, if the cache is on."""
         outcome = self.outcome
-        bound = None if outcome is None else outcome.bound
+        bound = None if outcome is None else outcome.made
         payload = None if bound is None else bound.payload
         if self.mw.cache is not None and bound is not None and payload is not None and payload[:1] == b"\x01":
             self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), bound.ttl)

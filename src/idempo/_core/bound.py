@@ -162,8 +162,9 @@ def current() -> Bound | None:
     """The claim of the keyed request running in this context, or ``None``."""
     report = current_report.get()
     while report is not None:
-        if report.bound is not None:
-            return report.bound
+        bound = report.bound
+        if bound is not None:
+            return bound
         report = report.parent
     return None
 

@@ -281,34 +281,37 @@ def decode_parts(
     payload: bytes,
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker | OutcomeUnknownMarker:
     """:func:`decode_response` without building a :class:`StoredResponse`: ``(status, headers, body)`` (a new
-    list of headers, the caller's to extend), or the marker. The middleware's way to replay."""
+    list of headers, the caller's to extend), or the marker. The middleware's way to replay.
+
+    Raises:
+        ValueError: the payload is not one of ours (a corrupt record, or one written by a newer version).
+    """
     try:
-        return _decode(payload)
-    except struct.error as exc:  # a fixed-size field runs past the end: not a ValueError of its own
-        msg = f"truncated stored response: {exc}"
-        raise ValueError(msg) from exc
+        version, status, count = _unpack_head(payload)
+        if version == _RESPONSE:
+            offset = 5  # _HEAD.size
+            headers: list[tuple[bytes, bytes]] = []
+            while count:
+                name_length, value_length = _unpack_field(payload, offset)
+                start = offset + 6  # _FIELD.size
+                middle = start + name_length
+                offset = middle + value_length
+                headers.append((payload[start:middle], payload[middle:offset]))
+                count -= 1
+            if offset <= len(payload):
+                return status, headers, payload[offset:]
+            msg = "truncated stored response"
+            raise ValueError(msg)
+    except struct.error as exc:  # a fixed-size field runs past the end (or a marker: shorter than a response's head)
+        if payload[:1] == b"\x01":
+            msg = f"truncated stored response: {exc}"
+            raise ValueError(msg) from exc
+    marker = decode_marker(payload)
+    if marker is not None:
+        return marker
+    msg = f"unknown stored response format {payload[:1]!r}"
+    raise ValueError(msg)
 
 
-def _decode(payload: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | TooLargeMarker | OutcomeUnknownMarker:
-    version = payload[:1]
-    if version != b"\x01":
-        marker = decode_marker(payload)
-        if marker is not None:
-            return marker
-        msg = f"unknown stored response format {version!r}"
-        raise ValueError(msg)
-    _, status, count = _HEAD.unpack_from(payload)
-    offset = _HEAD.size
-    headers: list[tuple[bytes, bytes]] = []
-    for _ in range(count):
-        name_len, value_len = _FIELD.unpack_from(payload, offset)
-        offset += _FIELD.size
-        name = payload[offset : offset + name_len]
-        offset += name_len
-        value = payload[offset : offset + value_len]
-        offset += value_len
-        headers.append((name, value))
-    if offset > len(payload):
-        msg = "truncated stored response"
-        raise ValueError(msg)
-    return status, headers, payload[offset:]
+_unpack_head = _HEAD.unpack_from
+_unpack_field = _FIELD.unpack_from

@@ -72,8 +72,10 @@ __all__ = [
     "is_marker",
     "on_store_failure",
     "record_for",
+    "record_response",
     "render_rows",
     "replay",
+    "replayable",
     "should_store",
     "wait_or_answer",
 ]
@@ -248,6 +250,17 @@ def decide(record: Record, fingerprint: str, *, now: float, retry_after: float =
 
 
 _MARKERS = (b"\x02", b"\x03")
+_COMPLETED: Final = State.COMPLETED
+
+
+def replayable(record: Record, fingerprint: str) -> bytes | None:
+    """:func:`decide`'s most common answer, found first: the stored response to replay (its payload, as it is: no
+    :class:`Replay` is made on this path), where :func:`decide` would answer ``Replay`` of a response; ``None``
+    otherwise (then ask :func:`decide`)."""
+    payload = record.payload
+    if payload is not None and payload[:1] == b"\x01" and record.fingerprint == fingerprint:
+        return payload if record.state is _COMPLETED else None
+    return None
 
 
 def decide_cached(cached_fingerprint: str, payload: bytes, fingerprint: str) -> bytes | Mismatch:
@@ -359,13 +372,30 @@ def record_for(
         return RELEASE
     if too_large:
         return Recorded(encode_too_large(status), policy.ttl)
+    return record_response(policy, status, headers, chunks, size, head)
+
+
+_new_recorded = tuple.__new__  # builds a Recorded without its Python-level __new__
+
+
+def record_response(
+    policy: Policy,
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    chunks: Iterable[bytes],
+    size: int,
+    head: bool = False,
+) -> Recorded:
+    """:func:`record_for` of an operation that finished, answering *status*, whose response is kept
+    (:func:`should_store`), was recorded whole (``too_large`` false), and whose outcome is known: the most common
+    case, without the questions whose answers are known (the faces' way after a response like any other)."""
     try:
         payload = encode_app_response(
             status, headers, chunks, keep_set_cookie=policy.replay_set_cookie, size=size, head=head
         )
     except UnsendableResponse as exc:
         return Recorded(encode_not_stored(status, "unsendable"), policy.ttl, exc)
-    return Recorded(payload, policy.ttl)
+    return _new_recorded(Recorded, (payload, policy.ttl, None))
 
 
 def is_marker(payload: bytes) -> bool:

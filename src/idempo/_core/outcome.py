@@ -10,12 +10,20 @@ records the outcome. Strictly private, except :func:`mark_outcome_unknown`.
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .bound import Bound
 
-__all__ = ["OutcomeReport", "current", "mark_outcome_unknown"]
+__all__ = ["Claimant", "OutcomeReport", "current", "mark_outcome_unknown"]
+
+
+class Claimant(Protocol):
+    """**Protocol:** what holds a running request's claim and makes its :class:`~idempo._core.bound.Bound` when a
+    binding first asks for it (a face's per-request object). Strictly private."""
+
+    def bind(self) -> Bound:
+        """The claim, as the transaction bindings see it."""
 
 
 class OutcomeReport:
@@ -25,22 +33,38 @@ class OutcomeReport:
     report as its *parent*: an inner outcome that is unknown makes the outer one unknown too.
     """
 
-    __slots__ = ("_context", "bound", "parent", "unknown")
+    __slots__ = ("_context", "claimant", "made", "parent", "unknown")
 
     def __init__(self, parent: OutcomeReport | None = None) -> None:
         self.unknown = False
         self.parent = parent
-        # The request's claim as the transaction bindings see it (idempo._core.bound.Bound), where a face set one.
-        self.bound: Bound | None = None
+        # The request's claim as the transaction bindings see it (idempo._core.bound.Bound), where a face set one:
+        # made (`made`) when a binding first asks (`bound`), by the face's `claimant`, or set by the face.
+        self.made: Bound | None = None
+        self.claimant: Claimant | None = None
         self._context: Token[OutcomeReport | None] | None = None
 
+    @property
+    def bound(self) -> Bound | None:
+        """The request's claim as the bindings see it (made on first use), or ``None`` where no face set one."""
+        bound = self.made
+        if bound is None and self.claimant is not None:
+            bound = self.made = self.claimant.bind()
+        return bound
+
+    @bound.setter
+    def bound(self, bound: Bound | None) -> None:
+        self.made = bound
+
     @classmethod
-    def open(cls) -> OutcomeReport:
+    def open(cls, claimant: Claimant | None = None) -> OutcomeReport:
         """A report for an operation about to run in this context, made the current one until :meth:`close`
-        (:meth:`enter` on a new report, in one call: the middleware makes one per keyed request)."""
+        (:meth:`enter` on a new report, in one call: the middleware makes one per keyed request), its claim's
+        :class:`~idempo._core.bound.Bound` made by *claimant* if a binding asks for it."""
         report = cls.__new__(cls)
         report.unknown = False
-        report.bound = None
+        report.made = None
+        report.claimant = claimant
         report.parent = current.get()
         report._context = current.set(report)
         return report
