@@ -179,9 +179,11 @@ class Pool:
         pool, or give up on it."""
         try:
             pooled = await self._open_with_retries()
-        except self._failures:
-            self._size -= 1  # given up on: the next operation that waits for a connection starts a new attempt
-            return
+        except BaseException as exc:
+            self._size -= 1
+            if isinstance(exc, self._failures):
+                return  # given up on: the next operation that waits for a connection starts a new attempt
+            raise  # a cancellation (the pool closes), or a bug: the task says so
         finally:
             self._opening -= 1
         if self._closed:
