@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -389,3 +389,62 @@ def test_sync_claim_takes_the_callers_token(tmp_path: Path) -> None:
     assert not store.complete("k", "another", b"x", ttl=60)
     assert store.complete("k", "drawn-by-the-caller", b"done", ttl=60)
     store.close()
+
+
+# -- a new key's claim: one statement, and the race it must lose ---------------------------------------------------
+
+
+class _ClaimedMeanwhile:
+    """A connection on which another process claims the key between the claim's read and its insert."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+        self.statements: list[str] = []
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        self.statements.append(sql.split(maxsplit=1)[0])
+        if sql.startswith("INSERT INTO") and "ON CONFLICT DO NOTHING" in sql:
+            other = SyncSQLiteStore(self.path)
+            assert other.claim("k", "first", lease=60, ttl=60, token="theirs") == Acquired("theirs")
+            other.close()
+        return self.conn.execute(sql, *args)
+
+
+def test_a_new_keys_claim_that_loses_the_race_finds_the_winners_record(tmp_path: Path) -> None:
+    """The read found no record; another process claimed the key before the insert: the insert does nothing, and
+    the claim answers the winner's record (taken under the write lock), never a second owner."""
+    store = SQLiteStore(tmp_path / "r.db")
+    conn = store._database.connect()
+    racing = _ClaimedMeanwhile(conn, tmp_path / "r.db")
+    claim = store._claim(cast(sqlite3.Connection, racing), "k", "second", 60, 60, "ours")
+    record = record_of(claim)
+    assert (record.fingerprint, record.token, record.state) == ("first", "theirs", State.IN_PROGRESS)
+    assert racing.statements == ["SELECT", "INSERT", "BEGIN", "SELECT", "COMMIT"]
+    assert not conn.in_transaction
+    conn.close()
+
+
+def test_a_new_keys_claim_is_a_read_and_one_insert(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "n.db")
+    conn = store._database.connect()
+    counting = _Counting(conn)
+    assert store._claim(cast(sqlite3.Connection, counting), "k", "fp", 60, 60, "ours") == Acquired("ours")
+    assert counting.statements == ["SELECT", "INSERT"]
+    record = record_of(store._claim(cast(sqlite3.Connection, counting), "k", "fp", 60, 60, "again"))
+    assert record.token == "ours"
+    conn.close()
+
+
+class _Counting:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.statements: list[str] = []
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        self.statements.append(sql.split(maxsplit=1)[0])
+        return self.conn.execute(sql, *args)

@@ -418,6 +418,7 @@ class _CommitFails:
 def test_failed_commit_never_leaves_the_write_lock_held(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "c.db")
     conn = store._database.connect()
+    store._claim(conn, "k", "fp", -1, 60)  # a claim whose lease ran out: the next one takes it over, in a transaction
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         store._claim(cast(sqlite3.Connection, _CommitFails(conn)), "k", "fp", 60, 60)
     assert not conn.in_transaction

@@ -35,7 +35,17 @@ from typing import Any, TypeVar
 
 from .._core.errors import StoreError, StoreFullError
 
-__all__ = ["CHECKPOINT_EVERY", "Busy", "Checkpoints", "Database", "Pool", "StoreThread", "fork_lock", "inherit"]
+__all__ = [
+    "CHECKPOINT_EVERY",
+    "PROCESS",
+    "Busy",
+    "Checkpoints",
+    "Database",
+    "Pool",
+    "StoreThread",
+    "fork_lock",
+    "inherit",
+]
 
 T = TypeVar("T")
 logger = logging.getLogger("idempo")
@@ -54,9 +64,23 @@ _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
 _FORK_LOCK = threading.Lock()
 
 
+class _Process:
+    """This process's id, kept up to date across forks: what a store compares with its connections' to tell whether
+    they are its own, on every operation, without a system call."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+
+PROCESS = _Process()
+
+
 def _new_fork_lock() -> None:
     global _FORK_LOCK
     _FORK_LOCK = threading.Lock()
+    PROCESS.pid = os.getpid()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows

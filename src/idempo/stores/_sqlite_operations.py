@@ -18,8 +18,8 @@ from typing import Any, NamedTuple, TypeVar
 
 from .._core.bound import Target
 from .._core.errors import ConfigurationError, StoreError
-from .._core.records import Acquired, Claim, Existing, Record, new_token
-from ._rows import COMPLETED, IN_PROGRESS, record_from_row
+from .._core.records import Acquired, Claim, Existing, Record, State, new_token
+from ._rows import COMPLETED, IN_PROGRESS
 from ._scan import Page, keyset_plan, prefix_end
 from ._sqlite_connections import Busy, Database
 from ._url import StoreURL
@@ -88,9 +88,15 @@ class SQLiteOperations:
         self._synchronous = synchronous.upper()
         self._clock = clock
         self._database = Database(self._path, table, self._synchronous)
-        self._sql_claim_read = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
+        # The claim's read: every column but the key, which the caller has (one column less to read on each claim).
+        self._sql_claim_read = f"SELECT {_COLUMNS.partition(', ')[2]} FROM {table} WHERE key = ?"
         self._sql_claim_write = (
             f"INSERT OR REPLACE INTO {table} ({_COLUMNS}) VALUES (?, {IN_PROGRESS}, ?, ?, ?, ?, ?, NULL)"
+        )
+        # A key no record holds, claimed in one statement, atomic on its own: it inserts nothing if a record
+        # appeared since the read.
+        self._sql_claim_new = (
+            f"INSERT INTO {table} ({_COLUMNS}) VALUES (?, {IN_PROGRESS}, ?, ?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING"
         )
         self._sql_renew = (
             f"UPDATE {table} SET lease_expires_at = ? "
@@ -102,6 +108,11 @@ class SQLiteOperations:
             f"UPDATE {table} SET state = {COMPLETED}, token = '', payload = :payload, lease_expires_at = :now, "
             f"expires_at = :now + :ttl "
             f"WHERE key = :key AND token = :token AND state = {IN_PROGRESS} AND expires_at > :now"
+        )
+        # The same, with positional parameters: the store's own (cheaper to bind).
+        self._sql_complete_own = (
+            f"UPDATE {table} SET state = {COMPLETED}, token = '', payload = ?, lease_expires_at = ?, expires_at = ? "
+            f"WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
         )
         self._sql_release = (
             f"DELETE FROM {table} WHERE key = ? AND token = ? AND state = {IN_PROGRESS} AND expires_at > ?"
@@ -185,14 +196,22 @@ class SQLiteOperations:
         # A live record seen by a plain read is a safe answer: completed records never change, and an
         # in-progress one was in progress at the moment of the read.
         row = conn.execute(self._sql_claim_read, (key,)).fetchone()
-        if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
-            return Existing(record_from_row(row))
+        if row is None:
+            # No record: ours, in one statement, unless one appeared since the read (then as below).
+            if token is None:
+                token = new_token()
+            if conn.execute(self._sql_claim_new, (key, fingerprint, token, now, now + lease, now + ttl)).rowcount:
+                return Acquired(token)
+        elif row[5] > now and (row[0] == COMPLETED or row[4] > now):
+            return Existing(_keyed_record(key, row))
+        # An expired record or a stale claim, to take over (or a record that appeared since the read): under the
+        # write lock, so that two processes can never both take it.
         conn.execute("BEGIN IMMEDIATE")
         try:
             now = self._clock()
             row = conn.execute(self._sql_claim_read, (key,)).fetchone()
-            if row is not None and row[6] > now and (row[1] == COMPLETED or row[5] > now):
-                result: Claim = Existing(record_from_row(row))
+            if row is not None and row[5] > now and (row[0] == COMPLETED or row[4] > now):
+                result: Claim = Existing(_keyed_record(key, row))
             else:
                 if token is None:
                     token = new_token()
@@ -212,15 +231,16 @@ class SQLiteOperations:
         return conn.execute(self._sql_renew, (now + lease, key, token, now)).rowcount == 1
 
     def _complete(self, conn: sqlite3.Connection, key: str, token: str, payload: bytes, ttl: float) -> bool:
-        params = {"payload": payload, "now": self._clock(), "ttl": float(ttl), "key": key, "token": token}
-        return conn.execute(self._sql_complete, params).rowcount == 1
+        now = self._clock()
+        # expires_at = now + ttl as _sql_complete computes it in SQL (a double sum either way).
+        return conn.execute(self._sql_complete_own, (payload, now, now + float(ttl), key, token, now)).rowcount == 1
 
     def _release(self, conn: sqlite3.Connection, key: str, token: str) -> bool:
         return conn.execute(self._sql_release, (key, token, self._clock())).rowcount == 1
 
     def _get(self, conn: sqlite3.Connection, key: str) -> Record | None:
         row = conn.execute(self._sql_get, (key, self._clock())).fetchone()
-        return None if row is None else record_from_row(row)
+        return None if row is None else _record(row)
 
     def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
         return conn.execute(self._sql_delete, (key,)).rowcount == 1
@@ -244,4 +264,21 @@ class SQLiteOperations:
             clauses.append("key < ?")
             params.append(end)
         query = f"SELECT {_COLUMNS} FROM {self._table} WHERE {' AND '.join(clauses)} ORDER BY key LIMIT ?"
-        return [record_from_row(row) for row in conn.execute(query, (*params, page.size))]
+        return [_record(row) for row in conn.execute(query, (*params, page.size))]
+
+
+_new_record = tuple.__new__  # builds a Record without its Python-level __new__
+_COMPLETED = State.COMPLETED
+_IN_PROGRESS = State.IN_PROGRESS
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    """A :class:`Record` from a row of :data:`_COLUMNS` (``_rows.record_from_row``, without a named tuple's
+    ``__new__``)."""
+    return _new_record(Record, (row[0], _COMPLETED if row[1] == COMPLETED else _IN_PROGRESS, *row[2:]))
+
+
+def _keyed_record(key: str, row: tuple[Any, ...]) -> Record:
+    """The :class:`Record` of *key* from a row of the claim's read (:data:`_COLUMNS` but the key): a replay makes
+    one."""
+    return _new_record(Record, (key, _COMPLETED if row[0] == COMPLETED else _IN_PROGRESS, *row[1:]))

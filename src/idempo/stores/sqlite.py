@@ -44,7 +44,7 @@ from typing import Any, Self, TypeVar
 
 from .._core.plans import iterate, iterate_async, run, run_async
 from .._core.records import Claim, Record
-from ._sqlite_connections import Busy, Pool, StoreThread, fork_lock, inherit
+from ._sqlite_connections import PROCESS, Busy, Pool, StoreThread, fork_lock, inherit
 from ._sqlite_operations import Attempt, Pause, SQLiteOperations
 from ._url import StoreURL
 
@@ -120,7 +120,7 @@ class SQLiteStore(SQLiteOperations):
     # -- performing the plans: on the loop's connection, or on the store's thread ---------------------------
 
     def _thread_of_this_process(self) -> StoreThread:
-        thread, pid = self._thread, os.getpid()
+        thread, pid = self._thread, PROCESS.pid
         if thread.pid != pid:  # first use, or we are a forked child: the parent's thread and connections are not ours
             with self._lock:
                 thread = self._thread
@@ -132,10 +132,33 @@ class SQLiteStore(SQLiteOperations):
     async def _run(self, operation: Callable[..., T], args: tuple[Any, ...], inline: bool = True) -> T:
         # The first attempt is made here, outside the plan: most operations end with it, and driving a plan costs
         # a generator and its runner (measured: a microsecond, a tenth of a replay's store call). What follows a
-        # busy attempt is the plan's.
+        # busy attempt is the plan's, until busy_timeout after the call.
+        thread = self._thread
+        checkpoints = thread.checkpoints
+        conn = thread.inline_conn if inline and thread.pid == PROCESS.pid and not checkpoints.closed else None
+        if conn is not None and thread.inline_lock.acquire(False):
+            # On the loop's connection, free and open in this process (nearly always): the attempt is made right
+            # here, as _try would make it, without its coroutine.
+            try:
+                try:
+                    result: T = operation(conn, *args)
+                finally:
+                    thread.inline_lock.release()
+            except sqlite3.Error as exc:
+                failure = self._database.failure(exc)
+                if not isinstance(failure, Busy):
+                    raise failure from exc
+                # The deadline counts from here, microseconds after the call: this attempt did not wait.
+                attempt = Attempt(operation, args, time.monotonic() + self._busy_timeout, inline)
+                return await run_async(self._attempts(attempt, failure), self._perform)
+            if checkpoints.due():
+                executor = thread.executor
+                assert executor is not None
+                executor.submit(thread.checkpoint)
+            return result
         deadline = time.monotonic() + self._busy_timeout
         try:
-            result: T = await self._try(operation, args, deadline, inline)
+            result = await self._try(operation, args, deadline, inline)
         except Busy as busy:
             result = await run_async(self._attempts(Attempt(operation, args, deadline, inline), busy), self._perform)
         return result
@@ -216,7 +239,7 @@ class SQLiteStore(SQLiteOperations):
         if twin is not None:
             await asyncio.to_thread(twin.close)  # closing the last connection to a file may checkpoint
         thread = self._thread
-        if thread.pid != os.getpid() or thread.executor is None:
+        if thread.pid != PROCESS.pid or thread.executor is None:
             return
         if thread.inline_conn is not None:
             thread.inline_conn.close()
@@ -273,7 +296,7 @@ class SyncSQLiteStore(SQLiteOperations):
     # -- performing the plans: on the caller's thread, over a connection of the pool ------------------------
 
     def _pool_of_this_process(self) -> Pool:
-        pool, pid = self._pool, os.getpid()
+        pool, pid = self._pool, PROCESS.pid
         if pool.pid != pid:  # first use, or we are a forked child: the parent's connections are not ours
             with fork_lock():
                 pool = self._pool
