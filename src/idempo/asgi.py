@@ -45,6 +45,7 @@ from ._core.principal import ANONYMOUS_WARNING, principal_of
 from ._core.problem import Problem
 from .observe import Observer, Outcome, _ObservedStore, tell
 from .stores import Store, takes_token, transaction_target
+from .stores.memory import MemoryStore, SyncMemoryStore
 
 logger = logging.getLogger("idempo")
 
@@ -132,6 +133,11 @@ class IdempotencyMiddleware:
         self.observer = observer
         # What the requests call: the store itself, or, for an observer, the store's calls timed.
         self._calls: Store = self.store if observer is None else _ObservedStore(self.store, observer)
+        # A memory store's calls never wait: its blocking twin's are made instead of awaiting its own, which do
+        # nothing more (a coroutine less per call). Not a subclass's, which may do more.
+        self._inline: SyncMemoryStore | None = (
+            self.store.sync() if observer is None and type(self.store) is MemoryStore else None
+        )
         self._target = transaction_target(self.store)
         self._renewer: Renewer | None = None
         self._warned_anonymous = False

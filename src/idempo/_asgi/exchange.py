@@ -220,7 +220,15 @@ class Exchange(Recording):
                     await self._refuse("mismatch", MISMATCH.error())
                 return
         # The claim, made here (not in a method of its own: a frame less on every request); see _claim.
-        if mw._claims_with_token:
+        inline = mw._inline
+        if inline is not None:
+            # A memory store's claim never goes unanswered: it draws the token itself, and only if it takes the key.
+            try:
+                claim = inline.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
+            except Exception as exc:  # noqa: BLE001 - as below
+                await self._claim_failed(exc, None)
+                return
+        elif mw._claims_with_token:
             token = new_token()
             try:
                 claim = await self.store.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
@@ -236,8 +244,18 @@ class Exchange(Recording):
         if not isinstance(claim, Acquired):
             # The usual answer first, as decide() would give it: the stored response, replayed.
             payload = replayable(claim.record, fingerprint) if cache is None else None
-            if payload is not None:
-                await self._replay(payload)
+            if payload is not None:  # _replay's, without its coroutine
+                replayed = replay(payload)
+                if isinstance(replayed, RequestError):
+                    await self._unreplayable(replayed)
+                    return
+                if mw.observer is not None:
+                    tell(mw.observer, "replayed", scope)
+                status, replayed_headers, body = replayed
+                replayed_headers.append(_REPLAYED)
+                send = self.send
+                await send({"type": "http.response.start", "status": status, "headers": replayed_headers})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
             acquired = await self._answer_existing(claim)
             if acquired is None:
@@ -405,9 +423,7 @@ class Exchange(Recording):
     async def _replay(self, payload: bytes) -> None:
         answer = replay(payload)
         if isinstance(answer, RequestError):
-            if isinstance(answer, ResponseNotStoredError) and answer.reason == "unreadable":
-                _log_unreadable(self.store_key)
-            await self._refuse("replayed", answer)
+            await self._unreplayable(answer)
             return
         if self.mw.observer is not None:
             tell(self.mw.observer, "replayed", self.scope)
@@ -415,6 +431,12 @@ class Exchange(Recording):
         headers.append(_REPLAYED)
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _unreplayable(self, error: RequestError) -> None:
+        """Answer the problem of a stored payload that is not a response to replay (:func:`replay`'s *error*)."""
+        if isinstance(error, ResponseNotStoredError) and error.reason == "unreadable":
+            _log_unreadable(self.store_key)
+        await self._refuse("replayed", error)
 
     def _set_key(self) -> None:
         """Put the key where the app finds it (``request.state.idempotency_key``)."""
@@ -552,7 +574,11 @@ class Exchange(Recording):
                 await self.store.release(self.store_key, token)
             else:
                 try:
-                    done = await self.store.complete(self.store_key, token, payload, ttl=ttl)
+                    inline = self.mw._inline
+                    if inline is not None:
+                        done = inline.complete(self.store_key, token, payload, ttl=ttl)
+                    else:
+                        done = await self.store.complete(self.store_key, token, payload, ttl=ttl)
                 except Exception as exc:  # noqa: BLE001 - raised again unless the fallback is what it calls for
                     payload, done = await self._complete_smaller(exc, token, payload, ttl, fall_back=False)
                 if not done or self.mw.cache is not None:

@@ -178,8 +178,8 @@ def encode_app_response(
         msg = f"a {status} response cannot have a body"
         raise UnsendableResponse(msg)
     dropped = _DROPPED_KEEPING_COOKIES if keep_set_cookie else _DROPPED
-    pack = _FIELD.pack
     parts = [b""]
+    count = 0
     for raw_name, value in headers:
         name = raw_name.lower()
         if name in dropped:
@@ -188,13 +188,27 @@ def encode_app_response(
                 stored = storable_headers(headers, keep_set_cookie=keep_set_cookie)
                 return encode_response(status, stored, b"".join(chunks))
             continue
-        if name == b"content-length" and size is not None and not head and value.strip() != str(size).encode():
-            msg = f"Content-Length {value!r} is not the body's {size} bytes"
-            raise UnsendableResponse(msg)
-        parts += (pack(len(name), len(value)), name, value)
-    parts[0] = _HEAD.pack(_RESPONSE, status, len(parts) // 3)
+        if name == b"content-length" and size is not None and not head:
+            expected = b"%d" % size
+            if value != expected and value.strip() != expected:
+                msg = f"Content-Length {value!r} is not the body's {size} bytes"
+                raise UnsendableResponse(msg)
+        name_length = len(name)
+        value_length = len(value)
+        if value_length < _SHORT and name_length < _SHORT:  # the field's two lengths, made ahead (_FIELD's packing)
+            parts += (_U16[name_length], _U32[value_length], name, value)
+        else:
+            parts += (_FIELD.pack(name_length, value_length), name, value)
+        count += 1
+    parts[0] = _HEAD.pack(_RESPONSE, status, count)
     parts += chunks
     return b"".join(parts)
+
+
+# The lengths of a field as _FIELD packs them (name u16, value u32), made ahead for the short ones.
+_SHORT = 1024
+_U16 = [length.to_bytes(2, "big") for length in range(_SHORT)]
+_U32 = [length.to_bytes(4, "big") for length in range(_SHORT)]
 
 
 def _check_length(headers: Iterable[tuple[bytes, bytes]], size: int | None, head: bool) -> None:
