@@ -129,6 +129,7 @@ class IdempotencyMiddleware:
         else:
             self.store = store
         self.principal = principal
+        self._default_principal = principal is default_principal
         self.fingerprint = fingerprint
         self.observer = observer
         # What the requests call: the store itself, or, for an observer, the store's calls timed.

@@ -38,6 +38,7 @@ from .._core.decide import (
 from .._core.errors import OutcomeUnknownError, RequestError, ResponseNotStoredError
 from .._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
 from .._core.outcome import OutcomeReport
+from .._core.outcome import current as current_report
 from .._core.principal import principal_of
 from .._core.problem import Problem
 from .._core.records import Acquired, Claim, State, new_token
@@ -66,7 +67,7 @@ async def send_problem(send: Send, problem: Problem, retry_after: int | None = N
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class Exchange(Recording):
+class Exchange(Recording, OutcomeReport):
     """One keyed request, from its body to its stored response. Strictly private: one per request.
 
     Only what every request needs is set when it is made; what a request that runs the app needs (the response's
@@ -123,24 +124,6 @@ class Exchange(Recording):
         self.body: bytes | None = b""  # None once delivered to the app
         self.outcome: OutcomeReport | None = None  # what the app says of it (mark_outcome_unknown), once it runs
 
-    def _claimed(self, token: str) -> None:
-        """The key is ours, under *token*: the state of a request that runs the app."""
-        self.token = self.claimed = token
-        self.renewed_at = time.monotonic()
-        self.renewer: Renewer | None = None
-        # What the app answers.
-        self.status = 0
-        self.started = False  # whether the app's response has started (its status went out)
-        self.headers: Iterable[tuple[bytes, bytes]] = ()
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.keep = False
-        self.too_large = False
-        self.finished = False
-        self.client_gone = False
-        # Set once the response is over; made only if the app asks for a second message (rare).
-        self.done: asyncio.Future[None] | None = None
-
     def bind(self) -> Bound:
         """The claim as the transaction bindings see it (made when one first asks: :class:`OutcomeReport`)."""
         mw = self.mw
@@ -173,7 +156,7 @@ class Exchange(Recording):
                 return  # the client left, or a 413 was answered
         self.body = body
         raw_headers = scope["headers"]
-        if mw.principal is default_principal and len(headers) == len(raw_headers) and scope.get("user") is None:
+        if mw._default_principal and len(headers) == len(raw_headers) and scope.get("user") is None:
             # The default principal of a request with no user and no header name twice: its Authorization header's
             # (or none), whose namespace the middleware remembers.
             authorization = headers.get(b"authorization")
@@ -261,7 +244,22 @@ class Exchange(Recording):
             if acquired is None:
                 return
             claim = acquired
-        self._claimed(claim.token)
+        # The key is ours: the state of a request that runs the app.
+        self.token = self.claimed = claim.token
+        self.renewed_at = time.monotonic()
+        self.renewer: Renewer | None = None
+        # What the app answers.
+        self.status = 0
+        self.started = False  # whether the app's response has started (its status went out)
+        self.headers: Iterable[tuple[bytes, bytes]] = ()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.keep = False
+        self.too_large = False
+        self.finished = False
+        self.client_gone = False
+        # Set once the response is over; made only if the app asks for a second message (rare).
+        self.done: asyncio.Future[None] | None = None
         if mw.observer is not None:
             tell(mw.observer, "executed", scope)
         # Run the app (here rather than in a method of its own: one coroutine less on every message it sends).
@@ -273,7 +271,14 @@ class Exchange(Recording):
         if extensions and ("http.response.pathsend" in extensions or "http.response.zerocopy" in extensions):
             scope = dict(scope)
             scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
-        self.outcome = outcome = OutcomeReport.open(self)  # its Bound is made only if a binding asks (self.bind)
+        # The exchange is its own outcome report (OutcomeReport.open's, without an object of its own): the current
+        # one while the app runs; its Bound is made only if a binding asks for it (self.bind).
+        self.unknown = False
+        self.made = None
+        self.claimant = self
+        self.parent = current_report.get()
+        self._context = current_report.set(self)
+        self.outcome = outcome = self
         loop = asyncio.get_running_loop()
         renewer = mw._renewer
         if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
