@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Unpack
 
-from ._asgi.exchange import Exchange, send_problem
+from ._asgi.exchange import send_problem, serve
 from ._asgi.leases import Renewer
 from ._asgi.principals import authorization_principal, default_principal
 from ._asgi.startup import fail_startup, open_store
@@ -178,7 +178,7 @@ class IdempotencyMiddleware:
                     self._observe("bad_key", scope)
                     await self._send_error(send, exc)
                     return
-                await Exchange(self, scope, receive, send, key, headers).run()
+                await serve(self, scope, receive, send, key, headers)
                 return
             keys = ()
         else:
@@ -189,7 +189,7 @@ class IdempotencyMiddleware:
                     keys.append(value)
         admission = admit(self.policy, keys, scope["path"])
         if type(admission) is str:  # admitted: its key
-            await Exchange(self, scope, receive, send, admission, headers).run()
+            await serve(self, scope, receive, send, admission, headers)
             return
         if isinstance(admission, Refuse):
             self._observe("bad_key", scope)

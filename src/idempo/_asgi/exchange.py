@@ -38,7 +38,6 @@ from .._core.decide import (
 from .._core.errors import OutcomeUnknownError, RequestError, ResponseNotStoredError
 from .._core.fingerprint import canonical_json_body, fingerprint_request, principal_digest, scoped_key
 from .._core.outcome import OutcomeReport
-from .._core.outcome import current as current_report
 from .._core.principal import principal_of
 from .._core.problem import Problem
 from .._core.records import Acquired, Claim, State, new_token
@@ -51,7 +50,7 @@ from .types import Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from ..asgi import IdempotencyMiddleware
 
-__all__ = ["Exchange", "send_problem"]
+__all__ = ["Exchange", "send_problem", "serve"]
 
 logger = logging.getLogger("idempo")
 
@@ -67,11 +66,186 @@ async def send_problem(send: Send, problem: Problem, retry_after: int | None = N
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+async def serve(
+    mw: IdempotencyMiddleware, scope: Scope, receive: Receive, send: Send, key: str, headers: dict[bytes, bytes]
+) -> None:
+    """One admitted keyed request (its *key*; *headers*, the request's as a dict, made by the middleware): its body
+    read, its key claimed, and then the stored response replayed or the app run (:meth:`Exchange.run`), as the
+    decision table says. The :class:`Exchange` is made only past a replay: a replay needs no object of its own."""
+    policy = mw.policy
+    declared = headers.get(b"content-length", b"")
+    checked = -1  # the size body_too_large found fitting, if the body declared its length
+    if declared.isdigit():
+        checked = int(declared)
+        if checked > policy.max_request_bytes:  # body_too_large's test, without its call when it fits
+            error = body_too_large(policy, checked, declared=True)
+            if error is not None:
+                await Exchange(mw, scope, receive, send, key, headers, b"")._refuse("too_large", error)
+                return
+    # The body: nearly always one message (read here: a coroutine less on every request).
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return  # the client left before it finished sending; nothing was claimed
+    body = message.get("body", b"")
+    more = message.get("more_body", False)
+    if more or (len(body) != checked and body_too_large(policy, len(body)) is not None):
+        body = await Exchange(mw, scope, receive, send, key, headers, b"")._read_rest(body, more)
+        if body is None:
+            return  # the client left, or a 413 was answered
+    raw_headers = scope["headers"]
+    if mw._default_principal and len(headers) == len(raw_headers) and scope.get("user") is None:
+        # The default principal of a request with no user and no header name twice: its Authorization header's
+        # (or none), whose namespace the middleware remembers.
+        authorization = headers.get(b"authorization")
+        namespace = mw._namespaces.get(authorization)
+        if namespace is None:
+            namespace = mw._namespace_of(authorization)
+        store_key = namespace + key
+    else:
+        try:
+            if mw.principal is default_principal:
+                if len(headers) == len(raw_headers):  # the dict holds the only Authorization header there is
+                    found = headers.get(b"authorization")
+                    authorization_values: Sequence[bytes] = () if found is None else (found,)
+                else:
+                    authorization_values = [value for name, value in raw_headers if name == b"authorization"]
+                principal: str | bytes = principal_of(scope.get("user"), authorization_values)
+                if not principal:
+                    mw._warn_anonymous()
+            else:
+                principal = mw.principal(scope)
+        except RequestError as exc:
+            await Exchange(mw, scope, receive, send, key, headers, body)._refuse("bad_key", exc)
+            return
+        store_key = scoped_key(principal_digest(principal), key)
+    if mw.fingerprint is not None:
+        fingerprint = mw.fingerprint(scope, body)
+    else:
+        fingerprint = fingerprint_request(
+            scope["method"],
+            scope["path"],
+            scope.get("query_string", b""),
+            canonical_json_body(body, policy.canonical_json_max_bytes) if policy.canonical_json else body,
+            headers.get(b"content-type", b""),
+        )
+    cache = mw.cache
+    if cache is not None:
+        cached = cache.get(store_key, time.monotonic())
+        if cached is not None:  # a completed record: the store's answer, without asking it
+            answer = decide_cached(cached[0], cached[1], fingerprint)
+            if type(answer) is bytes:
+                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._replay(answer)
+            else:
+                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._refuse(
+                    "mismatch", MISMATCH.error()
+                )
+            return
+    # The claim, made here (not in a method of its own: a frame less on every request); see _claim.
+    inline = mw._inline
+    if inline is not None:
+        # A memory store's claim never goes unanswered: it draws the token itself, and only if it takes the key.
+        try:
+            claim = inline.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
+        except Exception as exc:  # noqa: BLE001 - as below
+            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
+                exc, None
+            )
+            return
+    elif mw._claims_with_token:
+        token = new_token()
+        try:
+            claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
+        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
+                exc, token
+            )
+            return
+    else:
+        try:
+            claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
+        except Exception as exc:  # noqa: BLE001 - as above
+            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
+                exc, None
+            )
+            return
+    if not isinstance(claim, Acquired):
+        # The usual answer first, as decide() would give it: the stored response, replayed.
+        payload = replayable(claim.record, fingerprint) if cache is None else None
+        if payload is not None:  # _replay's, without its coroutine
+            replayed = replay(payload)
+            if isinstance(replayed, RequestError):
+                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._unreplayable(
+                    replayed
+                )
+                return
+            if mw.observer is not None:
+                tell(mw.observer, "replayed", scope)
+            status, replayed_headers, body = replayed
+            replayed_headers.append(_REPLAYED)
+            await send({"type": "http.response.start", "status": status, "headers": replayed_headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
+        acquired = await exchange._answer_existing(claim)
+        if acquired is None:
+            return
+        claim = acquired
+    else:
+        exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
+    # The key is ours.
+    exchange.token = exchange.claimed = claim.token
+    exchange.renewed_at = time.monotonic()
+    if mw.observer is not None:
+        tell(mw.observer, "executed", scope)
+    # Run the app (here rather than in a method of its own: one coroutine less on every message it sends).
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    state["idempotency_key"] = exchange.key  # before the scope may be copied below, so that the app's copy has it
+    extensions = scope.get("extensions")
+    if extensions and ("http.response.pathsend" in extensions or "http.response.zerocopy" in extensions):
+        scope = dict(scope)
+        scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
+    # The exchange is its own outcome report (no object of its own): the current one while the app runs; its Bound
+    # is made only if a binding asks for it (Exchange.bind).
+    exchange.enter()
+    exchange.outcome = outcome = exchange
+    loop = asyncio.get_running_loop()
+    renewer = mw._renewer
+    if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
+        renewer = mw._renewer = Renewer(loop, mw._calls, policy.lease)
+    exchange.renewer = renewer
+    running = renewer.running
+    running.add(exchange)
+    if renewer.timer is None:
+        renewer.arm()
+    try:
+        await mw.app(scope, exchange._app_receive, exchange._send)
+    except OutcomeUnknownError as exc:
+        outcome.mark_unknown()
+        if not exchange.started:
+            exchange.status = OutcomeUnknownError.status  # what the client is about to get
+        await exchange._record(failed=True)
+        if exchange.started:
+            raise  # the response is under way: the server aborts it
+        retry_after = math.ceil(policy.kept_unknown_for)
+        await mw._send_error(exchange.send, OutcomeUnknownError.recorded(str(exc), retry_after=retry_after))
+    except BaseException:
+        await exchange._record(failed=True)
+        raise
+    finally:
+        outcome.close()
+        running.discard(exchange)
+        exchange._response_over()
+    if exchange.token:
+        await exchange._record(failed=True)  # the app returned without finishing its response
+
+
 class Exchange(Recording, OutcomeReport):
     """One keyed request, from its body to its stored response. Strictly private: one per request.
 
-    Only what every request needs is set when it is made; what a request that runs the app needs (the response's
-    state, the lease's) is set once its key is claimed (:meth:`run`): a replay never pays for it.
+    Made by :func:`serve` once a request is past the replay of a stored response (which needs no object of its
+    own); it is also the request's outcome report while the app runs.
     """
 
     __slots__ = (
@@ -110,6 +284,9 @@ class Exchange(Recording, OutcomeReport):
         send: Send,
         key: str,
         headers: dict[bytes, bytes],
+        body: bytes,
+        store_key: str = "",
+        fingerprint: str = "",
     ):
         self.mw = middleware
         self.scope = scope
@@ -119,135 +296,18 @@ class Exchange(Recording, OutcomeReport):
         # The request's headers as a dict, made by the middleware (a name sent twice: its last value).
         self.request_headers = headers
         self.store = middleware._calls
-        self.store_key = ""
-        self.fingerprint = ""
-        self.body: bytes | None = b""  # None once delivered to the app
-        self.outcome: OutcomeReport | None = None  # what the app says of it (mark_outcome_unknown), once it runs
-
-    def bind(self) -> Bound:
-        """The claim as the transaction bindings see it (made when one first asks: :class:`OutcomeReport`)."""
-        mw = self.mw
-        head = self.scope["method"] == "HEAD"
-        return Bound(mw.policy, mw.store, mw._target, self.store_key, self.claimed, head=head)
-
-    async def run(self) -> None:
-        mw = self.mw
-        policy = mw.policy
-        scope = self.scope
-        headers = self.request_headers
-        declared = headers.get(b"content-length", b"")
-        checked = -1  # the size body_too_large found fitting, if the body declared its length
-        if declared.isdigit():
-            checked = int(declared)
-            if checked > policy.max_request_bytes:  # body_too_large's test, without its call when it fits
-                error = body_too_large(policy, checked, declared=True)
-                if error is not None:
-                    await self._refuse("too_large", error)
-                    return
-        # The body: nearly always one message (read here: a coroutine less on every request).
-        message = await self.receive()
-        if message["type"] == "http.disconnect":
-            return  # the client left before it finished sending; nothing was claimed
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
-        if more or (len(body) != checked and body_too_large(policy, len(body)) is not None):
-            body = await self._read_rest(body, more)
-            if body is None:
-                return  # the client left, or a 413 was answered
-        self.body = body
-        raw_headers = scope["headers"]
-        if mw._default_principal and len(headers) == len(raw_headers) and scope.get("user") is None:
-            # The default principal of a request with no user and no header name twice: its Authorization header's
-            # (or none), whose namespace the middleware remembers.
-            authorization = headers.get(b"authorization")
-            namespace = mw._namespaces.get(authorization)
-            if namespace is None:
-                namespace = mw._namespace_of(authorization)
-            self.store_key = store_key = namespace + self.key
-        else:
-            try:
-                if mw.principal is default_principal:
-                    if len(headers) == len(raw_headers):  # the dict holds the only Authorization header there is
-                        found = headers.get(b"authorization")
-                        authorization_values: Sequence[bytes] = () if found is None else (found,)
-                    else:
-                        authorization_values = [value for name, value in raw_headers if name == b"authorization"]
-                    principal: str | bytes = principal_of(scope.get("user"), authorization_values)
-                    if not principal:
-                        mw._warn_anonymous()
-                else:
-                    principal = mw.principal(scope)
-            except RequestError as exc:
-                await self._refuse("bad_key", exc)
-                return
-            self.store_key = store_key = scoped_key(principal_digest(principal), self.key)
-        if mw.fingerprint is not None:
-            fingerprint = mw.fingerprint(scope, body)
-        else:
-            fingerprint = fingerprint_request(
-                scope["method"],
-                scope["path"],
-                scope.get("query_string", b""),
-                canonical_json_body(body, policy.canonical_json_max_bytes) if policy.canonical_json else body,
-                headers.get(b"content-type", b""),
-            )
+        self.store_key = store_key
         self.fingerprint = fingerprint
-        cache = mw.cache
-        if cache is not None:
-            cached = cache.get(store_key, time.monotonic())
-            if cached is not None:  # a completed record: the store's answer, without asking it
-                answer = decide_cached(cached[0], cached[1], fingerprint)
-                if type(answer) is bytes:
-                    await self._replay(answer)
-                else:
-                    await self._refuse("mismatch", MISMATCH.error())
-                return
-        # The claim, made here (not in a method of its own: a frame less on every request); see _claim.
-        inline = mw._inline
-        if inline is not None:
-            # A memory store's claim never goes unanswered: it draws the token itself, and only if it takes the key.
-            try:
-                claim = inline.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
-            except Exception as exc:  # noqa: BLE001 - as below
-                await self._claim_failed(exc, None)
-                return
-        elif mw._claims_with_token:
-            token = new_token()
-            try:
-                claim = await self.store.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
-            except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-                await self._claim_failed(exc, token)
-                return
-        else:
-            try:
-                claim = await self.store.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
-            except Exception as exc:  # noqa: BLE001 - as above
-                await self._claim_failed(exc, None)
-                return
-        if not isinstance(claim, Acquired):
-            # The usual answer first, as decide() would give it: the stored response, replayed.
-            payload = replayable(claim.record, fingerprint) if cache is None else None
-            if payload is not None:  # _replay's, without its coroutine
-                replayed = replay(payload)
-                if isinstance(replayed, RequestError):
-                    await self._unreplayable(replayed)
-                    return
-                if mw.observer is not None:
-                    tell(mw.observer, "replayed", scope)
-                status, replayed_headers, body = replayed
-                replayed_headers.append(_REPLAYED)
-                send = self.send
-                await send({"type": "http.response.start", "status": status, "headers": replayed_headers})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
-            acquired = await self._answer_existing(claim)
-            if acquired is None:
-                return
-            claim = acquired
-        # The key is ours: the state of a request that runs the app.
-        self.token = self.claimed = claim.token
-        self.renewed_at = time.monotonic()
+        self.body: bytes | None = body  # None once delivered to the app
+        self.token = ""  # the claim's, once the key is ours; "" again once its outcome is recorded
+        self.claimed = ""  # the claim's, for good
+        self.renewed_at = 0.0
         self.renewer: Renewer | None = None
+        # What the app says of it (mark_outcome_unknown), once it runs: the exchange is its own report, then.
+        self.outcome: OutcomeReport | None = None
+        self.unknown = False
+        self.made = None
+        self.claimant = self
         # What the app answers.
         self.status = 0
         self.started = False  # whether the app's response has started (its status went out)
@@ -260,54 +320,12 @@ class Exchange(Recording, OutcomeReport):
         self.client_gone = False
         # Set once the response is over; made only if the app asks for a second message (rare).
         self.done: asyncio.Future[None] | None = None
-        if mw.observer is not None:
-            tell(mw.observer, "executed", scope)
-        # Run the app (here rather than in a method of its own: one coroutine less on every message it sends).
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
-        state["idempotency_key"] = self.key  # before the scope may be copied below, so that the app's copy has it
-        extensions = scope.get("extensions")
-        if extensions and ("http.response.pathsend" in extensions or "http.response.zerocopy" in extensions):
-            scope = dict(scope)
-            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNRECORDABLE_EXTENSIONS}
-        # The exchange is its own outcome report (OutcomeReport.open's, without an object of its own): the current
-        # one while the app runs; its Bound is made only if a binding asks for it (self.bind).
-        self.unknown = False
-        self.made = None
-        self.claimant = self
-        self.parent = current_report.get()
-        self._context = current_report.set(self)
-        self.outcome = outcome = self
-        loop = asyncio.get_running_loop()
-        renewer = mw._renewer
-        if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
-            renewer = mw._renewer = Renewer(loop, mw._calls, policy.lease)
-        self.renewer = renewer
-        running = renewer.running
-        running.add(self)
-        if renewer.timer is None:
-            renewer.arm()
-        try:
-            await mw.app(scope, self._app_receive, self._send)
-        except OutcomeUnknownError as exc:
-            outcome.mark_unknown()
-            if not self.started:
-                self.status = OutcomeUnknownError.status  # what the client is about to get
-            await self._record(failed=True)
-            if self.started:
-                raise  # the response is under way: the server aborts it
-            retry_after = math.ceil(policy.kept_unknown_for)
-            await mw._send_error(self.send, OutcomeUnknownError.recorded(str(exc), retry_after=retry_after))
-        except BaseException:
-            await self._record(failed=True)
-            raise
-        finally:
-            outcome.close()
-            running.discard(self)
-            self._response_over()
-        if self.token:
-            await self._record(failed=True)  # the app returned without finishing its response
+
+    def bind(self) -> Bound:
+        """The claim as the transaction bindings see it (made when one first asks: :class:`OutcomeReport`)."""
+        mw = self.mw
+        head = self.scope["method"] == "HEAD"
+        return Bound(mw.policy, mw.store, mw._target, self.store_key, self.claimed, head=head)
 
     async def _read_rest(self, first: bytes, more: bool) -> bytes | None:
         """The whole body, from its first message's *first* bytes (*more* to come); ``None`` if the client left, or
@@ -360,7 +378,7 @@ class Exchange(Recording, OutcomeReport):
                     token = new_token() if mw._claims_with_token else None
                     try:
                         claim = await self._claim(token)
-                    except Exception as exc:  # noqa: BLE001 - as in run()
+                    except Exception as exc:  # noqa: BLE001 - as in serve()
                         await self._claim_failed(exc, token)
                         return None
                     continue
