@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from idempo._core import codec
 from idempo._core.codec import (
     HOP_BY_HOP_HEADERS,
     StoredResponse,
     TooLargeMarker,
+    UnsendableResponse,
     decode_response,
+    encode_app_response,
     encode_response,
     encode_too_large,
     storable_headers,
@@ -126,3 +129,37 @@ def test_storable_headers_keeps_set_cookie_when_asked() -> None:
         (b"set-cookie", b"session=1"),
         (b"set-cookie", b"theme=dark"),
     )
+
+
+# -- encode_app_response: the middleware's one pass over an app's headers -------------------------------------------
+
+_APP_HEADERS = [
+    pytest.param([(b"content-type", b"application/json"), (b"content-length", b"4")], id="as FastAPI sends them"),
+    pytest.param([(b"Content-Type", b"text/plain"), (b"X-Trace", b"t" * 2000)], id="mixed case, a long value"),
+    pytest.param([(b"content-length", b" 4 "), (b"etag", b'"x"')], id="a Content-Length with spaces"),
+    pytest.param([(b"set-cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"vary", b"accept")], id="cookies"),
+    pytest.param([(b"keep-alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"), (b"x-a", b"1")], id="hop-by-hop"),
+    pytest.param([(b"x-a", b"1"), (b"Connection", b"x-a, close"), (b"x-b", b"2")], id="Connection names more"),
+]
+
+
+@pytest.mark.parametrize("keep_set_cookie", [False, True])
+@pytest.mark.parametrize("headers", _APP_HEADERS)
+def test_encode_app_response_is_encode_response_of_the_storable_headers(
+    headers: list[tuple[bytes, bytes]], keep_set_cookie: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the header names are remembered (the second call), new, or no longer remembered (a full table)."""
+    expected = encode_response(200, storable_headers(headers, keep_set_cookie=keep_set_cookie), b"done")
+    for _ in range(2):
+        assert encode_app_response(200, headers, [b"do", b"ne"], keep_set_cookie=keep_set_cookie, size=4) == expected
+    monkeypatch.setattr(codec, "_NAMES", {})
+    monkeypatch.setattr(codec, "_NAMES_MAX", 0)
+    assert encode_app_response(200, headers, [b"do", b"ne"], keep_set_cookie=keep_set_cookie, size=4) == expected
+    assert codec._NAMES == {}
+
+
+def test_encode_app_response_refuses_a_wrong_content_length() -> None:
+    with pytest.raises(UnsendableResponse, match="is not the body's 4 bytes"):
+        encode_app_response(200, [(b"Content-Length", b"5")], [b"done"], size=4)
+    assert encode_app_response(200, [(b"Content-Length", b"5")], [b"done"], size=4, head=True)
+    assert encode_app_response(200, [(b"Content-Length", b"5")], [b"done"])  # no size: not checked

@@ -177,38 +177,66 @@ def encode_app_response(
     if size and not head and (status in _BODILESS or status < 200):
         msg = f"a {status} response cannot have a body"
         raise UnsendableResponse(msg)
-    dropped = _DROPPED_KEEPING_COOKIES if keep_set_cookie else _DROPPED
     parts = [b""]
     count = 0
     for raw_name, value in headers:
-        name = raw_name.lower()
-        if name in dropped:
-            if name == b"connection":  # it may name more headers to drop, even ones already encoded
+        known = _NAMES.get(raw_name)
+        if known is None:
+            known = _name(raw_name)
+        kind, name_length, name = known
+        if kind:  # not a header stored as it is
+            if kind == _SET_COOKIE:
+                if not keep_set_cookie:
+                    continue
+            elif kind == _CONTENT_LENGTH:
+                if size is not None and not head:
+                    expected = b"%d" % size
+                    if value != expected and value.strip() != expected:
+                        msg = f"Content-Length {value!r} is not the body's {size} bytes"
+                        raise UnsendableResponse(msg)
+            elif kind == _CONNECTION:  # it may name more headers to drop, even ones already encoded
                 _check_length(headers, size, head)
                 stored = storable_headers(headers, keep_set_cookie=keep_set_cookie)
                 return encode_response(status, stored, b"".join(chunks))
-            continue
-        if name == b"content-length" and size is not None and not head:
-            expected = b"%d" % size
-            if value != expected and value.strip() != expected:
-                msg = f"Content-Length {value!r} is not the body's {size} bytes"
-                raise UnsendableResponse(msg)
-        name_length = len(name)
+            else:  # hop-by-hop
+                continue
         value_length = len(value)
-        if value_length < _SHORT and name_length < _SHORT:  # the field's two lengths, made ahead (_FIELD's packing)
-            parts += (_U16[name_length], _U32[value_length], name, value)
+        if value_length < _SHORT:
+            parts += (name_length, _U32[value_length], name, value)
         else:
-            parts += (_FIELD.pack(name_length, value_length), name, value)
+            parts += (_FIELD.pack(len(name), value_length), name, value)
         count += 1
     parts[0] = _HEAD.pack(_RESPONSE, status, count)
     parts += chunks
     return b"".join(parts)
 
 
-# The lengths of a field as _FIELD packs them (name u16, value u32), made ahead for the short ones.
+# What encode_app_response does with a header, by its name as the app spelled it: store it as it is (_KEEP), or as
+# one of the others says; with the name's length as _FIELD packs it, and the name lower-cased.
+_KEEP, _SET_COOKIE, _CONTENT_LENGTH, _CONNECTION, _HOP_BY_HOP = range(5)
+_NAMES: dict[bytes, tuple[int, bytes, bytes]] = {}
+_NAMES_MAX = 1024
 _SHORT = 1024
-_U16 = [length.to_bytes(2, "big") for length in range(_SHORT)]
-_U32 = [length.to_bytes(4, "big") for length in range(_SHORT)]
+_U32 = [length.to_bytes(4, "big") for length in range(_SHORT)]  # a value's length as _FIELD packs it
+
+
+def _name(raw_name: bytes) -> tuple[int, bytes, bytes]:
+    """What encode_app_response does with a header named *raw_name* (remembered, for the most common names)."""
+    name = raw_name.lower()
+    if name == b"set-cookie":
+        kind = _SET_COOKIE
+    elif name == b"content-length":
+        kind = _CONTENT_LENGTH
+    elif name == b"connection":
+        kind = _CONNECTION
+    elif name in HOP_BY_HOP_HEADERS:
+        kind = _HOP_BY_HOP
+    else:
+        kind = _KEEP
+    known = (kind, _FIELD.pack(len(name), 0)[:2], name)
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[raw_name] = known
+    return known
 
 
 def _check_length(headers: Iterable[tuple[bytes, bytes]], size: int | None, head: bool) -> None:
