@@ -128,72 +128,73 @@ async def serve(
             canonical_json_body(body, policy.canonical_json_max_bytes) if policy.canonical_json else body,
             headers.get(b"content-type", b""),
         )
+    payload: bytes | None = None  # a stored response to replay
     cache = mw.cache
     if cache is not None:
         cached = cache.get(store_key, time.monotonic())
         if cached is not None:  # a completed record: the store's answer, without asking it
             answer = decide_cached(cached[0], cached[1], fingerprint)
-            if type(answer) is bytes:
-                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._replay(answer)
-            else:
+            if type(answer) is not bytes:
                 await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._refuse(
                     "mismatch", MISMATCH.error()
                 )
-            return
-    # The claim, made here (not in a method of its own: a frame less on every request); see _claim.
-    inline = mw._inline
-    if inline is not None:
-        # A memory store's claim never goes unanswered: it draws the token itself, and only if it takes the key.
-        try:
-            claim = inline.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
-        except Exception as exc:  # noqa: BLE001 - as below
-            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
-                exc, None
-            )
-            return
-    elif mw._claims_with_token:
-        token = new_token()
-        try:
-            claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
-        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
-                exc, token
-            )
-            return
-    else:
-        try:
-            claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
-        except Exception as exc:  # noqa: BLE001 - as above
-            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
-                exc, None
-            )
-            return
-    if not isinstance(claim, Acquired):
-        # The usual answer first, as decide() would give it: the stored response, replayed.
-        payload = replayable(claim.record, fingerprint) if cache is None else None
-        if payload is not None:  # _replay's, without its coroutine
-            replayed = replay(payload)
-            if isinstance(replayed, RequestError):
-                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._unreplayable(
-                    replayed
+                return
+            payload = answer
+    if payload is None:
+        # The claim, made here (not in a method of its own: a frame less on every request); see _claim.
+        inline = mw._inline
+        if inline is not None:
+            # A memory store's claim never goes unanswered: it draws the token itself, and only if it takes the key.
+            try:
+                claim = inline.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
+            except Exception as exc:  # noqa: BLE001 - as below
+                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
+                    exc, None
                 )
                 return
-            if mw.observer is not None:
-                tell(mw.observer, "replayed", scope)
-            status, replayed_headers, body = replayed
-            replayed_headers.append(_REPLAYED)
-            await send({"type": "http.response.start", "status": status, "headers": replayed_headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+        elif mw._claims_with_token:
+            token = new_token()
+            try:
+                claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
+            except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
+                    exc, token
+                )
+                return
+        else:
+            try:
+                claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
+            except Exception as exc:  # noqa: BLE001 - as above
+                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
+                    exc, None
+                )
+                return
+        if isinstance(claim, Acquired):
+            exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
+            claimed = claim.token
+        else:
+            # The usual answer first, as decide() would give it: the stored response, replayed.
+            payload = replayable(claim.record, fingerprint) if cache is None else None
+            if payload is None:
+                exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
+                acquired = await exchange._answer_existing(claim)
+                if acquired is None:
+                    return
+                claimed = acquired.token
+    if payload is not None:  # _replay's, without its coroutine
+        replayed = replay(payload)
+        if isinstance(replayed, RequestError):
+            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._unreplayable(replayed)
             return
-        exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
-        acquired = await exchange._answer_existing(claim)
-        if acquired is None:
-            return
-        claim = acquired
-    else:
-        exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
+        if mw.observer is not None:
+            tell(mw.observer, "replayed", scope)
+        status, replayed_headers, body = replayed
+        replayed_headers.append(_REPLAYED)
+        await send({"type": "http.response.start", "status": status, "headers": replayed_headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
     # The key is ours.
-    exchange.token = exchange.claimed = claim.token
+    exchange.token = exchange.claimed = claimed
     exchange.renewed_at = time.monotonic()
     if mw.observer is not None:
         tell(mw.observer, "executed", scope)
