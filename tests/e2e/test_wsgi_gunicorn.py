@@ -248,19 +248,29 @@ async def test_postgres_store_opened_before_the_fork_serves_every_worker(
     try:
         with serve(tmp_path_factory.mktemp("wsgi-preload-postgres"), url, **WORKER_KINDS["sync-preload"]) as served:
             async with httpx.AsyncClient(base_url=served.base_url, timeout=30.0) as client:
-                answered_by: set[int] = set()
-                for _ in range(40):  # fresh keys, one after the other, until two workers have answered
-                    name = f"preload-{uuid.uuid4().hex}"
-                    response = await client.post(
-                        f"/orders/{name}",
-                        content=BODY,
-                        headers={**_headers(str(uuid.uuid4()), name), "Connection": "close"},
+                # A first request is held inside the app, so its (sync) worker is taken and the second, a new key,
+                # must be served by another worker: two forked workers use the store the master opened.
+                held = f"preload-{uuid.uuid4().hex}"
+                hold = served.side_dir / f"{held}.hold"
+                hold.touch()
+                first = asyncio.create_task(
+                    client.post(f"/orders/{held}", content=BODY, headers=_headers(str(uuid.uuid4()), held))
+                )
+                try:
+                    await poll(partial(served.started, held), what="the first request to start")
+                    other = f"preload-{uuid.uuid4().hex}"
+                    second = await client.post(
+                        f"/orders/{other}", content=BODY, headers=_headers(str(uuid.uuid4()), other)
                     )
-                    assert response.status_code == 201, response.text
-                    answered_by.add(int(response.headers["x-worker-pid"]))
-                    if len(answered_by) >= 2:
-                        break
-                assert len(answered_by) >= 2, answered_by
+                    hold.unlink()
+                    responses = [await first, second]
+                finally:
+                    hold.unlink(missing_ok=True)
+                    await _cancel([first])
+                assert [response.status_code for response in responses] == [201, 201], [r.text for r in responses]
+                answered_by = {int(response.headers["x-worker-pid"]) for response in responses}
+                assert len(answered_by) == 2, answered_by
+                assert served.rows(held) == served.rows(other) == 1
     finally:
         drop_table(postgres_url, table)
 
