@@ -22,7 +22,6 @@ from idempo.stores import parse_store_url, redact
 from idempo.stores._forwarding import ForwardingStore, Operation
 
 if TYPE_CHECKING:
-    from psycopg import AsyncConnection
     from redis.asyncio import Redis, RedisCluster
 
 NETWORK_STORES: Final = ("redis", "postgres")
@@ -239,6 +238,8 @@ class RedisServer(Server):
 
 
 class PostgresServer(Server):
+    """The bench's own connection is asyncpg's, the store's client (``PostgresStore``; the floor's too)."""
+
     name = "postgres"
 
     def __init__(self, url: str) -> None:
@@ -246,24 +247,25 @@ class PostgresServer(Server):
         self.table = f"idempo_bench_{self.tag}"
         self.floor_table = f"{self.table}_floor"
         self.op = "SELECT 1"
-        self._conn: AsyncConnection[Any] | None = None
+        self._conn: Any = None  # an asyncpg.Connection
+        self._select_one: Any = None  # its prepared SELECT 1
+
+    def _conninfo(self) -> str:
+        from idempo.stores.postgres import _strip_options
+
+        return _strip_options(parse_store_url(self.url))  # the libpq URL the store itself connects to
 
     async def connect(self) -> None:
         try:
-            import psycopg
-            import psycopg_pool  # noqa: F401  (the store needs it too)
+            import asyncpg  # type: ignore[import-untyped]
         except ModuleNotFoundError as exc:
-            raise Unavailable("psycopg or psycopg_pool is not installed (pip install 'idempo[postgres]')") from exc
-        self.client = f"psycopg {psycopg.__version__}"
-        from idempo.stores.postgres import _strip_options
-
-        conninfo = _strip_options(parse_store_url(self.url))  # the libpq URL the store itself connects to
+            raise Unavailable("asyncpg is not installed (pip install 'idempo[postgres]')") from exc
+        self.client = f"asyncpg {asyncpg.__version__}"
         try:
-            self._conn = await asyncio.wait_for(
-                psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=3), CONNECT_TIMEOUT
-            )
+            self._conn = await asyncio.wait_for(asyncpg.connect(self._conninfo(), timeout=3), CONNECT_TIMEOUT)
+            self._select_one = await self._conn.prepare("SELECT 1")
             await self.bare_op()
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
             await self.aclose()
             raise Unavailable(f"not reachable at {self.display}: {describe(exc)}") from exc
 
@@ -272,13 +274,7 @@ class PostgresServer(Server):
 
     def floor_backend(self) -> Backend:
         """asyncpg on the libpq URL the store connects to, in a table of the run's own (dropped at the end)."""
-        try:
-            import asyncpg  # type: ignore[import-untyped]  # noqa: F401
-        except ModuleNotFoundError as exc:
-            raise Unavailable("asyncpg is not installed (the floor's PostgreSQL client: pip install asyncpg)") from exc
-        from idempo.stores.postgres import _strip_options
-
-        return PostgresBackend(_strip_options(parse_store_url(self.url)), table=self.floor_table)
+        return PostgresBackend(self._conninfo(), table=self.floor_table)
 
     def floor_client(self) -> str:
         import asyncpg
@@ -286,26 +282,21 @@ class PostgresServer(Server):
         return f"asyncpg {asyncpg.__version__}, prepared statements"
 
     async def bare_op(self) -> None:
-        """Prepared and in binary, as the store sends its statements."""
-        assert self._conn is not None
-        cursor = await self._conn.execute(b"SELECT 1", prepare=True, binary=True)
-        await cursor.fetchone()
+        """A prepared statement, as the store sends its own."""
+        await self._select_one.fetchval()
 
     async def cleanup(self) -> str:
-        from psycopg import sql
-
         conn = self._conn
         assert conn is not None
         said = []
         for name in (self.table, self.floor_table):
-            table = sql.Identifier(name)
-            exists = await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [name])).fetchone()
-            if not exists or not exists[0]:
+            if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
                 said.append(f"table {name} never made")
                 continue
-            rows = await (await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table))).fetchone()
-            await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
-            said.append(f"table {name} ({rows[0] if rows else '?'} rows) dropped at the end")
+            quoted = '"' + name.replace('"', '""') + '"'
+            rows = await conn.fetchval(f"SELECT count(*) FROM {quoted}")
+            await conn.execute(f"DROP TABLE IF EXISTS {quoted}")
+            said.append(f"table {name} ({rows} rows) dropped at the end")
         return ", ".join(said)
 
     async def aclose(self) -> None:
