@@ -1,18 +1,22 @@
-"""The key is readable on every request the middleware lets through (``None`` without one), and the store is asked
-once at start-up, so that a wrong address fails the start-up instead of the first keyed request."""
+"""The key is readable on every request the middleware lets through (``None`` without one; Starlette and Litestar),
+and the store is asked once at start-up, so that a wrong address fails the start-up instead of the first keyed
+request."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
+import litestar
 import pytest
+from litestar.middleware import DefineMiddleware
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from idempo import IdempotencyMiddleware, MemoryStore, store_from_url
+from idempo.asgi import ASGIApp
 from tests.support.middleware import client_for
 from tests.support.redis_cluster import free_port
 
@@ -85,3 +89,30 @@ async def test_a_store_that_answers_starts(redis_url: str) -> None:
         assert (await _start(_app(store=store)))["type"] == "lifespan.startup.complete"
     finally:
         await store.close()
+
+
+def _litestar_app(*, wrapped: bool, **options: Any) -> ASGIApp:
+    @litestar.post("/charges", status_code=200)
+    async def charge(request: litestar.Request[Any, Any, Any]) -> dict[str, str | None]:
+        key: str | None = request.state.idempotency_key
+        return {"key": key}
+
+    if wrapped:  # the whole application: the lifespan goes through the middleware
+        return IdempotencyMiddleware(cast(ASGIApp, litestar.Litestar([charge], logging_config=None)), **options)
+    middleware = [DefineMiddleware(IdempotencyMiddleware, **options)]  # type: ignore[arg-type]
+    return cast(ASGIApp, litestar.Litestar([charge], middleware=middleware, logging_config=None))
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["DefineMiddleware", "wrapped"])
+async def test_litestar_reads_the_key_as_none_without_one(wrapped: bool) -> None:
+    async with client_for(_litestar_app(wrapped=wrapped, store=MemoryStore())) as client:
+        unkeyed = await client.post("/charges", json={})
+        keyed = await client.post("/charges", json={}, headers={"Idempotency-Key": "k-1"})
+    assert (unkeyed.status_code, unkeyed.json()) == (200, {"key": None})
+    assert keyed.json() == {"key": "k-1"}
+
+
+async def test_a_wrapped_litestar_app_checks_the_store_at_start_up() -> None:
+    message = await _start(_litestar_app(wrapped=True, store=_unreachable_redis()))
+    assert message["type"] == "lifespan.startup.failed"
+    assert "does not answer" in message["message"]
