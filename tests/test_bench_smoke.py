@@ -246,3 +246,35 @@ def test_a_server_that_does_not_answer_is_skipped_with_a_note_unless_required(tm
     assert in_ci.returncode == 2
     assert "error: postgres: not reachable at " in in_ci.stderr
     assert "CI=true" in in_ci.stderr
+
+
+def test_the_load_run_drives_real_uvicorn_workers_and_writes_its_table_and_chart(tmp_path: Path) -> None:
+    """``benchmarks/load.py --quick`` on SQLite with one uvicorn worker: bare, idempo and the floor served every
+    request of both cases without an error, and the JSON and the chart were written (the load from this process, so
+    that the test needs no wrk)."""
+    out, chart = tmp_path / "load.json", tmp_path / "load.png"
+    args = ["--quick", "--stores", "sqlite", "--workers", "1", "--generator", "python"]
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "load.py"), *args, "--json", str(out), "--chart", str(chart)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the quick load run took over {TIMEOUT} s; stderr so far: {exc.stderr!r}") from exc
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    rows = {(row["store"], row["workers"], row["case"]): row for row in data["results"]}
+    assert set(rows) == {("sqlite", 1, "fresh-key"), ("sqlite", 1, "replay")}
+    for row in rows.values():
+        for variant in ("bare", "idempo", "floor"):
+            rounds = row[variant]["rounds"]
+            assert rounds, f"{row['case']}: no round of {variant}"
+            assert all(r["requests"] > 0 and r["errors"] == 0 for r in rounds), (variant, rounds)
+        assert row["floor_over_idempo"] > 0
+        assert row["verdict"] in {"PASS", "MISS"}
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
