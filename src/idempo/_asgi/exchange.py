@@ -210,7 +210,7 @@ async def serve(
     # The exchange is its own outcome report (no object of its own): the current one while the app runs; its Bound
     # is made only if a binding asks for it (Exchange.bind).
     exchange.enter()
-    exchange.outcome = outcome = exchange
+    exchange.reporting = True
     loop = asyncio.get_running_loop()
     renewer = mw._renewer
     if renewer is None or renewer.loop is not loop:  # first request, or a new event loop (tests, threads)
@@ -223,7 +223,7 @@ async def serve(
     try:
         await mw.app(scope, exchange._app_receive, exchange._send)
     except OutcomeUnknownError as exc:
-        outcome.mark_unknown()
+        exchange.mark_unknown()
         if not exchange.started:
             exchange.status = OutcomeUnknownError.status  # what the client is about to get
         await exchange._record(failed=True)
@@ -235,7 +235,7 @@ async def serve(
         await exchange._record(failed=True)
         raise
     finally:
-        outcome.close()
+        exchange.close()
         running.discard(exchange)
         exchange._response_over()
     if exchange.token:
@@ -261,10 +261,10 @@ class Exchange(Recording, OutcomeReport):
         "keep",
         "key",
         "mw",
-        "outcome",
         "receive",
         "renewed_at",
         "renewer",
+        "reporting",
         "request_headers",
         "scope",
         "send",
@@ -304,11 +304,13 @@ class Exchange(Recording, OutcomeReport):
         self.claimed = ""  # the claim's, for good
         self.renewed_at = 0.0
         self.renewer: Renewer | None = None
-        # What the app says of it (mark_outcome_unknown), once it runs: the exchange is its own report, then.
-        self.outcome: OutcomeReport | None = None
+        # What the app says of it (mark_outcome_unknown), once it runs: the exchange is its own report, then
+        # (reporting). No attribute refers to the exchange itself: a reference cycle would leave every keyed request
+        # to the garbage collector, whose passes cost more than the rest of the middleware (see bind).
+        self.reporting = False
         self.unknown = False
         self.made = None
-        self.claimant = self
+        self.claimant = None
         # What the app answers.
         self.status = 0
         self.started = False  # whether the app's response has started (its status went out)
@@ -322,8 +324,20 @@ class Exchange(Recording, OutcomeReport):
         # Set once the response is over; made only if the app asks for a second message (rare).
         self.done: asyncio.Future[None] | None = None
 
+    @property
+    def bound(self) -> Bound | None:
+        """:class:`OutcomeReport`'s, the exchange its own claimant (not ``self.claimant = self``: a cycle)."""
+        bound = self.made
+        if bound is None:
+            bound = self.made = self.bind()
+        return bound
+
+    @bound.setter
+    def bound(self, bound: Bound | None) -> None:
+        self.made = bound
+
     def bind(self) -> Bound:
-        """The claim as the transaction bindings see it (made when one first asks: :class:`OutcomeReport`)."""
+        """The claim as the transaction bindings see it (made when one first asks: :attr:`bound`)."""
         mw = self.mw
         head = self.scope["method"] == "HEAD"
         return Bound(mw.policy, mw.store, mw._target, self.store_key, self.claimed, head=head)
@@ -527,7 +541,7 @@ class Exchange(Recording, OutcomeReport):
             self.keep = should_store(status, store_server_errors=self.mw.policy.store_server_errors)
             if self.keep:
                 self.headers = message.get("headers", ())
-            elif status == 500 and self.outcome is not None and self.outcome.unknown and not self.client_gone:
+            elif status == 500 and self.reporting and self.unknown and not self.client_gone:
                 await self._answer_unknown()
                 return
         if self.client_gone:
@@ -563,14 +577,13 @@ class Exchange(Recording, OutcomeReport):
         self.token = ""
         if self.renewer is not None:
             self.renewer.running.discard(self)
-        outcome = self.outcome
         unknown = False
-        if outcome is not None:
-            bound = outcome.made  # made only if a binding asked for it
+        if self.reporting:
+            bound = self.made  # made only if a binding asked for it
             if bound is not None and bound.state == COMMITTED:  # the app's transaction completed the key
                 self._recorded_in_transaction()
                 return
-            unknown = outcome.unknown
+            unknown = self.unknown
         policy = self.mw.policy
         head = self.scope["method"] == "HEAD"
         if not failed and self.keep and not self.too_large and not unknown:  # a response like any other

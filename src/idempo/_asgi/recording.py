@@ -9,10 +9,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final
 
-from .._core.bound import OPEN
+from .._core.bound import OPEN, Bound
 from .._core.decide import fallback
 from .._core.errors import StoreFullError
-from .._core.outcome import OutcomeReport
 from ..stores import Store
 
 if TYPE_CHECKING:
@@ -34,7 +33,8 @@ class Recording:
     __slots__ = ()
 
     mw: IdempotencyMiddleware
-    outcome: OutcomeReport | None
+    reporting: bool  # the exchange is the running request's outcome report (OutcomeReport)
+    made: Bound | None  # its Bound, if a binding asked for it
     store: Store
     store_key: str
     fingerprint: str
@@ -44,8 +44,7 @@ class Recording:
     def in_transaction(self) -> int:
         """Whether the app recorded the response in a transaction of its own: ``OPEN`` (no), ``RECORDED`` (yes, and
         no one saw that transaction commit: it may have rolled back) or ``COMMITTED``."""
-        outcome = self.outcome
-        bound = None if outcome is None else outcome.made  # a Bound no binding asked for is OPEN
+        bound = self.made if self.reporting else None  # a Bound no binding asked for is OPEN
         return OPEN if bound is None else bound.state
 
     def _record_in_background(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
@@ -93,8 +92,7 @@ class Recording:
 
     def _recorded_in_transaction(self) -> None:
         """The app's transaction completed the key: remember its response, if the cache is on."""
-        outcome = self.outcome
-        bound = None if outcome is None else outcome.made
+        bound = self.made if self.reporting else None
         payload = None if bound is None else bound.payload
         if self.mw.cache is not None and bound is not None and payload is not None and payload[:1] == b"\x01":
             self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), bound.ttl)

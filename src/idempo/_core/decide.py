@@ -116,7 +116,9 @@ def admit(policy: Policy, keys: Sequence[bytes], path: str) -> Passthrough | Ref
         try:
             return parse_key(keys[0])
         except InvalidKeyError as exc:
-            return Refuse(exc)
+            # Kept without its traceback: its frames (and theirs, up to the server's) would refer back to the
+            # answer that holds it, a cycle per refused request left to the garbage collector.
+            return Refuse(exc.with_traceback(None))
     if not keys:
         if policy.key_required(path):
             return Refuse(MissingKeyError("this endpoint requires an Idempotency-Key header"))

@@ -1,0 +1,140 @@
+"""A request leaves no reference cycle behind: what it made is freed when it ends, by reference counting alone.
+
+A cycle per request (an object that refers to itself, say) leaves every request to the garbage collector, whose
+passes then cost more than much of the middleware (measured: a fresh key on the memory store, FastAPI, 59.5 -> 53.5 µs
+per request once the exchange stopped referring to itself), paid by whatever runs when a pass starts. Each answer of
+the contract is given a few times with the collector's findings kept (``DEBUG_SAVEALL``); it must find nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from idempo import IdempotencyMiddleware, MemoryStore, SQLiteStore, Store
+from idempo._core.fingerprint import fingerprint_request, principal_digest
+from idempo.stores.memory import SyncMemoryStore
+from idempo.wsgi import IdempotencyMiddleware as WSGIMiddleware
+from tests.support.middleware import CountingApp, drive, http_scope
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+ROUNDS = 5
+HELD = fingerprint_request("POST", "/orders", b"", b"{}", b"")  # the fingerprint of the requests under "held"
+# case: (the key of each round, its body, the status every round gets)
+CASES: dict[str, tuple[list[bytes | None], bytes, int]] = {
+    "fresh": ([b"fresh-%d" % i for i in range(ROUNDS)], b"{}", 201),
+    "replay": ([b"done"] * ROUNDS, b"{}", 201),
+    "no-key": ([None] * ROUNDS, b"{}", 201),
+    "mismatch": ([b"done"] * ROUNDS, b'{"other": true}', 422),
+    "conflict": ([b"held"] * ROUNDS, b"{}", 409),
+    "bad-key": ([b"x" * 300] * ROUNDS, b"{}", 400),
+    "server-error": ([b"failing-%d" % i for i in range(ROUNDS)], b"{}", 500),
+}
+
+
+@pytest.fixture
+def collected() -> Iterator[list[object]]:
+    """The objects the collector finds unreachable from here on (it runs only when asked, meanwhile)."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield gc.garbage
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _found(collected: list[object]) -> list[str]:
+    gc.collect()
+    return sorted({type(o).__name__ for o in collected})
+
+
+@pytest.mark.parametrize("store_name", ["memory", "sqlite"])
+@pytest.mark.parametrize("case", list(CASES))
+async def test_an_asgi_request_leaves_no_cycle(
+    case: str, store_name: str, tmp_path: Path, collected: list[object]
+) -> None:
+    keys, body, status = CASES[case]
+    store: Store = MemoryStore() if store_name == "memory" else SQLiteStore(tmp_path / "idempo.db")
+    app = CountingApp(status=500 if case == "server-error" else 201)
+    middleware = IdempotencyMiddleware(app, store=store)
+    try:
+        await drive(middleware, http_scope(key=b"done"), [b"{}"])
+        await store.claim(f"{principal_digest(b'')}:held", HELD, lease=60, ttl=60)
+        _found(collected)
+        collected.clear()
+        answered = [(await drive(middleware, http_scope(key=key), [body])).status for key in keys]
+        assert answered == [status] * ROUNDS
+        found = _found(collected)
+        assert found == [], f"{case} on {store_name}: reference cycles of {found}"
+    finally:
+        await store.close()
+
+
+def _call_wsgi(app: WSGIApplication, key: bytes | None, body: bytes) -> int:
+    """Call *app* as a WSGI server would (httpx's WSGITransport leaves cycles of its own); the status it answered."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/orders",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "test",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": io.StringIO(),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    if key is not None:
+        environ["HTTP_IDEMPOTENCY_KEY"] = key.decode()
+    statuses: list[int] = []
+
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: object = None
+    ) -> Callable[[bytes], object]:
+        statuses.append(int(status.split()[0]))
+        return lambda data: None
+
+    chunks = app(environ, start_response)
+    try:
+        b"".join(chunks)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return statuses[-1]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_wsgi_request_leaves_no_cycle(case: str, collected: list[object]) -> None:
+    keys, body, status = CASES[case]
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        code = "500 Internal Server Error" if case == "server-error" else "201 Created"
+        start_response(code, [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    store = SyncMemoryStore()
+    middleware = WSGIMiddleware(app, store=store)
+    _call_wsgi(middleware, b"done", b"{}")
+    store.claim(f"{principal_digest(b'')}:held", HELD, lease=60, ttl=60)
+    _found(collected)
+    collected.clear()
+    answered = [_call_wsgi(middleware, key, body) for key in keys]
+    assert answered == [status] * ROUNDS
+    found = _found(collected)
+    assert found == [], f"{case}: reference cycles of {found}"
