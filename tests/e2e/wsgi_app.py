@@ -25,6 +25,7 @@ from, and the test sees which workers hold a waiting request). Routes:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -61,15 +62,19 @@ def _connect(db: Path) -> sqlite3.Connection:
 
 
 def _create_database(db: Path) -> None:
-    conn = _connect(db)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, name TEXT NOT NULL, idem_key TEXT, "
-            "pid INTEGER NOT NULL)"
-        )
-    finally:
-        conn.close()
+    # One worker at a time: switching to WAL while another connection does the same can fail at once with "database
+    # is locked" (SQLite does not wait for that lock: it would deadlock), whatever the busy timeout.
+    with open(db.with_name(db.name + ".create-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        conn = _connect(db)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, name TEXT NOT NULL, idem_key TEXT, "
+                "pid INTEGER NOT NULL)"
+            )
+        finally:
+            conn.close()
 
 
 def count_rows(db: Path, name: str) -> int:

@@ -26,6 +26,7 @@ Routes:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -74,7 +75,12 @@ class Business:
     def create(self) -> None:
         """Create the table, if it is not there."""
         if self.url.startswith("sqlite:"):
-            with _closing(self._sqlite()) as conn:
+            # One process at a time: a switch to WAL racing another can fail at once ("database is locked").
+            with (
+                open(self.url.removeprefix("sqlite:///") + ".create-lock", "a") as lock,
+                _closing(self._sqlite()) as conn,
+            ):
+                fcntl.flock(lock, fcntl.LOCK_EX)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(
                     self._sql(
