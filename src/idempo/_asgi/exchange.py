@@ -143,32 +143,21 @@ async def serve(
     if payload is None:
         # The claim, made here (not in a method of its own: a frame less on every request); see _claim.
         inline = mw._inline
-        if inline is not None:
-            # A memory store's claim never goes unanswered: it draws the token itself, and only if it takes the key.
-            try:
+        token = None  # the new owner's, if this request draws it (released with it if the claim goes unanswered)
+        try:
+            if inline is not None:
+                # A memory store's claim never goes unanswered: it draws the token itself, only if it takes the key.
                 claim = inline.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
-            except Exception as exc:  # noqa: BLE001 - as below
-                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
-                    exc, None
-                )
-                return
-        elif mw._claims_with_token:
-            token = new_token()
-            try:
+            elif mw._claims_with_token:
+                token = new_token()
                 claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
-            except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
-                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
-                    exc, token
-                )
-                return
-        else:
-            try:
+            else:
                 claim = await mw._calls.claim(store_key, fingerprint, lease=policy.lease, ttl=policy.ttl)
-            except Exception as exc:  # noqa: BLE001 - as above
-                await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
-                    exc, None
-                )
-                return
+        except Exception as exc:  # noqa: BLE001 - any failure of a store, ours or a user's, is a store failure
+            await Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_failed(
+                exc, token
+            )
+            return
         if isinstance(claim, Acquired):
             exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
             claimed = claim.token

@@ -222,7 +222,7 @@ class SyncMemoryStore:
                     self._sweep(now, "a new key")
                     used = self._bytes + charge
             elif record[_STATE] is State.COMPLETED or record[_LEASE_EXPIRES_AT] > now:
-                return Existing(record if type(record) is Record else _new_record(Record, record))  # _as_record
+                return Existing(_as_record(record))
             else:  # an in-progress record whose lease ran out is stale: its owner died or hung; we take it over
                 used = self._take_over(record, fingerprint, now)
             self._bytes = used
@@ -267,13 +267,8 @@ class SyncMemoryStore:
         """
         with self._lock:
             now = self._clock()
-            record = self._records.get(key)  # _owned's test, without its call
-            if (
-                record is None
-                or record[_TOKEN] != token
-                or record[_STATE] is not State.IN_PROGRESS
-                or record[_EXPIRES_AT] <= now
-            ):
+            record = self._owned(key, token, now)
+            if record is None:
                 return False
             growth = len(payload) - _RESULT_ROOM
             used = self._bytes + growth
