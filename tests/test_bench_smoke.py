@@ -14,13 +14,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis
+
+from tests.support.processes import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench.py"
@@ -44,18 +45,7 @@ METHODS = ("claim", "complete", "release", "renew", "get", "delete", "purge_expi
 
 
 def run_bench(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            [sys.executable, "-W", "error", str(BENCH), "--quick", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-            env=env,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"the quick benchmark took over {TIMEOUT} s; stderr so far: {exc.stderr!r}") from exc
+    return run_script(BENCH, "--quick", *args, timeout=TIMEOUT, env=env)
 
 
 def run_quick(out: Path, *args: str) -> dict[str, Any]:
@@ -254,17 +244,10 @@ def test_the_load_run_drives_real_uvicorn_workers_and_writes_its_table_and_chart
     that the test needs no wrk)."""
     out, chart = tmp_path / "load.json", tmp_path / "load.png"
     args = ["--quick", "--stores", "sqlite", "--workers", "1", "--generator", "python"]
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "load.py"), *args, "--json", str(out), "--chart", str(chart)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"the quick load run took over {TIMEOUT} s; stderr so far: {exc.stderr!r}") from exc
+    load = ROOT / "benchmarks" / "load.py"
+    proc = run_script(
+        load, *args, "--json", str(out), "--chart", str(chart), timeout=TIMEOUT, warnings_are_errors=False
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     data = json.loads(out.read_text())
     assert data["failures"] == []

@@ -8,11 +8,11 @@ test checks that those checks were made, from the counts it reports.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.processes import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "proxy.py"
@@ -23,17 +23,7 @@ pytestmark = pytest.mark.slow
 
 def test_quick_proxy_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "proxy.json"
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-W", "error", str(BENCH), "--quick", "--json", str(out)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"the quick proxy benchmark took over {TIMEOUT} s: {exc.stderr!r}") from exc
+    proc = run_script(BENCH, "--quick", "--json", str(out), timeout=TIMEOUT)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Warning" not in proc.stderr, proc.stderr
     data = json.loads(out.read_text())

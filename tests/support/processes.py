@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ __all__ = [
     "lines",
     "poll",
     "poll_async",
+    "run_script",
     "run_server",
     "store_key",
     "wait_for_done",
@@ -66,6 +67,29 @@ class Server:
     def live_worker_pids(self) -> frozenset[int]:
         """The pids of the workers that have started and are still alive."""
         return frozenset(pid for pid in self.worker_pids() if alive(pid))
+
+
+def run_script(
+    script: Path, *args: str, timeout: float, env: Mapping[str, str] | None = None, warnings_are_errors: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the Python *script* of the repository with *args* (``-W error`` unless told), from the repository's root,
+    within *timeout* seconds (else an AssertionError with what it printed on stderr so far). Not checked: the caller
+    asserts on its exit code and output."""
+    options = ["-W", "error"] if warnings_are_errors else []
+    try:
+        return subprocess.run(
+            [sys.executable, *options, str(script), *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(
+            f"{script.name} {' '.join(args)} took over {timeout} s; stderr so far: {exc.stderr!r}"
+        ) from exc
 
 
 def alive(pid: int) -> bool:
