@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .DEFAULT_GOAL := help
 .PHONY: help install check lint typecheck services browser test docs dist demo walkthrough serve screenshot bench \
-	bench-compare bench-load clean
+	bench-compare bench-load bench-split clean
 
 help: ## this list
 	@echo "make TARGET (CI runs .ci/run: make test, with CI=true):"
@@ -77,6 +77,9 @@ serve: install ## the example app under uvicorn on http://127.0.0.1:8000 (SQLite
 bench: install ## in-process benchmarks: bare app vs. wrapped, per store (ASGI, and WSGI on memory/SQLite); then idempo proxy vs. direct over HTTP
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 	$(BIN)/python benchmarks/proxy.py $(PROXY_ARGS)
+
+bench-split: install ## where idempo's distance to the floor goes, per request: around the app, in its callbacks, the app's own
+	$(BIN)/python benchmarks/split.py $(ARGS)
 
 bench-load: install services ## uvicorn (1, 2 workers) under wrk: req/s of bare, idempo, the floor (~17 min; docs/assets/load.*)
 	scripts/wrk
