@@ -20,8 +20,8 @@ probe of the app that times, per request, with ``time.perf_counter_ns``:
 The two sides take turns in blocks of requests within each repetition, as in ``bench.py``, and the medians of the
 repetitions are printed, with idempo's excess over the floor in each part. A difference in ``app`` is not the
 middleware's code: the app runs its very same code under both; it is what the middleware's work costs the app
-(most likely caches the app finds colder). On the 2-core machine this was written on (FastAPI, memory store, fresh keys):
-idempo +8.4 µs around, +3.9 µs in the callbacks, and the app itself +4.7 µs slower than under the floor.
+(most likely caches the app finds colder). On the 2-core machine this was written on (FastAPI, memory store, fresh
+keys): idempo +8.4 µs around, +3.9 µs in the callbacks, and the app itself +4.7 µs slower than under the floor.
 """
 
 from __future__ import annotations
