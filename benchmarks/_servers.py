@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import secrets
 import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -324,6 +327,37 @@ def open_floor(name: str, server: Server | None, tmp: Path) -> Backend:
     if server is not None:
         return server.floor_backend()
     return MemoryBackend() if name == "memory" else SQLiteBackend(str(tmp / "floor.db"))
+
+
+@dataclass
+class Opened:
+    """The store of a run and the floor's backend beside it (``None`` if it has none there: *no_floor* says why);
+    once closed, what their clean-up of the server said (*cleaned*)."""
+
+    store: Store
+    floor: Backend | None = None
+    no_floor: str = ""
+    cleaned: str = ""
+
+
+@contextlib.asynccontextmanager
+async def opened(name: str, server: Server | None, tmp: Path) -> AsyncIterator[Opened]:
+    """:func:`open_store` and :func:`open_floor` of *name*; at the end both closed, and what they left on *server*
+    removed, whatever happened."""
+    run = Opened(open_store(name, server, tmp))
+    try:
+        try:
+            run.floor = open_floor(name, server, tmp)
+        except Unavailable as exc:
+            run.no_floor = str(exc)
+        yield run
+    finally:
+        try:
+            await run.store.close()
+            if run.floor is not None:
+                await run.floor.aclose()
+        finally:
+            run.cleaned = await server.cleanup() if server is not None else ""
 
 
 def floor_client(name: str, server: Server | None) -> str:

@@ -115,8 +115,7 @@ from _servers import (
     StoreCalls,
     Unavailable,
     floor_client,
-    open_floor,
-    open_store,
+    opened,
 )
 from _transactions import TX_STORES, TxResult, bench_transactions, format_transactions
 from _wsgi import WSGI_STORES, bench_wsgi, format_wsgi
@@ -339,26 +338,16 @@ async def bench_one(
 ) -> tuple[list[CaseResult], ServerResult | None]:
     """One store and the floor on it, opened, benchmarked, closed, and what they left on its server removed. The
     floor's client goes in *outcome* (or why it has none there)."""
-    store = open_store(name, server, tmp)
-    floor: Backend | None = None
-    try:
-        floor = open_floor(name, server, tmp)
-        outcome.floor_clients[name] = floor_client(name, server)
-    except Unavailable as exc:
-        outcome.floor_skipped[name] = str(exc)
-        log(f"  {name}: no floor ({exc})")
-    try:
-        results, server_result = await bench_store(name, store, settings, keys, log, server, floor)
-    finally:
-        try:
-            await store.close()
-            if floor is not None:
-                await floor.aclose()
-        finally:
-            cleaned = await server.cleanup() if server is not None else ""
+    async with opened(name, server, tmp) as both:
+        if both.floor is None:
+            outcome.floor_skipped[name] = both.no_floor
+            log(f"  {name}: no floor ({both.no_floor})")
+        else:
+            outcome.floor_clients[name] = floor_client(name, server)
+        results, server_result = await bench_store(name, both.store, settings, keys, log, server, both.floor)
     if server_result is not None:
-        server_result.cleanup = cleaned
-        log(f"  {name}: {cleaned}")
+        server_result.cleanup = both.cleaned
+        log(f"  {name}: {both.cleaned}")
     return results, server_result
 
 

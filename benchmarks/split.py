@@ -40,7 +40,7 @@ from typing import Final
 
 from _apps import KeyFactory, call, discard, make_app, make_requests, wrap
 from _harness import blocks, rotation
-from _servers import DEFAULT_URLS, SERVERS, Server, Unavailable, open_floor, open_store
+from _servers import DEFAULT_URLS, SERVERS, Server, Unavailable, opened
 from floor import FloorMiddleware
 
 from idempo.asgi import ASGIApp, Message, Receive, Scope, Send
@@ -131,26 +131,23 @@ async def split_store(
     name: str, server: Server | None, tmp: Path, cases: Sequence[str], n: int, reps: int, keys: KeyFactory
 ) -> list[str]:
     """The split of each case on store *name*, as lines of the table."""
-    store = open_store(name, server, tmp)
-    floor = None
     lines = []
-    try:
-        floor = open_floor(name, server, tmp)
+    async with opened(name, server, tmp) as both:
+        if both.floor is None:
+            raise Unavailable(f"no floor ({both.no_floor})")
         app = make_app()
         idempo_probe, floor_probe = AppProbe(app), AppProbe(app)
         sides = [
-            Side("idempo", wrap(idempo_probe, store), idempo_probe),
-            Side("floor", FloorMiddleware(floor_probe, floor), floor_probe),
+            Side("idempo", wrap(idempo_probe, both.store), idempo_probe),
+            Side("floor", FloorMiddleware(floor_probe, both.floor), floor_probe),
         ]
-        for side in sides:  # the replay key's response, stored; and a warm-up
+        for side in sides:  # the replay key's response, stored
             status, _, _ = await call(side.middleware, make_requests("replay", name, 1, keys)[0])
             if status != 200:
                 msg = f"seeding the replay key of {side.label} on {name} answered {status}"
                 raise RuntimeError(msg)
         for case in cases:
-            for side in sides:
-                side.samples = {part: [] for part in PARTS}
-            await split_case(sides, case, name, min(n, BLOCK), 1, keys)  # warm-up, not kept
+            await split_case(sides, case, name, min(n, BLOCK), 1, keys)  # a warm-up, its samples dropped
             for side in sides:
                 side.samples = {part: [] for part in PARTS}
             await split_case(sides, case, name, n, reps, keys)
@@ -160,14 +157,6 @@ async def split_store(
                 lines.append(f"{case:10s} {name:9s} {side.label:8s}{figures}")
             excess = "".join(f"{idempo_side.median(part) - floor_side.median(part):+14.1f}" for part in PARTS)
             lines.append(f"{case:10s} {name:9s} {'excess':8s}{excess}")
-    finally:
-        try:
-            await store.close()
-            if floor is not None:
-                await floor.aclose()
-        finally:
-            if server is not None:
-                await server.cleanup()
     return lines
 
 
@@ -189,6 +178,8 @@ async def run(stores: Sequence[str], cases: Sequence[str], quick: bool, urls: di
                 n, reps = (20, 2) if quick else (N[name], REPS)
                 for line in await split_store(name, server, Path(tmp), cases, n, reps, keys):
                     print(line, flush=True)
+            except Unavailable as exc:
+                print(f"{name}: skipped ({exc})")
             finally:
                 if server is not None:
                     await server.aclose()
