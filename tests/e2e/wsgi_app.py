@@ -25,7 +25,6 @@ from, and the test sees which workers hold a waiting request). Routes:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from idempo.stores import sync_store_from_url
 from idempo.wsgi import KEY_ENVIRON, IdempotencyMiddleware, StartResponse, WSGIApplication, WSGIEnvironment
+from tests.support.locks import one_process_at_a_time
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -62,10 +62,7 @@ def _connect(db: Path) -> sqlite3.Connection:
 
 
 def _create_database(db: Path) -> None:
-    # One worker at a time: switching to WAL while another connection does the same can fail at once with "database
-    # is locked" (SQLite does not wait for that lock: it would deadlock), whatever the busy timeout.
-    with open(db.with_name(db.name + ".create-lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with one_process_at_a_time(db.with_name(db.name + ".create-lock")):
         conn = _connect(db)
         try:
             conn.execute("PRAGMA journal_mode=WAL")

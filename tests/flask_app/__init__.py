@@ -26,7 +26,6 @@ Routes:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
@@ -40,6 +39,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request, session
 
 from idempo import OutcomeUnknownError
 from idempo.flask import Idempotency
+from tests.support.locks import one_process_at_a_time
 
 __all__ = ["Business", "Gate", "create_app", "idempotency", "session_principal"]
 
@@ -75,12 +75,10 @@ class Business:
     def create(self) -> None:
         """Create the table, if it is not there."""
         if self.url.startswith("sqlite:"):
-            # One process at a time: a switch to WAL racing another can fail at once ("database is locked").
             with (
-                open(self.url.removeprefix("sqlite:///") + ".create-lock", "a") as lock,
+                one_process_at_a_time(self.url.removeprefix("sqlite:///") + ".create-lock"),
                 _closing(self._sqlite()) as conn,
             ):
-                fcntl.flock(lock, fcntl.LOCK_EX)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(
                     self._sql(
