@@ -155,6 +155,24 @@ async def test_record_expires_exactly_at_expires_at(clocked: tuple[Store, FakeCl
     assert isinstance(await store.claim("k", "fp", lease=10, ttl=100), Acquired)
 
 
+async def test_a_claim_finds_a_completed_record_until_it_expires_and_takes_the_key_then(
+    clocked: tuple[Store, FakeClock],
+) -> None:
+    # No get() in between (which would drop the expired record first): the claim alone must see the expiry, on
+    # the memory store's replay read without the lock as on every store.
+    store, clock = clocked
+    start = clock.now
+    token = token_of(await store.claim("k", "fp", lease=10, ttl=100))
+    assert await store.complete("k", token, b"out", ttl=50)
+    clock.now = start + 49.999
+    assert record_of(await store.claim("k", "fp", lease=10, ttl=100)).payload == b"out"
+    clock.now = start + 50
+    assert isinstance(await store.claim("k", "other", lease=10, ttl=100), Acquired)
+    record = await store.get("k")
+    assert record is not None
+    assert (record.state, record.fingerprint, record.payload) == (State.IN_PROGRESS, "other", None)
+
+
 async def test_stale_record_is_still_returned_by_get(clocked: tuple[Store, FakeClock]) -> None:
     store, clock = clocked
     token = token_of(await store.claim("k", "fp", lease=10, ttl=100))

@@ -58,6 +58,7 @@ _CREATED_AT: Final = 4
 _LEASE_EXPIRES_AT: Final = 5
 _EXPIRES_AT: Final = 6
 _PAYLOAD: Final = 7
+_COMPLETED: Final = State.COMPLETED
 _new_record = tuple.__new__  # builds a named tuple without its Python-level __new__
 
 MAX_ENTRIES: Final = 100_000
@@ -207,6 +208,11 @@ class SyncMemoryStore:
         """
         if self._check_due:
             self._check_workers()
+        # A replay's read, without the lock: a completed record changes only by expiring or being deleted, and
+        # one dict read sees a whole entry (entries are tuples, replaced whole), under the GIL as without it.
+        record = self._records.get(key)
+        if record is not None and record[_STATE] is _COMPLETED and record[_EXPIRES_AT] > self._clock():
+            return Existing(_as_record(record))
         with self._lock:
             now = self._clock()
             records = self._records
