@@ -230,6 +230,40 @@ def test_sync_store_wal_stays_bounded_under_sustained_load(tmp_path: Path, threa
     store.close()
 
 
+@pytest.mark.parametrize("inline", [True, False])
+async def test_only_operations_that_write_count_towards_a_checkpoint(tmp_path: Path, inline: bool) -> None:
+    # A replay only reads: the WAL does not grow, and a store that mostly replays must not checkpoint every 1000 of
+    # them (on the loop's connection, and on the store's thread with inline=False).
+    store = SQLiteStore(tmp_path / "replays.db", inline=inline)
+    token = token_of(await store.claim("k", "fp", lease=60, ttl=600))
+    assert await store.complete("k", token, b"out", ttl=600)
+    checkpoints = store._thread.checkpoints
+    counted = checkpoints.count
+    assert counted >= 2  # the claim that inserted, the complete that updated
+    for _ in range(1500):  # more than CHECKPOINT_EVERY
+        assert record_of(await store.claim("k", "fp", lease=60, ttl=600)).payload == b"out"
+    assert not await store.complete("k", token, b"again", ttl=600)  # an update that changes nothing
+    assert checkpoints.count == counted
+    assert await store.delete("k")
+    assert checkpoints.count == counted + 1
+    await store.close()
+
+
+def test_only_operations_that_write_count_towards_a_checkpoint_on_the_sync_store(tmp_path: Path) -> None:
+    store = SyncSQLiteStore(tmp_path / "replays.db")
+    token = token_of(store.claim("k", "fp", lease=60, ttl=600))
+    assert store.complete("k", token, b"out", ttl=600)
+    checkpoints = store._pool_of_this_process().checkpoints
+    counted = checkpoints.count
+    assert counted == 2
+    for _ in range(1500):
+        assert record_of(store.claim("k", "fp", lease=60, ttl=600)).payload == b"out"
+    assert checkpoints.count == counted
+    assert store.delete("k")
+    assert checkpoints.count == counted + 1
+    store.close()
+
+
 async def test_wal_file_is_cut_back_after_a_reader_held_it_open(tmp_path: Path) -> None:
     path = tmp_path / "burst.db"
     store = SQLiteStore(path)

@@ -21,8 +21,8 @@ connection; it either finishes at once or fails with ``SQLITE_BUSY`` without wai
 the loop. That connection never checkpoints (the fsyncs of a checkpoint happen on the store's thread). With
 ``synchronous="FULL"`` every commit fsyncs, so every statement runs on the thread; ``inline=False`` asks for that
 too, e.g. on a slow or network file system. An operation that waited on the thread's queue past its deadline fails
-without being run. Each store checkpoints every 1000 operations, so that the WAL stays bounded under sustained load;
-connections, checkpoints and forks are ``._sqlite_connections``'s.
+without being run. Each store checkpoints every 1000 operations that write, so that the WAL stays bounded under
+sustained load; connections, checkpoints and forks are ``._sqlite_connections``'s.
 
 Written once. Each operation is a plain function of a connection (its statements, in one attempt that never
 yields: a transaction that holds the write lock must not wait for anything), and how it is tried again until its
@@ -141,7 +141,9 @@ class SQLiteStore(SQLiteOperations):
             # here, as _try would make it, without its coroutine.
             try:
                 try:
+                    changes = conn.total_changes
                     result: T = operation(conn, *args)
+                    wrote = conn.total_changes != changes
                 finally:
                     thread.inline_lock.release()
             except sqlite3.Error as exc:
@@ -151,7 +153,7 @@ class SQLiteStore(SQLiteOperations):
                 # The deadline counts from here, microseconds after the call: this attempt did not wait.
                 attempt = Attempt(operation, args, time.monotonic() + self._busy_timeout, inline)
                 return await run_async(self._attempts(attempt, failure), self._perform)
-            if checkpoints.due():
+            if wrote and checkpoints.due():
                 executor = thread.executor
                 assert executor is not None
                 executor.submit(thread.checkpoint)
@@ -179,7 +181,9 @@ class SQLiteStore(SQLiteOperations):
         # the store's thread, which runs one operation at a time, take this one.
         if conn is not None and thread.inline_lock.acquire(blocking=False):
             try:
+                changes = conn.total_changes
                 result = operation(conn, *args)
+                wrote = conn.total_changes != changes
             except sqlite3.Error as exc:
                 raise self._database.failure(exc) from exc
             finally:
@@ -188,11 +192,11 @@ class SQLiteStore(SQLiteOperations):
             bound = deadline if self._busy_timeout else None
             executor = thread.executor
             assert executor is not None
-            result = await asyncio.get_running_loop().run_in_executor(
+            result, wrote = await asyncio.get_running_loop().run_in_executor(
                 executor, thread.on_thread, bound, operation, args
             )
             thread.open_inline()
-        if checkpoints.due():
+        if wrote and checkpoints.due():
             executor = thread.executor
             assert executor is not None
             executor.submit(thread.checkpoint)
@@ -326,10 +330,11 @@ class SyncSQLiteStore(SQLiteOperations):
         conn = pool.checkout(deadline)
         try:
             try:
+                changes = conn.total_changes
                 result = operation(conn, *args)
             except sqlite3.Error as exc:
                 raise self._database.failure(exc) from exc
-            if pool.checkpoints.due():  # this thread checkpoints, as SQLite's own automatic checkpoint would
+            if conn.total_changes != changes and pool.checkpoints.due():  # this thread checkpoints, as SQLite's own automatic checkpoint would
                 pool.checkpoints.run(conn)
             return result
         finally:
