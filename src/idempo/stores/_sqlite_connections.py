@@ -188,7 +188,7 @@ class Checkpoints:
 
     def __init__(self, path: str, opened: threading.Condition | None = None) -> None:
         self.path = path
-        self.count = 0  # operations that wrote since the last checkpoint (a race between threads may lose one: harmless)
+        self.count = 0  # writes since the last checkpoint (a race between threads may lose one: harmless)
         self.running = False
         self.closed = False  # the gate: while True, the store's operations wait for the checkpoint
         self.opened = threading.Condition(threading.Lock()) if opened is None else opened  # notified as it opens

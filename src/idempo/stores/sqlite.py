@@ -334,7 +334,8 @@ class SyncSQLiteStore(SQLiteOperations):
                 result = operation(conn, *args)
             except sqlite3.Error as exc:
                 raise self._database.failure(exc) from exc
-            if conn.total_changes != changes and pool.checkpoints.due():  # this thread checkpoints, as SQLite's own automatic checkpoint would
+            # A write that makes a checkpoint due: this thread checkpoints, as SQLite's own automatic checkpoint would.
+            if conn.total_changes != changes and pool.checkpoints.due():
                 pool.checkpoints.run(conn)
             return result
         finally:
