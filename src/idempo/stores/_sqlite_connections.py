@@ -253,9 +253,7 @@ class StoreThread:
         """This process was forked from the one that opened these connections: never use (nor close) them."""
         inherit([c for c in (self.conn, self.inline_conn) if c is not None])
 
-    def on_thread(
-        self, deadline: float | None, operation: Callable[..., T], args: tuple[Any, ...]
-    ) -> tuple[T, bool]:
+    def on_thread(self, deadline: float | None, operation: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, bool]:
         """Run *operation* on the thread's connection (called on the thread), unless its *deadline* has passed
         meanwhile (``None``: no deadline); return its result, and whether it wrote (changed a row: see
         :meth:`Checkpoints.due`)."""
