@@ -19,10 +19,12 @@ from typing import Any, cast
 import pytest
 
 from idempo import Acquired, IdempotencyMiddleware, SQLiteStore, State, StoreError, StoreFullError
+from idempo._core.plans import run
+from idempo.stores._sqlite_operations import Attempt
 from idempo.stores.sqlite import SyncSQLiteStore
 from tests.support.environment import skip_or_fail
 from tests.support.middleware import CountingApp, client_for, problem_of
-from tests.support.stores import record_of, token_of
+from tests.support.stores import FakeClock, record_of, token_of
 
 # -- another process holds the write lock ------------------------------------------------------------------------
 
@@ -277,7 +279,7 @@ async def test_wal_file_is_cut_back_after_a_reader_held_it_open(tmp_path: Path) 
             token = token_of(await store.claim(f"{prefix}{i}", "fp", lease=60, ttl=600))
             assert await store.complete(f"{prefix}{i}", token, PAYLOAD, ttl=600)
 
-    await load("a", 2500)
+    await load("a", 3500)
     grown = _wal_size(path)
     assert grown > 64 * 1024 * 1024  # the reader kept every frame in the WAL
     reader.execute("COMMIT")
@@ -482,3 +484,70 @@ class _Counting:
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         self.statements.append(sql.split(maxsplit=1)[0])
         return self.conn.execute(sql, *args)
+
+
+# -- purge_expired: in batches, without an index on expires_at ---------------------------------------------------
+
+
+def _expire_every_other(store: SyncSQLiteStore, clock: FakeClock, count: int) -> set[str]:
+    """*count* records, every other one of them expired by now; the live keys."""
+    live = set()
+    for i in range(count):
+        key = f"k{i:05d}"
+        token = token_of(store.claim(key, "fp", lease=60, ttl=10 if i % 2 else 1000))
+        assert store.complete(key, token, b"out", ttl=10 if i % 2 else 1000)
+        if not i % 2:
+            live.add(key)
+    clock.now += 100
+    return live
+
+
+def test_a_purge_walks_the_table_in_batches_and_deletes_exactly_the_expired_rows(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SyncSQLiteStore(tmp_path / "purge.db", clock=clock)
+    live = _expire_every_other(store, clock, 2500)
+    batches: list[tuple[int, str | None]] = []
+
+    def perform(effect: Any) -> Any:  # the store's own, counting the batches (each a write transaction of its own)
+        result = store._perform(effect)
+        if isinstance(effect, Attempt):
+            batches.append(result)
+        return result
+
+    assert run(store._purge_plan(), perform) == 1250
+    assert [count for count, _ in batches] == [500, 500, 250, 0]  # 1000 keys per batch, then the table's end
+    assert [end for _, end in batches] == ["k00999", "k01999", "k02499", None]
+    with sqlite3.connect(tmp_path / "purge.db") as conn:
+        assert {key for (key,) in conn.execute("SELECT key FROM idempo_records")} == live
+    assert store.purge_expired() == 0
+    store.close()
+
+
+async def test_the_async_store_purges_in_batches_too(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sync = SyncSQLiteStore(tmp_path / "purge.db", clock=clock)
+    live = _expire_every_other(sync, clock, 2100)
+    sync.close()
+    store = SQLiteStore(tmp_path / "purge.db", clock=clock)
+    assert await store.purge_expired() == 1050
+    assert await store.purge_expired() == 0
+    for key in ("k00000", "k01000", "k02098"):
+        assert key in live
+        assert (await store.get(key)) is not None
+    assert await store.get("k00001") is None
+    await store.close()
+
+
+def test_the_index_on_expires_at_an_earlier_version_made_is_dropped(tmp_path: Path) -> None:
+    # An earlier version kept an index on expires_at, which every new key paid for; opening the file drops it.
+    path = tmp_path / "old.db"
+    store = SyncSQLiteStore(path)
+    assert store.purge_expired() == 0  # makes the table
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE INDEX idempo_records_expires_at ON idempo_records (expires_at)")
+    store = SyncSQLiteStore(path)
+    assert isinstance(store.claim("k", "fp", lease=60, ttl=60), Acquired)
+    store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall() == []

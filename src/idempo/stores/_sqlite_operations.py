@@ -34,6 +34,9 @@ _COLUMNS = "key, state, fingerprint, token, created_at, lease_expires_at, expire
 # handler (sqliteDefaultBusyCallback), then 100 ms until the operation's deadline.
 _PAUSES = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
 _SCAN_PAGE = 100  # records per statement of a scan (payloads included: each may be large)
+# Keys per batch of a purge: each batch is a write transaction of its own, which holds the write lock (every other
+# writer of the file waits) for about a millisecond.
+_PURGE_BATCH = 1000
 
 
 class Attempt(NamedTuple):
@@ -119,7 +122,12 @@ class SQLiteOperations:
         )
         self._sql_get = f"SELECT {_COLUMNS} FROM {table} WHERE key = ? AND expires_at > ?"
         self._sql_delete = f"DELETE FROM {table} WHERE key = ?"
-        self._sql_purge = f"DELETE FROM {table} WHERE expires_at <= ?"
+        # A purge, one batch of keys at a time: where the batch ends (the last of the next _PURGE_BATCH keys), then
+        # the expired rows up to there; the first batch from the table's start.
+        self._sql_purge_end_first = f"SELECT max(key) FROM (SELECT key FROM {table} ORDER BY key LIMIT ?)"
+        self._sql_purge_end = f"SELECT max(key) FROM (SELECT key FROM {table} WHERE key > ? ORDER BY key LIMIT ?)"
+        self._sql_purge_first = f"DELETE FROM {table} WHERE key <= ? AND expires_at <= ?"
+        self._sql_purge = f"DELETE FROM {table} WHERE key > ? AND key <= ? AND expires_at <= ?"
         self._scan_page_size = _SCAN_PAGE
 
     def _transaction_target(self) -> Target:
@@ -183,6 +191,22 @@ class SQLiteOperations:
         """A scan: pages of records in key order, each page one operation (its own attempts and deadline)."""
         return keyset_plan(limit, self._scan_page_size, lambda page: self._page(prefix, page))
 
+    def _purge_plan(self) -> _Plan[int]:
+        """A purge: the table in key order, :data:`_PURGE_BATCH` keys at a time, each batch one operation (its own
+        attempts and deadline), on the store's thread; the rows expired when the purge started are deleted. A table
+        of a million records is a thousand short write transactions, between which other writers take their turn,
+        rather than one that would hold the write lock while it deletes them all."""
+        now = self._clock()
+        purged = 0
+        after: str | None = None
+        while True:
+            attempt = self._attempt(self._purge_batch, (after, now), inline=False)
+            batch: tuple[int, str | None] = yield from self._attempts(attempt)
+            purged += batch[0]
+            after = batch[1]
+            if after is None:
+                return purged
+
     def _page(self, prefix: str, page: Page) -> _Plan[list[Record]]:
         result: list[Record] = yield from self._attempts(self._attempt(self._scan_page, (prefix, page)))
         return result
@@ -245,8 +269,18 @@ class SQLiteOperations:
     def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
         return conn.execute(self._sql_delete, (key,)).rowcount == 1
 
-    def _purge_expired(self, conn: sqlite3.Connection) -> int:
-        return conn.execute(self._sql_purge, (self._clock(),)).rowcount
+    def _purge_batch(self, conn: sqlite3.Connection, after: str | None, now: float) -> tuple[int, str | None]:
+        """One batch of a purge: of the next :data:`_PURGE_BATCH` keys after *after* (``None``: from the first), the
+        rows expired by *now* deleted; how many, and the batch's last key (``None``: the table has no more)."""
+        if after is None:
+            end = conn.execute(self._sql_purge_end_first, (_PURGE_BATCH,)).fetchone()[0]
+            if end is None:
+                return 0, None
+            return conn.execute(self._sql_purge_first, (end, now)).rowcount, end
+        end = conn.execute(self._sql_purge_end, (after, _PURGE_BATCH)).fetchone()[0]
+        if end is None:
+            return 0, None
+        return conn.execute(self._sql_purge, (after, end, now)).rowcount, end
 
     def _scan_page(self, conn: sqlite3.Connection, prefix: str, page: Page) -> list[Record]:
         """One page of a scan: a range of the primary key's index, ``prefix <= key < prefix_end(prefix)``

@@ -229,8 +229,9 @@ class SQLiteStore(SQLiteOperations):
         return await self._run(self._delete, (key,))
 
     async def purge_expired(self) -> int:
-        """See :meth:`idempo.Store.purge_expired`. Always on the store's thread: it may delete many rows."""
-        return await self._run(self._purge_expired, (), inline=False)
+        """See :meth:`idempo.Store.purge_expired`. Always on the store's thread: it may delete many rows. In
+        batches of 1000 keys, each a short write transaction of its own."""
+        return await run_async(self._purge_plan(), self._perform)
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
         """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 100 records, one
@@ -368,8 +369,9 @@ class SyncSQLiteStore(SQLiteOperations):
         return self._run(self._delete, (key,))
 
     def purge_expired(self) -> int:
-        """See :meth:`idempo.Store.purge_expired`."""
-        return self._run(self._purge_expired, ())
+        """See :meth:`idempo.Store.purge_expired`. In batches of 1000 keys, each a short write transaction of its
+        own."""
+        return run(self._purge_plan(), self._perform)
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
         """See :meth:`idempo.stores.ScanningStore.scan`. Yields in key order, reading pages of 100 records, one
