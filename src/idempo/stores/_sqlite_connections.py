@@ -46,6 +46,7 @@ __all__ = [
     "StoreThread",
     "fork_lock",
     "inherit",
+    "run_operation",
 ]
 
 T = TypeVar("T")
@@ -185,6 +186,14 @@ class Database:
         return Busy(exc) if _is_busy(exc) else self.error(exc)
 
 
+def run_operation(conn: sqlite3.Connection, operation: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, bool]:
+    """*operation* run on *conn* with *args*: its result, and whether it wrote (changed a row: only such operations
+    count towards a checkpoint, see :meth:`Checkpoints.due`). Every operation of either SQLite store runs here."""
+    changes = conn.total_changes
+    result = operation(conn, *args)
+    return result, conn.total_changes != changes
+
+
 class Checkpoints:
     """The checkpoints of one store in one process (see the module's docstring): counted operations, and the gate
     that holds the store's operations back while a RESTART checkpoint runs."""
@@ -199,10 +208,10 @@ class Checkpoints:
     def due(self) -> bool:
         """Count one operation that wrote. ``True`` when a checkpoint is due: the caller must then :meth:`run` it.
 
-        Only operations that changed a row count (the caller compares the connection's ``total_changes`` before and
-        after): one that changed none, a replay's read above all, adds nothing to the WAL, so a store that mostly
-        replays checkpoints no more often than its writes need (a checkpoint every 1000 reads cost a replay 0.35 µs,
-        and held the store's operations back while it restarted the WAL)."""
+        Only operations that changed a row count (:func:`run_operation` tells, from the connection's
+        ``total_changes`` before and after): one that changed none, a replay's read above all, adds nothing to the
+        WAL, so a store that mostly replays checkpoints no more often than its writes need (a checkpoint every 1000
+        reads cost a replay 0.35 µs, and held the store's operations back while it restarted the WAL)."""
         self.count += 1
         if self.count < CHECKPOINT_EVERY:
             return False
@@ -263,12 +272,9 @@ class StoreThread:
         if deadline is not None and time.monotonic() > deadline:
             raise Busy(None)  # its time ran out in the queue: fail it without running it
         try:
-            conn = self.conn
-            if conn is None:
-                conn = self.conn = self.database.connect()
-            changes = conn.total_changes
-            result = operation(conn, *args)
-            return result, conn.total_changes != changes
+            if self.conn is None:
+                self.conn = self.database.connect()
+            return run_operation(self.conn, operation, args)
         except sqlite3.Error as exc:
             raise self.database.failure(exc) from exc
 

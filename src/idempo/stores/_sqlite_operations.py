@@ -272,15 +272,15 @@ class SQLiteOperations:
     def _purge_batch(self, conn: sqlite3.Connection, after: str | None, now: float) -> tuple[int, str | None]:
         """One batch of a purge: of the next :data:`_PURGE_BATCH` keys after *after* (``None``: from the first), the
         rows expired by *now* deleted; how many, and the batch's last key (``None``: the table has no more)."""
+        start: tuple[str, ...]
         if after is None:
-            end = conn.execute(self._sql_purge_end_first, (_PURGE_BATCH,)).fetchone()[0]
-            if end is None:
-                return 0, None
-            return conn.execute(self._sql_purge_first, (end, now)).rowcount, end
-        end = conn.execute(self._sql_purge_end, (after, _PURGE_BATCH)).fetchone()[0]
+            find_end, delete, start = self._sql_purge_end_first, self._sql_purge_first, ()
+        else:
+            find_end, delete, start = self._sql_purge_end, self._sql_purge, (after,)
+        end = conn.execute(find_end, (*start, _PURGE_BATCH)).fetchone()[0]
         if end is None:
             return 0, None
-        return conn.execute(self._sql_purge, (after, end, now)).rowcount, end
+        return conn.execute(delete, (*start, end, now)).rowcount, end
 
     def _scan_page(self, conn: sqlite3.Connection, prefix: str, page: Page) -> list[Record]:
         """One page of a scan: a range of the primary key's index, ``prefix <= key < prefix_end(prefix)``

@@ -44,7 +44,7 @@ from typing import Any, Self, TypeVar
 
 from .._core.plans import iterate, iterate_async, run, run_async
 from .._core.records import Claim, Record
-from ._sqlite_connections import PROCESS, Busy, Pool, StoreThread, fork_lock, inherit
+from ._sqlite_connections import PROCESS, Busy, Pool, StoreThread, fork_lock, inherit, run_operation
 from ._sqlite_operations import Attempt, Pause, SQLiteOperations
 from ._url import StoreURL
 
@@ -141,9 +141,8 @@ class SQLiteStore(SQLiteOperations):
             # here, as _try would make it, without its coroutine.
             try:
                 try:
-                    changes = conn.total_changes
-                    result: T = operation(conn, *args)
-                    wrote = conn.total_changes != changes
+                    result: T
+                    result, wrote = run_operation(conn, operation, args)
                 finally:
                     thread.inline_lock.release()
             except sqlite3.Error as exc:
@@ -181,9 +180,7 @@ class SQLiteStore(SQLiteOperations):
         # the store's thread, which runs one operation at a time, take this one.
         if conn is not None and thread.inline_lock.acquire(blocking=False):
             try:
-                changes = conn.total_changes
-                result = operation(conn, *args)
-                wrote = conn.total_changes != changes
+                result, wrote = run_operation(conn, operation, args)
             except sqlite3.Error as exc:
                 raise self._database.failure(exc) from exc
             finally:
@@ -230,7 +227,7 @@ class SQLiteStore(SQLiteOperations):
 
     async def purge_expired(self) -> int:
         """See :meth:`idempo.Store.purge_expired`. Always on the store's thread: it may delete many rows. In
-        batches of 1000 keys, each a short write transaction of its own."""
+        batches of keys, each a short write transaction of its own."""
         return await run_async(self._purge_plan(), self._perform)
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> AsyncIterator[Record]:
@@ -331,12 +328,11 @@ class SyncSQLiteStore(SQLiteOperations):
         conn = pool.checkout(deadline)
         try:
             try:
-                changes = conn.total_changes
-                result = operation(conn, *args)
+                result, wrote = run_operation(conn, operation, args)
             except sqlite3.Error as exc:
                 raise self._database.failure(exc) from exc
             # A write that makes a checkpoint due: this thread checkpoints, as SQLite's own automatic checkpoint would.
-            if conn.total_changes != changes and pool.checkpoints.due():
+            if wrote and pool.checkpoints.due():
                 pool.checkpoints.run(conn)
             return result
         finally:
@@ -369,8 +365,7 @@ class SyncSQLiteStore(SQLiteOperations):
         return self._run(self._delete, (key,))
 
     def purge_expired(self) -> int:
-        """See :meth:`idempo.Store.purge_expired`. In batches of 1000 keys, each a short write transaction of its
-        own."""
+        """See :meth:`idempo.Store.purge_expired`. In batches of keys, each a short write transaction of its own."""
         return run(self._purge_plan(), self._perform)
 
     def scan(self, prefix: str = "", *, limit: int | None = None) -> Iterator[Record]:
