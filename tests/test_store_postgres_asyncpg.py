@@ -144,6 +144,46 @@ def test_named_parameters_become_positional_ones_in_order_of_first_use() -> None
     assert set(named) <= set(statements.positional)  # every statement with parameters, in both styles
 
 
+def test_a_statement_taken_with_its_parameters_in_order_must_have_them_in_that_order() -> None:
+    statements = Statements("t")
+    order = ("now", "key", "fingerprint", "token", "lease", "ttl")
+    assert statements.in_order(statements.claim, order) == statements.positional[statements.claim][0]
+    with pytest.raises(RuntimeError, match="parameters are"):
+        statements.in_order(statements.claim, ("key", "now", "fingerprint", "token", "lease", "ttl"))
+
+
+async def test_claim_and_complete_run_outside_their_plans_on_a_free_connection(postgres_url: str, table: str) -> None:
+    """The common case costs no plan: the first claim opens the pool through one; then, with a connection free, a
+    claim and a completion are one statement each on it, and the plans are used only where there is none."""
+    store = PostgresStore(postgres_url, table=table, min_size=1, max_size=1)
+    planned: list[str] = []
+    perform = store._perform
+
+    def counting(step: Any) -> Any:
+        planned.append(step.doing)
+        return perform(step)
+
+    store._perform = counting  # type: ignore[method-assign]
+    try:
+        await store.claim("opening", "fp", lease=10, ttl=60)  # the pool opens: through the plan
+        assert planned == ["claim"]
+        token = token_of(await store.claim("k", "fp", lease=10, ttl=60))
+        assert await store.complete("k", token, b"done", ttl=60)
+        record = (await store.claim("k", "fp", lease=10, ttl=60, token="t" * 32)).record  # type: ignore[union-attr]
+        assert (record.key, record.payload) == ("k", b"done")
+        assert not await store.complete("k", token, b"again", ttl=60)  # fenced there as in the plan
+        assert planned == ["claim"]
+        assert store._pool is not None
+        held = store._pool.free_connection()  # the only connection, busy: the plan waits for it
+        assert held is not None
+        claiming = asyncio.ensure_future(store.claim("k2", "fp", lease=10, ttl=60))
+        await eventually(lambda: planned == ["claim", "claim"], "the claim went to its plan")
+        store._pool.putconn(held)
+        token_of(await claiming)
+    finally:
+        await store.close()
+
+
 # -- the pool -------------------------------------------------------------------------------------------------------
 
 

@@ -26,12 +26,25 @@ from ._rows import record_from_row
 from ._scan import Page, ScanPlan, keyset_plan, like_prefix
 from ._url import StoreURL, redact
 
-__all__ = ["ALL", "COUNT", "FAILURES", "FIRST", "Drop", "PostgresOperations", "Probe", "Step", "Take"]
+__all__ = [
+    "ALL",
+    "CLAIM_ATTEMPTS",
+    "COUNT",
+    "FAILURES",
+    "FIRST",
+    "Drop",
+    "PostgresOperations",
+    "Probe",
+    "Step",
+    "Take",
+    "claim_of",
+    "owned",
+]
 
 _T = TypeVar("_T")
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
-_CLAIM_ATTEMPTS = 10
+CLAIM_ATTEMPTS: Final = 10  # statements a claim makes at most, while the key keeps changing under it
 _ANSWER_GRACE = 1.0  # seconds the client waits past statement_timeout for an answer before it gives up
 _PURGE_BATCH = 10_000
 _SCAN_PAGE = 100  # records per statement of a scan (payloads included: each may be large)
@@ -119,6 +132,20 @@ class Drop(NamedTuple):
 
 
 _Plan = Generator[Step, Any, _T]
+
+def owned(count: int) -> bool:
+    """What a fenced statement (``renew``, ``complete``, ``release``) answered with its row count: whether the token
+    still owned the key, and the statement changed its row."""
+    return count == 1
+
+
+def claim_of(row: Any, token: str) -> Claim | None:
+    """What the claim's statement answered in *row*: the key taken with *token*, or the live record found; ``None``
+    if neither, when another claim committed the key after the statement's snapshot was taken (then look again,
+    with a fresh snapshot)."""
+    if row is None:
+        return None
+    return Acquired(token) if row[0] else Existing(record_from_row(row[1:]))
 
 
 class PostgresOperations:
@@ -266,8 +293,12 @@ class PostgresOperations:
 
     def _params(self, **params: Any) -> dict[str, Any]:
         # lease and ttl always as floats: one set of parameter types, one prepared statement per connection.
-        params["now"] = None if self._clock is None else self._clock()
+        params["now"] = self._now()
         return params
+
+    def _now(self) -> float | None:
+        """The statements' *now*: ``None`` (the server's clock), or the clock given for tests."""
+        return None if self._clock is None else self._clock()
 
     # -- the operations, as plans ---------------------------------------------------------------------------
 
@@ -281,32 +312,36 @@ class PostgresOperations:
         for statement in self._sql.create:
             yield Step("creating the table", statement, None)
 
-    def _claim_plan(self, key: str, fingerprint: str, lease: float, ttl: float, token: str | None) -> _Plan[Claim]:
+    def _claim_plan(
+        self, key: str, fingerprint: str, lease: float, ttl: float, token: str | None, attempts: int = CLAIM_ATTEMPTS
+    ) -> _Plan[Claim]:
+        """The claim, in *attempts* statements at most (the async store makes the first of them outside the plan,
+        see ``PostgresStore.claim``, and leaves it the others)."""
         token = token or new_token()
-        for _ in range(_CLAIM_ATTEMPTS):
+        for _ in range(attempts):
             params = self._params(key=key, fingerprint=fingerprint, token=token, lease=float(lease), ttl=float(ttl))
             _, row = yield Step("claim", self._sql.claim, params, rows=FIRST)
-            if row is not None:
-                return Acquired(token) if row[0] else Existing(record_from_row(row[1:]))
-            # Another claim committed this key after our snapshot was taken: look again, with a fresh snapshot.
-        msg = f"PostgreSQL store {self._display!r}, claim: key {key!r} kept changing under {_CLAIM_ATTEMPTS} attempts"
+            claim = claim_of(row, token)
+            if claim is not None:
+                return claim
+        msg = f"PostgreSQL store {self._display!r}, claim: key {key!r} kept changing under {CLAIM_ATTEMPTS} attempts"
         raise StoreError(msg)
 
     def _renew_plan(self, key: str, token: str, lease: float) -> _Plan[bool]:
         count: int
         count, _ = yield Step("renew", self._sql.renew, self._params(key=key, token=token, lease=float(lease)))
-        return count == 1
+        return owned(count)
 
     def _complete_plan(self, key: str, token: str, payload: bytes, ttl: float) -> _Plan[bool]:
         params = self._params(key=key, token=token, payload=payload, ttl=float(ttl))
         count: int
         count, _ = yield Step("complete", self._sql.complete, params)
-        return count == 1
+        return owned(count)
 
     def _release_plan(self, key: str, token: str) -> _Plan[bool]:
         count: int
         count, _ = yield Step("release", self._sql.release, self._params(key=key, token=token))
-        return count == 1
+        return owned(count)
 
     def _get_plan(self, key: str) -> _Plan[Record | None]:
         _, row = yield Step("get", self._sql.get, self._params(key=key), rows=FIRST)

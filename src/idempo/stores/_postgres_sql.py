@@ -137,3 +137,13 @@ class Statements:
         named = [*self.create, self.exists, self.lock, self.claim, self.renew, self.complete, self.release, self.get]
         named += [self.delete, self.purge, self.scan_first, self.scan_next]
         self.positional = {query: positional(query) for query in named}
+
+    def in_order(self, query: bytes, names: tuple[str, ...]) -> str:
+        """*query* in the positional style, whose parameters are *names* in this order (a caller that passes its
+        arguments as a tuple says so here; a statement rewritten with its parameters in another order fails at once,
+        rather than bind them wrongly)."""
+        sql, order = self.positional[query]
+        if order != names:
+            msg = f"the statement's parameters are {order}, not {names}"
+            raise RuntimeError(msg)
+        return sql

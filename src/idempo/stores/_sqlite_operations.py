@@ -18,8 +18,8 @@ from typing import Any, NamedTuple, TypeVar
 
 from .._core.bound import Target
 from .._core.errors import ConfigurationError, StoreError
-from .._core.records import Acquired, Claim, Existing, Record, State, new_token
-from ._rows import COMPLETED, IN_PROGRESS
+from .._core.records import Acquired, Claim, Existing, Record, new_token
+from ._rows import COMPLETED, IN_PROGRESS, keyed_record_from_row, record_from_row
 from ._scan import Page, keyset_plan, prefix_end
 from ._sqlite_connections import Busy, Database
 from ._url import StoreURL
@@ -227,7 +227,7 @@ class SQLiteOperations:
             if conn.execute(self._sql_claim_new, (key, fingerprint, token, now, now + lease, now + ttl)).rowcount:
                 return Acquired(token)
         elif row[5] > now and (row[0] == COMPLETED or row[4] > now):
-            return Existing(_keyed_record(key, row))
+            return Existing(keyed_record_from_row(key, row))
         # An expired record or a stale claim, to take over (or a record that appeared since the read): under the
         # write lock, so that two processes can never both take it.
         conn.execute("BEGIN IMMEDIATE")
@@ -235,7 +235,7 @@ class SQLiteOperations:
             now = self._clock()
             row = conn.execute(self._sql_claim_read, (key,)).fetchone()
             if row is not None and row[5] > now and (row[0] == COMPLETED or row[4] > now):
-                result: Claim = Existing(_keyed_record(key, row))
+                result: Claim = Existing(keyed_record_from_row(key, row))
             else:
                 if token is None:
                     token = new_token()
@@ -264,7 +264,7 @@ class SQLiteOperations:
 
     def _get(self, conn: sqlite3.Connection, key: str) -> Record | None:
         row = conn.execute(self._sql_get, (key, self._clock())).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else record_from_row(row)
 
     def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
         return conn.execute(self._sql_delete, (key,)).rowcount == 1
@@ -298,21 +298,4 @@ class SQLiteOperations:
             clauses.append("key < ?")
             params.append(end)
         query = f"SELECT {_COLUMNS} FROM {self._table} WHERE {' AND '.join(clauses)} ORDER BY key LIMIT ?"
-        return [_record(row) for row in conn.execute(query, (*params, page.size))]
-
-
-_new_record = tuple.__new__  # builds a Record without its Python-level __new__
-_COMPLETED = State.COMPLETED
-_IN_PROGRESS = State.IN_PROGRESS
-
-
-def _record(row: tuple[Any, ...]) -> Record:
-    """A :class:`Record` from a row of :data:`_COLUMNS` (``_rows.record_from_row``, without a named tuple's
-    ``__new__``)."""
-    return _new_record(Record, (row[0], _COMPLETED if row[1] == COMPLETED else _IN_PROGRESS, *row[2:]))
-
-
-def _keyed_record(key: str, row: tuple[Any, ...]) -> Record:
-    """The :class:`Record` of *key* from a row of the claim's read (:data:`_COLUMNS` but the key): a replay makes
-    one."""
-    return _new_record(Record, (key, _COMPLETED if row[0] == COMPLETED else _IN_PROGRESS, *row[1:]))
+        return [record_from_row(row) for row in conn.execute(query, (*params, page.size))]
