@@ -204,6 +204,37 @@ def test_times_come_from_the_servers_clock(twin: Twin, redis_url: str) -> None:
     twin.run(scenario())
 
 
+def test_times_are_written_as_whole_milliseconds_however_far_off(twin: Twin, redis_url: str) -> None:
+    """Every time field is the decimal integer of its milliseconds, and the key expires a millisecond before
+    expires_at: even for a record kept 5000 years (the scripts write times with ``string.format('%d')``)."""
+    store = twin.open(prefixed(redis_url, f"times-{twin}:"))
+    key = uuid.uuid4().hex
+    raw_key = f"{RUN_PREFIX}times-{twin}:{key}"
+    ttl = 5000 * 365 * 86_400.0  # 1.6e14 ms: fifteen digits
+
+    def scenario() -> Scenario:
+        with redis.Redis.from_url(redis_url) as raw:
+            claim = yield store.claim(key, "fp", lease=ttl, ttl=ttl)
+            assert isinstance(claim, Acquired)
+            fields = raw.hmget(raw_key, "created_at", "lease_expires_at", "expires_at")
+            assert all(value.isdigit() for value in fields), fields
+            created, lease_expires, expires = (int(value) for value in fields)
+            assert lease_expires - created == expires - created == round(ttl * 1000)
+            assert raw.pexpiretime(raw_key) == expires - 1
+            assert (yield store.renew(key, claim.token, lease=ttl))
+            assert (yield store.complete(key, claim.token, b"done", ttl=ttl))
+            fields = raw.hmget(raw_key, "lease_expires_at", "expires_at")
+            assert all(value.isdigit() for value in fields), fields
+            assert raw.pexpiretime(raw_key) == int(fields[1]) - 1
+            record = yield store.get(key)
+            assert record is not None
+            assert record.expires_at == pytest.approx(record.lease_expires_at + ttl)
+            yield store.delete(key)
+        yield store.close()
+
+    twin.run(scenario())
+
+
 def test_a_claim_sent_twice_is_acquired_once(twin: Twin, redis_url: str) -> None:
     """The client draws the token, so a claim that redis-py sends again (after a lost connection) still owns."""
     store = twin.open(prefixed(redis_url, "twice:"))

@@ -13,8 +13,9 @@ if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] or now >= tonumber(r[3]) then
   return 0
 end
 local expires_at = now + tonumber(ARGV[3])
+-- Times written as integers, as in claim.lua.
 redis.call('HSET', KEYS[1], 'state', 'completed', 'token', '', 'payload', ARGV[2],
-  'lease_expires_at', now, 'expires_at', expires_at)
+  'lease_expires_at', string.format('%d', now), 'expires_at', string.format('%d', expires_at))
 -- Redis keeps a key while its clock is <= the expiry time; a record is gone once the clock reaches expires_at.
-redis.call('PEXPIREAT', KEYS[1], expires_at - 1)
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', expires_at - 1))
 return 1

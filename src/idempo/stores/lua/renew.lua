@@ -12,5 +12,5 @@ local r = redis.call('HMGET', KEYS[1], 'state', 'token', 'expires_at')
 if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] or now >= tonumber(r[3]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'lease_expires_at', now + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'lease_expires_at', string.format('%d', now + tonumber(ARGV[2])))  -- as in claim.lua
 return 1
