@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .DEFAULT_GOAL := help
 .PHONY: help install check lint typecheck services browser test docs dist demo walkthrough serve screenshot bench \
-	bench-compare bench-load bench-split clean
+	bench-compare bench-instructions bench-load bench-split clean
 
 help: ## this list
 	@echo "make TARGET (CI runs .ci/run: make test, with CI=true):"
@@ -80,6 +80,10 @@ bench: install ## in-process benchmarks: bare app vs. wrapped, per store (ASGI, 
 
 bench-split: install ## where idempo's distance to the floor goes, per request: around the app, in its callbacks, the app's own
 	$(BIN)/python benchmarks/split.py $(ARGS)
+
+bench-instructions: install services ## instructions per request, idempo beside the floor, counted by valgrind (noise-free; ~15 min)
+	scripts/valgrind
+	$(BIN)/python benchmarks/instructions.py $(ARGS)
 
 bench-load: install services ## uvicorn (1, 2 workers) under wrk: req/s of bare, idempo, the floor (~17 min; docs/assets/load.*)
 	scripts/wrk

@@ -107,10 +107,10 @@ class Server(abc.ABC):
     name: ClassVar[str]
     op: str
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tag: str | None = None) -> None:
         self.url = url
         self.display = redact(url)
-        self.tag = secrets.token_hex(6)
+        self.tag = tag or secrets.token_hex(6)  # in the names of the run's records (given: another process's run)
         self.client = "?"
 
     @abc.abstractmethod
@@ -152,8 +152,8 @@ _REDIS_STORE_OPTIONS: Final = frozenset({"prefix", "timeout", "connect_timeout"}
 class RedisServer(Server):
     name = "redis"
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, tag: str | None = None) -> None:
+        super().__init__(url, tag)
         self.prefix = f"idempo-bench-{self.tag}:"
         self.cluster = urlsplit(url).scheme.lower() == "redis+cluster"
         # PING goes to every node of a cluster: there, the bare operation is one on a key, as the store's are.
@@ -245,8 +245,8 @@ class PostgresServer(Server):
 
     name = "postgres"
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, tag: str | None = None) -> None:
+        super().__init__(url, tag)
         self.table = f"idempo_bench_{self.tag}"
         self.floor_table = f"{self.table}_floor"
         self.op = "SELECT 1"
