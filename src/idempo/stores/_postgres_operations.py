@@ -133,6 +133,7 @@ class Drop(NamedTuple):
 
 _Plan = Generator[Step, Any, _T]
 
+
 def owned(count: int) -> bool:
     """What a fenced statement (``renew``, ``complete``, ``release``) answered with its row count: whether the token
     still owned the key, and the statement changed its row."""
