@@ -9,12 +9,17 @@
 -- {state, fingerprint, token, created_at, lease_expires_at, expires_at, payload}, times in ms since the epoch.
 -- The clock is the server's (TIME), so that every client agrees on it.
 -- At maxmemory (noeviction) a claim that would write fails with OOM; one that finds a live record still answers.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'state', 'fingerprint', 'token', 'created_at', 'lease_expires_at',
   'expires_at', 'payload')
-if r[1] and now < tonumber(r[6]) and (r[1] == 'completed' or now < tonumber(r[5])) then
-  if r[1] == 'in_progress' and r[3] == ARGV[2] then
+-- A completed record is live for as long as Redis has its key: the key expires with the record (PEXPIREAT below and
+-- in complete.lua), and a key past its expiry time is never found. A replay reads no clock.
+if r[1] == 'completed' then
+  return r
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if r[1] and now < tonumber(r[6]) and now < tonumber(r[5]) then  -- in progress, within its lease
+  if r[3] == ARGV[2] then
     return 1
   end
   return r
