@@ -12,7 +12,8 @@ of records with one pipeline of ``HMGET``s.
 
 One clock. The scripts read the time from the server (``TIME``), never from the client, so that workers whose
 clocks disagree still agree on when a lease or a record ran out. Redis drops a record itself when it expires
-(``PEXPIREAT``), which is why ``purge_expired`` has nothing to do.
+(``PEXPIREAT``), which is why ``purge_expired`` has nothing to do, and why a claim that finds a completed record
+(a retry) answers it without reading the clock: Redis finds its key only while it lives.
 
 Tokens are drawn by the client (:func:`~idempo._core.records.new_token`, or by the caller: ``claim(...,
 token=...)``) and passed to ``claim``, which makes a claim safe to send twice: one that finds the key held with its
