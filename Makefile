@@ -81,7 +81,7 @@ bench: install ## in-process benchmarks: bare app vs. wrapped, per store (ASGI, 
 bench-split: install ## where idempo's distance to the floor goes, per request: around the app, in its callbacks, the app's own
 	$(BIN)/python benchmarks/split.py $(ARGS)
 
-bench-instructions: install services ## instructions per request, idempo beside the floor, counted by valgrind (noise-free; ~15 min)
+bench-instructions: install services ## instructions per request, idempo beside the floor, counted by valgrind (next to no noise; ~20 min)
 	scripts/valgrind
 	$(BIN)/python benchmarks/instructions.py $(ARGS)
 

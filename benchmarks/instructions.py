@@ -20,8 +20,10 @@ Redis prefix, a PostgreSQL table), which this process removes at the end.
 
 The process of a network store's server is not counted, except with ``--redis-server``: then each child talks to a
 private ``redis-server`` started under callgrind on a free port (discarded after), and the server's instructions per
-request are printed too (scripts, commands, replies: where a Lua script's cost shows). PostgreSQL's server runs a
-process per connection, forked by the postmaster; it is not counted here.
+request are printed too (scripts, commands, replies: where a Lua script's cost shows). The server's count moves more
+than the client's (up to a tenth between runs): Redis's own housekeeping (its cron, the active expiry of keys) runs
+by the clock, and a longer run does more of it. PostgreSQL's server runs a process per connection, forked by the
+postmaster; it is not counted here.
 """
 
 from __future__ import annotations
