@@ -66,9 +66,9 @@ import os
 import random
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from .._core.errors import StoreError
 from .._core.plans import iterate, iterate_async, run, run_async
@@ -107,6 +107,7 @@ from ._postgres_pool import Pool, Pooled  # noqa: E402
 __all__ = ["PostgresStore", "SyncPostgresStore"]
 
 _strip_options = strip_options  # the benchmark's name for it
+_T = TypeVar("_T")
 
 _SyncConnection = psycopg.Connection[TupleRow]
 
@@ -293,43 +294,33 @@ class PostgresStore(PostgresOperations):
 
     async def _perform(self, step: Step) -> Any:
         """Run *step* on a live connection of the pool: its row count and first row, or all its rows."""
-        guard = None
         try:
             ready = self._ready()
-            if ready is not None:
-                pool, pooled = ready
-            else:
+            if ready is None:
                 opened = self._pool
                 pool = await self._open() if opened is None or self._loop is not asyncio.get_running_loop() else opened
                 plan = self._live_connection_plan()
-                pooled = await run_async(plan, lambda effect: self._perform_on_pool(pool, effect))
-            deadlines = self._deadlines
-            assert deadlines is not None  # set with the pool
-            guard = deadlines.start(pooled)
-            try:
-                return await _run(pooled.conn, step, self._sql.positional)
-            finally:
-                deadlines.finish(guard)
-                pool.putconn(pooled)
+                ready = pool, await run_async(plan, lambda effect: self._perform_on_pool(pool, effect))
         except StoreError:
             raise
         except _FAILURES as exc:
-            raise self._error(exc, step.doing, no_answer=guard is not None and guard.expired) from exc
+            raise self._error(exc, step.doing) from exc
+        return await self._on(ready, step.doing, _run, step, self._sql.positional)
 
-    # -- the Store protocol ---------------------------------------------------------------------------------
-
-    async def _first(self, ready: tuple[Pool, Pooled], doing: str, sql: str, args: tuple[Any, ...], row: bool) -> Any:
-        """One statement of the claim or the completion (*sql*, positional, with *args*), made outside their plans on
-        the connection :meth:`_ready` took, bounded and given back as :meth:`_perform` does: its first row (*row*),
-        else its status. A plan's statement costs its parameters, its effect and their driving: measured, a tenth of
-        a store call's CPU time, which this does without."""
+    async def _on(
+        self, ready: tuple[Pool, Pooled], doing: str, statement: Callable[..., Awaitable[_T]], *args: Any
+    ) -> _T:
+        """``statement(connection, *args)`` on the live connection of the pool in *ready*, bounded by the loop's
+        deadlines and given back after; a failure is a :class:`~idempo.StoreError` saying what it was *doing*.
+        Every statement of the store's operations runs here: a plan's step (:meth:`_perform`), and the statement a
+        claim or a completion makes outside its plan (a plan's statement costs its parameters, its effect and their
+        driving: measured, a tenth of a store call's CPU time)."""
         pool, pooled = ready
         deadlines = self._deadlines
         assert deadlines is not None  # set with the pool
         guard = deadlines.start(pooled)
         try:
-            conn = pooled.conn
-            return await (conn.fetchrow(sql, *args) if row else conn.execute(sql, *args))
+            return await statement(pooled.conn, *args)
         except _FAILURES as exc:
             raise self._error(exc, doing, no_answer=guard.expired) from exc
         finally:
@@ -343,7 +334,7 @@ class PostgresStore(PostgresOperations):
         ready = self._ready()
         if ready is not None:  # the first attempt, here; the plan makes the others, if any
             args = (self._now(), key, fingerprint, token, float(lease), float(ttl))
-            claim = claim_of(await self._first(ready, "claim", self._claim_sql, args, True), token)
+            claim = claim_of(await self._on(ready, "claim", _fetchrow, self._claim_sql, args), token)
             if claim is not None:
                 return claim
             attempts -= 1
@@ -358,7 +349,7 @@ class PostgresStore(PostgresOperations):
         ready = self._ready()
         if ready is not None:  # as the plan would, without it
             args = (payload, float(ttl), self._now(), key, token)
-            return owned(count_of(await self._first(ready, "complete", self._complete_sql, args, False)))
+            return owned(count_of(await self._on(ready, "complete", _execute, self._complete_sql, args)))
         return await run_async(self._complete_plan(key, token, payload, ttl), self._perform)
 
     async def release(self, key: str, token: str) -> bool:
@@ -399,6 +390,16 @@ class PostgresStore(PostgresOperations):
         twin, self._sync_twin = self._sync_twin, None
         if twin is not None:
             await asyncio.to_thread(twin.close)
+
+
+def _fetchrow(conn: Any, sql: str, args: tuple[Any, ...]) -> Awaitable[Any]:
+    """The first row of *sql* (positional) with *args* on an asyncpg connection, or ``None``."""
+    return conn.fetchrow(sql, *args)  # type: ignore[no-any-return]
+
+
+def _execute(conn: Any, sql: str, args: tuple[Any, ...]) -> Awaitable[str]:
+    """The status of *sql* (positional) with *args* on an asyncpg connection (``UPDATE 1``)."""
+    return conn.execute(sql, *args)  # type: ignore[no-any-return]
 
 
 async def _run(conn: Any, step: Step, positional: dict[bytes, tuple[str, tuple[str, ...]]]) -> Any:
