@@ -795,8 +795,11 @@ async def test_lifespan_and_websocket_scopes_pass_through() -> None:
 
     for scope in ({"type": "lifespan", "asgi": {"version": "3.0"}}, {"type": "websocket", "headers": []}):
         await middleware(scope, receive, send)
-        assert app.calls[-1][:2] == (scope, receive)
-    assert app.calls[1][2] is send  # a websocket's send is the server's; the lifespan's checks the store at start-up
+        assert app.calls[-1][0] == scope
+    assert app.calls[1][1:] == (receive, send)  # a websocket's receive and send are the server's
+    # The lifespan's send checks the store at start-up; its receive waits, at shutdown, for what is being recorded.
+    assert app.calls[0][1] is not receive
+    assert await app.calls[0][1]() == {"type": "lifespan.startup"}
     lifespan = IdempotencyMiddleware(app, store=FailingStore(), startup_check="off")
     await lifespan({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     assert app.calls[-1][2] is send  # with the check off, untouched

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,8 @@ class FlakyStore(MemoryStore):
         self.failures = failures
         self.attempts = 0
         self.recorded = asyncio.Event()
+        self.closed = False  # set by a test's app at its shutdown
+        self.recorded_while_open = False
 
     def _attempt(self) -> None:
         self.attempts += 1
@@ -32,6 +35,7 @@ class FlakyStore(MemoryStore):
     async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
         self._attempt()
         done = await super().complete(key, token, payload, ttl=ttl)
+        self.recorded_while_open = not self.closed
         self.recorded.set()
         return done
 
@@ -99,3 +103,149 @@ async def test_recording_gives_up_when_the_lease_runs_out(caplog: pytest.LogCapt
     assert any("gave up recording" in record.getMessage() for record in caplog.records)
     assert again.status_code == 200
     assert app.calls == 2
+
+
+# -- cancelled while the store has the call ----------------------------------------------------------------------
+
+
+class HeldStore(MemoryStore):
+    """A memory store whose ``claim`` or ``complete`` (*held*) waits for ``gate`` once it is called, before
+    (*made*: after) doing what it was asked: a store call under way when its request is cancelled, whose effect did
+    not happen, or did and its answer never came. It counts the calls made."""
+
+    def __init__(self, held: str, *, made: bool = False) -> None:
+        super().__init__()
+        self.held = held
+        self.made = made
+        self.called = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.calls: list[str] = []
+
+    async def _hold(self, name: str) -> None:
+        if name == self.held and not self.gate.is_set():
+            self.called.set()
+            await self.gate.wait()
+
+    async def claim(  # type: ignore[override]
+        self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None
+    ) -> object:
+        self.calls.append("claim")
+        if not self.made:
+            await self._hold("claim")
+        claim = await super().claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
+        if self.made:
+            await self._hold("claim")
+        return claim
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        self.calls.append("complete")
+        if not self.made:
+            await self._hold("complete")
+        done = await super().complete(key, token, payload, ttl=ttl)
+        if self.made:
+            await self._hold("complete")
+        return done
+
+    async def release(self, key: str, token: str) -> bool:
+        self.calls.append("release")
+        return await super().release(key, token)
+
+
+async def _cancel_while_held(middleware: IdempotencyMiddleware, store: HeldStore) -> None:
+    """Send a request, cancel it while the store holds its call, then let the store go on and wait for what the
+    middleware does in the background."""
+    async with client_for(middleware) as client:
+        request = asyncio.create_task(client.post("/pay", content=b"{}", headers=KEY))
+        async with asyncio.timeout(10):
+            await store.called.wait()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    store.gate.set()
+    async with asyncio.timeout(10):
+        while middleware._background:
+            await asyncio.gather(*middleware._background)
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made"])
+async def test_a_request_cancelled_while_its_outcome_is_recorded_still_has_it_recorded(
+    made: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app ran; the completion was under way when the request was cancelled (a worker shutting down, a
+    disconnect an outer layer turns into a cancellation). Lost with the request, the outcome would leave the key in
+    progress, and once the lease ran out a retry would run the operation again: it is made again in the
+    background, whether the cancelled call had been made (its answer lost: nothing changes, nothing is said of a
+    takeover) or not."""
+    store = HeldStore("complete", made=made)
+    app = CountingApp()
+    middleware = IdempotencyMiddleware(app, store=store, lease=30)
+    with caplog.at_level(logging.INFO, logger="idempo"):
+        await _cancel_while_held(middleware, store)
+    assert store.calls == ["claim", "complete", "complete"]
+    assert not any("taken over" in record.getMessage() for record in caplog.records)
+    assert any("its outcome was recorded in the background" in record.getMessage() for record in caplog.records)
+    async with client_for(middleware) as client:
+        again = await client.post("/pay", content=b"{}", headers=KEY)
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+async def test_a_request_cancelled_while_its_key_is_claimed_gives_the_key_back() -> None:
+    """The claim was made, its answer lost to a cancellation: the app never ran, so the key is released (in the
+    background) rather than held for a whole lease; the retry runs at once, and only then does the app run."""
+    store = HeldStore("claim", made=True)
+    app = CountingApp()
+    middleware = IdempotencyMiddleware(app, store=store, lease=30)
+    await _cancel_while_held(middleware, store)
+    assert store.calls == ["claim", "release"]
+    assert app.calls == 0
+    async with client_for(middleware) as client:
+        again = await client.post("/pay", content=b"{}", headers=KEY)
+    assert again.status_code == 200
+    assert "idempotent-replayed" not in again.headers
+    assert app.calls == 1
+
+
+class WithLifespan:
+    """*app* behind a lifespan that starts at once and, at shutdown, closes its store (as an app's own shutdown
+    may), as Starlette's does."""
+
+    def __init__(self, app: CountingApp, store: FlakyStore) -> None:
+        self.app = app
+        self.store = store
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        self.store.closed = True
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+async def test_the_shutdown_waits_for_outcomes_still_being_recorded() -> None:
+    """A completion that failed is being tried again in the background when the server shuts down: the middleware
+    hands the shutdown to the app only once the outcome has landed (before the app's own shutdown closes the
+    store; the process would otherwise end with the outcome in its memory, and a retry after the lease would run
+    the operation again)."""
+    store = FlakyStore(failures=2)
+    app = WithLifespan(CountingApp(), store)
+    middleware = IdempotencyMiddleware(app, store=store, startup_check="off")
+    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    told: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lifespan = asyncio.create_task(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, to_app.get, told.put))
+    async with asyncio.timeout(10):
+        await to_app.put({"type": "lifespan.startup"})
+        assert (await told.get())["type"] == "lifespan.startup.complete"
+        async with client_for(middleware) as client:
+            response = await client.post("/pay", content=b"{}", headers=KEY)
+        assert response.status_code == 200
+        assert not store.recorded.is_set()  # the completion failed; it is being tried again
+        await to_app.put({"type": "lifespan.shutdown"})
+        assert (await told.get())["type"] == "lifespan.shutdown.complete"
+        await lifespan
+    assert store.recorded.is_set()
+    assert store.recorded_while_open
+    assert store.attempts == 3

@@ -103,6 +103,12 @@ class AsyncCall(_Call[Store, Callable[..., Awaitable[Any]]]):
 
     async def perform(self, effect: Effect) -> Any:
         if isinstance(effect, StoreCall):
+            if effect.method in _RECORDING:
+                try:
+                    return await effect.on(self.store)
+                except asyncio.CancelledError:
+                    _again_in_background(effect, self.store, self.store_key, self.lease)
+                    raise
             return await effect.on(self.store)
         if isinstance(effect, Sleep):
             await asyncio.sleep(effect.seconds)
@@ -116,8 +122,51 @@ class AsyncCall(_Call[Store, Callable[..., Awaitable[Any]]]):
             renewal.stop()
 
 
-# Renewal tasks that were stopped during a renewal, kept until it is over (the loop holds tasks only weakly).
+# Renewal tasks that were stopped during a renewal, and store calls made again after their caller was cancelled
+# (_again_in_background), kept until they are over (the loop holds tasks only weakly).
 _finishing: set[asyncio.Task[None]] = set()
+# The store calls that record a call's outcome (its result, or its key given back).
+_RECORDING = frozenset({"complete", "release"})
+# Making such a call again: from at once, then after 50 ms, doubling up to 1 s.
+_AGAIN_FIRST = 0.05
+_AGAIN_MAX = 1.0
+
+
+def _again_in_background(effect: StoreCall, store: Store, store_key: str, lease: float) -> None:
+    """The caller was cancelled (a timeout around the call, a worker shutting down) while *effect*, a store call
+    that records an outcome, was under way: it may not have been made. Lost with the caller, the result of a
+    function that ran would leave its key in progress, and once the lease ran out a repeat would run the function
+    again: it is made again in a task of its own, at once, and while it fails for as long as the lease surely lasts
+    (two thirds of it: renewed every third, it had at least that left when the function returned). Fenced by the
+    token, the same call made twice changes nothing."""
+    task = asyncio.get_running_loop().create_task(_again(effect, store, store_key, lease * 2 / 3))
+    _finishing.add(task)
+    task.add_done_callback(_finishing.discard)
+
+
+async def _again(effect: StoreCall, store: Store, store_key: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    delay = 0.0
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await effect.on(store)
+        except Exception as exc:  # noqa: BLE001 - tried again while the lease lasts
+            delay = min(max(delay * 2, _AGAIN_FIRST), _AGAIN_MAX)
+            if time.monotonic() + delay < deadline:
+                continue
+            logger.error(
+                "idempo: could not %s %r after its caller was cancelled (%s); once its lease runs out, a repeat runs "
+                "it again",
+                effect.method,
+                store_key,
+                exc,
+            )
+            return
+        logger.info(
+            "idempo: %r: its %s, cut short when its caller was cancelled, was made again", store_key, effect.method
+        )
+        return
 
 
 class _AsyncRenewal:

@@ -164,6 +164,7 @@ class IdempotencyMiddleware:
                     return
                 if self.policy.startup_check != "off":
                     send = self._checking_startup(send)
+                receive = self._finishing_at_shutdown(receive)
             await self.app(scope, receive, send)
             return
         raw = scope["headers"]
@@ -213,6 +214,30 @@ class IdempotencyMiddleware:
         except Exception as exc:
             msg = f"{exc!r}" if not str(exc) else str(exc)
             raise StoreError(msg) from exc
+
+    async def finish_recording(self) -> None:
+        """Wait until the outcomes still being recorded in the background are recorded (after a store failure, or a
+        request cancelled while the store had its call), or given up on when their leases run out.
+
+        Done when the server says it shuts down (the ASGI lifespan), before the app hears of it: the process must
+        not end with the outcome of an operation that ran still in its memory (once its lease ran out, a retry would
+        run the operation again), nor the app's shutdown close what recording it needs. Under a server that runs
+        no lifespan, await it from your own shutdown."""
+        background = self._background
+        while background:
+            await asyncio.wait(set(background))
+
+    def _finishing_at_shutdown(self, receive: Receive) -> Receive:
+        """*receive* of the lifespan, which :meth:`finish_recording` before it hands the app the server's shutdown."""
+
+        async def finishing() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown" and self._background:
+                logger.info("idempo: shutting down once %d outcome(s) still being recorded are", len(self._background))
+                await self.finish_recording()
+            return message
+
+        return finishing
 
     def _checking_startup(self, send: Send) -> Send:
         """*send*, checking the store before the app's start-up is said to be complete (``startup_check``)."""

@@ -89,7 +89,7 @@ class _Observe:
 
 class _Dispatch:
     """``/wait/...`` to the waiting middleware, ``/short/...`` to the one with the short lease, every other HTTP
-    request to the rejecting one."""
+    request, and the lifespan, to the rejecting one."""
 
     def __init__(self, inner: ASGIApp, reject: ASGIApp, wait: ASGIApp, short: ASGIApp) -> None:
         self.inner = inner
@@ -98,7 +98,9 @@ class _Dispatch:
         self.short = short
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
+            await self.reject(scope, receive, send)  # whose shutdown waits for what it is still recording
+        elif scope["type"] != "http":
             await self.inner(scope, receive, send)
         elif scope["path"].startswith("/wait/"):
             await self.wait(scope, receive, send)
@@ -153,7 +155,8 @@ def create_app() -> ASGIApp:
     api.add_api_route("/wait/charge/{name}", charge, methods=["POST"])
     api.add_api_route("/short/charge/{name}", charge, methods=["POST"])
 
-    reject = IdempotencyMiddleware(api, store=store, lease=lease, on_conflict="reject")
+    # The lifespan goes through this one (start-up not checked: a worker restarted during a store outage starts).
+    reject = IdempotencyMiddleware(api, store=store, lease=lease, on_conflict="reject", startup_check="off")
     wait = IdempotencyMiddleware(api, store=store, lease=lease, on_conflict="wait", wait_timeout=20)
     short = IdempotencyMiddleware(api, store=store, lease=short_lease, on_conflict="reject")
     return _Observe(_Dispatch(api, reject, wait, short), side_dir)

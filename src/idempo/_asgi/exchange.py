@@ -158,6 +158,9 @@ async def serve(
                 exc, token
             )
             return
+        except asyncio.CancelledError:
+            Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_cancelled(token)
+            raise
         if isinstance(claim, Acquired):
             exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
             claimed = claim.token
@@ -385,6 +388,9 @@ class Exchange(Recording, OutcomeReport):
                     except Exception as exc:  # noqa: BLE001 - as in serve()
                         await self._claim_failed(exc, token)
                         return None
+                    except asyncio.CancelledError:
+                        self._claim_cancelled(token)
+                        raise
                     continue
                 await self._refuse("conflict", decision.error())
             elif isinstance(decision, Replay):
@@ -408,6 +414,12 @@ class Exchange(Recording, OutcomeReport):
         if token is None:
             return self.store.claim(self.store_key, self.fingerprint, lease=policy.lease, ttl=policy.ttl)
         return self.store.claim(self.store_key, self.fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
+
+    def _claim_cancelled(self, token: str | None) -> None:
+        """The request was cancelled while the store had its claim, which may have been made: release it (nothing
+        ran), in the background, so that a retry is not told to wait for a whole lease."""
+        if token is not None:
+            self._record_in_background(token, None, 0, time.monotonic() + self.mw.policy.lease, cancelled=True)
 
     async def _claim_failed(self, exc: Exception, token: str | None) -> None:
         mw = self.mw
@@ -612,6 +624,12 @@ class Exchange(Recording, OutcomeReport):
         except Exception as exc:  # noqa: BLE001 - any failure of a store is retried, never the client's problem
             logger.error("idempo: could not record the outcome of a request (%s); retrying while its lease lasts", exc)
             self._record_in_background(token, recorded.payload, ttl, self.renewed_at + policy.lease)
+        except asyncio.CancelledError:
+            # Cancelled while the store had the call (a server shutting down, a disconnect turned into a
+            # cancellation): it may not have been made. The outcome must not be lost with the request (after the
+            # lease, a retry would run the operation again): made again in the background.
+            self._record_in_background(token, recorded.payload, ttl, self.renewed_at + policy.lease, cancelled=True)
+            raise
 
 
 _UNREADABLE_LOGGED: set[str] = set()

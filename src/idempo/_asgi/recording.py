@@ -47,18 +47,25 @@ class Recording:
         bound = self.made if self.reporting else None  # a Bound no binding asked for is OPEN
         return OPEN if bound is None else bound.state
 
-    def _record_in_background(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+    def _record_in_background(
+        self, token: str, payload: bytes | None, ttl: float, deadline: float, *, cancelled: bool = False
+    ) -> None:
         """Keep trying to record an outcome (*payload* ``None``: release) until *deadline* (monotonic clock),
-        when the lease runs out."""
+        when the lease runs out. *cancelled*: the request was cancelled while the store had the call, which may or
+        may not have been made; it is made again at once (fenced by the token, the same completion or release made
+        twice changes nothing)."""
         background = self.mw._background  # the tasks still recording, held (the loop holds tasks only weakly)
-        task = asyncio.get_running_loop().create_task(self._record_later(token, payload, ttl, deadline))
+        task = asyncio.get_running_loop().create_task(self._record_later(token, payload, ttl, deadline, cancelled))
         background.add(task)
         task.add_done_callback(background.discard)
 
-    async def _apply(self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool) -> None:
+    async def _apply(
+        self, token: str, payload: bytes | None, ttl: float, *, fall_back: bool, again: bool = False
+    ) -> None:
         """Release the key (*payload* ``None``) or complete it with *payload*. If the store refuses that for want
         of room (:class:`~idempo.StoreFullError`), or fails otherwise and *fall_back*, complete it with the
-        :func:`~idempo._core.decide.fallback` instead: the few bytes that say the operation ran."""
+        :func:`~idempo._core.decide.fallback` instead: the few bytes that say the operation ran. *again*: a call
+        made before may have done it already (see :meth:`_record_in_background`)."""
         store = self.store
         if payload is None:
             await store.release(self.store_key, token)
@@ -67,7 +74,8 @@ class Recording:
             done = await store.complete(self.store_key, token, payload, ttl=ttl)
         except Exception as exc:  # noqa: BLE001 - raised again unless the fallback is what it calls for
             payload, done = await self._complete_smaller(exc, token, payload, ttl, fall_back=fall_back)
-        self._completed(done, payload, ttl)
+        if done or not again:  # not done again: most likely because the cancelled call was made after all
+            self._completed(done, payload, ttl)
 
     async def _complete_smaller(
         self, exc: Exception, token: str, payload: bytes, ttl: float, *, fall_back: bool
@@ -97,21 +105,28 @@ class Recording:
         if self.mw.cache is not None and bound is not None and payload is not None and payload[:1] == b"\x01":
             self.mw.cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), bound.ttl)
 
-    async def _record_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
-        delay = _RECORD_RETRY_FIRST
+    async def _record_later(
+        self, token: str, payload: bytes | None, ttl: float, deadline: float, cancelled: bool = False
+    ) -> None:
+        delay = 0.0 if cancelled else _RECORD_RETRY_FIRST
         failure: Exception | None = None
         while time.monotonic() + delay < deadline:
             await asyncio.sleep(delay)
             # The response itself while there is time for another try (a store that was down keeps it when it comes
             # back); on the last try before the lease runs out, the marker if the response will not go in.
-            last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
+            after = min(max(delay * 2, _RECORD_RETRY_FIRST), _RECORD_RETRY_MAX)
+            last = time.monotonic() + after >= deadline
             try:
-                await self._apply(token, payload, ttl, fall_back=last)
+                await self._apply(token, payload, ttl, fall_back=last, again=cancelled)
             except Exception as exc:  # noqa: BLE001 - as in _record
                 failure = exc
-                delay = min(delay * 2, _RECORD_RETRY_MAX)
+                delay = after
                 continue
-            logger.warning("idempo: the outcome of a request was recorded after the store came back")
+            if cancelled:
+                done = "its key was released" if payload is None else "its outcome was recorded"
+                logger.info("idempo: a request was cancelled while the store had its call; %s in the background", done)
+            else:
+                logger.warning("idempo: the outcome of a request was recorded after the store came back")
             return
         logger.error(
             "idempo: gave up recording the outcome of a request (%s); once its lease runs out, a retry runs it again",
