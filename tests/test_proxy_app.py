@@ -536,6 +536,46 @@ async def test_lifespan_shutdown_closes_the_store_and_the_upstream_connections(u
     assert sorted(closed) == ["store", "transport"]
 
 
+async def test_lifespan_shutdown_waits_for_outcomes_still_being_recorded(upstream: Upstream) -> None:
+    """The store failed the completion of a request that was forwarded: the outcome is being tried again in the
+    background when the proxy is told to shut down. It lands before the store is closed."""
+    happened: list[str] = []
+
+    class Store(MemoryStore):
+        failed = False
+
+        async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+            if not self.failed:
+                self.failed = True
+                raise StoreError("the store is down")
+            happened.append("recorded")
+            return await super().complete(key, token, payload, ttl=ttl)
+
+        async def close(self) -> None:
+            happened.append("store closed")
+            await super().close()
+
+    app = create_app(ProxyConfig(upstream=UPSTREAM), store=Store(), transport=httpx.MockTransport(upstream.handle))
+    transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://proxy.example:8080") as client:
+        response = await client.post("/pay", headers={"Idempotency-Key": "k"})
+    assert response.status_code == 201
+    assert happened == []  # the completion failed; it is being tried again
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.shutdown"}
+
+    async def send(message: Any) -> None:
+        sent.append(message["type"])
+
+    async with asyncio.timeout(10):
+        await app({"type": "lifespan"}, receive, send)
+    assert sent == ["lifespan.shutdown.complete"]
+    assert happened == ["recorded", "store closed"]
+    assert len(upstream.requests) == 1
+
+
 # -- idempo.metrics for middleware users ------------------------------------------------------------------------
 
 

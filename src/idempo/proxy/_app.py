@@ -146,8 +146,10 @@ class ProxyApp:
             self.upstream_errors.labels(reason).inc()
 
     async def aclose(self) -> None:
-        """Close the upstream connections and the store."""
+        """Wait for the outcomes still being recorded (``IdempotencyMiddleware.finish_recording``), then close the
+        upstream connections and the store."""
         try:
+            await self.middleware.finish_recording()
             await self.forward.aclose()
         finally:
             await self.store.close()
