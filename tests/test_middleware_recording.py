@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import pytest
 
-from idempo import IdempotencyMiddleware, MemoryStore, StoreError
+from idempo import Claim, IdempotencyMiddleware, MemoryStore, StoreError
+from idempo.asgi import Message, Receive, Scope, Send
 from tests.support.middleware import CountingApp, client_for
 
 KEY = {"Idempotency-Key": "record-1"}
@@ -126,9 +126,7 @@ class HeldStore(MemoryStore):
             self.called.set()
             await self.gate.wait()
 
-    async def claim(  # type: ignore[override]
-        self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None
-    ) -> object:
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
         self.calls.append("claim")
         if not self.made:
             await self._hold("claim")
@@ -215,7 +213,7 @@ class WithLifespan:
         self.app = app
         self.store = store
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
@@ -233,8 +231,8 @@ async def test_the_shutdown_waits_for_outcomes_still_being_recorded() -> None:
     store = FlakyStore(failures=2)
     app = WithLifespan(CountingApp(), store)
     middleware = IdempotencyMiddleware(app, store=store, startup_check="off")
-    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    told: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    to_app: asyncio.Queue[Message] = asyncio.Queue()
+    told: asyncio.Queue[Message] = asyncio.Queue()
     lifespan = asyncio.create_task(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, to_app.get, told.put))
     async with asyncio.timeout(10):
         await to_app.put({"type": "lifespan.startup"})
