@@ -15,6 +15,7 @@ from idempo._core.decide import (
     Unknown,
     decide,
     fallback,
+    next_record_pause,
     replayable,
     should_store,
 )
@@ -177,3 +178,17 @@ def test_an_unknown_outcome_asks_to_come_back_when_the_record_expires() -> None:
     assert decision == Unknown(91)
     error = decision.error()
     assert (error.status, error.slug, error.retry_after) == (503, "outcome-unknown", 91)
+
+
+@pytest.mark.parametrize(
+    ("delay", "pause"),
+    [
+        pytest.param(0.0, 0.05, id="after a try made at once: the first pause"),
+        pytest.param(0.05, 0.1, id="then twice the last"),
+        pytest.param(0.4, 0.8, id="still doubling"),
+        pytest.param(0.8, 1.0, id="up to a second"),
+        pytest.param(1.0, 1.0, id="and no more"),
+    ],
+)
+def test_the_pauses_between_tries_to_record_an_outcome(delay: float, pause: float) -> None:
+    assert next_record_pause(delay) == pause

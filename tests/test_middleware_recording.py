@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from idempo import Claim, IdempotencyMiddleware, MemoryStore, StoreError
+from idempo import IdempotencyMiddleware, MemoryStore, StoreError
 from idempo.asgi import Message, Receive, Scope, Send
-from tests.support.middleware import CountingApp, client_for
+from tests.support.middleware import CountingApp, HeldStore, client_for
 
 KEY = {"Idempotency-Key": "record-1"}
 
@@ -108,58 +108,11 @@ async def test_recording_gives_up_when_the_lease_runs_out(caplog: pytest.LogCapt
 # -- cancelled while the store has the call ----------------------------------------------------------------------
 
 
-class HeldStore(MemoryStore):
-    """A memory store whose ``claim`` or ``complete`` (*held*) waits for ``gate`` once it is called, before
-    (*made*: after) doing what it was asked: a store call under way when its request is cancelled, whose effect did
-    not happen, or did and its answer never came. It counts the calls made."""
-
-    def __init__(self, held: str, *, made: bool = False) -> None:
-        super().__init__()
-        self.held = held
-        self.made = made
-        self.called = asyncio.Event()
-        self.gate = asyncio.Event()
-        self.calls: list[str] = []
-
-    async def _hold(self, name: str) -> None:
-        if name == self.held and not self.gate.is_set():
-            self.called.set()
-            await self.gate.wait()
-
-    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
-        self.calls.append("claim")
-        if not self.made:
-            await self._hold("claim")
-        claim = await super().claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
-        if self.made:
-            await self._hold("claim")
-        return claim
-
-    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
-        self.calls.append("complete")
-        if not self.made:
-            await self._hold("complete")
-        done = await super().complete(key, token, payload, ttl=ttl)
-        if self.made:
-            await self._hold("complete")
-        return done
-
-    async def release(self, key: str, token: str) -> bool:
-        self.calls.append("release")
-        return await super().release(key, token)
-
-
 async def _cancel_while_held(middleware: IdempotencyMiddleware, store: HeldStore) -> None:
     """Send a request, cancel it while the store holds its call, then let the store go on and wait for what the
     middleware does in the background."""
     async with client_for(middleware) as client:
-        request = asyncio.create_task(client.post("/pay", content=b"{}", headers=KEY))
-        async with asyncio.timeout(10):
-            await store.called.wait()
-        request.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await request
-    store.gate.set()
+        await store.cut_short(asyncio.create_task(client.post("/pay", content=b"{}", headers=KEY)))
     async with asyncio.timeout(10):
         while middleware._background:
             await asyncio.gather(*middleware._background)

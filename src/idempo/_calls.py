@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ._core.decide import next_record_pause
 from ._core.outcome import OutcomeReport
 from .stores import Store, SyncStore
 
@@ -127,9 +128,6 @@ class AsyncCall(_Call[Store, Callable[..., Awaitable[Any]]]):
 _finishing: set[asyncio.Task[None]] = set()
 # The store calls that record a call's outcome (its result, or its key given back).
 _RECORDING = frozenset({"complete", "release"})
-# Making such a call again: from at once, then after 50 ms, doubling up to 1 s.
-_AGAIN_FIRST = 0.05
-_AGAIN_MAX = 1.0
 
 
 def _again_in_background(effect: StoreCall, store: Store, store_key: str, lease: float) -> None:
@@ -152,7 +150,7 @@ async def _again(effect: StoreCall, store: Store, store_key: str, within: float)
         try:
             await effect.on(store)
         except Exception as exc:  # noqa: BLE001 - tried again while the lease lasts
-            delay = min(max(delay * 2, _AGAIN_FIRST), _AGAIN_MAX)
+            delay = next_record_pause(delay)
             if time.monotonic() + delay < deadline:
                 continue
             logger.error(

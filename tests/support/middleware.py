@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 
 from idempo import Acquired, Claim, MemoryStore, Record, Store, StoreError
 from idempo.asgi import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +25,7 @@ __all__ = [
     "ClaimSpy",
     "CountingApp",
     "FailingStore",
+    "HeldStore",
     "RawResult",
     "RenewSpy",
     "RoundTripStore",
@@ -123,6 +125,61 @@ class DelegatingStore(ForwardingStore):
         """The store every operation goes to."""
         inner: Store = self._inner
         return inner
+
+
+class HeldStore(MemoryStore):
+    """A memory store whose ``claim`` or ``complete`` (*held*) waits for ``gate`` once it is called, before
+    (*made*: after) doing what it was asked: a store call under way when its request is cancelled, whose effect did
+    not happen, or did and its answer never came. It counts the calls made."""
+
+    def __init__(self, held: str, *, made: bool = False) -> None:
+        super().__init__()
+        self.held = held
+        self.made = made
+        self.called = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.finished = asyncio.Event()  # the held call, made (after the gate opened)
+        self.calls: list[str] = []
+
+    async def cut_short(self, call: asyncio.Task[Any]) -> None:
+        """Cancel *call* once the store holds its call, see it end cancelled, and let the store go on."""
+        async with asyncio.timeout(10):
+            await self.called.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        self.gate.set()
+
+    async def _hold(self, name: str) -> None:
+        if name == self.held and not self.gate.is_set():
+            self.called.set()
+            await self.gate.wait()
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float, ttl: float, token: str | None = None) -> Claim:
+        self.calls.append("claim")
+        if not self.made:
+            await self._hold("claim")
+        claim = await super().claim(key, fingerprint, lease=lease, ttl=ttl, token=token)
+        if self.made:
+            await self._hold("claim")
+        if self.held == "claim":
+            self.finished.set()
+        return claim
+
+    async def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        self.calls.append("complete")
+        if not self.made:
+            await self._hold("complete")
+        done = await super().complete(key, token, payload, ttl=ttl)
+        if self.made:
+            await self._hold("complete")
+        if self.held == "complete":
+            self.finished.set()
+        return done
+
+    async def release(self, key: str, token: str) -> bool:
+        self.calls.append("release")
+        return await super().release(key, token)
 
 
 class ClaimSpy(MemoryStore):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from .._core.bound import OPEN, Bound
-from .._core.decide import fallback
+from .._core.decide import RECORD_RETRY_FIRST, fallback, next_record_pause
 from .._core.errors import StoreFullError
 from ..stores import Store
 
@@ -20,10 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["Recording"]
 
 logger = logging.getLogger("idempo")
-
-# Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
-_RECORD_RETRY_FIRST: Final = 0.05
-_RECORD_RETRY_MAX: Final = 1.0
 
 
 class Recording:
@@ -108,13 +104,13 @@ class Recording:
     async def _record_later(
         self, token: str, payload: bytes | None, ttl: float, deadline: float, cancelled: bool = False
     ) -> None:
-        delay = 0.0 if cancelled else _RECORD_RETRY_FIRST
+        delay = 0.0 if cancelled else RECORD_RETRY_FIRST
         failure: Exception | None = None
         while time.monotonic() + delay < deadline:
             await asyncio.sleep(delay)
             # The response itself while there is time for another try (a store that was down keeps it when it comes
             # back); on the last try before the lease runs out, the marker if the response will not go in.
-            after = min(max(delay * 2, _RECORD_RETRY_FIRST), _RECORD_RETRY_MAX)
+            after = next_record_pause(delay)
             last = time.monotonic() + after >= deadline
             try:
                 await self._apply(token, payload, ttl, fall_back=last, again=cancelled)

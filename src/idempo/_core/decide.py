@@ -70,6 +70,7 @@ __all__ = [
     "decide_cached",
     "fallback",
     "is_marker",
+    "next_record_pause",
     "on_store_failure",
     "record_for",
     "record_response",
@@ -417,6 +418,19 @@ def fallback(payload: bytes, status: int) -> bytes | None:
     if is_marker(payload):
         return None
     return encode_not_stored(status, "store_refused")
+
+
+RECORD_RETRY_FIRST: Final = 0.05
+"""The first pause before trying again to record an outcome the store did not take (it failed, or the request was
+cancelled while it had the call); each next one doubles, up to :data:`RECORD_RETRY_MAX`, for as long as the lease
+lasts."""
+RECORD_RETRY_MAX: Final = 1.0
+
+
+def next_record_pause(delay: float) -> float:
+    """The pause before the next try to record an outcome, after a pause of *delay* seconds (``0``: the try that
+    failed was made at once): :data:`RECORD_RETRY_FIRST`, then twice the last, up to :data:`RECORD_RETRY_MAX`."""
+    return min(max(delay * 2, RECORD_RETRY_FIRST), RECORD_RETRY_MAX)
 
 
 # -- 4. a replay ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .._core.bound import COMMITTED, OPEN, Bound
 from .._core.cache import CompletedCache
 from .._core.decide import (
     MISMATCH,
+    RECORD_RETRY_FIRST,
     Conflict,
     FailOpen,
     Mismatch,
@@ -36,6 +37,7 @@ from .._core.decide import (
     decide,
     decide_cached,
     fallback,
+    next_record_pause,
     on_store_failure,
     record_for,
     replay,
@@ -66,8 +68,6 @@ logger = logging.getLogger("idempo")
 REPLAYED: Final = (b"idempotent-replayed", b"true")
 
 # Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
-_RECORD_RETRY_FIRST: Final = 0.05
-_RECORD_RETRY_MAX: Final = 1.0
 
 
 class Answer(NamedTuple):
@@ -540,16 +540,17 @@ class _Recorder:
         threading.Thread(target=self._later, args=args, name="idempo-record", daemon=True).start()
 
     def _later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
-        delay = _RECORD_RETRY_FIRST
+        delay = RECORD_RETRY_FIRST
         failure: Exception | None = None
         while time.monotonic() + delay < deadline:
             time.sleep(delay)
-            last = time.monotonic() + min(delay * 2, _RECORD_RETRY_MAX) >= deadline
+            after = next_record_pause(delay)
+            last = time.monotonic() + after >= deadline
             try:
                 self.apply(token, payload, ttl, fall_back=last)
             except Exception as exc:  # noqa: BLE001 - as in Held.finish
                 failure = exc
-                delay = min(delay * 2, _RECORD_RETRY_MAX)
+                delay = after
                 continue
             logger.warning("idempo: the outcome of a request was recorded after the store came back")
             return
