@@ -28,7 +28,14 @@ from idempo._core.fingerprint import principal_digest, scoped_key
 from idempo._sync.leases import ThreadRenewer
 from idempo.observe import Outcome, StoreOperation
 from idempo.stores.memory import SyncMemoryStore
-from idempo.wsgi import KEY_ENVIRON, IdempotencyMiddleware, StartResponse, WSGIEnvironment, request_path
+from idempo.wsgi import (
+    KEY_ENVIRON,
+    IdempotencyMiddleware,
+    StartResponse,
+    WSGIEnvironment,
+    finish_recording,
+    request_path,
+)
 
 KEY = "3f0f4c8e-wsgi"
 
@@ -348,3 +355,44 @@ def test_the_renewing_thread_ends_once_idle_and_the_next_request_starts_another(
     renewer.hold(held)
     assert renewer._pid == running  # the same process, a new thread
     renewer.drop(held)
+
+
+# -- outcomes still being recorded when the process exits ------------------------------------------------------------
+
+
+class CompletionDown(SyncMemoryStore):
+    """A memory store whose ``complete`` fails while ``down`` is set (and says when a completion went in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.completed = threading.Event()
+
+    def complete(self, key: str, token: str, payload: bytes, *, ttl: float) -> bool:
+        if self.down:
+            raise StoreError("the store is down")
+        done = super().complete(key, token, payload, ttl=ttl)
+        self.completed.set()
+        return done
+
+
+def test_finish_recording_waits_for_an_outcome_still_being_recorded() -> None:
+    """The completion failed; a thread keeps trying. ``finish_recording`` (what a worker's exit hook calls) says,
+    within its timeout, that the outcome is not in yet; once the store is back, it returns when it is."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"created"]
+
+    store = CompletionDown()
+    with client(IdempotencyMiddleware(app, store=store, lease=30)) as http:
+        assert http.post("/orders", headers=keyed()).status_code == 201
+    assert finish_recording(timeout=0.2) is False  # the store is still down
+    assert not store.completed.is_set()
+    store.down = False
+    assert finish_recording(timeout=30) is True
+    assert store.completed.is_set()
+    record = store.get(scoped_key(principal_digest(b""), KEY))
+    assert record is not None
+    assert record.state is State.COMPLETED
+    assert finish_recording() is True  # nothing left: at once

@@ -31,6 +31,7 @@ from ._core.policy import Policy, PolicyOptions
 from ._core.principal import principal_of
 from ._sync.environ import authorization, give_body, read_body, request_path
 from ._sync.guard import Answer, FailOpen, Guard, Held, RecordedStream
+from ._sync.guard import finish_recording as _finish_recording
 from ._sync.stores import check_at_start, check_store, sync_store
 from .observe import Observer
 from .stores import Store, SyncStore
@@ -48,6 +49,7 @@ __all__ = [
     "WSGIEnvironment",
     "authorization_principal",
     "default_principal",
+    "finish_recording",
     "request_path",
 ]
 
@@ -58,6 +60,24 @@ KEY_ENVIRON: Final = "idempo.key"
 without one)."""
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+
+
+def finish_recording(timeout: float | None = None) -> bool:
+    """Wait until the outcomes this process is still recording in the background are recorded, or given up on when
+    their leases run out (at most *timeout* seconds, if given); return whether none is left.
+
+    When the store fails to take the outcome of a request that ran, the blocking faces (this middleware, Django's,
+    Flask's) keep trying from a thread of their own while the lease lasts; the thread does not hold the process
+    up, so a worker that exits meanwhile (stopped, or recycled by ``max_requests``) would end with the outcome in
+    its memory, and once the lease ran out a retry would run the operation again. Call this as the worker exits:
+    with gunicorn, from its ``worker_exit`` hook (``gunicorn.conf.py``)::
+
+        def worker_exit(server, worker):
+            from idempo.wsgi import finish_recording
+
+            finish_recording(timeout=25)  # within gunicorn's graceful_timeout (30 s)
+    """
+    return _finish_recording(timeout)
 
 
 def authorization_principal(environ: WSGIEnvironment) -> bytes:

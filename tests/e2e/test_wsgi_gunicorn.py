@@ -7,7 +7,9 @@ to), on SQLite, Redis and PostgreSQL stores, with sync workers, gthread workers 
   ``on_conflict="wait"``, a replay;
 - a worker SIGKILLed inside the app leaves its key in progress (409) until its lease runs out, then a retry runs;
 - a request that runs longer than its lease keeps its key (the lease is renewed from the worker's thread);
-- with Redis down, a keyed request is a 503 problem with ``Retry-After``, and unkeyed requests still work.
+- with Redis down, a keyed request is a 503 problem with ``Retry-After``, and unkeyed requests still work;
+- a worker that exits while it is still trying to record an outcome the store failed to take waits for it
+  (``finish_recording`` from gunicorn's ``worker_exit`` hook).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pytest
 from idempo import Record, State
 from idempo.stores import SyncStore, sync_store_from_url
 from tests.support.environment import with_options
-from tests.support.gunicorn import Gunicorn, run_gunicorn
+from tests.support.gunicorn import FINISH_RECORDING_ENV, Gunicorn, run_gunicorn
 from tests.support.processes import lines, poll, store_key, wait_for_done
 from tests.support.redis_cluster import RedisServer
 from tests.support.stores import drop_table, new_table
@@ -454,3 +456,56 @@ async def test_redis_down_is_a_503_for_keyed_requests_and_unkeyed_ones_still_wor
             unkeyed = await client.post(f"/orders/{name}", content=BODY)  # no key: the store is not asked
             assert unkeyed.status_code == 201, unkeyed.text
             assert served.rows(name) == 1
+
+
+# -- a worker exits while an outcome is still being recorded ---------------------------------------------------------
+
+
+async def test_a_worker_that_exits_while_an_outcome_is_being_recorded_waits_for_it(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Redis stops answering (SIGSTOP) while the app runs: the completion fails after the store's timeout, the
+    client gets its 201, and a thread keeps trying to record the outcome. gunicorn is then stopped (SIGTERM): the
+    worker's ``worker_exit`` hook calls ``finish_recording``, which waits; once Redis answers again (SIGCONT), the
+    outcome lands and the worker exits. The record is completed: a retry would replay it, not run the order again.
+    (Without the hook the thread would die with the worker, leaving the key in progress until its lease ran out.)"""
+    url = with_options(private_redis.url, prefix="wsgi-e2e:", timeout=0.5, connect_timeout=1)
+    name, key = f"exit-{uuid.uuid4().hex}", str(uuid.uuid4())
+    side_dir = tmp_path / "side"
+    side_dir.mkdir()
+    env = {
+        "WSGI_E2E_STORE": url,
+        "WSGI_E2E_DB": str(tmp_path / "business.db"),
+        "WSGI_E2E_DIR": str(side_dir),
+        "WSGI_E2E_LEASE": "60",
+        FINISH_RECORDING_ENV: "30",
+    }
+    hold = side_dir / f"{name}.hold"
+    hold.touch()
+    try:
+        with run_gunicorn(APP, workers=1, env=env, extra_args=("--graceful-timeout", "40")) as gunicorn:
+            async with httpx.AsyncClient(base_url=gunicorn.base_url, timeout=30.0) as client:
+                first = asyncio.create_task(client.post(f"/orders/{name}", content=BODY, headers=_headers(key, name)))
+                await poll(partial(lines, side_dir / f"{name}.started"), what="the app to start")
+                private_redis.pause()
+                hold.unlink()
+                response = await first
+                assert response.status_code == 201, response.text
+            await poll(lambda: "could not record the outcome" in gunicorn.log(), what="the completion to fail")
+            gunicorn.process.send_signal(signal.SIGTERM)
+            await poll(lambda: "outcome(s) still being recorded" in gunicorn.log(), what="the worker to wait")
+            private_redis.resume()
+            await asyncio.to_thread(gunicorn.process.wait, 60)
+            log = gunicorn.log()
+        assert "recorded after the store came back" in log, log
+        store = sync_store_from_url(url)
+        try:
+            record = store.get(store_key(key))
+        finally:
+            store.close()
+        assert record is not None, log
+        assert record.state is State.COMPLETED
+        assert count_rows(tmp_path / "business.db", name) == 1
+    finally:
+        hold.unlink(missing_ok=True)
+        private_redis.resume()

@@ -36,12 +36,12 @@ from typing import Any
 
 from .processes import alive, free_port, stop_process_group
 
-__all__ = ["Gunicorn", "post_worker_init", "run_gunicorn"]
+__all__ = ["FINISH_RECORDING_ENV", "Gunicorn", "post_worker_init", "run_gunicorn", "worker_exit"]
 
 _REPO = Path(__file__).resolve().parents[2]
 _READY_ENV = "IDEMPO_GUNICORN_READY_DIR"
 _STARTUP_DEADLINE = 30.0
-_CONFIG = f"python:{__name__}"  # gunicorn reads this module's post_worker_init as its hook
+_CONFIG = f"python:{__name__}"  # gunicorn reads this module's post_worker_init and worker_exit as its hooks
 
 
 def post_worker_init(worker: Any) -> None:
@@ -49,6 +49,19 @@ def post_worker_init(worker: Any) -> None:
     directory = os.environ.get(_READY_ENV)
     if directory:
         (Path(directory) / f"ready-{os.getpid()}").touch()
+
+
+FINISH_RECORDING_ENV = "IDEMPO_GUNICORN_FINISH_RECORDING"
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """gunicorn's hook, run in each worker as it exits: with ``IDEMPO_GUNICORN_FINISH_RECORDING=<seconds>`` in the
+    environment, wait that long at most for the outcomes it is still recording, as docs/wsgi.md tells users to."""
+    seconds = os.environ.get(FINISH_RECORDING_ENV)
+    if seconds:
+        from idempo.wsgi import finish_recording
+
+        finish_recording(timeout=float(seconds))
 
 
 @dataclass(frozen=True)

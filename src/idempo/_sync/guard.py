@@ -61,13 +61,33 @@ from ..observe import Observer, Outcome, StoreOperation, tell
 from ..stores import SyncStore, takes_token, transaction_target
 from .leases import ThreadRenewer
 
-__all__ = ["REPLAYED", "Answer", "FailOpen", "Guard", "Held", "RecordedStream"]
+__all__ = ["REPLAYED", "Answer", "FailOpen", "Guard", "Held", "RecordedStream", "finish_recording"]
 
 logger = logging.getLogger("idempo")
 
 REPLAYED: Final = (b"idempotent-replayed", b"true")
 
-# Retrying to record an outcome after the store failed: from 50 ms, doubling up to 1 s, while the lease lasts.
+# The threads still recording an outcome in the background, of every blocking face of the process (finish_recording).
+_recording: set[threading.Thread] = set()
+_recording_lock = threading.Lock()
+
+
+def finish_recording(timeout: float | None = None) -> bool:
+    """Wait until the outcomes the blocking faces of this process are still recording in the background (the store
+    failed to take them) are recorded, or given up on when their leases run out; at most *timeout* seconds if given.
+    Return whether none is left. See :func:`idempo.wsgi.finish_recording`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        with _recording_lock:
+            threads = [thread for thread in _recording if thread.is_alive()]
+        if not threads:
+            return True
+        logger.warning("idempo: waiting for %d outcome(s) still being recorded", len(threads))
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if deadline is not None and time.monotonic() >= deadline:
+            with _recording_lock:
+                return not any(thread.is_alive() for thread in _recording)
 
 
 class Answer(NamedTuple):
@@ -535,11 +555,22 @@ class _Recorder:
                 cache.put(self.store_key, self.fingerprint, payload, time.monotonic(), ttl)
 
     def start_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
-        """Keep trying to record an outcome until *deadline* (monotonic clock), from a daemon thread."""
-        args = (token, payload, ttl, deadline)
-        threading.Thread(target=self._later, args=args, name="idempo-record", daemon=True).start()
+        """Keep trying to record an outcome until *deadline* (monotonic clock), from a daemon thread, which
+        :func:`finish_recording` waits for."""
+        thread = threading.Thread(target=self._later, args=(token, payload, ttl, deadline), name="idempo-record")
+        thread.daemon = True
+        with _recording_lock:
+            _recording.add(thread)
+        thread.start()
 
     def _later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
+        try:
+            self._try_until(token, payload, ttl, deadline)
+        finally:
+            with _recording_lock:
+                _recording.discard(threading.current_thread())
+
+    def _try_until(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
         delay = RECORD_RETRY_FIRST
         failure: Exception | None = None
         while time.monotonic() + delay < deadline:
