@@ -200,3 +200,22 @@ async def test_the_shutdown_waits_for_outcomes_still_being_recorded() -> None:
     assert store.recorded.is_set()
     assert store.recorded_while_open
     assert store.attempts == 3
+    async with asyncio.timeout(10):
+        await middleware.finish_recording()  # nothing left: at once
+
+
+async def test_finish_recording_bounded_by_the_caller_leaves_the_recording_going() -> None:
+    """Waited for under a timeout of the caller's that runs out (the store is still down), the recording goes on in
+    the background; once the store is back, it lands, and a wait returns."""
+    store = FlakyStore(failures=1000)
+    middleware = IdempotencyMiddleware(CountingApp(), store=store, lease=30)
+    async with client_for(middleware) as client:
+        assert (await client.post("/pay", content=b"{}", headers=KEY)).status_code == 200
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await middleware.finish_recording()
+    assert middleware._background  # still trying
+    store.failures = 0
+    async with asyncio.timeout(30):
+        await middleware.finish_recording()
+    assert store.recorded.is_set()

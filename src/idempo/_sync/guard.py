@@ -557,8 +557,8 @@ class _Recorder:
     def start_later(self, token: str, payload: bytes | None, ttl: float, deadline: float) -> None:
         """Keep trying to record an outcome until *deadline* (monotonic clock), from a daemon thread, which
         :func:`finish_recording` waits for."""
-        thread = threading.Thread(target=self._later, args=(token, payload, ttl, deadline), name="idempo-record")
-        thread.daemon = True
+        args = (token, payload, ttl, deadline)
+        thread = threading.Thread(target=self._later, args=args, name="idempo-record", daemon=True)
         with _recording_lock:
             _recording.add(thread)
         thread.start()
