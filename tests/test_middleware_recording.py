@@ -1,5 +1,7 @@
 """When the store fails just as the outcome is recorded: the client still gets its response, and the outcome is
-recorded once the store is back, as long as the lease lasts; after that, a retry runs again (never a hang)."""
+recorded once the store is back, as long as the lease lasts; after that, a retry runs again (never a hang). When the
+request is cancelled while the store has the call: the call is made again in the background. And at shutdown, what
+is still being recorded is waited for before the app's own shutdown."""
 
 from __future__ import annotations
 
