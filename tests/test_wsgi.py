@@ -25,6 +25,7 @@ from idempo import (
     mark_outcome_unknown,
 )
 from idempo._core.fingerprint import principal_digest, scoped_key
+from idempo._sync import guard
 from idempo._sync.leases import ThreadRenewer
 from idempo.observe import Outcome, StoreOperation
 from idempo.stores.memory import SyncMemoryStore
@@ -376,9 +377,11 @@ class CompletionDown(SyncMemoryStore):
         return done
 
 
-def test_finish_recording_waits_for_an_outcome_still_being_recorded() -> None:
+def test_finish_recording_waits_for_an_outcome_still_being_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
     """The completion failed; a thread keeps trying. ``finish_recording`` (what a worker's exit hook calls) says,
     within its timeout, that the outcome is not in yet; once the store is back, it returns when it is."""
+    # The process's recordings are this test's alone (other tests leave stores that stay down, retried for a lease).
+    monkeypatch.setattr(guard, "_recording", set())
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         start_response("201 Created", [("Content-Type", "text/plain")])
