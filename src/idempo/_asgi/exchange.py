@@ -159,7 +159,9 @@ async def serve(
             )
             return
         except asyncio.CancelledError:
-            Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._claim_cancelled(token)
+            Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)._release_unanswered(
+                token, cancelled=True
+            )
             raise
         if isinstance(claim, Acquired):
             exchange = Exchange(mw, scope, receive, send, key, headers, body, store_key, fingerprint)
@@ -389,7 +391,7 @@ class Exchange(Recording, OutcomeReport):
                         await self._claim_failed(exc, token)
                         return None
                     except asyncio.CancelledError:
-                        self._claim_cancelled(token)
+                        self._release_unanswered(token, cancelled=True)
                         raise
                     continue
                 await self._refuse("conflict", decision.error())
@@ -415,16 +417,16 @@ class Exchange(Recording, OutcomeReport):
             return self.store.claim(self.store_key, self.fingerprint, lease=policy.lease, ttl=policy.ttl)
         return self.store.claim(self.store_key, self.fingerprint, lease=policy.lease, ttl=policy.ttl, token=token)
 
-    def _claim_cancelled(self, token: str | None) -> None:
-        """The request was cancelled while the store had its claim, which may have been made: release it (nothing
-        ran), in the background, so that a retry is not told to wait for a whole lease."""
+    def _release_unanswered(self, token: str | None, *, cancelled: bool = False) -> None:
+        """A claim whose answer never came (the store failed, or the request was *cancelled* meanwhile) may have been
+        made: release it with the *token* the request drew (nothing ran), in the background, so that a retry is not
+        told to wait for a whole lease. Without a token (a store that draws its own), nothing to release."""
         if token is not None:
-            self._record_in_background(token, None, 0, time.monotonic() + self.mw.policy.lease, cancelled=True)
+            self._record_in_background(token, None, 0, time.monotonic() + self.mw.policy.lease, cancelled=cancelled)
 
     async def _claim_failed(self, exc: Exception, token: str | None) -> None:
         mw = self.mw
-        if token is not None:  # release it, in case it was made
-            self._record_in_background(token, None, 0, time.monotonic() + mw.policy.lease)
+        self._release_unanswered(token)
         self._observe("store_error")
         answer = on_store_failure(mw.policy)
         if isinstance(answer, FailOpen):
