@@ -85,50 +85,44 @@ async def test_redis_killed_mid_traffic_is_503_then_recovers_without_restarting_
     )
 
 
-async def test_a_request_cancelled_at_shutdown_while_its_outcome_is_recorded_keeps_it(tmp_path: Path) -> None:
+async def test_a_request_cancelled_at_shutdown_while_its_outcome_is_recorded_keeps_it(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
     """uvicorn (one process) is told to stop while the completion of a request that ran waits for a Redis that
     does not answer (SIGSTOP); after ``--timeout-graceful-shutdown`` it cancels the request. The middleware makes
     the completion again in the background and hands the lifespan's shutdown to the app only once it has landed
     (Redis answers again, SIGCONT): the record is completed, so that a retry would replay it rather than run the
     operation a second time. Without that, the process would end with the outcome in its memory."""
-    redis_server = RedisServer(tmp_path / "redis")
-    (tmp_path / "redis").mkdir()
-    redis_server.start()
-    try:
-        url = f"{redis_server.url}?prefix=idempo-e2e:&timeout=60"  # the reply waited for outlasts the grace period
-        name, key = f"shutdown-{uuid.uuid4().hex}", str(uuid.uuid4())
-        (tmp_path / "uvicorn").mkdir()
-        with run_server(tmp_path / "uvicorn", lease=60.0, store_url=url, workers=1) as server:
-            hold = server.side_dir / f"{name}.hold"
-            hold.touch()
-            async with httpx.AsyncClient(base_url=server.base_url, timeout=60.0) as client:
-                first = asyncio.create_task(
-                    client.post(f"/charge/{name}", content=b"{}", headers={"Idempotency-Key": key})
+    url = f"{private_redis.url}?prefix=idempo-e2e:&timeout=60"  # the reply waited for outlasts the grace period
+    name, key = f"shutdown-{uuid.uuid4().hex}", str(uuid.uuid4())
+    (tmp_path / "uvicorn").mkdir()
+    with run_server(tmp_path / "uvicorn", lease=60.0, store_url=url, workers=1) as server:
+        hold = server.side_dir / f"{name}.hold"
+        hold.touch()
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60.0) as client:
+            first = asyncio.create_task(client.post(f"/charge/{name}", content=b"{}", headers={"Idempotency-Key": key}))
+            try:
+                await poll(partial(events, server, name), what="the operation to start")
+                private_redis.pause()
+                hold.unlink()
+                await poll(lambda: len(events(server, name)) == 2, what="the operation to finish")
+                server.process.send_signal(signal.SIGTERM)
+                await poll(
+                    lambda: "timeout graceful shutdown exceeded" in server.log(),
+                    what="uvicorn to cancel the request",
                 )
-                try:
-                    await poll(partial(events, server, name), what="the operation to start")
-                    redis_server.pause()
-                    hold.unlink()
-                    await poll(lambda: len(events(server, name)) == 2, what="the operation to finish")
-                    server.process.send_signal(signal.SIGTERM)
-                    await poll(
-                        lambda: "timeout graceful shutdown exceeded" in server.log(),
-                        what="uvicorn to cancel the request",
-                    )
-                    redis_server.resume()
-                    # uvicorn ends by raising the signal it was stopped with again, once it has shut down
-                    assert await asyncio.to_thread(server.process.wait, 60) == -signal.SIGTERM, server.log()
-                finally:
-                    redis_server.resume()
-                    first.cancel()
-                    await asyncio.gather(first, return_exceptions=True)
-        store = store_from_url(url)
-        try:
-            record = await store.get(store_key(key))
-        finally:
-            await store.close()
-        assert record is not None, server.log()
-        assert record.state is State.COMPLETED
-        assert [what for what, _ in events(server, name)] == ["start", "done"]
+                private_redis.resume()
+                # uvicorn ends by raising the signal it was stopped with again, once it has shut down
+                assert await asyncio.to_thread(server.process.wait, 60) == -signal.SIGTERM, server.log()
+            finally:
+                private_redis.resume()
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+    store = store_from_url(url)
+    try:
+        record = await store.get(store_key(key))
     finally:
-        redis_server.kill()
+        await store.close()
+    assert record is not None, server.log()
+    assert record.state is State.COMPLETED
+    assert [what for what, _ in events(server, name)] == ["start", "done"]
