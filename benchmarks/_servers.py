@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -89,6 +90,14 @@ class CountingBackend:
 
 
 # -- network servers --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (for a server a benchmark starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class Unavailable(Exception):

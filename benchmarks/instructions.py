@@ -35,7 +35,6 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Final
 
 from _apps import KeyFactory, call, discard, make_app, make_requests, wrap
-from _servers import DEFAULT_URLS, NETWORK_STORES, SERVERS, Server, Unavailable
+from _servers import DEFAULT_URLS, NETWORK_STORES, SERVERS, Server, Unavailable, free_port
 from floor import Backend, FloorMiddleware, MemoryBackend, SQLiteBackend
 
 from idempo import MemoryStore, SQLiteStore, Store
@@ -103,13 +102,6 @@ class Count:
 
     client: float
     server: float | None = None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def collected(output: str, what: str) -> int:

@@ -73,7 +73,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from _apps import BODY, PATH
 from _load_generator import AUTHORIZATION, Generator, Run, wrk_version
 from _load_report import CASES, STORES, TARGET, VARIANTS, chart, markdown, report
-from _servers import DEFAULT_URLS, PostgresServer, RedisServer, Server, Unavailable
+from _servers import DEFAULT_URLS, PostgresServer, RedisServer, Server, Unavailable, free_port
 
 from idempo.stores import parse_store_url
 from idempo.stores.postgres import _strip_options
@@ -96,13 +96,6 @@ QUICK: Final = Settings(duration=1, warmup=1, rounds=1, connections=8, threads=1
 
 
 # -- the servers ------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def with_query(url: str, **options: str) -> str:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from _apps import BODY, PATH
+from _servers import free_port
 
 HERE: Final = Path(__file__).resolve()
 ROOT: Final = HERE.parent.parent
@@ -240,13 +241,6 @@ async def upstream_count(port: int) -> int:
 # -- processes ----------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         with suppress(ProcessLookupError):
@@ -314,7 +308,7 @@ def _summary(run: Load) -> dict[str, Any]:
 
 
 async def bench(settings: Settings, store: str | None, workers: int, work: Path) -> dict[str, Any]:
-    upstream_port = _free_port()
+    upstream_port = free_port()
     with ExitStack() as stack:
         upstream = _start(
             [sys.executable, str(HERE), "--serve-upstream", str(upstream_port)],
