@@ -1,6 +1,7 @@
 """The core's remaining edges, each a rule of its own: the old three-byte marker, decorated results' framing, a
 ``Connection`` header beside a wrong length, the fingerprint's head cache, a dependency of an extra that is missing,
-closing an outcome report twice, an option that does not exist, a user whose first identity is empty."""
+closing an outcome report twice, an option that does not exist, a user whose first identity is empty, how often
+a lease is renewed."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from idempo._core.codec import (
 from idempo._core.extras import require
 from idempo._core.fingerprint import fingerprint_request
 from idempo._core.outcome import OutcomeReport, current
-from idempo._core.policy import option_doc
+from idempo._core.policy import option_doc, renewal_period
 from idempo._core.principal import user_principal
 
 
@@ -100,3 +101,8 @@ class _UserWithoutId:
 
 def test_a_user_whose_first_identities_are_empty_is_known_by_the_next() -> None:
     assert user_principal(_UserWithoutId()) == b"user:tests.test_core_edges._UserWithoutId:alice"
+
+
+@pytest.mark.parametrize(("lease", "period"), [(30.0, 10.0), (0.3, 0.1), (3600.0, 1200.0)])
+def test_a_lease_is_renewed_three_times_over(lease: float, period: float) -> None:
+    assert renewal_period(lease) == pytest.approx(period)

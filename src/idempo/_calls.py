@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from ._core.decide import next_record_pause
 from ._core.outcome import OutcomeReport
+from ._core.policy import renewal_period
 from .stores import Store, SyncStore
 
 __all__ = ["AsyncCall", "Effect", "Run", "Sleep", "StoreCall", "SyncCall"]
@@ -135,9 +136,10 @@ def _again_in_background(effect: StoreCall, store: Store, store_key: str, lease:
     that records an outcome, was under way: it may not have been made. Lost with the caller, the result of a
     function that ran would leave its key in progress, and once the lease ran out a repeat would run the function
     again: it is made again in a task of its own, at once, and while it fails for as long as the lease surely lasts
-    (two thirds of it: renewed every third, it had at least that left when the function returned). Fenced by the
-    token, the same call made twice changes nothing."""
-    task = asyncio.get_running_loop().create_task(_again(effect, store, store_key, lease * 2 / 3))
+    (renewed every :func:`~idempo._core.policy.renewal_period`, it had at least the rest left when the function
+    returned). Fenced by the token, the same call made twice changes nothing."""
+    within = lease - renewal_period(lease)  # what the lease surely has left: renewed every period
+    task = asyncio.get_running_loop().create_task(_again(effect, store, store_key, within))
     _finishing.add(task)
     task.add_done_callback(_finishing.discard)
 
@@ -183,7 +185,7 @@ class _AsyncRenewal:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        period = self.lease / 3
+        period = renewal_period(self.lease)
         while True:
             await asyncio.sleep(period)
             self.renewing = True
@@ -227,7 +229,7 @@ class _SyncRenewal:
         self.thread.start()
 
     def _run(self) -> None:
-        period = self.lease / 3
+        period = renewal_period(self.lease)
         while not self.stopped.wait(period):
             try:
                 owned = self.store.renew(self.store_key, self.token, lease=self.lease)

@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Protocol
 
+from .._core.policy import renewal_period
 from ..stores import Store
 
 __all__ = ["Renewer"]
@@ -41,7 +42,7 @@ class Renewer:
         self.loop = loop
         self.store = store
         self.lease = lease
-        self.period = lease / 3
+        self.period = renewal_period(lease)
         self.running: set[Held] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.timer: asyncio.TimerHandle | None = None

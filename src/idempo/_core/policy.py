@@ -16,7 +16,7 @@ from .errors import ConfigurationError
 from .fingerprint import CANONICAL_JSON_MAX_BYTES
 from .problem import DEFAULT_PROBLEM_BASE
 
-__all__ = ["DEFAULT_METHODS", "Policy", "PolicyOptions", "option_doc"]
+__all__ = ["DEFAULT_METHODS", "Policy", "PolicyOptions", "option_doc", "renewal_period"]
 
 DEFAULT_METHODS: Final = ("POST", "PUT", "PATCH", "DELETE")
 """The methods protected by default (a policy keeps them as a frozenset)."""
@@ -153,6 +153,13 @@ class PolicyOptions(TypedDict, total=False):
     cache_size: int
     cache_ttl: float
     startup_check: Literal["fail", "warn", "off"]
+
+
+def renewal_period(lease: float) -> float:
+    """How often a running operation's lease is renewed: three times per lease, so that a renewal lost to a store's
+    hiccup still leaves a third of the lease for the next one (and a lease has at least two thirds left whenever the
+    operation ends)."""
+    return lease / 3
 
 
 def option_doc(name: str) -> str:

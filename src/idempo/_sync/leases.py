@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Protocol
 
+from .._core.policy import renewal_period
 from ..stores import SyncStore
 
 __all__ = ["ThreadRenewer"]
@@ -41,7 +42,7 @@ class ThreadRenewer:
     def __init__(self, store: SyncStore, lease: float) -> None:
         self.store = store
         self.lease = lease
-        self.period = lease / 3
+        self.period = renewal_period(lease)
         self._running: set[Held] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
